@@ -1,0 +1,57 @@
+"""The built-in plugin: registers nn_batch, tree_parallel and step 5 compare_models exactly as a
+third-party plugin would. Backends are imported lazily, when a run needs them."""
+
+from __future__ import annotations
+
+from watcher_plugins.hookspecs import hookimpl
+from watcher_plugins.types import WatcherExecutor, WatcherPipelineStep
+
+PLUGIN_NAME = "watcher_plugins"
+TREE_MODEL_TYPES = ("catboost", "lightgbm", "xgboost")
+
+
+def _nn_batch_executor() -> type:
+    from watcher_plugins.nn_batch.executor import NNBatchExecutor
+
+    return NNBatchExecutor
+
+
+def _tree_parallel_executor() -> type:
+    from watcher_plugins.tree_parallel.executor import TreeParallelExecutor
+
+    return TreeParallelExecutor
+
+
+def _compare_models_step():
+    from watcher_plugins.compare_models import run_compare_models
+
+    return run_compare_models
+
+
+@hookimpl
+def watcher_executors():
+    yield WatcherExecutor(
+        name="nn_batch",
+        model_types=("nn",),
+        load=_nn_batch_executor,
+        params_schema="watcher_plugins.schemas:nn_batch.params.schema.json",
+        description="many SurvivorQualityNet trials at once per GPU, in a persistent worker",
+    )
+    yield WatcherExecutor(
+        name="tree_parallel",
+        model_types=TREE_MODEL_TYPES,
+        load=_tree_parallel_executor,
+        params_schema="watcher_plugins.schemas:tree_parallel.params.schema.json",
+        description="CatBoost / LightGBM / XGBoost trials in parallel pinned worker processes",
+    )
+
+
+@hookimpl
+def watcher_pipeline_steps():
+    yield WatcherPipelineStep(
+        name="compare_models",
+        number=5,
+        load=_compare_models_step,
+        params_schema="watcher_plugins.schemas:compare_models.params.schema.json",
+        description="Optuna studies with k-fold CV over the NN and the tree libraries",
+    )

@@ -1,0 +1,228 @@
+"""Datasets: the embedded synthetic survivors data, loaders for users' files, and seeded k-fold splits.
+
+Only numpy here (pandas/pyarrow lazily, for .parquet), so that any worker process can import it
+without pulling in a CUDA framework.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from watcher_plugins.errors import DataError
+from watcher_plugins.records import DataRef
+
+N_FEATURES = 62
+FULL_ROWS = 98_784  # the seed's survivors count
+_SURVIVORS_SEED = 20260219
+CACHE_ENV = "WATCHER_CACHE_DIR"
+_FORMATS = {".npz": "npz", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".json": "json"}
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Features X (rows x features, float32) and target y (rows, float32), all finite."""
+
+    name: str
+    X: np.ndarray
+    y: np.ndarray
+    feature_names: tuple[str, ...]
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.X.shape[0])
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "watcher_plugins")
+
+
+def _generate_survivors() -> tuple[np.ndarray, np.ndarray]:
+    """The full synthetic survivors table: 98,784 x 62, a nonlinear target with interactions and noise."""
+    rng = np.random.default_rng(_SURVIVORS_SEED)
+    n = FULL_ROWS
+    X = np.empty((n, N_FEATURES), dtype=np.float64)
+    X[:, :40] = rng.standard_normal((n, 40))
+    X[:, 40:52] = rng.uniform(-1.0, 1.0, (n, 12))
+    X[:, 52:62] = rng.integers(0, 2, (n, 10))
+    # A few informative directions with nonlinearities, so that a small MLP and boosted trees both have
+    # something to find and their R^2 differ; the rest is noise features.
+    w = rng.standard_normal(10) / math.sqrt(10)
+    signal = (
+        np.tanh(X[:, :10] @ w) * 1.5
+        + 0.8 * np.sin(2.0 * X[:, 10]) * X[:, 11]
+        + 0.5 * X[:, 12] ** 2
+        + 0.7 * X[:, 40] * (X[:, 52] - 0.5)
+        + 0.6 * np.maximum(X[:, 41], 0.0)
+        + 0.3 * X[:, 53] * X[:, 13]
+    )
+    y = signal + 0.6 * rng.standard_normal(n)
+    return X.astype(np.float32), y.astype(np.float32)
+
+
+def embedded_survivors(rows: int = FULL_ROWS) -> Dataset:
+    """The first ``rows`` rows of the embedded survivors table, generated once and cached on disk."""
+    if not 1 <= rows <= FULL_ROWS:
+        raise DataError(f"embedded survivors: rows={rows} is out of range: expected 1..{FULL_ROWS}")
+    path = cache_dir() / f"survivors-{_SURVIVORS_SEED}-v1.npz"
+    X = y = None
+    if path.exists():
+        try:
+            with np.load(path) as cached:
+                X, y = cached["X"], cached["y"]
+        except (OSError, ValueError, KeyError):
+            X = y = None  # a damaged cache is regenerated, never trusted
+    if X is None:
+        X, y = _generate_survivors()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
+        np.savez(tmp, X=X, y=y)
+        os.replace(tmp, path)  # atomic: concurrent workers never read a half-written cache
+    names = tuple(f"f{i:02d}" for i in range(N_FEATURES))
+    return Dataset(name=f"survivors-{rows}", X=np.ascontiguousarray(X[:rows]), y=np.ascontiguousarray(y[:rows]),
+                   feature_names=names)
+
+
+def load_dataset(ref: DataRef) -> Dataset:
+    """Load what a DataRef names, checking it: numeric, finite, with its target column."""
+    if ref.embedded:
+        return embedded_survivors(ref.rows or 6000)
+    path = Path(ref.path)
+    fmt = ref.format or _FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise DataError(f"{path}: unknown file type {path.suffix!r}: expected one of {', '.join(sorted(_FORMATS))}"
+                        " or a 'format' in the data param")
+    if not path.is_file():
+        raise DataError(f"{path}: data file not found")
+    if fmt != "npz" and not ref.target:
+        raise DataError(f"{path}: a {fmt} file needs the data param's 'target': the name of the target column")
+    try:
+        if fmt == "npz":
+            columns, y = _read_npz(path)
+        elif fmt == "csv":
+            columns, y = _split_target(path, _read_csv(path), ref.target)
+        elif fmt == "parquet":
+            columns, y = _split_target(path, _read_parquet(path), ref.target)
+        else:
+            columns, y = _split_target(path, _read_json_records(path), ref.target)
+    except DataError:
+        raise
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise DataError(f"{path}: cannot read the {fmt} file: {exc}") from None
+    names = tuple(columns)
+    X = np.column_stack([columns[name] for name in names]).astype(np.float32) if names else None
+    if X is None:
+        raise DataError(f"{path}: no feature columns besides the target")
+    _check_finite(path, X, y, names, ref.target or "y")
+    return Dataset(name=path.name, X=np.ascontiguousarray(X), y=np.ascontiguousarray(y), feature_names=names)
+
+
+def _read_npz(path: Path) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    with np.load(path, allow_pickle=False) as archive:
+        missing = [key for key in ("X", "y") if key not in archive.files]
+        if missing:
+            raise DataError(f"{path}: missing array {', '.join(missing)}: expected arrays 'X' (rows x features) "
+                            f"and 'y' (rows); found {', '.join(archive.files) or 'none'}")
+        X, y = archive["X"], archive["y"]
+    if X.ndim != 2 or y.ndim != 1 or X.shape[0] != y.shape[0]:
+        raise DataError(f"{path}: expected X of shape (rows, features) and y of shape (rows,), "
+                        f"got X {X.shape} and y {y.shape}")
+    for name, arr in (("X", X), ("y", y)):
+        if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.complexfloating):
+            raise DataError(f"{path}: array {name} has dtype {arr.dtype}: expected real numbers")
+    return {f"x{i}": X[:, i] for i in range(X.shape[1])}, y.astype(np.float32)
+
+
+def _numeric_column(path: Path, name: str, values: list) -> np.ndarray:
+    out = np.empty(len(values), dtype=np.float64)
+    for row, value in enumerate(values):
+        try:
+            out[row] = float(value)
+        except (TypeError, ValueError):
+            raise DataError(f"{path}: column {name!r} is not numeric: row {row + 1} holds {value!r}") from None
+    return out
+
+
+def _read_csv(path: Path) -> dict[str, np.ndarray]:
+    with path.open(newline="", encoding="utf-8") as fh:
+        reader = csv.reader(fh)
+        header = next(reader, None)
+        if not header:
+            raise DataError(f"{path}: empty CSV file: expected a header row and data rows")
+        rows = list(reader)
+    if not rows:
+        raise DataError(f"{path}: no data rows below the header")
+    for i, row in enumerate(rows):
+        if len(row) != len(header):
+            raise DataError(f"{path}: row {i + 1} has {len(row)} fields: expected {len(header)} as in the header")
+    return {name: _numeric_column(path, name, [row[j] for row in rows]) for j, name in enumerate(header)}
+
+
+def _read_parquet(path: Path) -> dict[str, np.ndarray]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"{path}: reading .parquet needs pyarrow: pip install 'watcher_plugins[parquet]'") from None
+    table = pq.read_table(path)
+    return {name: _numeric_column(path, name, table.column(name).to_pylist()) for name in table.column_names}
+
+
+def _read_json_records(path: Path) -> dict[str, np.ndarray]:
+    """Survivors JSON: a list of flat records (or {"survivors": [...]}), each with the same numeric fields."""
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    records = doc.get("survivors") if isinstance(doc, dict) else doc
+    if not isinstance(records, list) or not records or not all(isinstance(r, dict) for r in records):
+        raise DataError(f"{path}: expected a non-empty JSON list of records (objects), or {{\"survivors\": [...]}}")
+    names = list(records[0])
+    for i, record in enumerate(records):
+        if list(record) != names and set(record) != set(names):
+            raise DataError(f"{path}: record {i} has fields {sorted(record)}: expected {sorted(names)} as record 0")
+    return {name: _numeric_column(path, name, [r[name] for r in records]) for name in names}
+
+
+def _split_target(path: Path, columns: dict[str, np.ndarray], target: str) -> tuple[dict, np.ndarray]:
+    if target not in columns:
+        raise DataError(f"{path}: target column {target!r} not found; columns: {', '.join(columns)}")
+    y = columns.pop(target).astype(np.float32)
+    return columns, y
+
+
+def _check_finite(path: Path, X: np.ndarray, y: np.ndarray, names: tuple[str, ...], target: str) -> None:
+    if X.shape[0] < 2:
+        raise DataError(f"{path}: {X.shape[0]} rows: expected at least 2")
+    if not np.isfinite(y).all():
+        row = int(np.flatnonzero(~np.isfinite(y))[0])
+        raise DataError(f"{path}: target column {target!r} has a non-finite value (NaN or inf) at row {row + 1}")
+    bad = ~np.isfinite(X)
+    if bad.any():
+        row, col = (int(v) for v in np.argwhere(bad)[0])
+        raise DataError(f"{path}: column {names[col]!r} has a non-finite value (NaN or inf) at row {row + 1}")
+
+
+def kfold_splits(n_rows: int, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Seeded k-fold split: a permutation cut into k near-equal held-out parts. (train_idx, val_idx), sorted."""
+    if not 2 <= folds <= n_rows:
+        raise DataError(f"cannot make {folds} folds from {n_rows} rows: expected 2 <= folds <= rows")
+    order = np.random.default_rng(seed).permutation(n_rows)
+    parts = np.array_split(order, folds)
+    splits = []
+    for k in range(folds):
+        val = np.sort(parts[k])
+        train = np.sort(np.concatenate([parts[j] for j in range(folds) if j != k]))
+        splits.append((train, val))
+    return splits
+
+
+def r2_score(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """Coefficient of determination, in float64."""
+    y_true = np.asarray(y_true, dtype=np.float64)
+    y_pred = np.asarray(y_pred, dtype=np.float64)
+    ss_res = float(np.sum((y_true - y_pred) ** 2))
+    ss_tot = float(np.sum((y_true - y_true.mean()) ** 2))
+    return 1.0 - ss_res / ss_tot if ss_tot > 0 else 0.0

@@ -1,0 +1,54 @@
+"""The interface every executor implements, and the run context the host hands it."""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from watcher_plugins.records import FoldResult, TrialJob
+
+ResultCallback = Callable[[FoldResult], None]
+
+
+@dataclass
+class RunContext:
+    """What an executor needs to know about the run beyond its own params.
+
+    :param devices: GPU indices this run may use (empty: CPU only). Resolved by the host from the
+        ``devices`` param; an executor takes each GPU's lease before using it.
+    """
+
+    output_dir: Path
+    devices: list[int]
+    lease_dir: Path | None = None
+    lease_timeout_s: float = 600.0
+    trial_retries: int = 2
+    cpu_count: int = field(default_factory=lambda: len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                           else (os.cpu_count() or 1))
+
+
+class Executor(ABC):
+    """Runs batches of trial jobs. Every fold of every job gets exactly one FoldResult, whatever happens:
+    a worker crash, an OOM or a bad param ends as a result with status "fail" or "oom" and a reason.
+    """
+
+    def __init__(self, params: Mapping[str, Any], context: RunContext):
+        self.params = dict(params)
+        self.context = context
+
+    @abstractmethod
+    def run_batch(self, jobs: Sequence[TrialJob], on_result: ResultCallback | None = None) -> list[FoldResult]:
+        """Run every job on every fold; call ``on_result`` as each fold finishes; return all results."""
+
+    def close(self) -> None:
+        """Stop workers and release leases. Idempotent."""
+
+    def __enter__(self) -> Executor:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()

@@ -1,0 +1,131 @@
+"""Load and validate manifests and --params overrides against the shipped JSON Schemas.
+
+Errors are reported the way check-jsonschema does: every problem, sorted, one line each, as
+``SOURCE::$.json.path: message``. Nothing is written anywhere before validation passes.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+from jsonschema.exceptions import ValidationError, best_match
+
+from watcher_plugins.errors import ManifestError, PluginError
+
+PARAMS_LABEL = "--params"
+
+
+def default_manifest_path() -> Path:
+    """The shipped reinforcement.json (package data)."""
+    return Path(str(resources.files("watcher_plugins.agent_manifests").joinpath("reinforcement.json")))
+
+
+def _load_schema(filename: str) -> dict:
+    return json.loads(resources.files("watcher_plugins.schemas").joinpath(filename).read_text(encoding="utf-8"))
+
+
+def params_schema(pm) -> dict:
+    """The params schema: the properties of every registered step and executor, merged; no other keys."""
+    properties: dict[str, Any] = {}
+    owners: dict[str, str] = {}
+    registrations = [*pm.get_pipeline_steps().values(), *pm.get_executors().values()]
+    for registration in registrations:
+        for key, subschema in registration.schema().get("properties", {}).items():
+            if key in properties:
+                raise PluginError(f"param {key!r} is declared by both {owners[key]!r} and {registration.name!r}")
+            properties[key] = subschema
+            owners[key] = registration.name
+    return {"type": "object", "additionalProperties": False, "properties": properties}
+
+
+def _validator(schema: dict):
+    cls = jsonschema.validators.validator_for(schema)
+    cls.check_schema(schema)
+    return cls(schema, format_checker=cls.FORMAT_CHECKER)
+
+
+def _json_path(error: ValidationError, prefix: str) -> str:
+    path = prefix
+    for part in error.absolute_path:
+        path += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return path
+
+
+def _message(error: ValidationError) -> str:
+    expected = error.schema.get("x-expected") if isinstance(error.schema, dict) else None
+    if error.validator in ("oneOf", "anyOf"):
+        if expected:
+            return f"{json.dumps(error.instance)} is not valid: expected {expected}"
+        if error.context:
+            return best_match(error.context).message
+    if error.validator == "additionalProperties" and isinstance(error.instance, dict):
+        allowed = list(error.schema.get("properties", {}))
+        extras = [key for key in error.instance if key not in allowed]
+        hints = []
+        for key in extras:
+            close = difflib.get_close_matches(key, allowed, n=1)
+            hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        return f"unknown key {', '.join(hints)}; expected one of: {', '.join(sorted(allowed))}"
+    return error.message
+
+
+def _problems(instance: Any, schema: dict, source: str, prefix: str) -> list[str]:
+    errors = sorted(_validator(schema).iter_errors(instance), key=lambda e: (list(map(str, e.absolute_path)), e.message))
+    return [f"{source}::{_json_path(e, prefix)}: {_message(e)}" for e in errors]
+
+
+def _parse_json(text: str, source: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ManifestError([f"{source}: not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"]) from None
+
+
+@dataclass
+class ResolvedManifest:
+    """A validated manifest: its source, its raw document and the params with defaults filled in."""
+
+    path: Path
+    document: dict
+    params: dict
+
+
+def load_manifest(path: str | Path | None, params_override: str | None, pm) -> ResolvedManifest:
+    """Read, validate and merge a manifest and a --params JSON text; raise ManifestError with every problem."""
+    manifest_path = Path(path) if path is not None else default_manifest_path()
+    source = str(manifest_path)
+    try:
+        text = manifest_path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ManifestError([f"{source}: manifest file not found"]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ManifestError([f"{source}: cannot read the manifest: {exc}"]) from None
+    document = _parse_json(text, source)
+    schema = params_schema(pm)
+
+    problems = _problems(document, _load_schema("manifest.schema.json"), source, "$")
+    if isinstance(document, dict) and isinstance(document.get("params"), dict):
+        problems += _problems(document["params"], schema, source, "$.params")
+
+    override: dict = {}
+    if params_override is not None:
+        override = _parse_json(params_override, PARAMS_LABEL) if not problems else {}
+        if params_override is not None and not problems:
+            if not isinstance(override, dict):
+                problems.append(f"{PARAMS_LABEL}::$: expected a JSON object, got {type(override).__name__}")
+            else:
+                problems += _problems(override, schema, PARAMS_LABEL, "$")
+    if problems:
+        raise ManifestError(problems)
+
+    params = {key: copy.deepcopy(sub["default"]) for key, sub in schema["properties"].items() if "default" in sub}
+    params.update(copy.deepcopy(document["params"]))
+    params.update(copy.deepcopy(override))
+    return ResolvedManifest(path=manifest_path, document=document, params=params)
