@@ -36,6 +36,8 @@ def watcher_executors():
         load=_nn_batch_executor,
         params_schema="watcher_plugins.schemas:nn_batch.params.schema.json",
         description="many SurvivorQualityNet trials at once per GPU, in a persistent worker",
+        requires={"nn": "torch"},
+        install_hint="pip install torch",
     )
     yield WatcherExecutor(
         name="tree_parallel",
@@ -43,6 +45,8 @@ def watcher_executors():
         load=_tree_parallel_executor,
         params_schema="watcher_plugins.schemas:tree_parallel.params.schema.json",
         description="CatBoost / LightGBM / XGBoost trials in parallel pinned worker processes",
+        requires={name: name for name in TREE_MODEL_TYPES},
+        install_hint="pip install 'watcher_plugins[trees]'",
     )
 
 

@@ -18,13 +18,13 @@ from pathlib import Path
 
 import filelock
 
+from watcher_plugins.errors import LeaseError, LeaseTimeout
+
 # Newer filelock releases unlink a Unix lock file on release unless told to keep it; we must keep it
 # (a process waiting on the old inode would otherwise lock a file nobody else sees).
 _KEEP_LOCK_FILE = (
     {"preserve_lock_file": True} if "preserve_lock_file" in inspect.signature(filelock.FileLock).parameters else {}
 )
-from watcher_plugins.errors import LeaseError, LeaseTimeout
-
 LEASE_DIR_ENV = "WATCHER_LEASE_DIR"
 
 

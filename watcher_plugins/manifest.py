@@ -61,10 +61,13 @@ def _json_path(error: ValidationError, prefix: str) -> str:
 def _message(error: ValidationError) -> str:
     expected = error.schema.get("x-expected") if isinstance(error.schema, dict) else None
     if error.validator in ("oneOf", "anyOf"):
+        detail = best_match(error.context) if error.context else None
         if expected:
-            return f"{json.dumps(error.instance)} is not valid: expected {expected}"
-        if error.context:
-            return best_match(error.context).message
+            deeper = detail is not None and len(detail.relative_path) > 0
+            suffix = f" ({_json_path(detail, '$')[2:]}: {detail.message})" if deeper else ""
+            return f"{json.dumps(error.instance)} is not valid: expected {expected}{suffix}"
+        if detail is not None:
+            return detail.message
     if error.validator == "additionalProperties" and isinstance(error.instance, dict):
         allowed = list(error.schema.get("properties", {}))
         extras = [key for key in error.instance if key not in allowed]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 from collections.abc import Callable
@@ -46,12 +47,16 @@ class WatcherExecutor(WatcherPlugin):
         imports (torch, a tree library) stay out of the host process until needed.
     :param params_schema: the JSON Schema of the manifest params this executor owns, inline or as
         ``package:file.json``; its properties join the manifest's params schema.
+    :param requires: for each model type, a module that must be importable for it to run.
     """
 
     model_types: tuple[str, ...] = ()
     load: Callable[[], type] = field(default=lambda: None, repr=False)
     params_schema: str | dict | None = None
     description: str = ""
+    #: model type -> the module it needs (checked without importing it), and the command that installs it
+    requires: dict[str, str] = field(default_factory=dict)
+    install_hint: str = ""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -61,6 +66,13 @@ class WatcherExecutor(WatcherPlugin):
 
     def schema(self) -> dict:
         return _schema_from_resource(self.params_schema)
+
+    def missing_requirement(self, model_type: str) -> str | None:
+        """Why ``model_type`` cannot run here (with the install command), or None if it can."""
+        module = self.requires.get(model_type)
+        if module is None or importlib.util.find_spec(module) is not None:
+            return None
+        return f"{module} is not installed; install it with: {self.install_hint or f'pip install {module}'}"
 
 
 @dataclass

@@ -1,0 +1,29 @@
+"""Shared fixtures. Tests in test_tree_*.py need the tree libraries: they carry the `trees` marker,
+which the tox env `trees` selects and `unit` deselects."""
+
+from __future__ import annotations
+
+import pytest
+
+from watcher_plugins.manager import WatcherPluginManager
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name.startswith("test_tree_"):
+            item.add_marker(pytest.mark.trees)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_dirs(tmp_path_factory, monkeypatch):
+    """Every test gets its own lease directory; the dataset cache is shared within the session."""
+    monkeypatch.setenv("WATCHER_LEASE_DIR", str(tmp_path_factory.mktemp("leases")))
+    monkeypatch.setenv("WATCHER_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@pytest.fixture
+def plugin_manager() -> WatcherPluginManager:
+    """A fresh manager with the built-ins only (no entry points)."""
+    pm = WatcherPluginManager()
+    pm.load_plugins(entry_points_too=False)
+    return pm

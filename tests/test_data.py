@@ -1,0 +1,135 @@
+"""Datasets: the embedded default, users' files, and a clear error for every bad file."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from watcher_plugins.data import (
+    FULL_ROWS,
+    N_FEATURES,
+    embedded_survivors,
+    kfold_splits,
+    load_dataset,
+    r2_score,
+)
+from watcher_plugins.errors import DataError
+from watcher_plugins.records import DataRef
+
+
+def test_embedded_survivors_is_deterministic_and_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("WATCHER_CACHE_DIR", str(tmp_path))
+    first = embedded_survivors(500)
+    assert first.X.shape == (500, N_FEATURES) and first.X.dtype == np.float32 and first.y.shape == (500,)
+    assert len(list(tmp_path.glob("survivors-*.npz"))) == 1
+    again = embedded_survivors(500)
+    np.testing.assert_array_equal(first.X, again.X)
+    np.testing.assert_array_equal(first.y, again.y)
+    full = embedded_survivors(FULL_ROWS)
+    np.testing.assert_array_equal(full.X[:500], first.X)  # the small sizes are prefixes of the full table
+
+
+def test_embedded_survivors_damaged_cache_is_regenerated(tmp_path, monkeypatch):
+    monkeypatch.setenv("WATCHER_CACHE_DIR", str(tmp_path))
+    reference = embedded_survivors(100)
+    (cache,) = tmp_path.glob("survivors-*.npz")
+    cache.write_bytes(b"not an npz")
+    np.testing.assert_array_equal(embedded_survivors(100).X, reference.X)
+
+
+def test_the_target_is_learnable_but_not_trivial():
+    data = embedded_survivors(4000)
+    X = np.column_stack([data.X, np.ones(len(data.X))])
+    coef, *_ = np.linalg.lstsq(X[:3000], data.y[:3000], rcond=None)
+    linear_r2 = r2_score(data.y[3000:], X[3000:] @ coef)
+    assert 0.2 < linear_r2 < 0.8  # a linear model finds some of it; nonlinear models have room to do better
+
+
+def test_npz_csv_json_loaders_agree(tmp_path):
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((20, 3)).astype(np.float32)
+    y = rng.standard_normal(20).astype(np.float32)
+    np.savez(tmp_path / "d.npz", X=X, y=y)
+    header = "a,b,c,score\n"
+    (tmp_path / "d.csv").write_text(header + "\n".join(",".join(map(repr, [*map(float, r), float(t)]))
+                                                        for r, t in zip(X, y)))
+    records = [{"a": float(r[0]), "b": float(r[1]), "c": float(r[2]), "score": float(t)} for r, t in zip(X, y)]
+    (tmp_path / "d.json").write_text(json.dumps({"survivors": records}))
+    loaded = [load_dataset(DataRef(path=str(tmp_path / "d.npz"))),
+              load_dataset(DataRef(path=str(tmp_path / "d.csv"), target="score")),
+              load_dataset(DataRef(path=str(tmp_path / "d.json"), target="score"))]
+    for dataset in loaded:
+        np.testing.assert_allclose(dataset.X, X, rtol=1e-6)
+        np.testing.assert_allclose(dataset.y, y, rtol=1e-6)
+    assert loaded[1].feature_names == ("a", "b", "c")
+
+
+def test_parquet_loader(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"x1": [1.0, 2.0, 3.0], "x2": [0.5, 0.1, 0.2], "y": [1.0, 0.0, 1.0]}), tmp_path / "d.parquet")
+    dataset = load_dataset(DataRef(path=str(tmp_path / "d.parquet"), target="y"))
+    assert dataset.X.shape == (3, 2) and dataset.y.tolist() == [1.0, 0.0, 1.0]
+
+
+def _csv(tmp_path, text, name="bad.csv"):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize("text, target, message", [
+    ("a,b,y\n1,2,3\n4,5,6\n", "score", "target column 'score' not found; columns: a, b, y"),
+    ("a,b,y\n1,oops,3\n4,5,6\n", "y", "column 'b' is not numeric: row 1 holds 'oops'"),
+    ("a,b,y\n1,2,3\n4,nan,6\n", "y", "column 'b' has a non-finite value (NaN or inf) at row 2"),
+    ("a,b,y\n1,2,inf\n4,5,6\n", "y", "target column 'y' has a non-finite value (NaN or inf) at row 1"),
+    ("a,b,y\n1,2\n", "y", "row 1 has 2 fields: expected 3"),
+    ("", "y", "empty CSV file"),
+])
+def test_bad_csv_names_the_file_and_the_column(tmp_path, text, target, message):
+    path = _csv(tmp_path, text)
+    with pytest.raises(DataError) as excinfo:
+        load_dataset(DataRef(path=path, target=target))
+    assert str(excinfo.value) == f"{path}: {message}" or str(excinfo.value).startswith(f"{path}: {message}")
+
+
+def test_missing_file(tmp_path):
+    path = str(tmp_path / "absent.csv")
+    with pytest.raises(DataError, match="absent.csv: data file not found"):
+        load_dataset(DataRef(path=path, target="y"))
+
+
+def test_unreadable_file(tmp_path):
+    path = tmp_path / "binary.csv"
+    path.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(DataError, match="binary.csv: cannot read the csv file"):
+        load_dataset(DataRef(path=str(path), target="y"))
+
+
+def test_npz_without_y(tmp_path):
+    np.savez(tmp_path / "d.npz", X=np.zeros((3, 2)))
+    with pytest.raises(DataError, match="missing array y"):
+        load_dataset(DataRef(path=str(tmp_path / "d.npz")))
+
+
+def test_unknown_suffix_and_missing_target(tmp_path):
+    with pytest.raises(DataError, match="unknown file type '.txt'"):
+        load_dataset(DataRef(path=str(tmp_path / "d.txt")))
+    path = _csv(tmp_path, "a,y\n1,2\n")
+    with pytest.raises(DataError, match="needs the data param's 'target'"):
+        load_dataset(DataRef(path=path))
+
+
+def test_kfold_splits_partition_the_rows_deterministically():
+    splits = kfold_splits(103, 5, seed=7)
+    assert len(splits) == 5
+    held_out = np.concatenate([val for _, val in splits])
+    assert sorted(held_out.tolist()) == list(range(103))
+    for train, val in splits:
+        assert not set(train) & set(val) and len(train) + len(val) == 103
+    again = kfold_splits(103, 5, seed=7)
+    assert all(np.array_equal(a[1], b[1]) for a, b in zip(splits, again))
+    assert not np.array_equal(kfold_splits(103, 5, seed=8)[0][1], splits[0][1])

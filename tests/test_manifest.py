@@ -1,0 +1,120 @@
+"""Manifest and --params validation: every problem reported, with file, JSON path and expectation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from watcher_plugins import hookimpl
+from watcher_plugins.errors import ManifestError, PluginError
+from watcher_plugins.manifest import default_manifest_path, load_manifest, params_schema
+from watcher_plugins.types import WatcherExecutor
+
+
+def _write(tmp_path, document, name="m.json"):
+    path = tmp_path / name
+    path.write_text(json.dumps(document) if not isinstance(document, str) else document)
+    return path
+
+
+def _problems(excinfo) -> list[str]:
+    return excinfo.value.problems
+
+
+def test_shipped_manifest_is_valid_and_defaults_are_filled(plugin_manager):
+    resolved = load_manifest(None, None, plugin_manager)
+    assert resolved.path == default_manifest_path()
+    params = resolved.params
+    assert params["compare_models"] is True
+    assert params["model_types"] == ["nn", "catboost", "lightgbm", "xgboost"]
+    # keys the manifest leaves out come from the schemas' defaults
+    assert params["lease_timeout_s"] == 600
+    assert params["storage"] is None
+
+
+def test_params_override_replaces_manifest_values(plugin_manager):
+    resolved = load_manifest(None, '{"trials": 2, "tree_parallel_workers": 3, "devices": [0]}', plugin_manager)
+    assert resolved.params["trials"] == 2
+    assert resolved.params["tree_parallel_workers"] == 3
+    assert resolved.params["devices"] == [0]
+    assert resolved.params["folds"] == 3  # untouched keys stay
+
+
+def test_manifest_not_json_names_file_line_and_column(tmp_path, plugin_manager):
+    path = _write(tmp_path, '{"params": {"trials": 3,}}')
+    with pytest.raises(ManifestError) as excinfo:
+        load_manifest(path, None, plugin_manager)
+    (problem,) = _problems(excinfo)
+    assert problem.startswith(f"{path}: not valid JSON")
+    assert "line 1 column" in problem
+
+
+def test_missing_manifest_file(tmp_path, plugin_manager):
+    with pytest.raises(ManifestError, match="manifest file not found"):
+        load_manifest(tmp_path / "nope.json", None, plugin_manager)
+
+
+def test_every_schema_error_is_reported_with_its_json_path(tmp_path, plugin_manager):
+    path = _write(tmp_path, {"params": {"n_concurrent_nn": 0, "tree_parallel_workers": -1, "trials": "many",
+                                        "trails": 3, "model_types": ["nn", "svm"]}})
+    with pytest.raises(ManifestError) as excinfo:
+        load_manifest(path, None, plugin_manager)
+    problems = _problems(excinfo)
+    assert len(problems) == 5
+    assert all(p.startswith(f"{path}::$.params") for p in problems)
+    text = "\n".join(problems)
+    assert f"{path}::$.params.n_concurrent_nn: 0 is not valid: expected \"auto\" or an integer >= 1" in text
+    assert f"{path}::$.params.tree_parallel_workers: -1 is less than the minimum of 1" in text
+    assert f"{path}::$.params.trials: 'many' is not of type 'integer'" in text
+    assert "unknown key 'trails' (did you mean 'trials'?)" in text
+    assert f"{path}::$.params.model_types[1]: 'svm' is not one of" in text
+
+
+def test_bad_params_override_is_labelled_params(plugin_manager):
+    with pytest.raises(ManifestError) as excinfo:
+        load_manifest(None, '{"n_concurrent_nn": 0, "tree_parallel_workers": -1}', plugin_manager)
+    assert _problems(excinfo) == [
+        '--params::$.n_concurrent_nn: 0 is not valid: expected "auto" or an integer >= 1',
+        "--params::$.tree_parallel_workers: -1 is less than the minimum of 1",
+    ]
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("{bad", "--params: not valid JSON"),
+    ("[1, 2]", "--params::$: expected a JSON object, got list"),
+])
+def test_params_that_is_not_a_json_object(plugin_manager, text, expected):
+    with pytest.raises(ManifestError) as excinfo:
+        load_manifest(None, text, plugin_manager)
+    assert _problems(excinfo)[0].startswith(expected)
+
+
+def test_envelope_errors(tmp_path, plugin_manager):
+    path = _write(tmp_path, {"parms": {}})
+    with pytest.raises(ManifestError) as excinfo:
+        load_manifest(path, None, plugin_manager)
+    text = "\n".join(_problems(excinfo))
+    assert f"{path}::$: 'params' is a required property" in text
+    assert "unknown key 'parms' (did you mean 'params'?)" in text
+
+
+def test_plugins_contribute_params_and_a_clash_is_an_error(plugin_manager):
+    class ExtraParams:
+        @hookimpl
+        def watcher_executors(self):
+            yield WatcherExecutor(name="extra", model_types=("nn",), load=lambda: None,
+                                  params_schema={"properties": {"extra_knob": {"type": "integer", "default": 7}}})
+
+    plugin_manager.register(ExtraParams())
+    assert load_manifest(None, '{"extra_knob": 9}', plugin_manager).params["extra_knob"] == 9
+
+    class Clash:
+        @hookimpl
+        def watcher_executors(self):
+            yield WatcherExecutor(name="clash", model_types=("nn",), load=lambda: None,
+                                  params_schema={"properties": {"trials": {"type": "integer"}}})
+
+    plugin_manager.register(Clash())
+    with pytest.raises(PluginError, match="param 'trials' is declared by both 'compare_models' and 'clash'"):
+        params_schema(plugin_manager)

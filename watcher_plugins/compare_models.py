@@ -1,0 +1,269 @@
+"""Step 5, compare_models: one Optuna study per model type, run through the executors.
+
+Determinism (DESIGN.md, principle 1): each study asks its trials in batches of ``ask_batch_size`` in
+a fixed order, the executor trains the batch however it likes, and the results are told in
+trial-number order. The study's trajectory therefore depends on the manifest alone, never on the
+concurrency, the strategy or the number of GPUs.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import optuna
+
+from watcher_plugins.data import load_dataset
+from watcher_plugins.devices import resolve_devices
+from watcher_plugins.errors import DataError, PluginError
+from watcher_plugins.executor import Executor, RunContext
+from watcher_plugins.progress import ProgressBoard
+from watcher_plugins.records import STATUS_OK, DataRef, FoldResult, TrialJob
+from watcher_plugins.search_spaces import suggest
+from watcher_plugins.storage import StudyStore
+from watcher_plugins.types import WatcherExecutor
+
+#: A fixed sampler-seed offset per model type, so a study's trajectory does not depend on which
+#: other model types are in the run.
+_SAMPLER_SEED_OFFSET = {"nn": 0, "catboost": 1, "lightgbm": 2, "xgboost": 3}
+TRIALS_FILE = "trials.jsonl"
+SUMMARY_FILE = "summary.json"
+
+
+@dataclass
+class ModelTypeOutcome:
+    """One leaderboard row."""
+
+    model_type: str
+    executor: str | None
+    status: str  # "done" | "unavailable"
+    best_r2: float | None = None
+    best_trial: int | None = None
+    best_params: dict[str, Any] = field(default_factory=dict)
+    trials_complete: int = 0
+    trials_failed: int = 0
+    seconds: float = 0.0
+    reason: str | None = None
+
+
+class TrialLog:
+    """trials.jsonl: one line per trial and fold, flushed as each fold finishes."""
+
+    def __init__(self, path: Path):
+        self._fh: TextIO = path.open("a", encoding="utf-8")
+
+    def write(self, result: FoldResult) -> None:
+        line = {
+            "trial_number": result.trial_number,
+            "fold_idx": result.fold_idx,
+            "model_type": result.model_type,
+            "r2": result.r2,
+            "seconds": round(result.seconds, 4),
+            "status": result.status,
+        }
+        if result.error:
+            line["error"] = result.error
+        self._fh.write(json.dumps(line) + "\n")
+        self._fh.flush()
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+def _choose_executors(pm, model_types: Sequence[str], chosen: dict[str, str]) -> dict[str, WatcherExecutor]:
+    """The executor registration serving each model type: the manifest's choice, else the only one registered."""
+    executors = pm.get_executors()
+    serving = pm.executor_for_model_types()
+    out = {}
+    for model_type in model_types:
+        name = chosen.get(model_type)
+        if name is not None:
+            if name not in executors:
+                raise PluginError(f"params::$.executors.{model_type}: unknown executor {name!r}; "
+                                  f"registered executors: {', '.join(executors) or 'none'}")
+            if model_type not in executors[name].model_types:
+                raise PluginError(f"params::$.executors.{model_type}: executor {name!r} does not run {model_type!r}; "
+                                  f"executors for {model_type!r}: {', '.join(serving.get(model_type, [])) or 'none'}")
+        else:
+            candidates = serving.get(model_type, [])
+            if not candidates:
+                raise PluginError(f"no registered executor runs model type {model_type!r}; "
+                                  f"registered executors: {', '.join(executors) or 'none'}")
+            if len(candidates) > 1:
+                raise PluginError(f"several executors run {model_type!r} ({', '.join(candidates)}): choose one with "
+                                  f"params.executors.{model_type}")
+            name = candidates[0]
+        out[model_type] = executors[name]
+    return out
+
+
+def _trial_value(results: list[FoldResult]) -> tuple[float | None, str | None]:
+    """Mean R^2 over the folds, or the reason the trial failed."""
+    bad = [r for r in results if r.status != STATUS_OK or r.r2 is None]
+    if bad:
+        first = min(bad, key=lambda r: r.fold_idx)
+        return None, f"fold {first.fold_idx}: {first.status}: {first.error or 'no R^2'}"
+    return sum(r.r2 for r in results) / len(results), None
+
+
+class StudyRunner:
+    """Asks, runs and tells the studies that share one executor, batch by batch."""
+
+    def __init__(self, studies: dict[str, optuna.Study], params: dict, data: DataRef, store: StudyStore,
+                 log: TrialLog, board: ProgressBoard):
+        self.studies = studies
+        self.params = params
+        self.data = data
+        self.store = store
+        self.log = log
+        self.board = board
+
+    def _ask_batch(self, model_type: str) -> list[tuple[optuna.Trial, TrialJob]]:
+        study = self.studies[model_type]
+        remaining = self.params["trials"] - self.store.trials_counted(study)
+        batch = []
+        for _ in range(max(0, min(self.params["ask_batch_size"], remaining))):
+            trial = study.ask()
+            job = TrialJob(model_type=model_type, trial_number=trial.number, params=suggest(model_type, trial),
+                           data=self.data, folds=self.params["folds"], seed=self.params["seed"])
+            batch.append((trial, job))
+        return batch
+
+    def _record(self, by_trial: dict, result: FoldResult) -> None:
+        self.log.write(result)
+        by_trial[(result.model_type, result.trial_number)].append(result)
+
+    def run(self, executor: Executor) -> None:
+        while True:
+            asked = {mt: self._ask_batch(mt) for mt in self.studies}
+            asked = {mt: batch for mt, batch in asked.items() if batch}
+            if not asked:
+                return
+            jobs = [job for batch in asked.values() for _, job in batch]
+            by_trial: dict[tuple[str, int], list[FoldResult]] = defaultdict(list)
+            on_result = functools.partial(self._record, by_trial)
+            try:
+                returned = executor.run_batch(jobs, on_result=on_result)
+            except BaseException:
+                # Nothing is left RUNNING: unfinished trials end FAIL and their params are asked again next run.
+                for model_type, batch in asked.items():
+                    for trial, _ in batch:
+                        self.store.fail_and_requeue(self.studies[model_type], trial.number,
+                                                    "the run stopped before this trial finished")
+                raise
+            # Results the executor returned without calling back still count, once.
+            for result in returned:
+                key = (result.model_type, result.trial_number)
+                if not any(r.fold_idx == result.fold_idx for r in by_trial[key]):
+                    on_result(result)
+            for model_type, batch in asked.items():
+                for trial, job in sorted(batch, key=lambda pair: pair[0].number):  # tell in trial-number order
+                    results = sorted(by_trial[(model_type, trial.number)], key=lambda r: r.fold_idx)
+                    if len(results) != job.folds:
+                        results = results + [FoldResult(trial.number, k, model_type, None, 0.0, "fail",
+                                                         "the executor returned no result for this fold")
+                                             for k in range(job.folds) if k not in {r.fold_idx for r in results}]
+                    value, reason = _trial_value(results)
+                    self.store.tell(self.studies[model_type], trial, job.params, value, reason, results)
+                    self.board.trial_done(model_type, value)
+
+
+def run_compare_models(params: dict, pm, out: TextIO | None = None) -> dict:
+    """Run step 5 with validated params; write trials.jsonl, summary.json and the study storage; return the summary."""
+    out = out or sys.stdout
+    if not params.get("compare_models", True):
+        print("compare_models: skipped (params.compare_models is false)", file=out)
+        return {"skipped": True}
+    started = time.monotonic()
+    data = DataRef.from_param(params["data"])
+    dataset = load_dataset(data)  # a bad dataset must fail before anything is trained or written
+    if params["folds"] > dataset.n_rows:
+        raise DataError(f"{dataset.name}: {dataset.n_rows} rows cannot make {params['folds']} folds")
+    devices = resolve_devices(params["devices"])
+    chosen = _choose_executors(pm, params["model_types"], params.get("executors") or {})
+
+    outcomes: dict[str, ModelTypeOutcome] = {}
+    runnable: dict[str, WatcherExecutor] = {}
+    for model_type in params["model_types"]:
+        registration = chosen[model_type]
+        missing = registration.missing_requirement(model_type)
+        if missing:
+            outcomes[model_type] = ModelTypeOutcome(model_type, registration.name, "unavailable", reason=missing)
+            print(f"compare_models: {model_type} unavailable: {missing}", file=out)
+        else:
+            runnable[model_type] = registration
+
+    output_dir = Path(params["output_dir"])
+    output_dir.mkdir(parents=True, exist_ok=True)
+    store = StudyStore.open(params, output_dir, data)
+    context = RunContext(output_dir=output_dir, devices=devices,
+                         lease_dir=Path(params["lease_dir"]) if params.get("lease_dir") else None,
+                         lease_timeout_s=params["lease_timeout_s"], trial_retries=params["trial_retries"])
+    print(f"compare_models: {dataset.name} ({dataset.n_rows} rows x {dataset.X.shape[1]} features), "
+          f"{params['folds']}-fold CV, {params['trials']} trials per model type, "
+          f"devices: {', '.join(f'GPU {d}' for d in devices) or 'CPU'}", file=out)
+
+    groups: dict[str, list[str]] = defaultdict(list)
+    for model_type, registration in runnable.items():
+        groups[registration.name].append(model_type)
+
+    log = TrialLog(output_dir / TRIALS_FILE)
+    board = ProgressBoard(list(runnable), params["trials"], enabled=params["progress"])
+    try:
+        for executor_name, model_types in groups.items():
+            group_started = time.monotonic()
+            studies = {mt: store.study(mt, seed=params["seed"] + _SAMPLER_SEED_OFFSET.get(mt, 0))
+                       for mt in model_types}
+            for model_type, study in studies.items():
+                board.resume(model_type, store.trials_counted(study), store.best(study)[0])
+            executor_cls = runnable[model_types[0]].load()
+            with executor_cls(params, context) as executor:
+                StudyRunner(studies, params, data, store, log, board).run(executor)
+            elapsed = time.monotonic() - group_started
+            for model_type, study in studies.items():
+                best_r2, best_trial, best_params = store.best(study)
+                complete, failed = store.finished_counts(study)
+                outcomes[model_type] = ModelTypeOutcome(model_type, executor_name, "done", best_r2, best_trial,
+                                                        best_params, complete, failed, round(elapsed, 2))
+    finally:
+        board.close()
+        log.close()
+
+    summary = {
+        "leaderboard": [asdict(o) for o in sorted(
+            (o for o in outcomes.values() if o.status == "done"),
+            key=lambda o: (o.best_r2 is None, -(o.best_r2 or 0.0)))],
+        "unavailable": {o.model_type: o.reason for o in outcomes.values() if o.status == "unavailable"},
+        "dataset": {"name": dataset.name, "rows": dataset.n_rows, "features": int(dataset.X.shape[1])},
+        "devices": devices,
+        "storage": store.url_for_display,
+        "seconds": round(time.monotonic() - started, 2),
+        "params": params,
+    }
+    (output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    print(format_leaderboard(summary), file=out)
+    return summary
+
+
+def format_leaderboard(summary: dict) -> str:
+    """The leaderboard as a plain-text table: model type, best mean R^2, its params, trials, seconds."""
+    rows = [("model", "best R2", "trials", "failed", "seconds", "best params")]
+    for row in summary["leaderboard"]:
+        r2 = "-" if row["best_r2"] is None else f"{row['best_r2']:.4f}"
+        params = json.dumps(row["best_params"], separators=(",", ":"), default=str)
+        rows.append((row["model_type"], r2, str(row["trials_complete"]), str(row["trials_failed"]),
+                     f"{row['seconds']:.1f}", params))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    lines = ["", "compare_models leaderboard"]
+    for r in rows:
+        lines.append("  ".join(cell.ljust(width) for cell, width in zip(r[:5], widths)) + "  " + r[5])
+    for model_type, reason in summary["unavailable"].items():
+        lines.append(f"{model_type}: unavailable: {reason}")
+    return "\n".join(lines)
