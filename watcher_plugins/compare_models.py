@@ -182,6 +182,7 @@ def run_compare_models(params: dict, pm, out: TextIO | None = None) -> dict:
         print("compare_models: skipped (params.compare_models is false)", file=out)
         return {"skipped": True}
     started = time.monotonic()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # our progress bars and leaderboard speak instead
     data = DataRef.from_param(params["data"])
     dataset = load_dataset(data)  # a bad dataset must fail before anything is trained or written
     if params["folds"] > dataset.n_rows:

@@ -1,0 +1,180 @@
+"""compare_models orchestration: asked in batches, told in trial-number order, nothing left RUNNING.
+
+These tests drive the step with tiny test executors registered through the public hook, the way a
+third-party plugin would, so that ordering and fault handling can be forced; the real executors are
+exercised end to end in test_pipeline_cli.py and integration/.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import optuna
+import pytest
+
+from watcher_plugins import hookimpl
+from watcher_plugins.compare_models import run_compare_models
+from watcher_plugins.errors import DataError, PluginError, StorageError
+from watcher_plugins.executor import Executor
+from watcher_plugins.manifest import load_manifest
+from watcher_plugins.records import FoldResult
+from watcher_plugins.types import WatcherExecutor
+
+
+def score(params: dict, fold_idx: int) -> float:
+    """A deterministic stand-in objective of the NN search space."""
+    return -((math.log10(params["lr"]) + 2.5) ** 2) - 0.01 * len(params["hidden_layers"]) + 0.001 * fold_idx
+
+
+class ReversingExecutor(Executor):
+    """Finishes the folds of a batch in reverse order, as a parallel executor might."""
+
+    batches: list[list[int]] = []
+    interrupt_on_batch: int | None = None
+
+    def run_batch(self, jobs, on_result=None):
+        type(self).batches.append([job.trial_number for job in jobs])
+        if type(self).interrupt_on_batch == len(type(self).batches):
+            raise KeyboardInterrupt
+        results = []
+        for job in reversed(jobs):
+            for fold in reversed(range(job.folds)):
+                if job.params["dropout"] > 0.25 and fold == 1:
+                    result = FoldResult(job.trial_number, fold, job.model_type, None, 0.01, "oom", "does not fit")
+                else:
+                    result = FoldResult(job.trial_number, fold, job.model_type, score(job.params, fold), 0.01)
+                results.append(result)
+                if on_result:
+                    on_result(result)
+        return results
+
+
+class InOrderExecutor(ReversingExecutor):
+    """Finishes everything in order, and only returns results (no callbacks)."""
+
+    def run_batch(self, jobs, on_result=None):
+        type(self).batches.append([job.trial_number for job in jobs])
+        return [FoldResult(j.trial_number, f, j.model_type, None, 0.01, "oom", "does not fit")
+                if j.params["dropout"] > 0.25 and f == 1 else
+                FoldResult(j.trial_number, f, j.model_type, score(j.params, f), 0.01)
+                for j in jobs for f in range(j.folds)]
+
+
+class TestExecutors:
+    @hookimpl
+    def watcher_executors(self):
+        yield WatcherExecutor(name="reversing", model_types=("nn",), load=lambda: ReversingExecutor)
+        yield WatcherExecutor(name="in_order", model_types=("nn",), load=lambda: InOrderExecutor)
+
+
+@pytest.fixture
+def pm(plugin_manager):
+    plugin_manager.register(TestExecutors())
+    ReversingExecutor.batches = []
+    ReversingExecutor.interrupt_on_batch = None
+    InOrderExecutor.batches = []
+    return plugin_manager
+
+
+def _params(pm, tmp_path, **override):
+    base = {"model_types": ["nn"], "trials": 7, "ask_batch_size": 3, "folds": 3, "devices": "cpu",
+            "data": {"embedded": "survivors", "rows": 300}, "output_dir": str(tmp_path / "out"), "progress": False,
+            "executors": {"nn": "reversing"}}
+    base.update(override)
+    return load_manifest(None, json.dumps(base), pm).params
+
+
+def _trajectory(output_dir):
+    study = optuna.load_study(study_name="compare_models-nn", storage=f"sqlite:///{output_dir}/optuna.db")
+    return [(t.number, t.state.name, t.params, t.value) for t in study.get_trials()]
+
+
+def test_trajectory_is_the_same_whatever_order_results_arrive_in(pm, tmp_path, capsys):
+    run_compare_models(_params(pm, tmp_path / "a", executors={"nn": "reversing"}), pm)
+    run_compare_models(_params(pm, tmp_path / "b", executors={"nn": "in_order"}), pm)
+    a, b = _trajectory(tmp_path / "a" / "out"), _trajectory(tmp_path / "b" / "out")
+    assert a == b
+    assert len(a) == 7
+    assert ReversingExecutor.batches == [[0, 1, 2], [3, 4, 5], [6]]  # ask_batch_size, then the remainder
+
+
+def test_outputs_trial_lines_summary_and_leaderboard(pm, tmp_path, capsys):
+    summary = run_compare_models(_params(pm, tmp_path), pm)
+    out_dir = tmp_path / "out"
+    lines = [json.loads(line) for line in (out_dir / "trials.jsonl").read_text().splitlines()]
+    assert len(lines) == 7 * 3
+    assert set(lines[0]) >= {"trial_number", "fold_idx", "model_type", "r2", "seconds", "status"}
+    assert json.loads((out_dir / "summary.json").read_text()) == json.loads(json.dumps(summary))
+    (row,) = summary["leaderboard"]
+    trials = _trajectory(out_dir)
+    complete = [t for t in trials if t[1] == "COMPLETE"]
+    failed = [t for t in trials if t[1] == "FAIL"]
+    assert row["trials_complete"] == len(complete) and row["trials_failed"] == len(failed)
+    best = max(complete, key=lambda t: t[3])
+    assert row["best_r2"] == pytest.approx(best[3]) and row["best_trial"] == best[0]
+    assert set(row["best_params"]) == {"hidden_layers", "lr", "weight_decay", "dropout"}
+    printed = capsys.readouterr().out
+    assert "compare_models leaderboard" in printed and f"{best[3]:.4f}" in printed
+
+
+def test_a_failed_fold_fails_the_trial_with_its_reason(pm, tmp_path):
+    run_compare_models(_params(pm, tmp_path, trials=12, ask_batch_size=12), pm)
+    study = optuna.load_study(study_name="compare_models-nn", storage=f"sqlite:///{tmp_path}/out/optuna.db")
+    failed = [t for t in study.trials if t.state.name == "FAIL"]
+    assert failed, "the search space should have produced a dropout > 0.25 trial in 12 draws"
+    for trial in failed:
+        assert trial.params["dropout"] > 0.25
+        assert trial.user_attrs["fail_reason"] == "fold 1: oom: does not fit"
+
+
+def test_resuming_runs_only_the_missing_trials(pm, tmp_path):
+    run_compare_models(_params(pm, tmp_path, trials=4), pm)
+    ReversingExecutor.batches = []
+    run_compare_models(_params(pm, tmp_path, trials=4), pm)
+    assert ReversingExecutor.batches == []  # nothing completed is recomputed
+    run_compare_models(_params(pm, tmp_path, trials=6), pm)
+    assert ReversingExecutor.batches == [[4, 5]]
+
+
+def test_an_interrupted_batch_leaves_nothing_running_and_is_asked_again(pm, tmp_path):
+    ReversingExecutor.interrupt_on_batch = 2
+    with pytest.raises(KeyboardInterrupt):
+        run_compare_models(_params(pm, tmp_path), pm)
+    trials = _trajectory(tmp_path / "out")
+    assert {t[1] for t in trials} == {"COMPLETE", "FAIL", "WAITING"}  # none RUNNING
+    assert [t[1] for t in trials[6:]] == ["WAITING"] * 3  # re-queued for the next run
+    interrupted = trials[3:6]
+    assert all(state == "FAIL" for _, state, _, _ in interrupted)
+    ReversingExecutor.interrupt_on_batch = None
+    ReversingExecutor.batches = []
+    run_compare_models(_params(pm, tmp_path), pm)
+    rerun = _trajectory(tmp_path / "out")
+    assert [t[2] for t in rerun[6:9]] == [t[2] for t in interrupted]  # the same params, asked again first
+    assert ReversingExecutor.batches == [[6, 7, 8], [9]]
+
+
+def test_resuming_with_other_defining_params_is_refused(pm, tmp_path):
+    run_compare_models(_params(pm, tmp_path, trials=2), pm)
+    with pytest.raises(StorageError, match=r"folds: stored 3, now 4"):
+        run_compare_models(_params(pm, tmp_path, trials=2, folds=4), pm)
+
+
+def test_executor_choice_errors(pm, tmp_path):
+    with pytest.raises(PluginError, match="several executors run 'nn' .*choose one with params.executors.nn"):
+        run_compare_models(_params(pm, tmp_path, executors={}), pm)
+    with pytest.raises(PluginError, match=r"\$.executors.nn: unknown executor 'nope'; registered executors: "
+                                          "in_order, nn_batch, reversing, tree_parallel"):
+        run_compare_models(_params(pm, tmp_path, executors={"nn": "nope"}), pm)
+    with pytest.raises(PluginError, match="executor 'tree_parallel' does not run 'nn'"):
+        run_compare_models(_params(pm, tmp_path, executors={"nn": "tree_parallel"}), pm)
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_data_file_fails_before_anything_is_written(pm, tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("a,b,y\n1,2,3\n4,nan,6\n")
+    with pytest.raises(DataError, match="column 'b' has a non-finite value"):
+        run_compare_models(_params(pm, tmp_path, data={"path": str(bad), "target": "y"}), pm)
+    assert not (tmp_path / "out").exists()
+    assert ReversingExecutor.batches == []
