@@ -1,0 +1,78 @@
+"""The watcher-agent CLI on bad input: exit code 2, one line per problem, nothing written."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def agent(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "watcher_plugins.agent", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_schema_errors_exit_2_one_line_each_and_write_nothing(tmp_path):
+    out_dir = tmp_path / "out"
+    params = {"n_concurrent_nn": 0, "tree_parallel_workers": -1, "output_dir": str(out_dir)}
+    result = agent("--run-pipeline", "--start-step", "5", "--end-step", "5", "--params", json.dumps(params),
+                   cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        'watcher-agent: error: --params::$.n_concurrent_nn: 0 is not valid: expected "auto" or an integer >= 1',
+        "watcher-agent: error: --params::$.tree_parallel_workers: -1 is less than the minimum of 1",
+    ]
+    assert "Traceback" not in result.stderr
+    assert not out_dir.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_manifest_file_is_named(tmp_path):
+    manifest = tmp_path / "m.json"
+    manifest.write_text(json.dumps({"params": {"trials": 0, "output_dir": str(tmp_path / "out")}}))
+    result = agent("--run-pipeline", "--start-step", "5", "--end-step", "5", "--manifest", str(manifest),
+                   cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"watcher-agent: error: {manifest}::$.params.trials: 0 is less than the minimum of 1"
+    assert not (tmp_path / "out").exists()
+
+
+def test_not_json_params(tmp_path):
+    result = agent("--run-pipeline", "--start-step", "5", "--end-step", "5", "--params", "{trials: 3}", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.startswith("watcher-agent: error: --params: not valid JSON: Expecting property name")
+
+
+@pytest.mark.parametrize("start, end", [("6", "9"), ("1", "4")])
+def test_step_range_without_a_registered_step_lists_the_steps(tmp_path, start, end):
+    result = agent("--run-pipeline", "--start-step", start, "--end-step", end, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (f"watcher-agent: error: no registered pipeline step in the range {start}..{end}; "
+                                     "registered steps: 5 (compare_models)")
+
+
+def test_bad_data_file_exits_2_naming_file_and_column(tmp_path):
+    data = tmp_path / "d.csv"
+    data.write_text("a,b,quality\n1,2,3\n4,5,6\n")
+    params = {"data": {"path": str(data), "target": "score"}, "output_dir": str(tmp_path / "out")}
+    result = agent("--run-pipeline", "--start-step", "5", "--end-step", "5", "--params", json.dumps(params),
+                   cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().endswith(f"error: {data}: target column 'score' not found; columns: a, b, quality")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_gpu_index_is_refused(tmp_path):
+    params = {"devices": [7], "output_dir": str(tmp_path / "out")}
+    result = agent("--run-pipeline", "--start-step", "5", "--end-step", "5", "--params", json.dumps(params),
+                   cwd=tmp_path)
+    assert result.returncode == 2
+    assert "$.devices: GPU 7 not found" in result.stderr
+
+
+def test_list_steps(tmp_path):
+    result = agent("--list-steps", cwd=tmp_path)
+    assert result.returncode == 0
+    assert "5  compare_models" in result.stdout and "nn_batch (nn)" in result.stdout
