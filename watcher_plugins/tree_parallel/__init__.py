@@ -1,0 +1,14 @@
+"""tree_parallel: CatBoost / LightGBM / XGBoost Optuna trials in parallel worker processes.
+
+Each worker is a fresh interpreter pinned to one GPU (CUDA_VISIBLE_DEVICES set before it starts,
+the GPU's lease held while it trains) or to a share of the CPU cores. Modules:
+
+- ``libraries``  how each tree library trains one fold (datasets built once, early stopping, R^2)
+- ``trial``      one trial: k-fold CV over a job, the per-process fold cache, and the one-trial CLI
+- ``placement``  which GPU and which CPU cores each worker gets
+- ``worker``     the worker process: its JSON-lines protocol and its main loop
+- ``pool``       TreeTrialPool: starts workers, schedules trials, replaces crashed workers, retries
+- ``executor``   TreeParallelExecutor: the ``tree_parallel`` executor the host loads
+
+Importing this package (or any module here) imports no tree library and never torch.
+"""

@@ -1,0 +1,86 @@
+"""TreeParallelExecutor: the ``tree_parallel`` executor. Plans the workers from the params and the
+run context, keeps one TreeTrialPool for the executor's life, and turns batches into fold results."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from watcher_plugins.data import embedded_survivors
+from watcher_plugins.errors import DataError, ExecutorError
+from watcher_plugins.executor import Executor, ResultCallback, RunContext
+from watcher_plugins.records import STATUS_FAIL, FoldResult, TrialJob
+from watcher_plugins.tree_parallel.libraries import TREE_MODEL_TYPES
+from watcher_plugins.tree_parallel.placement import WorkerPlacement, available_cores, plan_placements
+from watcher_plugins.tree_parallel.pool import PoolSettings, TreeTrialPool
+
+log = logging.getLogger(__name__)
+
+DEFAULTS = {"tree_parallel_workers": 1, "tree_device": "auto", "tree_rounds": 500, "tree_early_stopping_rounds": 50}
+
+
+class TreeParallelExecutor(Executor):
+    """CatBoost / LightGBM / XGBoost trials in parallel worker processes pinned to GPUs or CPU cores.
+
+    ``tree_parallel_workers`` trials run at once (1 = serial: one worker with every core and the
+    first GPU). One batch may mix model types; results never depend on the number of workers.
+    """
+
+    def __init__(self, params: Mapping[str, Any], context: RunContext):
+        super().__init__({**DEFAULTS, **dict(params)}, context)
+        device = self.params["tree_device"]
+        if device not in ("auto", "gpu", "cpu"):
+            raise ExecutorError(f"tree_device: {device!r} is not one of auto, gpu, cpu")
+        if device == "gpu" and not context.devices:
+            raise ExecutorError("tree_device is 'gpu' but the run has no GPU (devices is empty)")
+        gpus = list(context.devices) if device != "cpu" else []
+        workers = int(self.params["tree_parallel_workers"])
+        self.placements: list[WorkerPlacement] = plan_placements(workers, gpus, available_cores(context.cpu_count))
+        if len(self.placements) < workers:
+            log.warning("tree_parallel_workers=%d capped to %d: one core per worker at least (%d cores)",
+                        workers, len(self.placements), context.cpu_count)
+        self.settings = PoolSettings(
+            rounds=int(self.params["tree_rounds"]),
+            early_stopping_rounds=int(self.params["tree_early_stopping_rounds"]),
+            lease_dir=str(context.lease_dir) if context.lease_dir else None,
+            lease_timeout_s=float(context.lease_timeout_s),
+            trial_retries=int(context.trial_retries),
+        )
+        self._pool: TreeTrialPool | None = None
+
+    @property
+    def pool(self) -> TreeTrialPool:
+        """The worker pool, started on first use and kept until close()."""
+        if self._pool is None:
+            self._pool = TreeTrialPool(self.placements, self.settings)
+        return self._pool
+
+    def run_batch(self, jobs: Sequence[TrialJob], on_result: ResultCallback | None = None) -> list[FoldResult]:
+        known = [job for job in jobs if job.model_type in TREE_MODEL_TYPES]
+        results: dict[int, list[FoldResult]] = {}
+        for i, job in enumerate(jobs):
+            if job.model_type not in TREE_MODEL_TYPES:
+                results[i] = [FoldResult(job.trial_number, k, job.model_type, None, 0.0, STATUS_FAIL,
+                                         error=f"tree_parallel cannot train model type {job.model_type!r}: "
+                                               f"expected one of {', '.join(TREE_MODEL_TYPES)}")
+                              for k in range(job.folds)]
+                if on_result is not None:
+                    for r in results[i]:
+                        on_result(r)
+        # Generate the embedded data once here, not in every worker at the same moment.
+        for rows in sorted({job.data.rows or 6000 for job in known if job.data.embedded}):
+            try:
+                embedded_survivors(rows)
+            except DataError:
+                pass  # each of its folds fails in the worker with this message
+        trained = iter(self.pool.run(known, on_result) if known else [])
+        out: list[FoldResult] = []
+        for i, job in enumerate(jobs):
+            out.extend(results[i] if i in results else [next(trained) for _ in range(job.folds)])
+        return out
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None

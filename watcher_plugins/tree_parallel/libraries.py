@@ -1,0 +1,197 @@
+"""How each tree library trains one fold: build its datasets once, fit with early stopping, score R^2.
+
+Tree libraries are imported inside the methods, so importing this module is cheap and never loads a
+CUDA framework into a process that does not train trees.
+
+Bit-stable results whatever the thread count (checked with 1, 2, 3 and 5 threads on CPU): CatBoost
+splits its CPU work into a fixed number of blocks whatever the threads; XGBoost ``hist`` builds
+histograms per fixed row block; LightGBM needs ``deterministic=True`` with ``force_row_wise=True``
+(its documented recipe). GPU training is not promised to be bit-stable by CatBoost (its docs:
+summation order on the GPU is non-deterministic); the GPU benchmark measures how far it drifts.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from watcher_plugins.data import r2_score
+
+TREE_MODEL_TYPES = ("catboost", "lightgbm", "xgboost")
+# The model types that train on the GPU when the process has one; LightGBM's pip build has no CUDA.
+GPU_MODEL_TYPES = frozenset({"catboost", "xgboost"})
+
+
+@dataclass(frozen=True)
+class FitSettings:
+    """What every fold fit of a process shares: the round cap, early stopping, threads, GPU or not.
+
+    ``use_gpu`` means "the one GPU this process sees": CUDA_VISIBLE_DEVICES has been narrowed to a
+    single GPU before the process started, so CatBoost gets devices="0" and XGBoost device="cuda:0".
+    """
+
+    rounds: int
+    early_stopping_rounds: int
+    threads: int
+    use_gpu: bool = False
+
+
+@dataclass(frozen=True)
+class FoldFit:
+    """The outcome of one fold fit: R^2 on the held-out rows at the best iteration."""
+
+    r2: float
+    best_iteration: int  # boosting rounds kept, counted from 1
+
+
+@dataclass
+class FoldData:
+    """One fold's held-out rows plus whatever the library built from the fold (its prepared datasets)."""
+
+    X_val: np.ndarray
+    y_val: np.ndarray
+    prepared: Any
+
+
+class TreeFitter(ABC):
+    """Trains one fold of one library. ``prepare`` runs once per fold and process; ``fit`` once per trial."""
+
+    model_type: str
+
+    @abstractmethod
+    def prepare(self, X_train: np.ndarray, y_train: np.ndarray, X_val: np.ndarray, y_val: np.ndarray,
+                settings: FitSettings) -> Any:
+        """Build the library's datasets for one fold; they must be reusable with any trial's params."""
+
+    @abstractmethod
+    def fit(self, fold: FoldData, params: dict, seed: int, settings: FitSettings) -> FoldFit:
+        """Train on the fold with early stopping on its held-out rows; score the best iteration."""
+
+    def prepare_fold(self, X_train, y_train, X_val, y_val, settings: FitSettings) -> FoldData:
+        return FoldData(X_val=X_val, y_val=y_val, prepared=self.prepare(X_train, y_train, X_val, y_val, settings))
+
+
+class CatBoostFitter(TreeFitter):
+    """CatBoost on quantized Pools: quantizing once per fold instead of once per fit is the library's
+    own advice when one dataset is trained many times (it costs about as much as a small fit)."""
+
+    model_type = "catboost"
+    # CatBoost's own defaults per device: 254 borders on CPU, 128 on GPU.
+    BORDERS = {False: 254, True: 128}
+
+    def prepare(self, X_train, y_train, X_val, y_val, settings):
+        from catboost import Pool
+
+        train = Pool(X_train, y_train, thread_count=settings.threads)
+        train.quantize(border_count=self.BORDERS[settings.use_gpu])
+        val = Pool(X_val, y_val, thread_count=settings.threads)
+        # The held-out rows must be cut at the training rows' borders, which CatBoost takes from a file.
+        with tempfile.TemporaryDirectory(prefix="catboost-borders-") as tmp:
+            borders = os.path.join(tmp, "borders.tsv")
+            train.save_quantization_borders(borders)
+            val.quantize(input_borders=borders)
+        return train, val
+
+    def fit(self, fold, params, seed, settings):
+        from catboost import CatBoostRegressor
+
+        device = {"task_type": "GPU", "devices": "0"} if settings.use_gpu else {"task_type": "CPU"}
+        model = CatBoostRegressor(
+            iterations=settings.rounds, loss_function="RMSE", random_seed=seed, thread_count=settings.threads,
+            early_stopping_rounds=settings.early_stopping_rounds, use_best_model=True,
+            verbose=False, allow_writing_files=False, **device, **params,
+        )
+        train, val = fold.prepared
+        model.fit(train, eval_set=val)
+        pred = model.predict(fold.X_val, thread_count=settings.threads)  # the best iteration's model
+        return FoldFit(r2=r2_score(fold.y_val, pred), best_iteration=int(model.get_best_iteration()) + 1)
+
+
+class LightGBMFitter(TreeFitter):
+    """LightGBM on CPU threads. One Dataset per fold serves every trial: the search space holds only
+    booster params, plus min_child_samples, which a constructed Dataset accepts when
+    ``feature_pre_filter`` is off (otherwise LightGBM refuses a smaller min_data_in_leaf)."""
+
+    model_type = "lightgbm"
+    DATASET_PARAMS = {"max_bin": 255, "feature_pre_filter": False, "verbose": -1}
+
+    def prepare(self, X_train, y_train, X_val, y_val, settings):
+        import lightgbm as lgb
+
+        params = {**self.DATASET_PARAMS, "num_threads": settings.threads}
+        train = lgb.Dataset(X_train, y_train, params=params, free_raw_data=False)
+        val = lgb.Dataset(X_val, y_val, reference=train, free_raw_data=False)
+        with warnings.catch_warnings():
+            # "Overriding the parameters from Reference Dataset": expected, the bins must be the train's.
+            warnings.simplefilter("ignore", UserWarning)
+            train.construct()
+            val.construct()
+        return train, val
+
+    def fit(self, fold, params, seed, settings):
+        import lightgbm as lgb
+
+        full = {
+            "objective": "regression", "metric": "l2", "verbose": -1, "seed": seed,
+            "num_threads": settings.threads, "deterministic": True, "force_row_wise": True,
+            # bagging_fraction (searched) has no effect unless bagging runs every k rounds.
+            "bagging_freq": 1,
+            **self.DATASET_PARAMS, **params,
+        }
+        train, val = fold.prepared
+        booster = lgb.train(full, train, num_boost_round=settings.rounds, valid_sets=[val],
+                            callbacks=[lgb.early_stopping(settings.early_stopping_rounds, verbose=False)])
+        best = booster.best_iteration or booster.current_iteration()
+        pred = booster.predict(fold.X_val, num_iteration=best, num_threads=settings.threads)
+        return FoldFit(r2=r2_score(fold.y_val, pred), best_iteration=int(best))
+
+
+class XGBoostFitter(TreeFitter):
+    """XGBoost ``hist`` on QuantileDMatrix: quantiles sketched once per fold; on a GPU the first fit
+    moves the quantized matrix to the device and later fits reuse it."""
+
+    model_type = "xgboost"
+    MAX_BIN = 256
+
+    def prepare(self, X_train, y_train, X_val, y_val, settings):
+        import xgboost as xgb
+
+        train = xgb.QuantileDMatrix(X_train, y_train, nthread=settings.threads, max_bin=self.MAX_BIN)
+        val = xgb.QuantileDMatrix(X_val, y_val, ref=train, nthread=settings.threads, max_bin=self.MAX_BIN)
+        return train, val
+
+    def fit(self, fold, params, seed, settings):
+        import xgboost as xgb
+
+        full = {
+            "objective": "reg:squarederror", "eval_metric": "rmse", "tree_method": "hist",
+            "max_bin": self.MAX_BIN, "device": "cuda:0" if settings.use_gpu else "cpu",
+            "seed": seed, "nthread": settings.threads, "verbosity": 0, **params,
+        }
+        train, val = fold.prepared
+        booster = xgb.train(full, train, num_boost_round=settings.rounds, evals=[(val, "val")],
+                            early_stopping_rounds=settings.early_stopping_rounds, verbose_eval=False)
+        pred = booster.predict(val, iteration_range=(0, booster.best_iteration + 1))
+        return FoldFit(r2=r2_score(fold.y_val, pred), best_iteration=int(booster.best_iteration) + 1)
+
+
+FITTERS: dict[str, TreeFitter] = {f.model_type: f for f in (CatBoostFitter(), LightGBMFitter(), XGBoostFitter())}
+
+
+def fitter_for(model_type: str) -> TreeFitter:
+    try:
+        return FITTERS[model_type]
+    except KeyError:
+        raise ValueError(f"unknown tree model type {model_type!r}: expected one of {', '.join(TREE_MODEL_TYPES)}")\
+            from None
+
+
+def runs_on_gpu(model_type: str, process_has_gpu: bool) -> bool:
+    """Whether a trial of this model type trains on the GPU in a process pinned to one (or to none)."""
+    return process_has_gpu and model_type in GPU_MODEL_TYPES

@@ -1,0 +1,362 @@
+"""TreeTrialPool: long-lived worker processes, each pinned to a GPU or to CPU cores, and the
+scheduling of trials onto them.
+
+Scheduling: a trial of a GPU model type (CatBoost, XGBoost) runs on a GPU worker whenever the pool
+has GPUs, LightGBM always on CPU threads. GPU workers take GPU trials first; CPU workers take
+LightGBM trials meanwhile, and a GPU worker with no GPU trial left takes LightGBM too. Where a trial
+runs never changes its result: the device follows from the model type, and the fits are bit-stable
+across thread counts (see libraries.py).
+
+Faults: a worker that dies mid-trial (segfault, abort, kill) is replaced by a new process with the
+same pinning; the trial's unfinished folds are retried up to ``trial_retries`` times, then end as
+"fail" with the reason. The OS frees the dead worker's GPU lease. A fold that raises is a "fail"
+result sent by the worker, which carries on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import watcher_plugins
+from watcher_plugins.errors import ExecutorError
+from watcher_plugins.records import STATUS_FAIL, FoldResult, TrialJob
+from watcher_plugins.tree_parallel.libraries import GPU_MODEL_TYPES
+from watcher_plugins.tree_parallel.placement import WorkerPlacement
+
+log = logging.getLogger(__name__)
+
+READY_TIMEOUT_S = 120.0
+MAX_FAILED_STARTS = 3  # a slot whose process dies this many times before becoming ready is given up
+STDERR_TAIL_LINES = 20
+
+
+@dataclass(frozen=True)
+class PoolSettings:
+    """What every worker of a pool shares."""
+
+    rounds: int = 500
+    early_stopping_rounds: int = 50
+    lease_dir: str | None = None
+    lease_timeout_s: float = 600.0
+    trial_retries: int = 2
+
+
+@dataclass
+class _Task:
+    """A trial in flight: the folds it still owes and the attempts made so far."""
+
+    index: int  # position in the batch, for the order of the returned results
+    job: TrialJob
+    folds: list[int]
+    on_gpu: bool
+    attempts: int = 0
+    crashes: list[str] = field(default_factory=list)
+
+
+class _WorkerProcess:
+    """One worker process, with threads that turn its stdout into events and keep its stderr's tail."""
+
+    def __init__(self, placement: WorkerPlacement, settings: PoolSettings, events: queue.Queue):
+        self.placement = placement
+        self.ready = False
+        self.task: _Task | None = None
+        self.stderr_tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
+        self.info: dict = {}
+        config = {
+            "placement": placement.to_json(), "rounds": settings.rounds,
+            "early_stopping_rounds": settings.early_stopping_rounds,
+            "lease_dir": settings.lease_dir, "lease_timeout_s": settings.lease_timeout_s,
+        }
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "watcher_plugins.tree_parallel.worker", "--config", json.dumps(config)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env=_worker_env(placement), text=True, encoding="utf-8", bufsize=1, close_fds=True,
+        )
+        self.started = time.monotonic()
+        threading.Thread(target=self._read_stdout, args=(events,), daemon=True,
+                         name=f"tree-worker-{placement.slot}-stdout").start()
+        threading.Thread(target=self._read_stderr, daemon=True, name=f"tree-worker-{placement.slot}-stderr").start()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def _read_stdout(self, events: queue.Queue) -> None:
+        for line in self.proc.stdout:
+            try:
+                events.put((self, json.loads(line)))
+            except ValueError:
+                events.put((self, {"event": "invalid", "line": line.strip()[:200]}))
+        events.put((self, None))  # end of stream: the process is gone or going
+
+    def _read_stderr(self) -> None:
+        for line in self.proc.stderr:
+            line = line.rstrip()
+            if line:
+                self.stderr_tail.append(line)
+                log.debug("%s: %s", self.placement.describe(), line)
+
+    def send(self, obj: dict) -> bool:
+        try:
+            self.proc.stdin.write(json.dumps(obj) + "\n")
+            self.proc.stdin.flush()
+            return True
+        except (BrokenPipeError, OSError, ValueError):
+            return False  # it died; its end-of-stream event is on its way
+
+    def death_reason(self) -> str:
+        try:
+            code = self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
+        if code < 0:
+            try:
+                name = signal.Signals(-code).name
+            except ValueError:
+                name = f"signal {-code}"
+            how = f"was killed by {name}"
+        else:
+            how = f"exited with status {code}"
+        tail = next((line for line in reversed(self.stderr_tail) if line.strip()), "")
+        return (f"tree worker pid {self.pid} ({self.placement.describe()}) {how}"
+                + (f"; its last stderr line: {tail}" if tail else ""))
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.proc.poll() is None:
+            self.send({"command": "shutdown"})
+            try:
+                self.proc.stdin.close()
+            except OSError:
+                pass
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def _worker_env(placement: WorkerPlacement) -> dict[str, str]:
+    env = dict(os.environ)
+    # The one GPU this worker may see, set before it starts; an empty value hides every GPU from a CPU worker.
+    env["CUDA_VISIBLE_DEVICES"] = "" if placement.gpu is None else str(placement.gpu)
+    threads = str(placement.threads)
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        env[var] = threads  # sized before the OpenMP runtime loads
+    package_root = str(Path(watcher_plugins.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def _kill_all(procs: list[_WorkerProcess]) -> None:
+    for w in procs:
+        if w.proc.poll() is None:
+            w.proc.kill()
+
+
+class TreeTrialPool:
+    """Long-lived tree worker processes, one per placement, and the batch scheduler over them."""
+
+    def __init__(self, placements: Sequence[WorkerPlacement], settings: PoolSettings):
+        if not placements:
+            raise ExecutorError("a tree pool needs at least one worker placement")
+        self.placements = list(placements)
+        self.settings = settings
+        self._events: queue.Queue = queue.Queue()
+        self._workers: list[_WorkerProcess | None] = [None] * len(self.placements)
+        self._failed_starts = [0] * len(self.placements)
+        self._start_errors: list[str] = [""] * len(self.placements)
+        self._finalizer = weakref.finalize(self, _kill_all, [])
+        self._gpu_queue: deque[_Task] = deque()
+        self._cpu_queue: deque[_Task] = deque()
+        self._results: dict[tuple[int, int], FoldResult] = {}
+        self._on_result: Callable[[FoldResult], None] | None = None
+        self._owed = 0
+        self.restarts = 0
+        self.closed = False
+
+    @property
+    def has_gpu(self) -> bool:
+        return any(p.gpu is not None for p in self.placements)
+
+    def worker_pids(self) -> list[int]:
+        return [w.pid for w in self._workers if w is not None and w.proc.poll() is None]
+
+    # -- process management -------------------------------------------------------------------
+
+    def _spawn(self, slot: int) -> None:
+        worker = _WorkerProcess(self.placements[slot], self.settings, self._events)
+        self._workers[slot] = worker
+        self._finalizer.detach()
+        self._finalizer = weakref.finalize(self, _kill_all, [w for w in self._workers if w is not None])
+
+    def start(self) -> None:
+        """Start every worker and wait until each says it is ready."""
+        if self.closed:
+            raise ExecutorError("the tree pool is closed")
+        for slot, worker in enumerate(self._workers):
+            if worker is None:
+                self._spawn(slot)
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while not all(w is None or w.ready for w in self._workers) and time.monotonic() < deadline:
+            self._handle(*self._next_event(deadline))
+        if not any(w is not None and w.ready for w in self._workers):
+            raise ExecutorError("no tree worker could be started: " + "; ".join(e for e in self._start_errors if e))
+
+    def ping(self) -> list[dict]:
+        """Each live worker's self-description (pid, GPU, threads, CUDA_VISIBLE_DEVICES, loaded modules)."""
+        self.start()
+        live = [w for w in self._workers if w is not None and w.ready]
+        for w in live:
+            w.info = {}
+            w.send({"command": "ping"})
+        deadline = time.monotonic() + 30
+        while any(not w.info for w in live) and time.monotonic() < deadline:
+            self._handle(*self._next_event(deadline))
+        return [w.info for w in live]
+
+    def close(self) -> None:
+        """Shut every worker down (killing any that do not stop). Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        for w in self._workers:
+            if w is not None:
+                w.stop()
+        self._finalizer.detach()
+
+    def _next_event(self, deadline: float) -> tuple[_WorkerProcess | None, dict | None]:
+        try:
+            return self._events.get(timeout=max(0.05, deadline - time.monotonic()))
+        except queue.Empty:
+            return None, None
+
+    # -- scheduling ------------------------------------------------------------------------
+
+    def run(self, jobs: Sequence[TrialJob], on_result: Callable[[FoldResult], None] | None = None
+            ) -> list[FoldResult]:
+        """Train every job on every fold; ``on_result`` is called (in this thread) as each fold ends."""
+        self.start()
+        tasks = [_Task(i, job, list(range(job.folds)), self.has_gpu and job.model_type in GPU_MODEL_TYPES)
+                 for i, job in enumerate(jobs)]
+        self._gpu_queue = deque(t for t in tasks if t.on_gpu)
+        self._cpu_queue = deque(t for t in tasks if not t.on_gpu)
+        self._results: dict[tuple[int, int], FoldResult] = {}
+        self._on_result = on_result
+        self._owed = sum(job.folds for job in jobs)
+        try:
+            while self._owed > 0:
+                self._dispatch()
+                if not any(w is not None and w.task is not None for w in self._workers):
+                    self._fail_unplaceable()
+                    if self._owed == 0:
+                        break
+                self._handle(*self._next_event(time.monotonic() + 60))
+        except BaseException:
+            # Interrupted mid-batch (Ctrl-C, a callback that raised): workers may be mid-trial, and
+            # their answers would belong to no batch. Kill them; the next batch starts fresh ones.
+            for slot, w in enumerate(self._workers):
+                if w is not None and w.proc.poll() is None:
+                    w.proc.kill()
+                self._workers[slot] = None
+            raise
+        return [self._results[(t.index, f)] for t in tasks for f in range(t.job.folds)]
+
+    def _dispatch(self) -> None:
+        for w in self._workers:
+            if w is None or not w.ready or w.task is not None:
+                continue
+            if w.placement.gpu is not None and self._gpu_queue:
+                task = self._gpu_queue.popleft()
+            elif self._cpu_queue:
+                task = self._cpu_queue.popleft()
+            else:
+                continue
+            task.attempts += 1
+            w.task = task
+            w.send({"command": "train", "job": task.job.to_json(), "folds": list(task.folds)})
+
+    def _fail_unplaceable(self) -> None:
+        """Nothing is running: whatever is still queued has no live worker that could take it."""
+        starting = any(w is not None and not w.ready for w in self._workers)
+        if starting:
+            return
+        reason = "; ".join(e for e in self._start_errors if e) or "no live worker can run it"
+        for q in (self._gpu_queue, self._cpu_queue):
+            while q:
+                self._fail_task(q.popleft(), f"no tree worker left to run this trial: {reason}")
+
+    def _record(self, result: FoldResult, task: _Task) -> None:
+        key = (task.index, result.fold_idx)
+        if key in self._results or result.fold_idx not in task.folds:
+            return  # a late duplicate can never count twice
+        task.folds.remove(result.fold_idx)
+        self._results[key] = result
+        self._owed -= 1
+        if self._on_result is not None:
+            self._on_result(result)
+
+    def _fail_task(self, task: _Task, reason: str) -> None:
+        for fold_idx in list(task.folds):
+            self._record(FoldResult(task.job.trial_number, fold_idx, task.job.model_type, None, 0.0, STATUS_FAIL,
+                                    error=reason, info={"attempts": task.attempts}), task)
+
+    def _handle(self, worker: _WorkerProcess | None, msg: dict | None) -> None:
+        if worker is None or worker not in self._workers:
+            return  # a timeout, or a stale event from a process already replaced
+        slot = self._workers.index(worker)
+        if msg is None:
+            self._on_worker_death(slot, worker)
+            return
+        event = msg.get("event")
+        if event == "ready":
+            worker.ready = True
+            worker.info = msg
+            self._failed_starts[slot] = 0
+        elif event == "pong":
+            worker.info = msg
+        elif event == "fold" and worker.task is not None:
+            self._record(FoldResult.from_json(msg["result"]), worker.task)
+        elif event == "done" and worker.task is not None:
+            task, worker.task = worker.task, None
+            if task.folds:  # cannot happen with a sound worker; never leave a fold without a result
+                self._fail_task(task, f"{worker.placement.describe()} ended the trial without results")
+        elif event in ("invalid", "error"):
+            log.warning("%s sent %s", worker.placement.describe(), msg)
+            if event == "invalid":  # its protocol stream is corrupt: replace it
+                worker.proc.kill()
+
+    def _on_worker_death(self, slot: int, worker: _WorkerProcess) -> None:
+        reason = worker.death_reason()
+        task, worker.task = worker.task, None
+        self._workers[slot] = None
+        if not worker.ready:
+            self._failed_starts[slot] += 1
+            self._start_errors[slot] = f"{reason} before it was ready"
+        if task is not None and task.folds:
+            task.crashes.append(reason)
+            if task.attempts <= self.settings.trial_retries:
+                log.warning("%s during %s trial %d; retrying (attempt %d of %d)", reason, task.job.model_type,
+                            task.job.trial_number, task.attempts + 1, self.settings.trial_retries + 1)
+                (self._gpu_queue if task.on_gpu else self._cpu_queue).appendleft(task)
+            else:
+                self._fail_task(task, f"{reason} during {task.job.model_type} trial {task.job.trial_number}; "
+                                      f"gave up after {task.attempts} attempt(s)")
+        if self.closed or self._failed_starts[slot] >= MAX_FAILED_STARTS:
+            return
+        self.restarts += 1
+        self._spawn(slot)

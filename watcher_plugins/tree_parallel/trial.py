@@ -1,0 +1,195 @@
+"""One tree trial: k-fold CV of one job (early stopping on each held-out fold, R^2 at the best
+iteration), the per-process cache of fold datasets, and a command that runs one trial pinned to one
+GPU or to the CPU and prints its result as JSON:
+
+    python -m watcher_plugins.tree_parallel.trial --gpu 0 --model catboost --trial 0
+    python -m watcher_plugins.tree_parallel.trial --cpu --model lightgbm --trial 3 --rows 20000
+
+Without --params the trial's params are drawn from the model's search space by a seeded sampler, so
+a (seed, trial) pair always names the same params.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+
+from watcher_plugins.data import Dataset, kfold_splits, load_dataset
+from watcher_plugins.errors import WatcherPluginError
+from watcher_plugins.records import STATUS_FAIL, STATUS_OK, DataRef, FoldResult, TrialJob, fold_seed
+from watcher_plugins.tree_parallel.libraries import TREE_MODEL_TYPES, FitSettings, FoldData, fitter_for
+
+
+class FoldDataCache:
+    """Datasets, fold splits and each library's per-fold datasets, built once per process.
+
+    Trials of one study share the data, the folds and the split seed, so every trial after the first
+    reuses what the first built. Only the most recent ``max_splits`` splits are kept.
+    """
+
+    def __init__(self, max_splits: int = 2):
+        self.max_splits = max_splits
+        self._datasets: dict[str, Dataset] = {}
+        self._splits: OrderedDict[tuple, list] = OrderedDict()
+        self._folds: dict[tuple, FoldData] = {}
+        self.builds = 0  # per-fold dataset builds, for tests and logs
+
+    def dataset(self, ref: DataRef) -> Dataset:
+        if ref.key not in self._datasets:
+            self._datasets[ref.key] = load_dataset(ref)
+        return self._datasets[ref.key]
+
+    def fold(self, job: TrialJob, fold_idx: int, settings: FitSettings) -> FoldData:
+        split_key = (job.data.key, job.folds, job.seed)
+        if split_key not in self._splits:
+            ds = self.dataset(job.data)
+            self._splits[split_key] = kfold_splits(ds.n_rows, job.folds, job.seed)
+            while len(self._splits) > self.max_splits:
+                old, _ = self._splits.popitem(last=False)
+                self._folds = {k: v for k, v in self._folds.items() if k[0] != old}
+        self._splits.move_to_end(split_key)
+        key = (split_key, fold_idx, job.model_type, settings.use_gpu)
+        if key not in self._folds:
+            ds = self.dataset(job.data)
+            train, val = self._splits[split_key][fold_idx]
+            self._folds[key] = fitter_for(job.model_type).prepare_fold(
+                ds.X[train], ds.y[train], ds.X[val], ds.y[val], settings)
+            self.builds += 1
+        return self._folds[key]
+
+
+def run_trial(job: TrialJob, settings: FitSettings, cache: FoldDataCache | None = None,
+              fold_indices: Iterable[int] | None = None,
+              on_fold: Callable[[FoldResult], None] | None = None) -> list[FoldResult]:
+    """Train ``job`` on each fold (all, or ``fold_indices``); one FoldResult per fold, failures included.
+
+    A fold that raises ends as status "fail" with the error text; the other folds still run.
+    """
+    cache = cache or FoldDataCache()
+    device = "gpu" if settings.use_gpu else "cpu"
+    results = []
+    for fold_idx in (range(job.folds) if fold_indices is None else fold_indices):
+        started = time.perf_counter()
+        try:
+            fold = cache.fold(job, fold_idx, settings)
+            fit = fitter_for(job.model_type).fit(fold, dict(job.params), fold_seed(job.seed, job.trial_number,
+                                                                                   fold_idx), settings)
+            result = FoldResult(job.trial_number, fold_idx, job.model_type, fit.r2, time.perf_counter() - started,
+                                STATUS_OK, info={"best_iteration": fit.best_iteration, "device": device,
+                                                 "threads": settings.threads})
+        except Exception as exc:  # noqa: BLE001 - a failing fold is a result, never a crash of the worker
+            result = FoldResult(job.trial_number, fold_idx, job.model_type, None, time.perf_counter() - started,
+                                STATUS_FAIL, error=f"{type(exc).__name__}: {exc}".strip(),
+                                info={"device": device, "threads": settings.threads})
+        results.append(result)
+        if on_fold is not None:
+            on_fold(result)
+    return results
+
+
+def trial_summary(job: TrialJob, results: list[FoldResult]) -> dict:
+    """The JSON the CLI prints: mean R^2 over the folds when every fold is ok, else the first error."""
+    ok = all(r.status == STATUS_OK for r in results)
+    failed = [r for r in results if r.status != STATUS_OK]
+    return {
+        "trial_number": job.trial_number,
+        "model_type": job.model_type,
+        "status": STATUS_OK if ok else STATUS_FAIL,
+        "mean_r2": sum(r.r2 for r in results) / len(results) if ok else None,
+        "error": None if ok else f"fold {failed[0].fold_idx}: {failed[0].error}",
+        "params": job.params,
+        "seconds": sum(r.seconds for r in results),
+        "folds": [r.to_json() for r in results],
+    }
+
+
+def sample_params(model_type: str, trial_number: int, seed: int) -> dict:
+    """The params a seeded random sampler gives trial ``trial_number`` of ``model_type``'s search space."""
+    import optuna
+
+    from watcher_plugins.search_spaces import suggest
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+    for _ in range(trial_number + 1):
+        trial = study.ask()
+        params = suggest(model_type, trial)
+    return params
+
+
+def claim_stdout():
+    """Keep fd 1 for our own output and point fd 1 at stderr, so that what native libraries print
+    (CatBoost and LightGBM write to fd 1 from C++) can never mix into it. Returns the private stream."""
+    sys.stdout.flush()
+    private = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    return private
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m watcher_plugins.tree_parallel.trial",
+                                description="Run one tree trial pinned to one GPU (or to the CPU); print JSON.")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--gpu", type=int, help="GPU index (as CUDA_VISIBLE_DEVICES counts); its lease is held")
+    where.add_argument("--cpu", action="store_true", help="train on CPU threads only")
+    p.add_argument("--model", required=True, choices=TREE_MODEL_TYPES)
+    p.add_argument("--trial", type=int, default=0, help="trial number (seeds the fits; picks sampled params)")
+    p.add_argument("--params", help="the trial's params as JSON (default: sampled from the search space)")
+    p.add_argument("--rows", type=int, default=98_784, help="rows of the embedded survivors data")
+    p.add_argument("--data", help="a data file (.npz, .csv, .parquet, .json) instead of the embedded data")
+    p.add_argument("--target", help="target column of --data")
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--rounds", type=int, default=500)
+    p.add_argument("--early-stopping-rounds", type=int, default=50)
+    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                   else (os.cpu_count() or 1))
+    p.add_argument("--lease-dir", help="GPU lease directory (default: $WATCHER_LEASE_DIR or the temp dir)")
+    p.add_argument("--lease-timeout", type=float, default=600.0, help="seconds to wait for the GPU's lease")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    out = claim_stdout()
+    if args.gpu is not None:
+        # Before any tree library is imported: the process must only ever see its one GPU.
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(args.gpu)
+    from watcher_plugins.lease import GpuLease
+    from watcher_plugins.tree_parallel.libraries import runs_on_gpu
+
+    try:
+        params = json.loads(args.params) if args.params else sample_params(args.model, args.trial, args.seed)
+    except json.JSONDecodeError as exc:
+        print(f"--params: not JSON: {exc}", file=sys.stderr)
+        return 2
+    ref = DataRef(path=args.data, target=args.target) if args.data else DataRef(embedded="survivors", rows=args.rows)
+    job = TrialJob(args.model, args.trial, params, ref, args.folds, args.seed)
+    use_gpu = runs_on_gpu(args.model, args.gpu is not None)
+    settings = FitSettings(args.rounds, args.early_stopping_rounds, max(1, args.threads), use_gpu)
+    try:
+        if use_gpu:
+            with GpuLease(args.gpu, args.lease_dir, args.lease_timeout,
+                          purpose=f"tree trial CLI: {args.model} trial {args.trial}"):
+                results = run_trial(job, settings)
+        else:
+            results = run_trial(job, settings)
+    except WatcherPluginError as exc:
+        print(json.dumps({"trial_number": args.trial, "model_type": args.model, "status": STATUS_FAIL,
+                          "error": str(exc)}), file=out)
+        return 1
+    summary = trial_summary(job, results)
+    summary.update(device="gpu" if use_gpu else "cpu", gpu=args.gpu if use_gpu else None,
+                   cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"), pid=os.getpid())
+    print(json.dumps(summary), file=out)
+    return 0 if summary["status"] == STATUS_OK else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
