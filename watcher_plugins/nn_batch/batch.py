@@ -1,0 +1,117 @@
+"""One worker's batch: load the jobs' data, pick the strategy and concurrency, train with OOM
+recovery, report one outcome per job and a summary."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+from watcher_plugins.errors import WatcherPluginError
+from watcher_plugins.nn_batch.budget import VramBudget, free_device_bytes
+from watcher_plugins.nn_batch.device_data import DeviceDatasetCache
+from watcher_plugins.nn_batch.faults import Faults
+from watcher_plugins.nn_batch.fused import FusedTrainer
+from watcher_plugins.nn_batch.oom import train_with_oom_recovery
+from watcher_plugins.nn_batch.protocol import BatchSettings, FitJob
+from watcher_plugins.nn_batch.serial import SerialTrainer
+from watcher_plugins.nn_batch.streams import StreamsTrainer
+from watcher_plugins.nn_batch.training import FitOutcome, FitTask, Trainer, TrainSettings, precision_context
+from watcher_plugins.records import STATUS_FAIL, STATUS_OK, STATUS_OOM
+
+TRAINERS: dict[str, type[Trainer]] = {"serial": SerialTrainer, "streams": StreamsTrainer, "fused": FusedTrainer}
+_FATAL_MARKERS = ("CUDA error", "CUBLAS_STATUS", "cuDNN error", "CUDA driver error", "device-side assert")
+
+
+def is_fatal_device_error(exc: BaseException) -> bool:
+    """A device error after which the CUDA context cannot be trusted (OOM excluded: it is recoverable)."""
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return False
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    if accelerator_error is not None and isinstance(exc, accelerator_error):
+        return True
+    return isinstance(exc, RuntimeError) and any(marker in str(exc) for marker in _FATAL_MARKERS)
+
+
+def resolve_strategy(strategy: str, n_concurrent: int | str) -> str:
+    """auto: fused, the fastest, wherever fits can be packed (concurrency above 1); serial otherwise."""
+    if strategy != "auto":
+        return strategy
+    return "serial" if n_concurrent == 1 else "fused"
+
+
+class BatchRunner:
+    """Trains batches on one device, keeping datasets and the calibrated VRAM budget between batches."""
+
+    def __init__(self, device: torch.device, faults: Faults | None = None):
+        self.device = device
+        self.cache = DeviceDatasetCache(device)
+        self.faults = faults or Faults()
+        self.budget = VramBudget(0)
+
+    def _tasks(self, jobs: Sequence[FitJob], emit: Callable[[FitOutcome], None]) -> list[FitTask]:
+        tasks = []
+        for job in jobs:
+            try:
+                tasks.append(FitTask.build(job, self.cache.get(job.data)))
+            except WatcherPluginError as exc:
+                emit(FitOutcome(job.key, STATUS_FAIL, None, 0.0, error=str(exc)))
+        return tasks
+
+    def _concurrency(self, strategy: str, requested: int | str, tasks: Sequence[FitTask],
+                     settings: TrainSettings) -> int:
+        if strategy == "serial":
+            return 1
+        if requested != "auto":
+            return int(requested)
+        if strategy == "fused":
+            return len(tasks)  # the budget sizes each pack
+        data = tasks[0].data
+        return min(len(tasks), self.budget.max_concurrent([t.job.hidden_layers for t in tasks], data.n_rows, data.n_features,
+                                          settings.precision, any(t.job.dropout > 0 for t in tasks)))
+
+    def run(self, jobs: Sequence[FitJob], batch: BatchSettings, emit: Callable[[FitOutcome], None]) -> dict:
+        """Train every job, calling ``emit`` once per job; return the batch summary. A fatal device
+        error propagates; any other error fails the jobs not yet done."""
+        started = time.perf_counter()
+        counts = {STATUS_OK: 0, STATUS_FAIL: 0, STATUS_OOM: 0}
+        done: set[tuple[int, int]] = set()
+
+        def on_done(outcome: FitOutcome) -> None:
+            counts[outcome.status] += 1
+            done.add(outcome.key)
+            emit(outcome)
+
+        settings = TrainSettings(batch.max_epochs, batch.patience, batch.precision)
+        strategy = resolve_strategy(batch.strategy, batch.n_concurrent)
+        summary = {"strategy": strategy, "precision": batch.precision, "n_concurrent_requested": batch.n_concurrent,
+                   "n_concurrent_used": 0, "oom_retries": 0, "model_epochs": 0}
+        tasks = self._tasks(jobs, on_done)
+        if tasks:
+            self.budget.budget_bytes = free_device_bytes(self.device) * batch.vram_budget_fraction
+            budget = self.budget if batch.n_concurrent == "auto" else None
+            hook = self.faults.before_pack if self.faults.active else None
+            trainer = (FusedTrainer(settings, self.device, hook, budget) if strategy == "fused"
+                       else TRAINERS[strategy](settings, self.device, hook))
+            n_concurrent = self._concurrency(strategy, batch.n_concurrent, tasks, settings)
+            try:
+                with precision_context(settings.precision, self.device):
+                    report = train_with_oom_recovery(trainer, tasks, n_concurrent, on_done)
+                used = report.n_concurrent_used
+                if isinstance(trainer, FusedTrainer) and trainer.pack_sizes:
+                    used = min(used, max(trainer.pack_sizes))
+                    summary["pack_sizes"] = trainer.pack_sizes
+                    summary["compactions"] = trainer.compactions
+                summary.update(n_concurrent_used=used, oom_retries=report.oom_retries)
+            except Exception as exc:
+                if is_fatal_device_error(exc):
+                    raise
+                reason = f"{type(exc).__name__}: {exc}"
+                for task in tasks:
+                    if task.key not in done:
+                        on_done(FitOutcome(task.key, STATUS_FAIL, None, 0.0, error=reason))
+            summary["model_epochs"] = trainer.model_epochs
+        summary.update(jobs=len(jobs), ok=counts[STATUS_OK], fail=counts[STATUS_FAIL], oom=counts[STATUS_OOM],
+                       seconds=round(time.perf_counter() - started, 4))
+        return summary

@@ -1,0 +1,154 @@
+"""Host side of one NN worker process: start it, send requests, read its reply lines. No torch here."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import IO
+
+import watcher_plugins
+from watcher_plugins.errors import WorkerCrashed
+from watcher_plugins.nn_batch import protocol
+
+_PACKAGE_ROOT = str(Path(watcher_plugins.__file__).resolve().parent.parent)
+
+
+def _tail(path: Path | None, lines: int = 15) -> str:
+    if path is None:
+        return ""
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.strip().splitlines()[-lines:])
+
+
+class WorkerProcess:
+    """``python -m watcher_plugins.nn_batch.worker`` for one GPU (or the CPU), with CUDA_VISIBLE_DEVICES
+    set before the child starts. Its stderr goes to ``log_path``; a crash's reason quotes the log's tail."""
+
+    def __init__(self, gpu: int | None, lease_dir: Path | None = None, lease_timeout: float = 600.0,
+                 log_path: Path | None = None):
+        self.gpu = gpu
+        self.lease_dir = lease_dir
+        self.lease_timeout = lease_timeout
+        self.log_path = log_path
+        self.process: subprocess.Popen | None = None
+        self._replies: queue.Queue = queue.Queue()
+        self.info: dict = {}
+
+    @property
+    def label(self) -> str:
+        return f"GPU {self.gpu}" if self.gpu is not None else "CPU"
+
+    def start(self) -> dict:
+        """Start the process and wait for its ping reply (it first waits for its GPU lease)."""
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
+        env["PYTHONUNBUFFERED"] = "1"
+        command = [sys.executable, "-m", "watcher_plugins.nn_batch.worker", "--lease-timeout", str(self.lease_timeout)]
+        if self.gpu is not None:
+            env["CUDA_VISIBLE_DEVICES"] = str(self.gpu)
+            command += ["--device", "cuda", "--gpu", str(self.gpu)]
+        else:
+            env["CUDA_VISIBLE_DEVICES"] = ""  # a CPU worker must not touch any GPU
+            command += ["--device", "cpu"]
+        if self.lease_dir is not None:
+            command += ["--lease-dir", str(self.lease_dir)]
+        stderr: IO | int = subprocess.DEVNULL
+        if self.log_path is not None:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            stderr = self.log_path.open("ab")
+        try:
+            self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr,
+                                            env=env, close_fds=True)
+        finally:
+            if not isinstance(stderr, int):
+                stderr.close()
+        threading.Thread(target=self._read_replies, args=(self.process.stdout,), daemon=True,
+                         name=f"nn-worker-{self.label}").start()
+        self.send({"command": "ping"})
+        reply = self.next_reply(timeout=self.lease_timeout + 300)
+        if reply.get("event") != "pong":
+            self.kill()
+            raise WorkerCrashed(f"NN worker on {self.label} did not start: {reply.get('message', reply)}")
+        self.info = reply
+        return reply
+
+    def _read_replies(self, stream) -> None:
+        for raw in stream:
+            try:
+                self._replies.put(json.loads(raw))
+            except ValueError:
+                self._replies.put({"event": "fatal", "code": "bad_reply",
+                                   "message": f"the worker wrote a line that is not JSON: {raw[:200]!r}"})
+        self._replies.put(None)
+
+    def send(self, request: dict) -> None:
+        try:
+            self.process.stdin.write(json.dumps(request).encode("utf-8") + b"\n")
+            self.process.stdin.flush()
+        except (BrokenPipeError, OSError, ValueError):
+            raise WorkerCrashed(self.exit_reason()) from None
+
+    def next_reply(self, timeout: float | None = None) -> dict:
+        """The next reply line; WorkerCrashed if the worker died or sent a fatal line."""
+        try:
+            reply = self._replies.get(timeout=timeout)
+        except queue.Empty:
+            self.kill()
+            raise WorkerCrashed(f"NN worker on {self.label} sent nothing for {timeout:g}s") from None
+        if reply is None:
+            self._replies.put(None)  # stays dead for every later reader
+            raise WorkerCrashed(self.exit_reason())
+        if reply.get("event") == "fatal":
+            self.kill()
+            raise WorkerCrashed(f"NN worker on {self.label} stopped: {reply.get('code')}: {reply.get('message')}")
+        return reply
+
+    def exit_reason(self) -> str:
+        code = None
+        if self.process is not None:
+            try:
+                code = self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+                code = self.process.returncode
+        tail = _tail(self.log_path)
+        return f"NN worker on {self.label} exited with code {code}" + (f"; its log ends:\n{tail}" if tail else "")
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def shutdown(self, timeout: float = 15.0) -> None:
+        if self.process is None:
+            return
+        if self.alive:
+            try:
+                self.send({"command": "shutdown"})
+                self.process.stdin.close()
+                self.process.wait(timeout=timeout)
+            except (WorkerCrashed, OSError, subprocess.TimeoutExpired):
+                pass
+        self.kill()
+
+    def kill(self) -> None:
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        try:
+            self.process.stdin.close()
+        except OSError:
+            pass
+
+
+def train_batch_request(jobs: list[protocol.FitJob], settings: protocol.BatchSettings) -> dict:
+    return {"command": "train_batch", "jobs": [job.to_json() for job in jobs], **settings.to_json()}

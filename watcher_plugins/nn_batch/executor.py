@@ -1,0 +1,199 @@
+"""The nn_batch executor: sends each batch's fits to one worker process per GPU (one CPU worker where
+there is no GPU), collects one FoldResult per fold, replaces crashed workers and retries their fits.
+
+The host process never imports torch: the workers do the torch work and speak JSON lines.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from watcher_plugins.errors import ProtocolError, WorkerCrashed
+from watcher_plugins.executor import Executor, ResultCallback, RunContext
+from watcher_plugins.nn_batch.client import WorkerProcess, train_batch_request
+from watcher_plugins.nn_batch.protocol import BatchSettings, FitJob, parse_job
+from watcher_plugins.records import STATUS_FAIL, FoldResult, TrialJob
+
+Key = tuple[int, int]
+
+
+def fit_jobs(job: TrialJob) -> list[FitJob]:
+    """One FitJob per fold of a trial; ProtocolError if the trial's params are not a valid NN trial."""
+    return [parse_job({"trial_number": job.trial_number, "fold_idx": fold, "folds": job.folds, "seed": job.seed,
+                       "params": job.params, "data": job.data.to_json()}, path="params")
+            for fold in range(job.folds)]
+
+
+class _WorkerSlot:
+    """One GPU's (or the CPU's) worker, started when first needed and replaced when it crashes."""
+
+    def __init__(self, gpu: int | None, context: RunContext):
+        self.gpu = gpu
+        self.context = context
+        self.worker: WorkerProcess | None = None
+
+    def ensure_started(self) -> WorkerProcess:
+        if self.worker is None or not self.worker.alive:
+            logs = Path(self.context.output_dir) / "logs"
+            name = f"nn_worker-gpu{self.gpu}.log" if self.gpu is not None else "nn_worker-cpu.log"
+            worker = WorkerProcess(self.gpu, self.context.lease_dir, self.context.lease_timeout_s, logs / name)
+            self.worker = None
+            worker.start()
+            self.worker = worker
+        return self.worker
+
+    def discard(self) -> None:
+        if self.worker is not None:
+            self.worker.kill()
+            self.worker = None
+
+    def shutdown(self) -> None:
+        if self.worker is not None:
+            self.worker.shutdown()
+            self.worker = None
+
+
+class NNBatchExecutor(Executor):
+    def __init__(self, params: Mapping[str, Any], context: RunContext):
+        super().__init__(params, context)
+        self.settings = BatchSettings(
+            n_concurrent=self.params.get("n_concurrent_nn", "auto"),
+            strategy=self.params.get("nn_strategy", "auto"),
+            precision=self.params.get("precision", "fp32"),
+            max_epochs=int(self.params.get("nn_max_epochs", 200)),
+            patience=int(self.params.get("nn_patience", 20)),
+            vram_budget_fraction=float(self.params.get("vram_budget_fraction", 0.85)),
+        )
+        self.persistent = bool(self.params.get("persistent_workers", True))
+        devices = list(context.devices) or [None]
+        self._slots = [_WorkerSlot(gpu, context) for gpu in devices]
+        #: The closing line of each worker's last batch (strategy, concurrency, OOM retries, seconds).
+        self.last_batch_summaries: list[dict] = []
+
+    def run_batch(self, jobs: Sequence[TrialJob], on_result: ResultCallback | None = None) -> list[FoldResult]:
+        results: dict[Key, FoldResult] = {}
+        order: list[Key] = []
+        shares: list[list[FitJob]] = [[] for _ in self._slots]
+        for i, job in enumerate(jobs):
+            order += [(job.trial_number, fold) for fold in range(job.folds)]
+            try:
+                if job.model_type != "nn":
+                    raise ProtocolError("invalid_job", f"model type {job.model_type!r}: nn_batch runs 'nn' trials only")
+                shares[i % len(self._slots)] += fit_jobs(job)  # whole trials, dealt round-robin to the GPUs
+            except ProtocolError as exc:
+                for fold in range(job.folds):
+                    results[(job.trial_number, fold)] = FoldResult(job.trial_number, fold, job.model_type, None, 0.0,
+                                                                   STATUS_FAIL, f"invalid trial: {exc}")
+        for result in results.values():
+            if on_result is not None:
+                on_result(result)
+
+        replies: queue.Queue = queue.Queue()
+        self.last_batch_summaries = []
+        threads = [threading.Thread(target=self._serve_slot_safely, args=(slot, share, replies), daemon=True)
+                   for slot, share in zip(self._slots, shares) if share]
+        for thread in threads:
+            thread.start()
+        expected = sum(len(share) for share in shares)
+        while expected:
+            result = replies.get()
+            if isinstance(result, dict):
+                self.last_batch_summaries.append(result)
+                continue
+            expected -= 1
+            results[(result.trial_number, result.fold_idx)] = result
+            if on_result is not None:
+                on_result(result)  # from this thread alone: callers need no locking
+        for thread in threads:
+            thread.join()
+        while not replies.empty():  # closing lines that came after the last result
+            self.last_batch_summaries.append(replies.get())
+        if not self.persistent:
+            self.close()
+        return [results[key] for key in order]
+
+    def _serve_slot_safely(self, slot: _WorkerSlot, fits: list[FitJob], replies: queue.Queue) -> None:
+        """_serve_slot, and if it breaks (a bug), every fit it had not reported fails rather than hangs the batch."""
+        reported: set[Key] = set()
+
+        class _Tracking(queue.Queue):
+            def put(self, item, *args, **kwargs):
+                if isinstance(item, FoldResult):
+                    reported.add((item.trial_number, item.fold_idx))
+                replies.put(item)
+
+        try:
+            self._serve_slot(slot, fits, _Tracking())
+        except Exception as exc:  # noqa: BLE001 - turned into results, never lost
+            slot.discard()
+            for fit in fits:
+                if fit.key not in reported:
+                    replies.put(FoldResult(fit.trial_number, fit.fold_idx, "nn", None, 0.0, STATUS_FAIL,
+                                           f"nn_batch executor error: {type(exc).__name__}: {exc}"))
+
+    def _serve_slot(self, slot: _WorkerSlot, fits: list[FitJob], replies: queue.Queue) -> None:
+        """Run ``fits`` on one slot's worker until each has a result; put results on ``replies``."""
+        pending: dict[Key, FitJob] = {fit.key: fit for fit in fits}
+        attempts: dict[Key, int] = dict.fromkeys(pending, 0)
+        isolate = False  # after a crash, one trial per request, so that a fit that kills workers fails alone
+
+        def finish(key: Key, status: str, error: str) -> None:
+            fit = pending.pop(key)
+            replies.put(FoldResult(fit.trial_number, fit.fold_idx, "nn", None, 0.0, status, error))
+
+        while pending:
+            batch = list(pending.values())
+            if isolate:
+                batch = [fit for fit in batch if fit.trial_number == batch[0].trial_number]
+            try:
+                worker = slot.ensure_started()
+            except WorkerCrashed as exc:
+                for key in list(pending):
+                    finish(key, STATUS_FAIL, str(exc))
+                return
+            try:
+                worker.send(train_batch_request(batch, self.settings))
+                while True:
+                    reply = worker.next_reply()
+                    event = reply.get("event")
+                    if event == "result":
+                        key = (reply["trial_number"], reply["fold_idx"])
+                        if key in pending:
+                            pending.pop(key)
+                            replies.put(self._fold_result(reply, worker))
+                    elif event == "batch_done":
+                        replies.put({**reply, "worker": worker.label})
+                        break
+                    elif event == "error":  # the worker refused the request: nothing of it will run
+                        for fit in batch:
+                            if fit.key in pending:
+                                finish(fit.key, STATUS_FAIL, f"NN worker refused the batch: {reply.get('message')}")
+                        break
+                for fit in batch:  # a closing line without a fit's result is a worker bug, never a hang
+                    if fit.key in pending:
+                        finish(fit.key, STATUS_FAIL, "the NN worker closed the batch without a result for this fold")
+            except WorkerCrashed as exc:
+                slot.discard()
+                isolate = True
+                for fit in batch:
+                    if fit.key not in pending:
+                        continue
+                    attempts[fit.key] += 1
+                    if attempts[fit.key] > self.context.trial_retries:
+                        finish(fit.key, STATUS_FAIL,
+                               f"{exc} (tried {attempts[fit.key]} times, trial_retries={self.context.trial_retries})")
+
+    @staticmethod
+    def _fold_result(reply: dict, worker: WorkerProcess) -> FoldResult:
+        info = {"epochs": reply.get("epochs"), "best_epoch": reply.get("best_epoch"), "device": worker.info.get("device"),
+                **reply.get("info", {})}
+        return FoldResult(reply["trial_number"], reply["fold_idx"], "nn", reply.get("r2"), float(reply.get("seconds", 0.0)),
+                          reply["status"], reply.get("error"), info)
+
+    def close(self) -> None:
+        for slot in self._slots:
+            slot.shutdown()

@@ -1,0 +1,335 @@
+"""The fused trainer: horizontal fusion of many fits into one pack of stacked weights.
+
+A pack holds N fits of one depth on one dataset. Layer 0's weights are stored [features, N, width] so
+that the first layer is one wide matmul over the shared input X; deeper layers are [N, in, out] and
+run as one batched matmul. Widths that differ inside a pack are zero-padded; the padded units' weight
+gradients are masked to zero, so padded weights stay exactly zero, padded units output exactly zero,
+and each model computes exactly its own function. All rows of the dataset go through every model;
+per-model row weights select the fold's training rows for the loss and its held-out rows for
+validation (one forward pass gives both: dropout masks are 1 on held-out rows). Learning rate and
+weight decay are per-model tensors in a batched Adam that follows torch.optim.Adam's arithmetic.
+
+Fits that stop early leave the pack (their result is reported, their learning rate and loss weight
+drop to zero) and the pack is compacted, re-padded to the widest model left, once a quarter has left.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from watcher_plugins.nn_batch.budget import VramBudget
+from watcher_plugins.nn_batch.model import dropout_generator, dropout_mask, initial_parameters
+from watcher_plugins.nn_batch.training import (
+    HOST_CHECK_EVERY,
+    EarlyStopping,
+    FitTask,
+    OutcomeCallback,
+    Trainer,
+    TrainSettings,
+    autocast,
+    clock,
+    outcome_from_best,
+)
+
+ADAM_BETAS = (0.9, 0.999)
+ADAM_EPS = 1e-8
+#: Compact the pack once this share of its fits has left.
+COMPACT_FRACTION = 0.25
+
+
+@dataclass
+class _Param:
+    """One stacked parameter with its Adam moments. ``width_axes`` maps a tensor axis to the hidden
+    layer whose (padded) width it spans."""
+
+    value: torch.Tensor
+    exp_avg: torch.Tensor
+    exp_avg_sq: torch.Tensor
+    model_axis: int
+    width_axes: dict[int, int]
+    grad_mask: torch.Tensor | None = None
+
+    def per_model(self, values: torch.Tensor) -> torch.Tensor:
+        """``values`` [N] shaped to broadcast along this parameter's model axis."""
+        shape = [1] * self.value.dim()
+        shape[self.model_axis] = -1
+        return values.view(shape)
+
+
+class _RepackNeeded(Exception):
+    """The first measured step showed that this pack exceeds the calibrated budget."""
+
+
+class FusedPack:
+    """N fits of one depth on one dataset, trained in lockstep."""
+
+    def __init__(self, tasks: Sequence[FitTask], settings: TrainSettings, device: torch.device):
+        self.tasks = list(tasks)
+        self.settings = settings
+        self.device = device
+        self.data = tasks[0].data
+        self.depth = len(tasks[0].job.hidden_layers)
+        self.started = clock()
+        n, n_features = len(tasks), self.data.n_features
+        self.widths = [max(t.job.hidden_layers[i] for t in tasks) for i in range(self.depth)]
+        init = [initial_parameters(n_features, t.job.hidden_layers, t.init_seed) for t in tasks]
+
+        stacks = []
+        all_widths = [n_features, *self.widths, 1]
+        for layer in range(self.depth + 1):
+            w_stack = torch.zeros(n, all_widths[layer], all_widths[layer + 1])
+            b_stack = torch.zeros(n, 1, all_widths[layer + 1])
+            for m, layers in enumerate(init):
+                weight, bias = layers[layer]  # [out, in], [out]
+                w_stack[m, : weight.shape[1], : weight.shape[0]] = weight.T
+                b_stack[m, 0, : bias.shape[0]] = bias
+            stacks.append((w_stack, b_stack))
+        self.params: list[_Param] = []
+        for layer, (w_stack, b_stack) in enumerate(stacks):
+            if layer == 0:
+                w, w_axes, w_model = w_stack.permute(1, 0, 2), {2: 0}, 1  # [features, N, width]
+                b, b_axes = b_stack[:, 0, :], {1: 0}  # [N, width]
+            else:
+                w, w_model = w_stack, 0
+                w_axes = {1: layer - 1, **({2: layer} if layer < self.depth else {})}
+                b, b_axes = b_stack, ({2: layer} if layer < self.depth else {})
+            self.params.append(self._param(w, w_model, w_axes))
+            self.params.append(self._param(b, 0, b_axes))
+
+        self.lr = torch.tensor([t.job.lr for t in tasks], dtype=torch.float64, device=device)
+        self.weight_decay = torch.tensor([t.job.weight_decay for t in tasks], device=device)
+        self.dropout = [t.job.dropout for t in tasks]
+        self.generators = [dropout_generator(t.init_seed, device) if t.job.dropout > 0 else None for t in tasks]
+        train_rows = torch.stack([t.rows.train_rows for t in tasks]).float()
+        self.train_weight = train_rows / train_rows.sum(1, keepdim=True)
+        val_rows = 1.0 - train_rows
+        self.val_weight = val_rows / val_rows.sum(1, keepdim=True)
+        self.stopping = EarlyStopping(n, settings.patience, (self.data.n_rows,), device)
+        self.left = [False] * n
+        self.step = 0
+        self.epoch = 0
+        self._update_grad_masks()
+
+    def _param(self, value: torch.Tensor, model_axis: int, width_axes: dict[int, int]) -> _Param:
+        value = value.contiguous().to(self.device).requires_grad_(True)
+        return _Param(value, torch.zeros_like(value), torch.zeros_like(value), model_axis, width_axes)
+
+    @property
+    def size(self) -> int:
+        return len(self.tasks)
+
+    def _unit_mask(self, layer: int) -> torch.Tensor:
+        """[N, width] with 1 on each model's real units of a hidden layer, 0 on padding."""
+        width = self.widths[layer]
+        real = torch.tensor([t.job.hidden_layers[layer] for t in self.tasks], device=self.device)
+        return (torch.arange(width, device=self.device)[None, :] < real[:, None]).float()
+
+    def _update_grad_masks(self) -> None:
+        padded = [any(t.job.hidden_layers[i] < self.widths[i] for t in self.tasks) for i in range(self.depth)]
+        for param in self.params:
+            mask = None
+            for axis, layer in param.width_axes.items():
+                if not padded[layer]:
+                    continue
+                shape = [1] * param.value.dim()
+                shape[param.model_axis], shape[axis] = self.size, self.widths[layer]
+                unit = self._unit_mask(layer).view(shape)
+                mask = unit if mask is None else mask * unit
+            param.grad_mask = mask
+
+    def _dropout(self, layer: int, h: torch.Tensor, rows_first: bool) -> torch.Tensor:
+        """Multiply a hidden layer's output by each model's dropout mask (models without dropout: 1)."""
+        if not any(self.generators):
+            return h
+        n_rows = self.data.n_rows
+        shape = (n_rows, self.size, self.widths[layer]) if rows_first else (self.size, n_rows, self.widths[layer])
+        masks = torch.ones(shape, device=self.device)
+        for m, generator in enumerate(self.generators):
+            if generator is None:
+                continue
+            width = self.tasks[m].job.hidden_layers[layer]
+            mask = dropout_mask(generator, n_rows, width, self.dropout[m], self.tasks[m].rows.train_rows)
+            if rows_first:
+                masks[:, m, :width] = mask
+            else:
+                masks[m, :, :width] = mask
+        return h * masks.to(h.dtype)
+
+    def forward(self) -> torch.Tensor:
+        """Predictions [N, n_rows] of every model on every row (training-mode dropout on training rows)."""
+        X, n, n_rows = self.data.X, self.size, self.data.n_rows
+        w0, b0 = self.params[0].value, self.params[1].value
+        h = torch.addmm(b0.reshape(1, -1), X, w0.reshape(X.shape[1], -1))  # one wide matmul: [rows, N*width]
+        h = self._dropout(0, torch.relu(h).view(n_rows, n, self.widths[0]), rows_first=True)
+        h = h.transpose(0, 1)  # [N, rows, width], a strided view that the batched matmul takes as it is
+        for layer in range(1, self.depth + 1):
+            w, b = self.params[2 * layer].value, self.params[2 * layer + 1].value
+            h = torch.baddbmm(b, h, w)
+            if layer < self.depth:
+                h = self._dropout(layer, torch.relu(h), rows_first=False)
+        return h.squeeze(-1)
+
+    def run_epoch(self) -> None:
+        epoch = self.epoch
+        with autocast(self.settings.precision, self.device):
+            pred = self.forward()
+        pred = pred.float()
+        sq_err = (pred - self.data.y) ** 2
+        val_loss = (sq_err.detach() * self.val_weight).sum(1)
+        self.stopping.update(epoch, val_loss, pred)
+        if epoch < self.settings.max_epochs - 1:
+            loss = (sq_err * self.train_weight).sum()
+            loss.backward()
+            self._adam_step()
+        self.epoch += 1
+
+    @torch.no_grad()
+    def _adam_step(self) -> None:
+        """torch.optim.Adam's update (L2 weight decay added to the gradient), per-model lr and decay."""
+        beta1, beta2 = ADAM_BETAS
+        self.step += 1
+        bias_correction1 = 1 - beta1**self.step
+        bias_correction2_sqrt = math.sqrt(1 - beta2**self.step)
+        step_size = (self.lr / bias_correction1).float()  # in float64 first, as Adam's Python-float lr
+        for param in self.params:
+            grad = param.value.grad
+            if param.grad_mask is not None:
+                grad.mul_(param.grad_mask)
+            grad = grad.add(param.value * param.per_model(self.weight_decay))
+            param.exp_avg.lerp_(grad, 1 - beta1)
+            param.exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            denom = (param.exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(ADAM_EPS)
+            param.value.add_((param.exp_avg / denom) * -param.per_model(step_size))
+            param.value.grad = None
+
+    def leave_stopped(self, on_done: OutcomeCallback) -> int:
+        """Report fits that early stopping ended; freeze them. Returns how many have left in all."""
+        stopped = self.stopping.stopped.tolist()
+        newly = [m for m in range(self.size) if stopped[m] and not self.left[m]]
+        if newly:
+            self._report(newly, on_done)
+            index = torch.tensor(newly, device=self.device)
+            self.lr.index_fill_(0, index, 0.0)
+            self.train_weight.index_fill_(0, index, 0.0)
+        return sum(self.left)
+
+    def finish(self, on_done: OutcomeCallback) -> None:
+        self.stopping.finish(self.settings.max_epochs - 1)
+        self._report([m for m in range(self.size) if not self.left[m]], on_done)
+
+    def _report(self, models: list[int], on_done: OutcomeCallback) -> None:
+        best_epoch = self.stopping.best_epoch.tolist()
+        stop_epoch = self.stopping.stop_epoch.tolist()
+        seconds = clock() - self.started
+        for m in models:
+            task = self.tasks[m]
+            best_val = self.stopping.best_pred[m].index_select(0, task.rows.val_idx)
+            outcome = outcome_from_best(task, best_val, best_epoch[m], stop_epoch[m], seconds)
+            outcome.info["pack_size"] = self.size
+            self.left[m] = True
+            on_done(outcome)
+
+    def compact(self) -> None:
+        """Drop the fits that left and re-pad to the widest model that stays."""
+        keep = [m for m in range(self.size) if not self.left[m]]
+        index = torch.tensor(keep, device=self.device)
+        self.tasks = [self.tasks[m] for m in keep]
+        self.dropout = [self.dropout[m] for m in keep]
+        self.generators = [self.generators[m] for m in keep]
+        self.left = [False] * len(keep)
+        new_widths = [max(t.job.hidden_layers[i] for t in self.tasks) for i in range(self.depth)]
+        for param in self.params:
+            tensors = []
+            for tensor in (param.value.detach(), param.exp_avg, param.exp_avg_sq):
+                tensor = tensor.index_select(param.model_axis, index)
+                for axis, layer in param.width_axes.items():
+                    tensor = tensor.narrow(axis, 0, new_widths[layer])
+                tensors.append(tensor.contiguous())
+            param.value = tensors[0].requires_grad_(True)
+            param.exp_avg, param.exp_avg_sq = tensors[1], tensors[2]
+        self.widths = new_widths
+        self.lr = self.lr.index_select(0, index)
+        self.weight_decay = self.weight_decay.index_select(0, index)
+        self.train_weight = self.train_weight.index_select(0, index)
+        self.val_weight = self.val_weight.index_select(0, index)
+        self.stopping.keep(index)
+        self._update_grad_masks()
+
+
+class FusedTrainer(Trainer):
+    name = "fused"
+
+    def __init__(self, settings: TrainSettings, device: torch.device, pack_hook=None,
+                 budget: VramBudget | None = None):
+        super().__init__(settings, device, pack_hook)
+        self.budget = budget  # None: packs of n_concurrent; else packs sized by the budget, at most that
+        self.pack_sizes: list[int] = []
+        self.compactions = 0
+
+    @staticmethod
+    def plan_groups(tasks: Sequence[FitTask]) -> list[list[FitTask]]:
+        """Tasks by (dataset, depth); inside a group, widest first, so that a pack pads little."""
+        groups: dict[tuple[str, int], list[FitTask]] = {}
+        for task in tasks:
+            groups.setdefault((task.data.key, len(task.job.hidden_layers)), []).append(task)
+        return [sorted(group, key=lambda t: tuple(-w for w in t.job.hidden_layers)) for group in groups.values()]
+
+    def _pack_size(self, queue: Sequence[FitTask], cap: int) -> int:
+        if self.budget is None:
+            return max(1, min(cap, len(queue)))
+        data = queue[0].data
+        return self.budget.pack_size([t.job.hidden_layers for t in queue], data.n_rows, data.n_features,
+                                     self.settings.precision, any(t.job.dropout > 0 for t in queue), cap)
+
+    def train(self, tasks: Sequence[FitTask], n_concurrent: int, on_done: OutcomeCallback) -> None:
+        for group in self.plan_groups(tasks):
+            queue = list(group)
+            while queue:
+                size = self._pack_size(queue, n_concurrent)
+                try:
+                    self._train_pack(queue[:size], on_done)
+                except _RepackNeeded:
+                    continue  # nothing of that pack was reported; plan again with the calibrated budget
+                queue = queue[size:]
+        self.running = []
+
+    def _train_pack(self, tasks: Sequence[FitTask], on_done: OutcomeCallback) -> None:
+        self._starting(tasks)
+        measure = self.budget is not None and self.device.type == "cuda" \
+            and not self.budget.is_calibrated(self.settings.precision)
+        if measure:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            base = torch.cuda.memory_allocated(self.device)
+        pack = FusedPack(tasks, self.settings, self.device)
+        self.pack_sizes.append(pack.size)
+        while pack.epoch < self.settings.max_epochs:
+            pack.run_epoch()
+            self.model_epochs += pack.size
+            if measure and pack.epoch == 2:  # the first step and the evaluation after it have both run
+                self._calibrate(pack, torch.cuda.max_memory_allocated(self.device) - base)
+                measure = False
+            if pack.epoch % HOST_CHECK_EVERY == 0 and pack.epoch < self.settings.max_epochs:
+                left = pack.leave_stopped(on_done)
+                if left == pack.size:
+                    return
+                if left >= max(1, math.ceil(COMPACT_FRACTION * pack.size)):
+                    pack.compact()
+                    self.compactions += 1
+                self.running = [t.key for t in pack.tasks]
+        pack.finish(on_done)
+
+    def _calibrate(self, pack: FusedPack, measured: int) -> None:
+        data = pack.data
+        widths = [t.job.hidden_layers for t in pack.tasks]
+        dropout = any(p > 0 for p in pack.dropout)
+        self.budget.calibrate(self.settings.precision,
+                              self.budget.pack_bytes(widths, data.n_rows, data.n_features,
+                                                     self.settings.precision, dropout), measured)
+        if self.budget.pack_bytes(widths, data.n_rows, data.n_features, self.settings.precision,
+                                  dropout) > 1.1 * self.budget.budget_bytes and pack.size > 1:
+            raise _RepackNeeded()

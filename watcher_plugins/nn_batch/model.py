@@ -1,0 +1,78 @@
+"""SurvivorQualityNet, and the random numbers that define one model fit: its initial weights and its
+dropout masks. Every trainer draws them through these functions, so a model computes the same
+function whether it is trained alone, in a stream or inside a fused pack.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+#: Dropout masks come from a generator stream of their own, apart from the initial weights' stream.
+_DROPOUT_SEED_OFFSET = 0x9E3779B9
+
+
+def initial_parameters(n_features: int, hidden_layers: Sequence[int], seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(weight [out, in], bias [out]) per layer, as nn.Linear's default init draws them (U(+-1/sqrt(fan_in))),
+    from a CPU generator seeded with ``seed``: the same numbers on every device and in every trainer."""
+    generator = torch.Generator().manual_seed(int(seed))
+    widths = [n_features, *hidden_layers, 1]
+    layers = []
+    for fan_in, fan_out in zip(widths[:-1], widths[1:]):
+        bound = 1.0 / math.sqrt(fan_in)
+        weight = torch.empty(fan_out, fan_in).uniform_(-bound, bound, generator=generator)
+        bias = torch.empty(fan_out).uniform_(-bound, bound, generator=generator)
+        layers.append((weight, bias))
+    return layers
+
+
+def dropout_generator(seed: int, device: torch.device) -> torch.Generator:
+    """The generator of one model fit's dropout masks, on the device the masks are made on."""
+    return torch.Generator(device=device).manual_seed((int(seed) + _DROPOUT_SEED_OFFSET) % (2**63))
+
+
+def dropout_mask(generator: torch.Generator, n_rows: int, width: int, p: float,
+                 train_rows: torch.Tensor) -> torch.Tensor:
+    """One hidden layer's dropout mask for one epoch: [n_rows, width] over the whole dataset, 1/(1-p) for
+    kept units, 0 for dropped ones, and exactly 1 on rows outside the training fold.
+
+    Drawing over every row (not only the training rows) keys each draw to the dataset row, so a trainer
+    that feeds the training rows alone and one that feeds all rows with row masks use the same mask.
+    The held-out rows get 1 so that one forward pass yields the training-mode output on training rows
+    and the evaluation-mode output on held-out rows.
+    """
+    draws = torch.rand(n_rows, width, generator=generator, device=train_rows.device)
+    mask = (draws >= p).to(torch.float32).mul_(1.0 / (1.0 - p))
+    return mask.masked_fill_(~train_rows[:, None], 1.0)
+
+
+class SurvivorQualityNet(nn.Module):
+    """The seed's MLP: n_features -> hidden_layers (Linear, ReLU, dropout) -> 1.
+
+    Dropout is applied through masks the caller passes (see ``dropout_mask``) rather than nn.Dropout,
+    whose global-RNG draws could not be reproduced by the fused trainer.
+    """
+
+    def __init__(self, n_features: int, hidden_layers: Sequence[int], seed: int | None = None):
+        super().__init__()
+        widths = [n_features, *hidden_layers]
+        self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
+        self.out = nn.Linear(widths[-1], 1)
+        if seed is not None:
+            self.load_initial(initial_parameters(n_features, hidden_layers, seed))
+
+    @torch.no_grad()
+    def load_initial(self, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        for module, (weight, bias) in zip([*self.hidden, self.out], layers):
+            module.weight.copy_(weight)
+            module.bias.copy_(bias)
+
+    def forward(self, x: torch.Tensor, dropout_masks: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+        for i, layer in enumerate(self.hidden):
+            x = torch.relu(layer(x))
+            if dropout_masks is not None:
+                x = x * dropout_masks[i].to(x.dtype)
+        return self.out(x).squeeze(-1)

@@ -1,0 +1,230 @@
+"""The NN worker's JSON-lines protocol: request parsing and validation, and the reply lines.
+
+One request per line on the worker's stdin, one reply per line on its stdout. schemas/
+worker_protocol.schema.json is the same contract as a JSON Schema; this module checks requests by
+hand so that the worker needs no jsonschema and every error names the JSON path and what was expected.
+No torch here: the host process imports this module too.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from watcher_plugins.errors import ProtocolError
+from watcher_plugins.records import DataRef
+
+#: Longest request line accepted, in bytes (a train_batch of thousands of jobs fits many times over).
+MAX_LINE_BYTES = 4 * 1024 * 1024
+
+COMMANDS = ("ping", "train", "train_batch", "shutdown")
+STRATEGIES = ("auto", "serial", "streams", "fused")
+PRECISIONS = ("fp32", "tf32", "bf16")
+
+# Error codes of "error" lines (the worker keeps serving) and "fatal" lines (the worker exits).
+E_LINE_TOO_LONG = "line_too_long"
+E_INVALID_UTF8 = "invalid_utf8"
+E_MALFORMED_JSON = "malformed_json"
+E_INVALID_REQUEST = "invalid_request"
+E_UNKNOWN_COMMAND = "unknown_command"
+E_INVALID_JOB = "invalid_job"
+E_INTERNAL = "internal_error"
+FATAL_CUDA = "cuda_error"
+FATAL_LEASE = "lease_unavailable"
+FATAL_STARTUP = "startup_failed"
+
+
+@dataclass(frozen=True)
+class FitJob:
+    """One fold of one trial, as the worker receives it."""
+
+    trial_number: int
+    fold_idx: int
+    folds: int
+    seed: int
+    hidden_layers: tuple[int, ...]
+    lr: float
+    weight_decay: float
+    dropout: float
+    data: DataRef
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.trial_number, self.fold_idx)
+
+    def to_json(self) -> dict:
+        return {
+            "trial_number": self.trial_number, "fold_idx": self.fold_idx, "folds": self.folds, "seed": self.seed,
+            "params": {"hidden_layers": list(self.hidden_layers), "lr": self.lr,
+                       "weight_decay": self.weight_decay, "dropout": self.dropout},
+            "data": self.data.to_json(),
+        }
+
+
+@dataclass(frozen=True)
+class BatchSettings:
+    """How a worker trains a batch; the executor sends its params with every train_batch."""
+
+    n_concurrent: int | str = "auto"
+    strategy: str = "auto"
+    precision: str = "fp32"
+    max_epochs: int = 200
+    patience: int = 20
+    vram_budget_fraction: float = 0.85
+
+    def to_json(self) -> dict:
+        return {"n_concurrent": self.n_concurrent, "strategy": self.strategy, "precision": self.precision,
+                "max_epochs": self.max_epochs, "patience": self.patience,
+                "vram_budget_fraction": self.vram_budget_fraction}
+
+
+@dataclass
+class Request:
+    command: str
+    jobs: list[FitJob] = field(default_factory=list)
+    settings: BatchSettings = field(default_factory=BatchSettings)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)) and math.isfinite(value)
+
+
+def _fail(code: str, path: str, expected: str, got: Any) -> ProtocolError:
+    shown = json.dumps(got) if not isinstance(got, _Missing) else "nothing"
+    if len(shown) > 80:
+        shown = shown[:77] + "..."
+    return ProtocolError(code, f"{path}: expected {expected}, got {shown}")
+
+
+class _Missing:
+    pass
+
+
+_MISSING = _Missing()
+
+
+def _int(obj: dict, key: str, path: str, code: str, minimum: int = 0) -> int:
+    value = obj.get(key, _MISSING)
+    if not _is_int(value) or value < minimum:
+        raise _fail(code, f"{path}.{key}", f"an integer >= {minimum}", value)
+    return value
+
+
+def parse_job(obj: Any, path: str = "$.job") -> FitJob:
+    """Check one job object; raise ProtocolError("invalid_job") naming the first bad field."""
+    code = E_INVALID_JOB
+    if not isinstance(obj, dict):
+        raise _fail(code, path, "a job object", obj)
+    folds = _int(obj, "folds", path, code, minimum=2)
+    fold_idx = _int(obj, "fold_idx", path, code)
+    if fold_idx >= folds:
+        raise _fail(code, f"{path}.fold_idx", f"an integer below folds ({folds})", fold_idx)
+    params = obj.get("params", _MISSING)
+    if not isinstance(params, dict):
+        raise _fail(code, f"{path}.params", "an object with hidden_layers, lr, weight_decay, dropout", params)
+    hidden = params.get("hidden_layers", _MISSING)
+    if not isinstance(hidden, list) or not hidden or not all(_is_int(w) and 1 <= w <= 65536 for w in hidden):
+        raise _fail(code, f"{path}.params.hidden_layers", "a non-empty list of integers in 1..65536", hidden)
+    lr = params.get("lr", _MISSING)
+    if not _is_number(lr) or lr <= 0:
+        raise _fail(code, f"{path}.params.lr", "a number > 0", lr)
+    weight_decay = params.get("weight_decay", 0.0)
+    if not _is_number(weight_decay) or weight_decay < 0:
+        raise _fail(code, f"{path}.params.weight_decay", "a number >= 0", weight_decay)
+    dropout = params.get("dropout", 0.0)
+    if not _is_number(dropout) or not 0 <= dropout < 1:
+        raise _fail(code, f"{path}.params.dropout", "a number in [0, 1)", dropout)
+    data = obj.get("data", _MISSING)
+    if not isinstance(data, dict):
+        raise _fail(code, f"{path}.data", '{"embedded": "survivors", "rows": N} or {"path": FILE, ...}', data)
+    try:
+        ref = DataRef.from_param(data)
+    except TypeError:
+        raise _fail(code, f"{path}.data", "only the keys embedded, rows, path, target, format", data) from None
+    if not (ref.embedded == "survivors" or (isinstance(ref.path, str) and ref.path)):
+        raise _fail(code, f"{path}.data", '{"embedded": "survivors", ...} or {"path": FILE, ...}', data)
+    if ref.rows is not None and not (_is_int(ref.rows) and ref.rows >= 2):
+        raise _fail(code, f"{path}.data.rows", "an integer >= 2", ref.rows)
+    return FitJob(
+        trial_number=_int(obj, "trial_number", path, code), fold_idx=fold_idx, folds=folds,
+        seed=_int(obj, "seed", path, code), hidden_layers=tuple(hidden), lr=float(lr),
+        weight_decay=float(weight_decay), dropout=float(dropout), data=ref,
+    )
+
+
+def _parse_settings(obj: dict) -> BatchSettings:
+    code = E_INVALID_REQUEST
+    defaults = BatchSettings()
+    n_concurrent = obj.get("n_concurrent", defaults.n_concurrent)
+    if n_concurrent != "auto" and not (_is_int(n_concurrent) and n_concurrent >= 1):
+        raise _fail(code, "$.n_concurrent", '"auto" or an integer >= 1', n_concurrent)
+    strategy = obj.get("strategy", defaults.strategy)
+    if strategy not in STRATEGIES:
+        raise _fail(code, "$.strategy", f"one of {', '.join(STRATEGIES)}", strategy)
+    precision = obj.get("precision", defaults.precision)
+    if precision not in PRECISIONS:
+        raise _fail(code, "$.precision", f"one of {', '.join(PRECISIONS)}", precision)
+    fraction = obj.get("vram_budget_fraction", defaults.vram_budget_fraction)
+    if not _is_number(fraction) or not 0 < fraction <= 1:
+        raise _fail(code, "$.vram_budget_fraction", "a number in (0, 1]", fraction)
+    return BatchSettings(
+        n_concurrent=n_concurrent, strategy=strategy, precision=precision,
+        max_epochs=_int(obj, "max_epochs", "$", code, 1) if "max_epochs" in obj else defaults.max_epochs,
+        patience=_int(obj, "patience", "$", code, 1) if "patience" in obj else defaults.patience,
+        vram_budget_fraction=float(fraction),
+    )
+
+
+def parse_request(raw: bytes) -> Request:
+    """Decode and check one request line (without its newline). Raise ProtocolError with a code."""
+    if len(raw) > MAX_LINE_BYTES:
+        raise ProtocolError(E_LINE_TOO_LONG, f"request line of {len(raw)} bytes: the limit is {MAX_LINE_BYTES}")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ProtocolError(E_INVALID_UTF8, f"request line is not UTF-8: byte {exc.start} is invalid") from None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ProtocolError(E_MALFORMED_JSON, f"request line is not JSON: {exc.msg} at column {exc.colno}") from None
+    if not isinstance(obj, dict) or not isinstance(obj.get("command"), str):
+        raise _fail(E_INVALID_REQUEST, "$.command", f"an object with a \"command\": one of {', '.join(COMMANDS)}",
+                    obj.get("command", _MISSING) if isinstance(obj, dict) else obj)
+    command = obj["command"]
+    if command not in COMMANDS:
+        raise ProtocolError(E_UNKNOWN_COMMAND, f"$.command: unknown command {command!r}: expected one of "
+                                               f"{', '.join(COMMANDS)}")
+    if command == "train":
+        return Request(command, [parse_job(obj.get("job", _MISSING))], _parse_settings(obj))
+    if command == "train_batch":
+        jobs = obj.get("jobs", _MISSING)
+        if not isinstance(jobs, list) or not jobs:
+            raise _fail(E_INVALID_JOB, "$.jobs", "a non-empty list of jobs", jobs)
+        parsed = [parse_job(job, f"$.jobs[{i}]") for i, job in enumerate(jobs)]
+        keys = [job.key for job in parsed]
+        if len(set(keys)) != len(keys):
+            dup = next(k for k in keys if keys.count(k) > 1)
+            raise ProtocolError(E_INVALID_JOB, f"$.jobs: trial {dup[0]} fold {dup[1]} appears more than once")
+        return Request(command, parsed, _parse_settings(obj))
+    return Request(command)
+
+
+# ---- reply lines -----------------------------------------------------------------------------------
+
+def error_line(code: str, message: str) -> dict:
+    return {"event": "error", "status": "error", "code": code, "message": message}
+
+
+def fatal_line(code: str, message: str) -> dict:
+    return {"event": "fatal", "status": "fatal", "code": code, "message": message}
+
+
+def encode(reply: dict) -> bytes:
+    # allow_nan=False: a NaN must never reach the host as invalid JSON; results carry r2 None instead.
+    return (json.dumps(reply, allow_nan=False, separators=(",", ":")) + "\n").encode("utf-8")

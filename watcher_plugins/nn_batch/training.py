@@ -1,0 +1,192 @@
+"""What one model fit means, defined once for every trainer.
+
+A fit trains SurvivorQualityNet full-batch on one fold's training rows with Adam (lr, L2 weight decay
+as torch.optim.Adam applies it), MSE loss. Epoch ``t`` (0-based, at most ``max_epochs``):
+
+1. one forward pass with the parameters after ``t`` Adam steps: training rows with that epoch's
+   dropout masks, held-out rows without dropout;
+2. the held-out MSE goes to early stopping: it improves when strictly lower than the best so far;
+   the fit stops once ``patience`` epochs have passed without an improvement;
+3. unless stopped or at the last epoch, one Adam step on the training MSE.
+
+The result is the R^2 (data.r2_score) of the held-out predictions of the best epoch. A fit whose
+held-out loss is never finite fails.
+
+Trainers keep early stopping on the device (``EarlyStopping``) and look at it from the host every
+``HOST_CHECK_EVERY`` epochs, so that no epoch waits on a host sync. A fit that stopped on the device
+may run a few more epochs before the host notices; those epochs change nothing, because the device
+state of a stopped fit is frozen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from watcher_plugins.data import r2_score
+from watcher_plugins.nn_batch.device_data import DeviceDataset, FoldRows
+from watcher_plugins.nn_batch.protocol import FitJob
+from watcher_plugins.records import STATUS_FAIL, STATUS_OK, fold_seed
+
+HOST_CHECK_EVERY = 8
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    max_epochs: int = 200
+    patience: int = 20
+    precision: str = "fp32"  # fp32 | tf32 | bf16
+
+
+@dataclass
+class FitTask:
+    """A fit ready to train: the job, its device dataset and fold rows, and its init seed."""
+
+    job: FitJob
+    data: DeviceDataset
+    rows: FoldRows
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return self.job.key
+
+    @property
+    def init_seed(self) -> int:
+        return fold_seed(self.job.seed, self.job.trial_number, self.job.fold_idx)
+
+    @classmethod
+    def build(cls, job: FitJob, data: DeviceDataset) -> FitTask:
+        return cls(job=job, data=data, rows=data.fold(job.folds, job.seed, job.fold_idx))
+
+
+@dataclass
+class FitOutcome:
+    key: tuple[int, int]
+    status: str
+    r2: float | None
+    seconds: float
+    epochs: int = 0
+    best_epoch: int = -1
+    error: str | None = None
+    info: dict = field(default_factory=dict)
+
+
+OutcomeCallback = Callable[[FitOutcome], None]
+#: Called with the fits about to train together; fault injection raises from it.
+PackHook = Callable[[Sequence["FitTask"]], None]
+
+
+def outcome_from_best(task: FitTask, best_val_pred: torch.Tensor, best_epoch: int, stop_epoch: int,
+                      seconds: float) -> FitOutcome:
+    """The result of a finished fit from its best epoch's held-out predictions (in held-out row order)."""
+    if best_epoch < 0:
+        return FitOutcome(task.key, STATUS_FAIL, None, seconds, stop_epoch + 1, best_epoch,
+                          error="the held-out loss was never finite (the fit diverged)")
+    y_val = task.data.y_host[task.rows.val_idx_host]
+    r2 = r2_score(y_val, best_val_pred.detach().float().cpu().numpy())
+    if not math.isfinite(r2):
+        return FitOutcome(task.key, STATUS_FAIL, None, seconds, stop_epoch + 1, best_epoch,
+                          error=f"R^2 is not finite ({r2})")
+    return FitOutcome(task.key, STATUS_OK, r2, seconds, stop_epoch + 1, best_epoch)
+
+
+class EarlyStopping:
+    """Early stopping on held-out loss for ``n`` fits at once, kept on the device.
+
+    ``best_pred`` holds each fit's predictions at its best epoch ([n, *pred_shape]).
+    """
+
+    def __init__(self, n: int, patience: int, pred_shape: Sequence[int], device: torch.device):
+        self.patience = patience
+        self.best_loss = torch.full((n,), math.inf, device=device)
+        self.best_epoch = torch.full((n,), -1, dtype=torch.long, device=device)
+        self.stop_epoch = torch.full((n,), -1, dtype=torch.long, device=device)
+        self.stopped = torch.zeros(n, dtype=torch.bool, device=device)
+        self.best_pred = torch.zeros((n, *pred_shape), device=device)
+
+    def update(self, epoch: int, val_loss: torch.Tensor, pred: torch.Tensor) -> None:
+        live = ~self.stopped
+        improved = live & (val_loss < self.best_loss)
+        self.best_loss = torch.where(improved, val_loss, self.best_loss)
+        self.best_epoch = torch.where(improved, epoch, self.best_epoch)
+        expand = improved.view(-1, *([1] * (pred.dim() - 1)))
+        self.best_pred = torch.where(expand, pred.detach().float(), self.best_pred)
+        newly = live & (epoch - self.best_epoch >= self.patience)
+        self.stop_epoch = torch.where(newly, epoch, self.stop_epoch)
+        self.stopped = self.stopped | newly
+
+    def finish(self, last_epoch: int) -> None:
+        """Fits still running after the last epoch stop there."""
+        self.stop_epoch = torch.where(self.stopped, self.stop_epoch, last_epoch)
+        self.stopped = torch.ones_like(self.stopped)
+
+    def keep(self, index: torch.Tensor) -> None:
+        """Keep only the fits at ``index`` (compaction)."""
+        for name in ("best_loss", "best_epoch", "stop_epoch", "stopped", "best_pred"):
+            setattr(self, name, getattr(self, name).index_select(0, index))
+
+
+@contextlib.contextmanager
+def precision_context(precision: str, device: torch.device) -> Iterator[None]:
+    """fp32: exact float32 matmuls (TF32 off); tf32: TF32 matmuls; bf16: bf16 autocast over the forward.
+
+    Autocast is entered by the trainers around forward passes only (``autocast(precision, device)``);
+    this context sets the matmul mode and restores it afterwards.
+    """
+    old_matmul = torch.backends.cuda.matmul.allow_tf32
+    old_cudnn = torch.backends.cudnn.allow_tf32
+    old_precision = torch.get_float32_matmul_precision()
+    tf32 = precision == "tf32"
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old_matmul
+        torch.backends.cudnn.allow_tf32 = old_cudnn
+        torch.set_float32_matmul_precision(old_precision)
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Trainer(ABC):
+    """Trains fits and reports each as it finishes. ``running`` names the fits in flight, so that an
+    OOM at concurrency 1 can be pinned on the fit that did not fit."""
+
+    name: str = ""
+
+    def __init__(self, settings: TrainSettings, device: torch.device, pack_hook: PackHook | None = None):
+        self.settings = settings
+        self.device = device
+        self.pack_hook = pack_hook
+        self.running: list[tuple[int, int]] = []
+        self.model_epochs = 0  # epochs run, stopped fits' extra epochs included
+
+    def _starting(self, tasks: Sequence[FitTask]) -> None:
+        self.running = [task.key for task in tasks]
+        if self.pack_hook is not None:
+            self.pack_hook(tasks)
+
+    @abstractmethod
+    def train(self, tasks: Sequence[FitTask], n_concurrent: int, on_done: OutcomeCallback) -> None:
+        """Train every task, at most ``n_concurrent`` at a time; call ``on_done`` once per task as it ends."""
+
+
+def clock() -> float:
+    return time.perf_counter()

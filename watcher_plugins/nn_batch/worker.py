@@ -1,0 +1,171 @@
+"""The NN worker process: JSON-lines requests on stdin, replies on stdout (protocol.py).
+
+    echo '{"command": "ping"}' | CUDA_VISIBLE_DEVICES=0 python -m watcher_plugins.nn_batch.worker
+
+It holds its GPU's lease for its whole life (the OS frees it if the process dies), initialises CUDA
+once, and keeps datasets on the device between batches. It never imports a tree library. stdout
+carries protocol lines only: the protocol writes to a private copy of file descriptor 1, and fd 1
+itself is pointed at stderr, so whatever a library prints lands on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import BinaryIO
+
+from watcher_plugins.errors import LeaseError, ProtocolError
+from watcher_plugins.lease import GpuLease
+from watcher_plugins.nn_batch import protocol
+from watcher_plugins.nn_batch.protocol import BatchSettings, Request
+
+TREE_LIBRARIES = ("catboost", "lightgbm", "xgboost")
+EXIT_FATAL = 3
+EXIT_NO_LEASE = 4
+
+
+def protect_stdout() -> BinaryIO:
+    """Return a private stream for protocol lines; send everything else written to fd 1 to stderr."""
+    protocol_fd = os.dup(1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    return os.fdopen(protocol_fd, "wb", buffering=0)
+
+
+class Worker:
+    def __init__(self, out: BinaryIO, runner, device_name: str, gpu: int | None):
+        self.out = out
+        self.runner = runner
+        self.device_name = device_name
+        self.gpu = gpu
+
+    def send(self, reply: dict) -> None:
+        self.out.write(protocol.encode(reply))
+
+    def _pong(self) -> dict:
+        import torch
+
+        return {"event": "pong", "status": "ok", "device": self.device_name, "gpu_lease": self.gpu,
+                "pid": os.getpid(), "torch": torch.__version__, "datasets_cached": len(self.runner.cache),
+                "tree_libraries_loaded": sorted(name for name in TREE_LIBRARIES if name in sys.modules)}
+
+    def _result(self, outcome) -> dict:
+        line = {"event": "result", "trial_number": outcome.key[0], "fold_idx": outcome.key[1],
+                "status": outcome.status, "r2": outcome.r2, "seconds": round(outcome.seconds, 4),
+                "epochs": outcome.epochs, "best_epoch": outcome.best_epoch}
+        if outcome.error:
+            line["error"] = outcome.error
+        if outcome.info:
+            line["info"] = outcome.info
+        return line
+
+    def _train(self, request: Request) -> dict | None:
+        """Run a train or train_batch request; return a fatal line if the device broke."""
+        from watcher_plugins.nn_batch.batch import is_fatal_device_error
+
+        settings = request.settings
+        if request.command == "train":  # the single-trial path: one fit, the reference trainer
+            settings = BatchSettings(1, "serial", settings.precision, settings.max_epochs, settings.patience,
+                                     settings.vram_budget_fraction)
+        try:
+            summary = self.runner.run(request.jobs, settings, lambda outcome: self.send(self._result(outcome)))
+        except Exception as exc:
+            if is_fatal_device_error(exc):
+                return protocol.fatal_line(protocol.FATAL_CUDA, f"{type(exc).__name__}: {exc}")
+            self.send(protocol.error_line(protocol.E_INTERNAL, f"{type(exc).__name__}: {exc}"))
+            return None
+        if request.command == "train_batch":
+            self.send({"event": "batch_done", "status": "ok", **summary})
+        return None
+
+    def serve(self, stdin: BinaryIO) -> int:
+        """Serve until shutdown or end of input (exit 0), or a fatal device error (exit 3)."""
+        while True:
+            raw = stdin.readline(protocol.MAX_LINE_BYTES + 1)
+            if not raw:
+                return 0
+            if len(raw) > protocol.MAX_LINE_BYTES and not raw.endswith(b"\n"):
+                size = len(raw)
+                while raw and not raw.endswith(b"\n"):  # skip the rest of the oversized line
+                    raw = stdin.readline(protocol.MAX_LINE_BYTES)
+                    size += len(raw)
+                self.send(protocol.error_line(protocol.E_LINE_TOO_LONG, f"request line of at least {size} bytes: "
+                                                                        f"the limit is {protocol.MAX_LINE_BYTES}"))
+                continue
+            line = raw.rstrip(b"\r\n")
+            if not line.strip():
+                continue
+            try:
+                request = protocol.parse_request(line)
+            except ProtocolError as exc:
+                self.send(protocol.error_line(exc.code, str(exc)))
+                continue
+            if request.command == "shutdown":
+                self.send({"event": "bye", "status": "ok"})
+                return 0
+            if request.command == "ping":
+                self.send(self._pong())
+                continue
+            fatal = self._train(request)
+            if fatal is not None:
+                self.send(fatal)
+                return EXIT_FATAL
+
+
+def _gpu_from_environment() -> int | None:
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
+    return int(visible) if visible.isdigit() else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m watcher_plugins.nn_batch.worker", description=__doc__.split("\n")[0])
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="where to train (auto: the GPU if CUDA is available)")
+    parser.add_argument("--gpu", type=int, default=None,
+                        help="physical index of the GPU whose lease this worker holds (default: CUDA_VISIBLE_DEVICES "
+                             "when it names one GPU; none on --device cpu)")
+    parser.add_argument("--lease-dir", default=None)
+    parser.add_argument("--lease-timeout", type=float, default=600.0)
+    args = parser.parse_args(argv)
+    out = protect_stdout()
+
+    def fatal(code: str, message: str, exit_code: int) -> int:
+        out.write(protocol.encode(protocol.fatal_line(code, message)))
+        return exit_code
+
+    gpu = args.gpu if args.gpu is not None else (None if args.device == "cpu" else _gpu_from_environment())
+    if gpu is not None and "CUDA_VISIBLE_DEVICES" not in os.environ and args.device != "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)  # before torch is imported, so CUDA sees that GPU alone
+    lease = None
+    if gpu is not None:
+        try:
+            lease = GpuLease(gpu, args.lease_dir, args.lease_timeout, purpose=f"nn_batch worker pid {os.getpid()}")
+            lease.acquire()
+        except LeaseError as exc:
+            return fatal(protocol.FATAL_LEASE, str(exc), EXIT_NO_LEASE)
+    try:
+        try:
+            import torch
+
+            from watcher_plugins.nn_batch.batch import BatchRunner
+            from watcher_plugins.nn_batch.faults import Faults
+
+            use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+            if use_cuda and not torch.cuda.is_available():
+                return fatal(protocol.FATAL_STARTUP, "--device cuda: CUDA is not available in this process", 1)
+            device = torch.device("cuda:0" if use_cuda else "cpu")
+            name = f"cuda:0 ({torch.cuda.get_device_name(0)})" if use_cuda else "cpu"
+            if use_cuda:
+                torch.zeros(1, device=device)  # initialise CUDA now, once
+            runner = BatchRunner(device, Faults.from_env())
+        except Exception as exc:  # noqa: BLE001 - reported on the protocol, then the process ends
+            return fatal(protocol.FATAL_STARTUP, f"{type(exc).__name__}: {exc}", 1)
+        return Worker(out, runner, name, gpu).serve(sys.stdin.buffer)
+    finally:
+        if lease is not None:
+            lease.release()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
