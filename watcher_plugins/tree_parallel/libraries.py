@@ -12,6 +12,7 @@ summation order on the GPU is non-deterministic); the GPU benchmark measures how
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import warnings
@@ -177,6 +178,12 @@ class XGBoostFitter(TreeFitter):
         train, val = fold.prepared
         booster = xgb.train(full, train, num_boost_round=settings.rounds, evals=[(val, "val")],
                             early_stopping_rounds=settings.early_stopping_rounds, verbose_eval=False)
+        if settings.use_gpu:
+            # XGBoost quietly falls back to the CPU when it sees no GPU; a GPU trial must not.
+            device = json.loads(booster.save_config())["learner"]["generic_param"].get("device", "")
+            if not device.startswith("cuda"):
+                raise RuntimeError(f"XGBoost found no visible GPU (CUDA_VISIBLE_DEVICES="
+                                   f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}) and fell back to {device!r}")
         pred = booster.predict(val, iteration_range=(0, booster.best_iteration + 1))
         return FoldFit(r2=r2_score(fold.y_val, pred), best_iteration=int(booster.best_iteration) + 1)
 

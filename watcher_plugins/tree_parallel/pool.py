@@ -193,6 +193,15 @@ class TreeTrialPool:
     def has_gpu(self) -> bool:
         return any(p.gpu is not None for p in self.placements)
 
+    def busy_workers(self) -> list[tuple[int, str, int]]:
+        """(pid, model type, trial number) of each worker now training a trial."""
+        busy = []
+        for w in list(self._workers):  # may be called from another thread: read each field once
+            task = w.task if w is not None else None
+            if task is not None:
+                busy.append((w.pid, task.job.model_type, task.job.trial_number))
+        return busy
+
     def worker_pids(self) -> list[int]:
         return [w.pid for w in self._workers if w is not None and w.proc.poll() is None]
 

@@ -96,6 +96,7 @@ class TreeWorker:
         settings = FitSettings(self.rounds, self.early_stopping_rounds, self.placement.threads, use_gpu)
 
         def report(result: FoldResult) -> None:
+            result.info.update(pid=os.getpid(), worker_gpu=self.placement.gpu, slot=self.placement.slot)
             self.send({"event": "fold", "result": result.to_json()})
 
         if use_gpu:

@@ -1,0 +1,113 @@
+"""The tree_parallel executor end to end on CPU: results independent of the worker count, worker
+isolation (fresh interpreters, no torch, pinned GPU and cores), and GPU/CPU scheduling."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from watcher_plugins.builtin import _tree_parallel_executor
+from watcher_plugins.errors import ExecutorError
+from watcher_plugins.executor import Executor, RunContext
+from watcher_plugins.records import DataRef, TrialJob
+from watcher_plugins.tree_parallel.executor import TreeParallelExecutor
+from watcher_plugins.tree_parallel.trial import sample_params
+
+DATA = DataRef(embedded="survivors", rows=1500)
+FAST = {"tree_rounds": 30, "tree_early_stopping_rounds": 10}
+
+
+@pytest.fixture
+def trees():
+    for lib in ("catboost", "lightgbm", "xgboost", "optuna"):
+        pytest.importorskip(lib)
+
+
+def _jobs(model_types=("catboost", "lightgbm", "xgboost"), trials=2, folds=3):
+    return [TrialJob(m, t, sample_params(m, t, 11), DATA, folds, seed=11) for t in range(trials) for m in model_types]
+
+
+def _executor(tmp_path: Path, devices=(), **params) -> TreeParallelExecutor:
+    return TreeParallelExecutor({**FAST, **params}, RunContext(output_dir=tmp_path, devices=list(devices)))
+
+
+def test_the_registered_loader_gives_this_executor():
+    cls = _tree_parallel_executor()
+    assert cls is TreeParallelExecutor and issubclass(cls, Executor)
+
+
+def test_results_are_identical_with_one_or_two_workers(tmp_path, trees):
+    jobs = _jobs()
+    by_workers = {}
+    for workers in (1, 2):
+        seen = []
+        with _executor(tmp_path, tree_parallel_workers=workers) as ex:
+            results = ex.run_batch(jobs, on_result=seen.append)
+        assert len(results) == len(seen) == 18  # every fold of every job, each reported once
+        assert all(r.status == "ok" for r in results), [r.error for r in results if r.error]
+        by_workers[workers] = [(r.model_type, r.trial_number, r.fold_idx, r.r2) for r in results]
+    assert by_workers[1] == by_workers[2]
+    # Returned in batch order (job, then fold), whatever order the folds finished in.
+    assert [(m, t, f) for m, t, f, _ in by_workers[2]] == [(j.model_type, j.trial_number, f)
+                                                          for j in jobs for f in range(3)]
+
+
+def test_workers_are_fresh_interpreters_that_never_import_torch(tmp_path, trees):
+    with _executor(tmp_path, tree_parallel_workers=2) as ex:
+        ex.run_batch(_jobs())
+        infos = ex.pool.ping()
+    assert len(infos) == 2
+    for info in infos:
+        assert "torch" not in info["modules"]
+        assert "pytest" not in info["modules"]  # spawned, not forked from this pytest process
+    assert {m for info in infos for m in info["modules"]} == {"catboost", "lightgbm", "xgboost"}
+
+
+def test_each_worker_is_pinned_to_its_gpu_and_cores_before_it_starts(tmp_path, trees):
+    with _executor(tmp_path, devices=[0], tree_parallel_workers=2, tree_device="gpu") as ex:
+        infos = sorted(ex.pool.ping(), key=lambda info: info["gpu"] is None)
+    gpu_worker, cpu_worker = infos
+    assert gpu_worker["gpu"] == 0 and gpu_worker["cuda_visible_devices"] == "0"
+    assert cpu_worker["gpu"] is None and cpu_worker["cuda_visible_devices"] == ""  # sees no GPU at all
+    assert gpu_worker["threads"] == cpu_worker["threads"] == 1
+    assert set(gpu_worker["affinity"]).isdisjoint(cpu_worker["affinity"])
+
+
+def test_gpu_trials_go_to_the_gpu_worker_and_lightgbm_to_cpu_threads(tmp_path, trees):
+    # No GPU here: CatBoost's GPU fits fail fast, which is enough to see where each trial was sent.
+    jobs = _jobs(("catboost", "lightgbm"), trials=3)
+    with _executor(tmp_path, devices=[0], tree_parallel_workers=2, tree_device="gpu") as ex:
+        results = ex.run_batch(jobs)
+    catboost = [r for r in results if r.model_type == "catboost"]
+    lightgbm = [r for r in results if r.model_type == "lightgbm"]
+    assert all(r.info["worker_gpu"] == 0 and r.info["device"] == "gpu" for r in catboost)
+    assert all(r.status == "ok" and r.info["device"] == "cpu" for r in lightgbm)
+    assert any(r.info["worker_gpu"] is None for r in lightgbm)  # the CPU worker ran LightGBM meanwhile
+
+
+def test_the_pool_lives_across_batches(tmp_path, trees):
+    with _executor(tmp_path, tree_parallel_workers=2) as ex:
+        ex.run_batch(_jobs(("lightgbm",), trials=1))
+        pids = sorted(ex.pool.worker_pids())
+        ex.run_batch(_jobs(("xgboost",), trials=1))
+        assert sorted(ex.pool.worker_pids()) == pids
+    assert ex._pool is None  # closed
+
+
+def test_an_unknown_model_type_fails_its_folds_only(tmp_path, trees):
+    jobs = [TrialJob("nn", 0, {}, DATA, 3, 11), *_jobs(("lightgbm",), trials=1)]
+    with _executor(tmp_path) as ex:
+        results = ex.run_batch(jobs)
+    assert [r.status for r in results] == ["fail"] * 3 + ["ok"] * 3
+    assert "cannot train model type 'nn'" in results[0].error
+
+
+def test_tree_device_gpu_without_a_gpu_is_refused(tmp_path):
+    with pytest.raises(ExecutorError, match="no GPU"):
+        _executor(tmp_path, tree_device="gpu")
+
+
+def test_tree_device_cpu_ignores_the_gpus(tmp_path):
+    ex = _executor(tmp_path, devices=[0, 1], tree_parallel_workers=3, tree_device="cpu")
+    assert all(p.gpu is None for p in ex.placements)

@@ -1,0 +1,130 @@
+"""Each fault the tree pool must survive, made to happen: a worker that aborts (as from a segfault)
+or is killed mid-trial, a trial that raises, and a GPU lease that cannot be had in time."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from watcher_plugins.executor import RunContext
+from watcher_plugins.lease import GpuLease
+from watcher_plugins.records import DataRef, TrialJob
+from watcher_plugins.tree_parallel.executor import TreeParallelExecutor
+from watcher_plugins.tree_parallel.libraries import FitSettings
+from watcher_plugins.tree_parallel.trial import run_trial
+from watcher_plugins.tree_parallel.worker import FAULT_INJECTION_ENV, FAULT_PARAM
+
+DATA = DataRef(embedded="survivors", rows=1500)
+FAST = {"tree_rounds": 30, "tree_early_stopping_rounds": 10}
+LGB = {"num_leaves": 15, "learning_rate": 0.1}
+
+
+@pytest.fixture(autouse=True)
+def faults_on(monkeypatch):
+    pytest.importorskip("lightgbm")
+    monkeypatch.setenv(FAULT_INJECTION_ENV, "1")  # workers inherit it
+
+
+def _job(trial: int, fault: str | None = None, model_type: str = "lightgbm", params=None) -> TrialJob:
+    params = dict(LGB if params is None else params)
+    if fault:
+        params[FAULT_PARAM] = fault
+    return TrialJob(model_type, trial, params, DATA, 3, seed=5)
+
+
+def _executor(tmp_path: Path, devices=(), retries=2, lease_timeout_s=600.0, **params) -> TreeParallelExecutor:
+    context = RunContext(output_dir=tmp_path, devices=list(devices), trial_retries=retries,
+                         lease_timeout_s=lease_timeout_s)
+    return TreeParallelExecutor({**FAST, "tree_parallel_workers": 2, **params}, context)
+
+
+def test_a_worker_that_keeps_aborting_fails_its_trial_after_the_retries_and_frees_the_gpu_lease(tmp_path):
+    # A GPU-pinned worker takes GPU 0's lease, then dies of SIGABRT inside the trial, three times.
+    jobs = [_job(0, "abort", model_type="catboost", params={"depth": 4}), _job(1), _job(2)]
+    with _executor(tmp_path, devices=[0], retries=2, tree_device="gpu") as ex:
+        results = ex.run_batch(jobs)
+        restarts = ex.pool.restarts
+        assert len(ex.pool.worker_pids()) == 2  # the pool was rebuilt
+    crashed, others = results[:3], results[3:]
+    assert [r.status for r in crashed] == ["fail"] * 3
+    assert all("SIGABRT" in r.error and "gave up after 3 attempt(s)" in r.error for r in crashed)
+    assert all(r.status == "ok" for r in others)
+    assert restarts == 3
+    with GpuLease(0, timeout=0.5):  # the OS released the dead worker's lease: no lease left held
+        pass
+
+
+def test_a_worker_that_aborts_once_is_replaced_and_the_retry_gives_the_same_result(tmp_path):
+    marker = tmp_path / "aborted-once"
+    with _executor(tmp_path, retries=1) as ex:
+        results = ex.run_batch([_job(0, f"abort_once:{marker}"), _job(1)])
+    assert marker.exists()  # it did abort
+    assert all(r.status == "ok" for r in results)
+    reference = run_trial(_job(0), FitSettings(FAST["tree_rounds"], FAST["tree_early_stopping_rounds"], threads=1))
+    assert [r.r2 for r in results[:3]] == [r.r2 for r in reference]
+
+
+def test_a_worker_killed_mid_trial_fails_that_trial_and_the_others_finish(tmp_path):
+    with _executor(tmp_path, retries=0) as ex:
+        killed = []
+
+        def kill_the_sleeper():
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and not killed:
+                for pid, _, trial in ex.pool.busy_workers():
+                    if trial == 0:
+                        time.sleep(0.3)  # well inside the trial
+                        os.kill(pid, signal.SIGKILL)
+                        killed.append(pid)
+                time.sleep(0.05)
+
+        ex.pool.start()
+        killer = threading.Thread(target=kill_the_sleeper)
+        killer.start()
+        started = time.monotonic()
+        results = ex.run_batch([_job(0, "sleep:120"), _job(1), _job(2)])
+        killer.join()
+        assert time.monotonic() - started < 60  # no wait for the 120 s trial
+        assert killed and killed[0] not in ex.pool.worker_pids()
+        # The rebuilt pool serves the next batch.
+        assert [r.status for r in ex.run_batch([_job(3)])] == ["ok"] * 3
+    assert [r.status for r in results[:3]] == ["fail"] * 3
+    assert all("SIGKILL" in r.error and "lightgbm trial 0" in r.error for r in results[:3])
+    assert all(r.status == "ok" for r in results[3:])
+
+
+def test_a_trial_that_raises_fails_with_the_error_text_and_the_others_are_unaffected(tmp_path):
+    jobs = [_job(0), _job(1, params={"num_leaves": -3}), _job(2)]
+    with _executor(tmp_path) as ex:
+        results = ex.run_batch(jobs)
+        pids = ex.pool.worker_pids()
+        assert ex.pool.restarts == 0 and len(pids) == 2  # a raising trial never costs a worker
+    bad = results[3:6]
+    assert [r.status for r in bad] == ["fail"] * 3
+    assert all(r.r2 is None and "num_leaves" in r.error for r in bad)
+    assert all(r.status == "ok" for r in results[:3] + results[6:])
+
+
+def test_a_gpu_lease_not_had_in_time_fails_the_trial_naming_the_holder(tmp_path):
+    jobs = [_job(0, model_type="catboost", params={"depth": 4}), _job(1)]
+    with GpuLease(0, timeout=1, purpose="a test holding GPU 0"):
+        with _executor(tmp_path, devices=[0], lease_timeout_s=1.0, tree_device="gpu") as ex:
+            started = time.monotonic()
+            results = ex.run_batch(jobs)
+            assert time.monotonic() - started < 30  # no hang
+    gpu_trial, cpu_trial = results[:3], results[3:]
+    assert [r.status for r in gpu_trial] == ["fail"] * 3
+    assert all(f"held by pid {os.getpid()}" in r.error and "a test holding GPU 0" in r.error for r in gpu_trial)
+    assert all(r.status == "ok" for r in cpu_trial)
+
+
+def test_fault_params_are_ignored_unless_injection_is_switched_on(tmp_path, monkeypatch):
+    monkeypatch.delenv(FAULT_INJECTION_ENV)
+    with _executor(tmp_path) as ex:
+        results = ex.run_batch([_job(0, "abort")])
+    assert all(r.status == "ok" for r in results)

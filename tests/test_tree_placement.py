@@ -1,0 +1,52 @@
+"""Worker placement: one GPU worker per GPU, disjoint core shares, never more workers than cores."""
+
+from __future__ import annotations
+
+import pytest
+
+from watcher_plugins.tree_parallel.placement import WorkerPlacement, plan_placements
+
+
+def _all_cores(placements):
+    return [c for p in placements for c in p.cores]
+
+
+def test_serial_is_one_worker_with_every_core_and_the_first_gpu():
+    (only,) = plan_placements(1, [3, 5], range(16))
+    assert only.gpu == 3 and only.cores == tuple(range(16)) and only.threads == 16
+
+
+def test_gpu_workers_first_then_cpu_workers_with_disjoint_core_shares():
+    placements = plan_placements(8, [0, 1], range(16))
+    assert [p.gpu for p in placements] == [0, 1, None, None, None, None, None, None]
+    cores = _all_cores(placements)
+    assert sorted(cores) == list(range(16)) and len(set(cores)) == 16  # every core used once
+    assert {p.threads for p in placements} == {2}
+
+
+def test_uneven_shares_differ_by_at_most_one_core():
+    placements = plan_placements(3, [], range(8))
+    assert [p.threads for p in placements] == [3, 3, 2]
+    assert all(p.gpu is None for p in placements)
+
+
+def test_workers_are_capped_so_that_cores_are_never_oversubscribed():
+    placements = plan_placements(10, [0], [0, 1, 2, 3])
+    assert len(placements) == 4 and [p.gpu for p in placements] == [0, None, None, None]
+    assert sorted(_all_cores(placements)) == [0, 1, 2, 3]
+
+
+def test_more_workers_than_gpus_on_a_gpu_only_plan_use_one_worker_per_gpu():
+    placements = plan_placements(2, [0, 1, 2], range(4))
+    assert [p.gpu for p in placements] == [0, 1]  # a GPU is never shared, an extra GPU may stay idle
+
+
+def test_placement_round_trips_through_json():
+    p = WorkerPlacement(slot=2, gpu=1, cores=(4, 5, 6, 9))
+    assert WorkerPlacement.from_json(p.to_json()) == p
+    assert p.describe() == "worker 2 (GPU 1, cores 4-6,9)"
+
+
+def test_zero_workers_is_refused():
+    with pytest.raises(ValueError, match="tree_parallel_workers"):
+        plan_placements(0, [], range(4))

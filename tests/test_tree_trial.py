@@ -1,0 +1,118 @@
+"""One tree trial in-process, and the one-trial command: k-fold CV, early stopping, seeded, R^2."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from watcher_plugins.data import embedded_survivors, kfold_splits, r2_score
+from watcher_plugins.records import DataRef, TrialJob, fold_seed
+from watcher_plugins.tree_parallel.libraries import FitSettings
+from watcher_plugins.tree_parallel.trial import FoldDataCache, run_trial, sample_params
+
+LIBRARY = {"catboost": "catboost", "lightgbm": "lightgbm", "xgboost": "xgboost"}
+DATA = DataRef(embedded="survivors", rows=1500)
+SETTINGS = FitSettings(rounds=40, early_stopping_rounds=10, threads=1)
+
+
+def _job(model_type: str, trial: int = 0, params: dict | None = None, folds: int = 3) -> TrialJob:
+    return TrialJob(model_type, trial, params if params is not None else sample_params(model_type, trial, 7),
+                    DATA, folds, seed=7)
+
+
+@pytest.mark.parametrize("model_type", sorted(LIBRARY))
+def test_a_trial_scores_every_fold_with_early_stopping(model_type):
+    pytest.importorskip(LIBRARY[model_type])
+    results = run_trial(_job(model_type), SETTINGS)
+    assert [r.fold_idx for r in results] == [0, 1, 2]
+    assert all(r.status == "ok" and r.error is None for r in results)
+    assert all(0.2 < r.r2 < 1.0 for r in results)  # the embedded data has real signal
+    assert all(1 <= r.info["best_iteration"] <= SETTINGS.rounds for r in results)
+    assert all(r.info["device"] == "cpu" for r in results)
+
+
+@pytest.mark.parametrize("model_type", sorted(LIBRARY))
+def test_a_trial_is_reproducible_and_independent_of_thread_count(model_type):
+    pytest.importorskip(LIBRARY[model_type])
+    job = _job(model_type, trial=2)
+    one = run_trial(job, SETTINGS)
+    two = run_trial(job, FitSettings(SETTINGS.rounds, SETTINGS.early_stopping_rounds, threads=2))
+    assert [r.r2 for r in one] == [r.r2 for r in two]
+
+
+def test_fold_datasets_are_built_once_and_reused_across_trials():
+    pytest.importorskip("lightgbm")
+    cache = FoldDataCache()
+    first = run_trial(_job("lightgbm", 0), SETTINGS, cache)
+    second = run_trial(_job("lightgbm", 1), SETTINGS, cache)
+    assert cache.builds == 3  # one per fold, not one per fold and trial
+    # A reused Dataset gives exactly what a fresh one gives, for params that differ in Dataset-level
+    # ones too (min_child_samples).
+    assert [r.r2 for r in second] == [r.r2 for r in run_trial(_job("lightgbm", 1), SETTINGS)]
+    assert [r.r2 for r in first] != [r.r2 for r in second]
+
+
+def test_r2_is_scored_on_the_held_out_fold():
+    xgb = pytest.importorskip("xgboost")
+    job = _job("xgboost", params={"max_depth": 3, "learning_rate": 0.1})
+    (result,) = run_trial(job, SETTINGS, fold_indices=[1])
+    ds = embedded_survivors(DATA.rows)
+    train, val = kfold_splits(ds.n_rows, job.folds, job.seed)[1]
+
+    dtrain = xgb.QuantileDMatrix(ds.X[train], ds.y[train], max_bin=256)
+    booster = xgb.train({"max_depth": 3, "learning_rate": 0.1, "seed": fold_seed(7, 0, 1), "nthread": 1,
+                         "max_bin": 256, "tree_method": "hist"}, dtrain, num_boost_round=40,
+                        evals=[(xgb.QuantileDMatrix(ds.X[val], ds.y[val], ref=dtrain, max_bin=256), "v")],
+                        early_stopping_rounds=10, verbose_eval=False)
+    assert result.info["best_iteration"] == booster.best_iteration + 1
+    # Scored on the raw held-out rows, at the best iteration (not the last).
+    pred = booster.predict(xgb.DMatrix(ds.X[val]), iteration_range=(0, booster.best_iteration + 1))
+    assert result.r2 == pytest.approx(r2_score(ds.y[val], pred), abs=1e-6)
+
+
+def test_a_fold_that_raises_is_a_fail_with_the_error_text():
+    pytest.importorskip("lightgbm")
+    results = run_trial(_job("lightgbm", params={"num_leaves": -3}), SETTINGS)
+    assert [r.status for r in results] == ["fail"] * 3
+    assert all(r.r2 is None and "num_leaves" in r.error for r in results)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}
+    return subprocess.run([sys.executable, "-m", "watcher_plugins.tree_parallel.trial", *args],
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_the_trial_command_prints_its_result_as_json():
+    pytest.importorskip("xgboost")
+    pytest.importorskip("optuna")
+    done = _cli("--cpu", "--model", "xgboost", "--trial", "1", "--rows", "1500", "--folds", "3",
+                "--rounds", "30", "--early-stopping-rounds", "10", "--threads", "1", "--seed", "7")
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)  # stdout is exactly one JSON document, whatever the library printed
+    assert out["status"] == "ok" and out["device"] == "cpu" and out["model_type"] == "xgboost"
+    assert out["params"] == sample_params("xgboost", 1, 7)
+    assert out["mean_r2"] == pytest.approx(sum(f["r2"] for f in out["folds"]) / 3)
+
+
+def test_the_trial_command_pins_its_gpu_before_the_library_loads():
+    pytest.importorskip("lightgbm")
+    done = _cli("--gpu", "3", "--model", "lightgbm", "--trial", "0", "--rows", "1500", "--folds", "3",
+                "--rounds", "20", "--threads", "1", "--params", json.dumps({"num_leaves": 15}))
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    # LightGBM has no CUDA build: it trains on CPU threads even in a GPU-pinned process.
+    assert out["cuda_visible_devices"] == "3" and out["device"] == "cpu" and out["status"] == "ok"
+
+
+def test_the_trial_command_reports_bad_params():
+    pytest.importorskip("lightgbm")
+    done = _cli("--cpu", "--model", "lightgbm", "--rows", "1500", "--folds", "3", "--rounds", "5",
+                "--params", json.dumps({"num_leaves": -3}))
+    assert done.returncode == 1
+    out = json.loads(done.stdout)
+    assert out["status"] == "fail" and "num_leaves" in out["error"]
