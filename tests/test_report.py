@@ -1,0 +1,204 @@
+"""report.html: one offline page with the leaderboard, the studies' plots and, when sampled, GPU usage.
+
+The studies are real Optuna studies in a SQLite file, named and searched as compare_models does it, and
+the summary is built from compare_models' own ModelTypeOutcome rows.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+from plotly.offline import get_plotlyjs
+
+from watcher_plugins.compare_models import ModelTypeOutcome
+from watcher_plugins.gpu_monitor import GpuSample
+from watcher_plugins.report import REPORT_FILE, write_report
+from watcher_plugins.search_spaces import suggest
+
+SECTIONS = ("Leaderboard", "Model comparison", "Optimisation history", "Parameter importances")
+GPU_SECTION = "GPU utilisation and memory"
+
+
+def fold_mean_r2(params: dict) -> float:
+    """A deterministic stand-in for a trial's mean R^2 that depends on the params, so importances differ."""
+    lr = params.get("lr", params.get("learning_rate", 0.1))
+    return 0.8 - 0.05 * (math.log10(lr) + 2.0) ** 2
+
+
+def make_study(storage: str, model_type: str, n_complete: int, n_failed: int) -> optuna.Study:
+    study = optuna.create_study(storage=storage, study_name=f"report-test-{model_type}", direction="maximize",
+                                sampler=optuna.samplers.TPESampler(seed=7))
+    for i in range(n_complete + n_failed):
+        trial = study.ask()
+        trial.set_user_attr("job_params", suggest(model_type, trial))
+        if i < n_failed:
+            trial.set_user_attr("fail_reason", "fold 0: oom: does not fit")
+            study.tell(trial, state=TrialState.FAIL)
+        else:
+            study.tell(trial, fold_mean_r2(trial.params))
+    return study
+
+
+def summary_of(studies: dict[str, optuna.Study], unavailable: dict[str, str]) -> dict:
+    """The summary as run_compare_models builds it."""
+    outcomes = []
+    for model_type, study in studies.items():
+        trials = study.get_trials(deepcopy=False)
+        complete = [t for t in trials if t.state == TrialState.COMPLETE]
+        best = max(complete, key=lambda t: (t.value, -t.number)) if complete else None
+        outcomes.append(ModelTypeOutcome(
+            model_type, "test_executor", "done", best.value if best else None, best.number if best else None,
+            best.user_attrs["job_params"] if best else {}, len(complete),
+            sum(t.state == TrialState.FAIL for t in trials), 1.5))
+    return {
+        "leaderboard": [asdict(o) for o in sorted(outcomes,
+                                                  key=lambda o: (o.best_r2 is None, -(o.best_r2 or 0.0)))],
+        "unavailable": unavailable,
+        "dataset": {"name": "survivors", "rows": 600, "features": 62},
+        "devices": [],
+        "storage": "sqlite:///optuna.db",
+        "seconds": 12.34,
+        "params": {"folds": 2, "seed": 7},
+    }
+
+
+@pytest.fixture
+def storage(tmp_path: Path) -> str:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return f"sqlite:///{tmp_path / 'optuna.db'}"
+
+
+@pytest.fixture
+def run(tmp_path: Path, storage: str):
+    """nn: 5 complete trials and 1 failed; lightgbm: 1 complete; catboost unavailable."""
+    studies = {"nn": make_study(storage, "nn", n_complete=5, n_failed=1),
+               "lightgbm": make_study(storage, "lightgbm", n_complete=1, n_failed=0)}
+    reasons = {"catboost": "catboost is not installed: pip install 'watcher_plugins[trees]'"}
+    summary = summary_of(studies, reasons)
+    output_dir = tmp_path / "out"
+    output_dir.mkdir()
+    return output_dir, studies, summary
+
+
+def section(page: str, title: str) -> str:
+    """The HTML of one <section>, found by its <h2> title."""
+    match = re.search(rf"<section>\s*<h2>{re.escape(title)}</h2>(.*?)</section>", page, re.S)
+    assert match, f"no section {title!r}"
+    return match.group(1)
+
+
+def test_report_has_every_section_and_the_leaderboard_values(run):
+    output_dir, studies, summary = run
+
+    path = write_report(output_dir, studies, summary, gpu_samples=None)
+
+    assert path == output_dir / REPORT_FILE and path.is_file()
+    page = path.read_text(encoding="utf-8")
+    for title in SECTIONS:
+        section(page, title)
+    leaderboard = section(page, "Leaderboard")
+    nn_row = next(row for row in summary["leaderboard"] if row["model_type"] == "nn")
+    assert f"<td>{nn_row['best_r2']:.4f}</td>" in leaderboard
+    assert f"<td>{nn_row['best_trial']}</td>" in leaderboard
+    assert "<td>5</td><td>1</td>" in leaderboard  # 5 complete, 1 failed
+    assert "catboost" in leaderboard and "catboost is not installed" in leaderboard
+    assert "survivors (600 rows x 62 features)" in page
+    # Every model type that ran gets its own optimisation history plot.
+    history = section(page, "Optimisation history")
+    assert history.count('class="plotly-graph-div"') == 2
+
+
+def test_plotly_is_embedded_once_and_nothing_is_fetched(run):
+    output_dir, studies, summary = run
+    samples = [GpuSample(0.0, 0, 10.0, 100.0, 1000.0), GpuSample(0.5, 0, 90.0, 400.0, 1000.0)]
+
+    page = write_report(output_dir, studies, summary, gpu_samples=samples).read_text(encoding="utf-8")
+
+    assert page.count(get_plotlyjs()) == 1
+    assert page.count("plotly.js v") == 1
+    assert page.count('class="plotly-graph-div"') >= 4  # several figures share the one bundle
+    assert not re.search(r"<script[^>]*\ssrc\s*=", page, re.I)
+    assert not re.search(r"<link[^>]*\shref\s*=", page, re.I)
+
+
+def test_a_one_trial_study_gets_a_note_instead_of_importances(run):
+    output_dir, studies, summary = run
+
+    importances = section(write_report(output_dir, studies, summary, None).read_text(encoding="utf-8"),
+                          "Parameter importances")
+
+    nn_part, lightgbm_part = importances.split("<h3>lightgbm</h3>")
+    assert 'class="plotly-graph-div"' in nn_part
+    assert ("Importances not computed: they need at least 2 complete trials, and this study has 1."
+            in lightgbm_part)
+    assert 'class="plotly-graph-div"' not in lightgbm_part
+
+
+def test_a_study_whose_params_never_vary_gets_a_note(run, storage):
+    output_dir, _, _ = run
+    study = make_study(storage, "xgboost", n_complete=0, n_failed=0)
+    fixed = {"max_depth": 5, "learning_rate": 0.1, "subsample": 0.8, "colsample_bytree": 0.8,
+             "min_child_weight": 2.0, "reg_lambda": 1.0}
+    for value in (0.5, 0.6, 0.7):
+        study.enqueue_trial(fixed)
+        trial = study.ask()
+        trial.set_user_attr("job_params", suggest("xgboost", trial))
+        study.tell(trial, value)
+
+    page = write_report(output_dir, {"xgboost": study}, summary_of({"xgboost": study}, {}), None)
+
+    note = "Importances not computed: every complete trial has the same params."
+    assert note in page.read_text(encoding="utf-8")
+
+
+def test_a_study_with_only_failed_trials_does_not_break_the_report(run, storage):
+    output_dir, _, _ = run
+    study = make_study(storage, "xgboost", n_complete=0, n_failed=2)
+    summary = summary_of({"xgboost": study}, {})
+
+    page = write_report(output_dir, {"xgboost": study}, summary, None).read_text(encoding="utf-8")
+
+    assert "<td>xgboost</td><td>test_executor</td><td>-</td><td>-</td><td>0</td><td>2</td>" in page
+    assert "No complete trials to compare." in section(page, "Model comparison")
+    assert "No complete trials." in section(page, "Optimisation history")
+    assert "this study has 0" in section(page, "Parameter importances")
+
+
+def test_gpu_section_appears_only_with_samples(run):
+    output_dir, studies, summary = run
+
+    without = write_report(output_dir, studies, summary, gpu_samples=[]).read_text(encoding="utf-8")
+    assert GPU_SECTION not in without
+
+    # Dicts as GpuMonitor.to_json() writes them are accepted as well as the records.
+    samples = [{"t_s": t / 2, "gpu": gpu, "utilization_pct": 20.0 * gpu + t, "memory_used_mib": 100.0 * t,
+                "memory_total_mib": 81559.0} for t in range(4) for gpu in (0, 1)]
+    with_samples = write_report(output_dir, studies, summary, gpu_samples=samples).read_text(encoding="utf-8")
+    gpu = section(with_samples, GPU_SECTION)
+    assert "<h3>GPU 0</h3>" in gpu and "<h3>GPU 1</h3>" in gpu
+    assert "4 samples over 1.5 s; mean utilisation 22%; peak memory 300 of 81,559 MiB." in gpu
+    assert gpu.count('class="plotly-graph-div"') == 2
+
+
+def test_text_from_the_run_is_escaped(run):
+    output_dir, studies, summary = run
+    summary["unavailable"] = {"xgboost": "<script>alert('x')</script> & more"}
+
+    page = write_report(output_dir, studies, summary, None).read_text(encoding="utf-8")
+
+    assert "<script>alert(" not in page
+    assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; &amp; more" in page
+
+
+def test_the_same_run_gives_the_same_page(run):
+    output_dir, studies, summary = run
+    first = write_report(output_dir, studies, summary, None).read_bytes()
+    second = write_report(output_dir, studies, summary, None).read_bytes()
+    assert first == second
+    assert [p.name for p in output_dir.iterdir() if p.name.startswith(".")] == []  # no temporary file left
