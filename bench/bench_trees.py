@@ -1,0 +1,150 @@
+"""Tree trials serial vs parallel on the survivors-98k workload, in one run, as a ratio.
+
+Each arm trains the same batch (``--trials`` trials each of CatBoost, LightGBM and XGBoost, params
+drawn by a seeded sampler, ``--folds``-fold CV, at most ``--rounds`` boosting rounds with early
+stopping) through TreeParallelExecutor, as compare_models sends it: one mixed batch. An arm is
+NAME:GPUS:CORES:WORKERS, e.g. ``serial:0:16:1`` (GPU 0, 16 cores, tree_parallel_workers 1).
+Worker start-up is outside the timed region; dataset building inside a worker is inside it.
+
+    python bench/bench_trees.py --trials 8 --rounds 200 \\
+        --arm serial:0:16:1 --arm parallel-1gpu:0:16:8 --arm parallel-2gpu:0,1:32:16 --out results.json
+
+Writes the JSON after every arm (so a cut-off run keeps what it measured) and prints a table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from watcher_plugins.data import FULL_ROWS, embedded_survivors  # noqa: E402
+from watcher_plugins.executor import RunContext  # noqa: E402
+from watcher_plugins.records import DataRef, TrialJob  # noqa: E402
+from watcher_plugins.tree_parallel.executor import TreeParallelExecutor  # noqa: E402
+from watcher_plugins.tree_parallel.trial import sample_params  # noqa: E402
+
+MODEL_TYPES = ("catboost", "lightgbm", "xgboost")
+
+
+def parse_arm(text: str) -> dict:
+    try:
+        name, gpus, cores, workers = text.split(":")
+        return {"name": name, "gpus": [int(g) for g in gpus.split(",") if g != ""], "cores": int(cores),
+                "workers": int(workers)}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--arm {text!r}: expected NAME:GPUS:CORES:WORKERS") from None
+
+
+def gpu_names() -> list[str]:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=30).stdout
+        return [line.strip() for line in out.splitlines() if line.strip()]
+    except (OSError, subprocess.SubprocessError):
+        return []
+
+
+def versions() -> dict:
+    out = {}
+    for dist in ("catboost", "lightgbm", "xgboost", "optuna", "numpy"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def run_arm(arm: dict, jobs: list[TrialJob], args, workdir: Path) -> dict:
+    params = {"tree_parallel_workers": arm["workers"], "tree_device": "gpu" if arm["gpus"] else "cpu",
+              "tree_rounds": args.rounds, "tree_early_stopping_rounds": args.early_stopping_rounds}
+    context = RunContext(output_dir=workdir, devices=arm["gpus"], cpu_count=arm["cores"], trial_retries=0)
+    with TreeParallelExecutor(params, context) as ex:
+        ex.pool.start()
+        started = time.perf_counter()
+        results = ex.run_batch(jobs)
+        seconds = time.perf_counter() - started
+        placements = [p.describe() for p in ex.placements]
+    by_trial: dict[str, list] = {}
+    per_model_seconds: dict[str, float] = {}
+    failures = []
+    for r in results:
+        by_trial.setdefault(f"{r.model_type}/{r.trial_number}", []).append(r.r2)
+        per_model_seconds[r.model_type] = per_model_seconds.get(r.model_type, 0.0) + r.seconds
+        if r.status != "ok":
+            failures.append(f"{r.model_type} trial {r.trial_number} fold {r.fold_idx}: {r.error}")
+    mean_r2 = {k: (sum(v) / len(v) if all(x is not None for x in v) else None) for k, v in by_trial.items()}
+    return {**arm, "seconds": seconds, "trials": len(jobs), "trials_per_min": len(jobs) / seconds * 60,
+            "placements": placements, "fold_seconds_by_model": per_model_seconds, "failures": failures[:20],
+            "n_failed_folds": len(failures), "mean_r2": mean_r2}
+
+
+def compare(reference: dict, other: dict) -> dict:
+    """Max |mean R^2 difference| per model type between two arms (0.0 = bit-identical results)."""
+    out = {}
+    for key, r2 in reference["mean_r2"].items():
+        model = key.split("/")[0]
+        b = other["mean_r2"].get(key)
+        if r2 is None or b is None:
+            continue
+        out[model] = max(out.get(model, 0.0), abs(r2 - b))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--trials", type=int, default=20, help="trials per model type")
+    p.add_argument("--rounds", type=int, default=500)
+    p.add_argument("--early-stopping-rounds", type=int, default=50)
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--rows", type=int, default=FULL_ROWS)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--arm", type=parse_arm, action="append", required=True)
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args(argv)
+
+    embedded_survivors(args.rows)  # generate and cache the data outside every timed region
+    data = DataRef(embedded="survivors", rows=args.rows)
+    # Interleaved as compare_models sends them: one mixed batch, trial by trial.
+    jobs = [TrialJob(m, t, sample_params(m, t, args.seed), data, args.folds, args.seed)
+            for t in range(args.trials) for m in MODEL_TYPES]
+    report = {
+        "command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
+        "workload": {"name": f"survivors-{args.rows}", "rows": args.rows, "features": 62, "folds": args.folds,
+                     "trials_per_model": args.trials, "rounds_cap": args.rounds,
+                     "early_stopping_rounds": args.early_stopping_rounds, "seed": args.seed},
+        "gpus": gpu_names(), "host_cpus": len(os.sched_getaffinity(0)), "versions": versions(),
+        "python": sys.version.split()[0], "arms": [],
+    }
+    workdir = args.out.parent
+    for arm in args.arm:
+        print(f"arm {arm['name']}: GPUs {arm['gpus'] or 'none'}, {arm['cores']} cores, {arm['workers']} workers",
+              flush=True)
+        result = run_arm(arm, jobs, args, workdir)
+        report["arms"].append(result)
+        base = report["arms"][0]
+        result["speedup_vs_first_arm"] = base["seconds"] / result["seconds"]
+        result["max_abs_mean_r2_diff_vs_first_arm"] = compare(base, result)
+        print(f"  {result['seconds']:.1f} s, {result['trials_per_min']:.2f} trials/min, "
+              f"{result['n_failed_folds']} failed folds", flush=True)
+        args.out.write_text(json.dumps(report, indent=2))
+    print()
+    print(f"{'arm':<16} {'GPUs':<6} {'cores':>5} {'workers':>7} {'seconds':>8} {'trials/min':>10} {'speedup':>8}"
+          "  max |dR2| vs first")
+    for a in report["arms"]:
+        diffs = ", ".join(f"{k} {v:.1e}" for k, v in sorted(a["max_abs_mean_r2_diff_vs_first_arm"].items()))
+        print(f"{a['name']:<16} {','.join(map(str, a['gpus'])) or '-':<6} {a['cores']:>5} {a['workers']:>7} "
+              f"{a['seconds']:>8.1f} {a['trials_per_min']:>10.2f} {a['speedup_vs_first_arm']:>7.2f}x  {diffs}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
