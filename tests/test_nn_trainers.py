@@ -1,0 +1,173 @@
+"""The fit semantics and the three trainers: fused and streams give serial's R^2, serial gives a plain
+nn.Sequential + torch.optim.Adam's, a padded model computes its own function, early-stopped fits leave
+the pack. CPU, fp32."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from watcher_plugins.data import r2_score
+from watcher_plugins.nn_batch.device_data import DeviceDatasetCache
+from watcher_plugins.nn_batch.fused import FusedPack, FusedTrainer
+from watcher_plugins.nn_batch.model import SurvivorQualityNet, initial_parameters
+from watcher_plugins.nn_batch.protocol import FitJob
+from watcher_plugins.nn_batch.serial import SerialTrainer
+from watcher_plugins.nn_batch.streams import StreamsTrainer, bucket_by_architecture
+from watcher_plugins.nn_batch.training import FitTask, TrainSettings
+from watcher_plugins.records import STATUS_OK, DataRef
+
+CPU = torch.device("cpu")
+DATA = DataRef(embedded="survivors", rows=600)
+SETTINGS = TrainSettings(max_epochs=40, patience=6)
+
+
+def make_tasks(cache: DeviceDatasetCache, specs, folds: int = 3, seed: int = 11) -> list[FitTask]:
+    """specs: (trial, fold, hidden_layers, lr, weight_decay, dropout)."""
+    tasks = []
+    for trial, fold, hidden, lr, wd, dropout in specs:
+        job = FitJob(trial, fold, folds, seed, tuple(hidden), lr, wd, dropout, DATA)
+        tasks.append(FitTask.build(job, cache.get(DATA)))
+    return tasks
+
+
+# The issue's mixed batch: widths [256,128,64] / [128,64,32] / [512,256,128], depths 2, 3 and 4,
+# several folds and learning rates; dropout and weight decay on some.
+MIXED = [
+    (0, 0, [256, 128, 64], 3e-3, 1e-4, 0.0),
+    (0, 1, [256, 128, 64], 3e-3, 1e-4, 0.0),
+    (1, 2, [128, 64, 32], 1e-2, 0.0, 0.2),
+    (2, 0, [512, 256, 128], 1e-3, 1e-5, 0.1),
+    (3, 1, [128, 64], 5e-3, 0.0, 0.0),
+    (4, 2, [256, 128], 2e-2, 1e-3, 0.15),
+    (5, 0, [64, 32, 16, 8], 1e-2, 0.0, 0.0),
+    (6, 1, [256, 128, 64, 32], 2e-3, 1e-6, 0.25),
+]
+
+
+def outcomes(trainer, tasks, n_concurrent):
+    got = {}
+    trainer.train(tasks, n_concurrent, lambda outcome: got.__setitem__(outcome.key, outcome))
+    return got
+
+
+@pytest.fixture(scope="module")
+def cache():
+    return DeviceDatasetCache(CPU)
+
+
+@pytest.fixture(scope="module")
+def serial_reference(cache):
+    return outcomes(SerialTrainer(SETTINGS, CPU), make_tasks(cache, MIXED), 1)
+
+
+@pytest.mark.parametrize("trainer_cls", [FusedTrainer, StreamsTrainer])
+def test_fused_and_streams_give_serials_r2(cache, serial_reference, trainer_cls):
+    got = outcomes(trainer_cls(SETTINGS, CPU), make_tasks(cache, MIXED), 8)
+    assert set(got) == set(serial_reference)
+    for key, ref in serial_reference.items():
+        assert ref.status == STATUS_OK and got[key].status == STATUS_OK
+        assert abs(got[key].r2 - ref.r2) < 1e-4, (key, got[key].r2, ref.r2)
+        assert got[key].best_epoch == ref.best_epoch
+
+
+def _plain_reference_r2(cache, hidden, lr, wd, seed, fold, folds, settings):
+    """A plain nn.Sequential + torch.optim.Adam fit, written out as the semantics say."""
+    data = cache.get(DATA)
+    rows = data.fold(folds, seed, fold)
+    X, y = data.X, data.y
+    layers = []
+    widths = [X.shape[1], *hidden]
+    for a, b in zip(widths[:-1], widths[1:]):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    model = nn.Sequential(*layers, nn.Linear(widths[-1], 1))
+    from watcher_plugins.records import fold_seed
+
+    linears = [m for m in model if isinstance(m, nn.Linear)]
+    with torch.no_grad():
+        for module, (weight, bias) in zip(linears, initial_parameters(X.shape[1], hidden, fold_seed(seed, 0, fold))):
+            module.weight.copy_(weight)
+            module.bias.copy_(bias)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=wd)
+    X_train, y_train = X[rows.train_idx], y[rows.train_idx]
+    X_val, y_val = X[rows.val_idx], y[rows.val_idx]
+    best_loss, best_epoch, best_pred = float("inf"), -1, None
+    for epoch in range(settings.max_epochs):
+        with torch.no_grad():
+            pred_val = model(X_val).squeeze(-1)
+        val_loss = float(((pred_val - y_val) ** 2).mean())
+        if val_loss < best_loss:
+            best_loss, best_epoch, best_pred = val_loss, epoch, pred_val.clone()
+        if epoch - best_epoch >= settings.patience:
+            break
+        optimizer.zero_grad()
+        loss = ((model(X_train).squeeze(-1) - y_train) ** 2).mean()
+        loss.backward()
+        optimizer.step()
+    return r2_score(data.y_host[rows.val_idx_host], best_pred.numpy()), best_epoch
+
+
+@pytest.mark.parametrize("hidden,lr,wd", [([256, 128, 64], 3e-3, 1e-4), ([128, 64], 1e-2, 0.0)])
+def test_serial_agrees_with_plain_sequential_and_adam(cache, hidden, lr, wd):
+    settings = TrainSettings(max_epochs=60, patience=5)
+    task = make_tasks(cache, [(0, 1, hidden, lr, wd, 0.0)])
+    got = outcomes(SerialTrainer(settings, CPU), task, 1)[(0, 1)]
+    r2, best_epoch = _plain_reference_r2(cache, hidden, lr, wd, 11, 1, 3, settings)
+    assert got.best_epoch == best_epoch
+    assert abs(got.r2 - r2) < 1e-6
+
+
+def test_padded_model_outputs_equal_the_unpadded_model(cache):
+    specs = [(0, 0, [64, 32], 1e-2, 0.0, 0.0), (1, 0, [16, 8], 1e-2, 0.0, 0.0), (2, 1, [64, 8], 1e-2, 0.0, 0.0)]
+    tasks = make_tasks(cache, specs)
+    pack = FusedPack(tasks, SETTINGS, CPU)
+    assert pack.widths == [64, 32]
+    X = cache.get(DATA).X
+    with torch.no_grad():
+        fused = pack.forward()
+    for m, task in enumerate(tasks):
+        alone = SurvivorQualityNet(X.shape[1], task.job.hidden_layers, seed=task.init_seed)
+        with torch.no_grad():
+            np.testing.assert_allclose(fused[m].numpy(), alone(X).numpy(), rtol=0, atol=1e-5)
+    # Training keeps every padded weight exactly zero, so padding never leaks into a model's function.
+    for _ in range(5):
+        pack.run_epoch()
+    w1 = pack.params[2].value.detach()  # [N, 64, 32]
+    assert torch.count_nonzero(w1[1, 16:, :]) == 0 and torch.count_nonzero(w1[1, :, 8:]) == 0
+    assert torch.count_nonzero(pack.params[0].value.detach()[:, 1, 16:]) == 0
+
+
+def test_early_stopped_fits_leave_the_pack_and_it_is_compacted(cache):
+    settings = TrainSettings(max_epochs=80, patience=3)
+    specs = [(t, t % 3, [128, 64] if t % 2 else [32, 16], lr, 0.0, 0.0)
+             for t, lr in enumerate([3e-2, 2e-2, 1e-2, 5e-3, 2e-3, 1e-3, 3e-4, 1e-4])]
+    fused = FusedTrainer(settings, CPU)
+    got = outcomes(fused, make_tasks(cache, specs), 8)
+    ref = outcomes(SerialTrainer(settings, CPU), make_tasks(cache, specs), 1)
+    assert fused.compactions >= 1
+    assert len({o.epochs for o in got.values()}) > 1  # fits really stopped at different epochs
+    for key in ref:
+        assert abs(got[key].r2 - ref[key].r2) < 1e-4 and got[key].epochs == ref[key].epochs
+
+
+def test_streams_buckets_by_architecture_signature(cache):
+    tasks = make_tasks(cache, MIXED)
+    buckets = bucket_by_architecture(tasks)
+    assert [len(b) for b in buckets] == [2, 1, 1, 1, 1, 1, 1]
+    assert all(len({t.job.hidden_layers for t in bucket}) == 1 for bucket in buckets)
+
+
+def test_fused_packs_one_depth_and_dataset_together(cache):
+    groups = FusedTrainer.plan_groups(make_tasks(cache, MIXED))
+    depths = [{len(t.job.hidden_layers) for t in group} for group in groups]
+    assert depths == [{3}, {2}, {4}]
+
+
+def test_bf16_moves_r2_little(cache):
+    specs = MIXED[:2] + MIXED[4:5]
+    fp32 = outcomes(FusedTrainer(SETTINGS, CPU), make_tasks(cache, specs), 8)
+    bf16 = outcomes(FusedTrainer(TrainSettings(40, 6, "bf16"), CPU), make_tasks(cache, specs), 8)
+    for key in fp32:
+        assert bf16[key].status == STATUS_OK and abs(bf16[key].r2 - fp32[key].r2) < 0.05

@@ -1,0 +1,187 @@
+"""The worker process over its real pipes: bad input gets an error line with a code and the worker
+keeps serving; end of input is a clean exit with the lease freed; library output never reaches the
+protocol; injected OOM and CUDA errors end as the protocol says. Every reply matches the schema."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from watcher_plugins.errors import LeaseTimeout
+from watcher_plugins.lease import GpuLease
+from watcher_plugins.nn_batch.protocol import MAX_LINE_BYTES, FitJob
+from watcher_plugins.records import STATUS_OK, STATUS_OOM, DataRef
+
+ROOT = Path(__file__).resolve().parent.parent
+SCHEMA = json.loads((ROOT / "schemas" / "worker_protocol.schema.json").read_text())
+VALIDATOR = jsonschema.Draft202012Validator(SCHEMA)
+DATA = DataRef(embedded="survivors", rows=400)
+TERMINAL = {"pong", "bye", "batch_done", "error", "fatal"}
+READ_TIMEOUT_S = 120
+
+
+class WorkerUnderTest:
+    """The worker started as the executor starts it, talked to line by line."""
+
+    def __init__(self, tmp_path: Path, faults: dict | None = None, args: tuple[str, ...] = ("--device", "cpu")):
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
+        if faults:
+            env["WATCHER_NN_FAULTS"] = json.dumps(faults)
+        self.stderr_path = tmp_path / "worker.stderr"
+        with self.stderr_path.open("wb") as stderr:
+            self.process = subprocess.Popen([sys.executable, "-m", "watcher_plugins.nn_batch.worker", *args],
+                                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, env=env)
+        self.lines: queue.Queue = queue.Queue()
+        threading.Thread(target=lambda: [self.lines.put(line) for line in self.process.stdout] + [self.lines.put(b"")],
+                         daemon=True).start()
+
+    def send_raw(self, raw: bytes) -> None:
+        self.process.stdin.write(raw)
+        self.process.stdin.flush()
+
+    def read(self) -> dict:
+        line = self.lines.get(timeout=READ_TIMEOUT_S)  # a hung worker fails the test instead of hanging it
+        assert line, f"worker closed stdout; stderr: {self.stderr_path.read_text()[-2000:]}"
+        reply = json.loads(line)  # every stdout line is JSON ...
+        VALIDATOR.validate(reply)  # ... and a reply the schema allows
+        return reply
+
+    def request(self, obj: dict, until: set[str] = TERMINAL) -> list[dict]:
+        VALIDATOR.validate(obj)
+        self.send_raw(json.dumps(obj).encode() + b"\n")
+        lines = [self.read()]
+        while lines[-1]["event"] not in until:
+            lines.append(self.read())
+        return lines
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+        for stream in (self.process.stdin, self.process.stdout):
+            try:
+                stream.close()
+            except OSError:
+                pass
+
+
+@pytest.fixture
+def worker_factory(tmp_path):
+    started = []
+
+    def start(faults=None, args=("--device", "cpu")):
+        worker = WorkerUnderTest(tmp_path, faults, args)
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in started:
+        worker.close()
+
+
+def job(trial: int, fold: int = 0, hidden=(16, 8), **params) -> dict:
+    fit = FitJob(trial, fold, 2, 5, tuple(hidden), params.get("lr", 1e-2), params.get("weight_decay", 0.0),
+                 params.get("dropout", 0.0), DATA)
+    return fit.to_json()
+
+
+def test_bad_input_gets_an_error_line_with_a_code_and_the_worker_keeps_serving(worker_factory):
+    worker = worker_factory()
+    bad_job = job(0)
+    bad_job["params"]["hidden_layers"] = [16, "wide"]
+    cases = [
+        (b"{not json\n", "malformed_json"),
+        (b'{"command": "fly"}\n', "unknown_command"),
+        (b'["ping"]\n', "invalid_request"),
+        (json.dumps({"command": "train_batch", "jobs": [bad_job]}).encode() + b"\n", "invalid_job"),
+        (b'{"command": "ping", "x": "\xff\xfe"}\n', "invalid_utf8"),
+        (b'{"command": "ping", "pad": "' + b"a" * (MAX_LINE_BYTES + 10) + b'"}\n', "line_too_long"),
+    ]
+    for raw, code in cases:
+        worker.send_raw(raw)
+        reply = worker.read()
+        assert reply["event"] == "error" and reply["code"] == code, (code, reply)
+        assert worker.request({"command": "ping"})[0]["event"] == "pong"
+
+
+def test_invalid_job_error_names_the_json_path(worker_factory):
+    worker = worker_factory()
+    bad = job(0)
+    bad["params"]["lr"] = -1
+    worker.send_raw(json.dumps({"command": "train_batch", "jobs": [job(1), bad]}).encode() + b"\n")
+    reply = worker.read()
+    assert reply["code"] == "invalid_job" and reply["message"].startswith("$.jobs[1].params.lr: expected a number > 0")
+
+
+def test_train_batch_gives_one_line_per_job_then_a_closing_line(worker_factory):
+    worker = worker_factory()
+    jobs = [job(t, fold) for t in range(2) for fold in range(2)]
+    lines = worker.request({"command": "train_batch", "jobs": jobs, "n_concurrent": 3, "max_epochs": 8})
+    results, closing = lines[:-1], lines[-1]
+    assert sorted((r["trial_number"], r["fold_idx"]) for r in results) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert all(r["status"] == STATUS_OK and isinstance(r["r2"], float) for r in results)
+    assert closing["event"] == "batch_done" and closing["jobs"] == 4 and closing["ok"] == 4
+    assert closing["strategy"] == "fused" and closing["n_concurrent_used"] == 3
+    single = worker.request({"command": "train", "job": jobs[0], "max_epochs": 8}, until={"result", "error"})
+    assert len(single) == 1 and single[0]["event"] == "result"
+    assert abs(single[0]["r2"] - next(r["r2"] for r in results if r["trial_number"] == 0 and r["fold_idx"] == 0)) < 1e-4
+    pong = worker.request({"command": "ping"})[0]
+    assert pong["datasets_cached"] == 1 and pong["tree_libraries_loaded"] == []
+    assert worker.request({"command": "shutdown"})[0]["event"] == "bye"
+    assert worker.process.wait(timeout=30) == 0
+
+
+def test_closed_stdin_is_a_clean_exit_that_frees_the_lease(worker_factory, tmp_path):
+    lease_dir = tmp_path / "leases"
+    worker = worker_factory(args=("--device", "cpu", "--gpu", "0", "--lease-dir", str(lease_dir)))
+    assert worker.request({"command": "ping"})[0]["gpu_lease"] == 0
+    with pytest.raises(LeaseTimeout, match="nn_batch worker pid"):
+        GpuLease(0, lease_dir, timeout=0.2).acquire()
+    worker.process.stdin.close()
+    assert worker.process.wait(timeout=30) == 0
+    with GpuLease(0, lease_dir, timeout=5):
+        pass
+
+
+def test_library_output_never_reaches_the_protocol(worker_factory):
+    worker = worker_factory({"noise": True})
+    lines = worker.request({"command": "train_batch", "jobs": [job(0), job(1)], "max_epochs": 3})
+    assert lines[-1]["event"] == "batch_done"  # read() checked every stdout line against the schema
+    worker.request({"command": "shutdown"})
+    worker.process.wait(timeout=30)
+    stderr = worker.stderr_path.read_text()
+    assert "noise from a library's print()" in stderr and "noise written to file descriptor 1" in stderr
+
+
+def test_worker_reports_oom_and_keeps_serving(worker_factory):
+    worker = worker_factory({"oom_at_concurrency": 1})
+    lines = worker.request({"command": "train_batch", "jobs": [job(0), job(1)], "n_concurrent": 2, "max_epochs": 5})
+    assert [line["status"] for line in lines[:-1]] == [STATUS_OOM, STATUS_OOM]
+    assert all(line["r2"] is None and "out of memory" in line["error"] for line in lines[:-1])
+    assert lines[-1]["oom"] == 2 and lines[-1]["oom_retries"] == 1 and lines[-1]["n_concurrent_used"] == 1
+    assert worker.request({"command": "ping"})[0]["event"] == "pong"
+
+
+def test_cuda_error_ends_the_worker_with_a_fatal_line(worker_factory):
+    worker = worker_factory({"cuda_error_on_trial": 0})
+    lines = worker.request({"command": "train_batch", "jobs": [job(0)]})
+    assert lines[-1]["event"] == "fatal" and lines[-1]["code"] == "cuda_error"
+    assert worker.process.wait(timeout=30) == 3
+
+
+def test_lease_held_elsewhere_is_a_fatal_line_naming_the_holder(worker_factory, tmp_path):
+    lease_dir = tmp_path / "leases"
+    with GpuLease(0, lease_dir, timeout=5, purpose="another run"):
+        worker = worker_factory(args=("--device", "cpu", "--gpu", "0", "--lease-dir", str(lease_dir),
+                                      "--lease-timeout", "0.3"))
+        reply = worker.read()
+    assert reply["event"] == "fatal" and reply["code"] == "lease_unavailable" and "another run" in reply["message"]
+    assert worker.process.wait(timeout=30) == 4
