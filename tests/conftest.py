@@ -27,3 +27,22 @@ def plugin_manager() -> WatcherPluginManager:
     pm = WatcherPluginManager()
     pm.load_plugins(entry_points_too=False)
     return pm
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A PostgreSQL server for this test session (skipped only where no server binaries exist and CI
+    did not ask for them)."""
+    import os
+
+    from postgres_server import REQUIRE_ENV, PostgresServer, find_pg_bin
+
+    pytest.importorskip("psycopg")
+    pg_bin = find_pg_bin()
+    if pg_bin is None:
+        if os.environ.get(REQUIRE_ENV):
+            pytest.fail(f"{REQUIRE_ENV} is set but no PostgreSQL server binaries (initdb) were found")
+        pytest.skip("no PostgreSQL server binaries (initdb): apt-get install postgresql")
+    server = PostgresServer(pg_bin).start()
+    yield server
+    server.remove()

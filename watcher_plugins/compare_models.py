@@ -130,7 +130,9 @@ class StudyRunner:
         remaining = self.params["trials"] - self.store.trials_counted(study)
         batch = []
         for _ in range(max(0, min(self.params["ask_batch_size"], remaining))):
-            trial = study.ask()
+            trial = self.store.ask(study)
+            if self.store.prune_if_surplus(study, trial, self.params["trials"]):
+                break
             job = TrialJob(model_type=model_type, trial_number=trial.number, params=suggest(model_type, trial),
                            data=self.data, folds=self.params["folds"], seed=self.params["seed"])
             batch.append((trial, job))
@@ -149,13 +151,15 @@ class StudyRunner:
             jobs = [job for batch in asked.values() for _, job in batch]
             by_trial: dict[tuple[str, int], list[FoldResult]] = defaultdict(list)
             on_result = functools.partial(self._record, by_trial)
+            trials = [trial for batch in asked.values() for trial, _ in batch]
             try:
-                returned = executor.run_batch(jobs, on_result=on_result)
+                with self.store.heartbeat(trials, self.params["heartbeat_interval_s"]):
+                    returned = executor.run_batch(jobs, on_result=on_result)
             except BaseException:
                 # Nothing is left RUNNING: unfinished trials end FAIL and their params are asked again next run.
                 for model_type, batch in asked.items():
                     for trial, _ in batch:
-                        self.store.fail_and_requeue(self.studies[model_type], trial.number,
+                        self.store.fail_and_requeue(self.studies[model_type], trial,
                                                     "the run stopped before this trial finished")
                 raise
             # Results the executor returned without calling back still count, once.
@@ -202,8 +206,12 @@ def run_compare_models(params: dict, pm, out: TextIO | None = None) -> dict:
             runnable[model_type] = registration
 
     output_dir = Path(params["output_dir"])
-    output_dir.mkdir(parents=True, exist_ok=True)
-    store = StudyStore.open(params, output_dir, data)
+    if params.get("storage"):
+        store = StudyStore.open(params, output_dir, data)  # a bad URL or a dead database: fail before writing
+        output_dir.mkdir(parents=True, exist_ok=True)
+    else:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        store = StudyStore.open(params, output_dir, data)
     context = RunContext(output_dir=output_dir, devices=devices,
                          lease_dir=Path(params["lease_dir"]) if params.get("lease_dir") else None,
                          lease_timeout_s=params["lease_timeout_s"], trial_retries=params["trial_retries"])
@@ -224,19 +232,37 @@ def run_compare_models(params: dict, pm, out: TextIO | None = None) -> dict:
                        for mt in model_types}
             for model_type, study in studies.items():
                 board.resume(model_type, store.trials_counted(study), store.best(study)[0])
-            executor_cls = runnable[model_types[0]].load()
-            with executor_cls(params, context) as executor:
-                StudyRunner(studies, params, data, store, log, board).run(executor)
-            elapsed = time.monotonic() - group_started
-            for model_type, study in studies.items():
-                best_r2, best_trial, best_params = store.best(study)
-                complete, failed = store.finished_counts(study)
-                outcomes[model_type] = ModelTypeOutcome(model_type, executor_name, "done", best_r2, best_trial,
-                                                        best_params, complete, failed, round(elapsed, 2))
+            try:
+                executor_cls = runnable[model_types[0]].load()
+                with executor_cls(params, context) as executor:
+                    StudyRunner(studies, params, data, store, log, board).run(executor)
+            except KeyboardInterrupt:
+                outcomes.update(_outcomes(store, studies, executor_name, time.monotonic() - group_started))
+                raise
+            outcomes.update(_outcomes(store, studies, executor_name, time.monotonic() - group_started))
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM turned into one by the host
+        board.close()
+        _write_summary(outcomes, dataset, devices, store, started, params, output_dir, out, interrupted=True)
+        raise
     finally:
         board.close()
         log.close()
+    return _write_summary(outcomes, dataset, devices, store, started, params, output_dir, out)
 
+
+def _outcomes(store: StudyStore, studies: dict[str, optuna.Study], executor_name: str,
+              elapsed: float) -> dict[str, ModelTypeOutcome]:
+    outcomes = {}
+    for model_type, study in studies.items():
+        best_r2, best_trial, best_params = store.best(study)
+        complete, failed = store.finished_counts(study)
+        outcomes[model_type] = ModelTypeOutcome(model_type, executor_name, "done", best_r2, best_trial,
+                                                best_params, complete, failed, round(elapsed, 2))
+    return outcomes
+
+
+def _write_summary(outcomes: dict[str, ModelTypeOutcome], dataset, devices: list[int], store: StudyStore,
+                   started: float, params: dict, output_dir: Path, out: TextIO, interrupted: bool = False) -> dict:
     summary = {
         "leaderboard": [asdict(o) for o in sorted(
             (o for o in outcomes.values() if o.status == "done"),
@@ -247,6 +273,7 @@ def run_compare_models(params: dict, pm, out: TextIO | None = None) -> dict:
         "storage": store.url_for_display,
         "seconds": round(time.monotonic() - started, 2),
         "params": params,
+        "interrupted": interrupted,
     }
     (output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     print(format_leaderboard(summary), file=out)

@@ -1,85 +1,164 @@
-"""The Optuna storage of compare_models: one study per model type, created or resumed.
+"""The Optuna storage of compare_models: one study per model type, created, resumed or shared.
 
-A study remembers what defines it (data, folds, seed, ask batch size); resuming it with different
-values is an error, since the continued trajectory would no longer be the one the manifest asks for.
+- A study remembers what defines it (data, folds, seed, ask batch size); resuming it with other
+  values is an error, since the continued trajectory would no longer be the one the manifest asks for.
+- Running trials send heartbeats. A trial whose agent died (killed, host lost) goes silent; the next
+  agent to look marks it FAIL and enqueues its params again, tagged ``retry_of``. A failed trial that
+  was retried does not count toward ``trials``.
+- Each trial's params are sampled by a sampler seeded from the study seed and the trial number, so a
+  single agent's trajectory is reproducible and two agents sharing a study never draw the same params
+  from the same random stream.
+- A storage operation whose connection fails is retried a few times; then the run stops with a
+  StorageError. Each tell is one transaction, so nothing is half-written; trials left RUNNING by the
+  lost connection go stale and are asked again by the next run.
 """
 
 from __future__ import annotations
 
 import json
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TypeVar
 
 import optuna
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from watcher_plugins.errors import StorageError
 from watcher_plugins.records import DataRef, FoldResult
 
 DEFAULT_DB = "optuna.db"
-_REQUEUED = "requeued"
+RETRY_OF = "retry_of"
 _DEFINING_PARAMS = ("folds", "seed", "ask_batch_size")
+T = TypeVar("T")
+
+
+def _is_connection_error(exc: BaseException | None) -> bool:
+    """A lost or refused database connection, also when optuna wrapped it (StorageInternalError from ...)."""
+    import sqlalchemy.exc
+
+    while exc is not None:
+        if isinstance(exc, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)) or (
+                isinstance(exc, sqlalchemy.exc.DBAPIError) and exc.connection_invalidated):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 class StudyStore:
     """Creates, resumes and updates the studies of one compare_models run."""
 
-    def __init__(self, storage: optuna.storages.BaseStorage, url: str, prefix: str, definition: dict):
+    def __init__(self, storage: optuna.storages.RDBStorage, url: str, prefix: str, definition: dict,
+                 retries: int = 3, retry_wait_s: float = 1.0):
         self.storage = storage
         self.url = url
         self.prefix = prefix
         self.definition = definition
+        self.retries = retries
+        self.retry_wait_s = retry_wait_s
 
     @classmethod
     def open(cls, params: dict, output_dir: Path, data: DataRef) -> StudyStore:
+        """Connect (and create the schema if needed); a bad URL or a database that is down fails here."""
         url = params.get("storage") or f"sqlite:///{(output_dir / DEFAULT_DB).resolve()}"
         try:
-            storage = optuna.storages.RDBStorage(url)
-        except Exception as exc:  # sqlalchemy and driver errors have no common public base here
+            storage = _connect(url, params["heartbeat_interval_s"])
+        except ImportError:
+            raise StorageError(f"params::$.storage: no database driver for {_redact(url)}; for PostgreSQL: "
+                               "pip install 'watcher_plugins[postgres]' and use postgresql+psycopg://...") from None
+        except Exception as exc:  # sqlalchemy's ArgumentError, OperationalError, ... share no narrower base
             raise StorageError(f"params::$.storage: cannot open Optuna storage {_redact(url)}: "
-                               f"{type(exc).__name__}: {exc}") from None
+                               f"{type(exc).__name__}: {_first_line(exc)}") from None
         definition = {key: params[key] for key in _DEFINING_PARAMS} | {"data": data.to_json()}
-        return cls(storage, url, params["study_name"], definition)
+        return cls(storage, url, params["study_name"], definition, retries=params["storage_retries"])
 
     @property
     def url_for_display(self) -> str:
         return _redact(self.url)
 
+    def retrying(self, what: str, operation: Callable[[], T]) -> T:
+        """Run a storage operation, retrying it while the database connection fails."""
+        for attempt in range(self.retries + 1):
+            try:
+                return operation()
+            except Exception as exc:
+                if not _is_connection_error(exc):
+                    raise
+                if attempt == self.retries:
+                    raise StorageError(f"lost the connection to {self.url_for_display} while {what} "
+                                       f"({self.retries} retries): {_first_line(exc)}; completed trials are "
+                                       "saved, and a re-run resumes the study") from None
+                time.sleep(self.retry_wait_s * 2**attempt)
+        raise AssertionError("unreachable")
+
     def study(self, model_type: str, seed: int) -> optuna.Study:
         """The study of one model type: created, or resumed after checking it is the same study."""
         name = f"{self.prefix}-{model_type}"
-        sampler = optuna.samplers.TPESampler(seed=seed, constant_liar=True)
-        study = optuna.create_study(storage=self.storage, study_name=name, sampler=sampler,
-                                    direction="maximize", load_if_exists=True)
+
+        def load() -> optuna.Study:
+            return optuna.create_study(storage=self.storage, study_name=name, direction="maximize",
+                                       sampler=per_trial_sampler(seed, 0), load_if_exists=True)
+
+        study = self.retrying(f"opening study {name!r}", load)
+        study.set_user_attr("sampler_seed", seed)
         stored = study.user_attrs.get("definition")
         if stored is None:
             study.set_user_attr("model_type", model_type)
             study.set_user_attr("definition", self.definition)
         elif stored != json.loads(json.dumps(self.definition)):
-            diffs = [f"{key}: stored {stored.get(key)!r}, now {self.definition.get(key)!r}"
-                     for key in sorted(set(stored) | set(self.definition)) if stored.get(key) != self.definition.get(key)]
-            raise StorageError(f"study {name!r} in {self.url_for_display} was made with other params ({'; '.join(diffs)}); "
-                               "resume it with the same params, or choose another study_name or output_dir")
+            current = json.loads(json.dumps(self.definition))
+            diffs = [f"{key}: stored {stored.get(key)!r}, now {current.get(key)!r}"
+                     for key in sorted(set(stored) | set(current)) if stored.get(key) != current.get(key)]
+            raise StorageError(f"study {name!r} in {self.url_for_display} was made with other params "
+                               f"({'; '.join(diffs)}); resume it with the same params, or choose another "
+                               "study_name or output_dir")
+        self.fail_stale(study)
         return study
 
+    def fail_stale(self, study: optuna.Study) -> None:
+        """Mark trials whose agent stopped sending heartbeats FAIL, and enqueue their params again."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            self.retrying("checking for stale trials", lambda: optuna.storages.fail_stale_trials(study))
+
+    def ask(self, study: optuna.Study) -> optuna.Trial:
+        """Ask one trial; its params will be drawn from a stream seeded by the study seed and its number."""
+        with warnings.catch_warnings():
+            # We send the heartbeats ourselves (TrialHeartbeat), not through Study.optimize.
+            warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
+            trial = self.retrying("asking a trial", study.ask)
+        self.storage.record_heartbeat(trial._trial_id)
+        # The sampler draws at suggest time: reseeding it here makes trial n's params a function of
+        # (seed, n, history), the same in every run, and different between agents sharing the study.
+        study.sampler = per_trial_sampler(study.user_attrs["sampler_seed"], trial.number)
+        return trial
+
     def trials_counted(self, study: optuna.Study) -> int:
-        """Trials that count toward ``trials``: finished ones (except those re-queued) and ones running now."""
-        count = 0
-        for trial in study.get_trials(deepcopy=False):
-            if trial.state in (TrialState.COMPLETE, TrialState.RUNNING):
-                count += 1
-            elif trial.state == TrialState.FAIL and not trial.user_attrs.get(_REQUEUED):
-                count += 1
-        return count
+        """Trials that count toward ``trials``: complete, running, and failed ones that were not retried."""
+        return len(_counted(self.retrying("reading trials", lambda: study.get_trials(deepcopy=False))))
+
+    def prune_if_surplus(self, study: optuna.Study, trial: optuna.Trial, target: int) -> bool:
+        """End ``trial`` as PRUNED if ``target`` counted trials precede it (another agent sharing the study
+        asked at the same time as this one); PRUNED trials do not count. True if it was pruned."""
+        trials = self.retrying("reading trials", lambda: study.get_trials(deepcopy=False))
+        if sum(t.number < trial.number for t in _counted(trials)) < target:
+            return False
+        trial.set_user_attr("pruned_reason", "surplus: the study already had its trials")
+        self.retrying(f"pruning surplus trial {trial.number}", lambda: study.tell(trial, state=TrialState.PRUNED))
+        return True
 
     def finished_counts(self, study: optuna.Study) -> tuple[int, int]:
-        trials = study.get_trials(deepcopy=False)
-        complete = sum(t.state == TrialState.COMPLETE for t in trials)
-        failed = sum(t.state == TrialState.FAIL and not t.user_attrs.get(_REQUEUED) for t in trials)
-        return complete, failed
+        """(complete, failed) trials, not counting failed trials that were retried."""
+        counted = _counted(self.retrying("reading trials", lambda: study.get_trials(deepcopy=False)))
+        return (sum(t.state == TrialState.COMPLETE for t in counted),
+                sum(t.state == TrialState.FAIL for t in counted))
 
     def best(self, study: optuna.Study) -> tuple[float | None, int | None, dict]:
         """Best mean R^2, its trial number and the params its job ran with."""
-        complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+        complete = self.retrying("reading trials",
+                                 lambda: study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
         if not complete:
             return None, None, {}
         best = max(complete, key=lambda t: (t.value, -t.number))
@@ -87,23 +166,99 @@ class StudyStore:
 
     def tell(self, study: optuna.Study, trial: optuna.Trial, job_params: dict, value: float | None,
              reason: str | None, results: list[FoldResult]) -> None:
-        trial.set_user_attr("job_params", job_params)
-        trial.set_user_attr("fold_r2", [r.r2 for r in results])
-        if value is None:
-            trial.set_user_attr("fail_reason", reason)
-            study.tell(trial, state=TrialState.FAIL)
-        else:
-            study.tell(trial, value)
+        def tell() -> None:
+            trial.set_user_attr("job_params", job_params)
+            trial.set_user_attr("fold_r2", [r.r2 for r in results])
+            if value is None:
+                trial.set_user_attr("fail_reason", reason)
+                study.tell(trial, state=TrialState.FAIL)
+            else:
+                study.tell(trial, value)
 
-    def fail_and_requeue(self, study: optuna.Study, trial_number: int, reason: str) -> None:
+        self.retrying(f"telling trial {trial.number}", tell)
+
+    def fail_and_requeue(self, study: optuna.Study, trial: optuna.Trial, reason: str) -> None:
         """End a trial that did not finish as FAIL, and enqueue its params so the next ask runs it again."""
-        frozen = study.get_trials(deepcopy=False)[trial_number]
+        frozen = study.get_trials(deepcopy=False)[trial.number]
         if frozen.state != TrialState.RUNNING:
             return
-        self.storage.set_trial_user_attr(frozen._trial_id, "fail_reason", reason)
-        self.storage.set_trial_user_attr(frozen._trial_id, _REQUEUED, True)
-        study.tell(trial_number, state=TrialState.FAIL)
-        study.enqueue_trial(frozen.params, skip_if_exists=False)
+        trial.set_user_attr("fail_reason", reason)
+        study.tell(trial, state=TrialState.FAIL)
+        _requeue(study, frozen)
+
+    def heartbeat(self, trials: Iterable[optuna.Trial], interval_s: float) -> TrialHeartbeat:
+        return TrialHeartbeat(self.storage, [t._trial_id for t in trials], interval_s)
+
+
+def _connect(url: str, heartbeat_interval_s: int, attempts: int = 4) -> optuna.storages.RDBStorage:
+    import sqlalchemy.exc
+
+    for attempt in range(attempts):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(
+                    url, engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None,
+                    heartbeat_interval=heartbeat_interval_s, heartbeat_stale_trial_callback=_requeue_stale_trial,
+                )
+        except sqlalchemy.exc.IntegrityError:
+            # Agents starting together on a new database race to create optuna's tables; the loser retries.
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.5 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+class TrialHeartbeat:
+    """Records a heartbeat for each running trial of a batch, every interval, until stopped."""
+
+    def __init__(self, storage: optuna.storages.RDBStorage, trial_ids: list[int], interval_s: float):
+        self._storage = storage
+        self._trial_ids = trial_ids
+        self._interval = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="trial-heartbeat", daemon=True)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self._interval):
+            for trial_id in self._trial_ids:
+                try:
+                    self._storage.record_heartbeat(trial_id)
+                except Exception:  # a missed beat is harmless; a dead database is reported by the main thread
+                    pass
+
+    def __enter__(self) -> TrialHeartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _counted(trials: list[FrozenTrial]) -> list[FrozenTrial]:
+    """The trials that count toward ``trials``: complete, running, and failed ones that were not retried."""
+    retried = {t.user_attrs[RETRY_OF] for t in trials if RETRY_OF in t.user_attrs}
+    return [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.RUNNING)
+            or (t.state == TrialState.FAIL and t.number not in retried)]
+
+
+def per_trial_sampler(seed: int, trial_number: int) -> optuna.samplers.BaseSampler:
+    """TPE seeded by (seed, trial number); constant liar keeps a batch's trials apart."""
+    return optuna.samplers.TPESampler(seed=(seed * 7_919 + trial_number) % (2**31 - 1), constant_liar=True)
+
+
+def _requeue(study: optuna.Study, failed: FrozenTrial) -> None:
+    study.enqueue_trial(failed.params, user_attrs={RETRY_OF: failed.number}, skip_if_exists=False)
+
+
+def _requeue_stale_trial(study: optuna.Study, trial: FrozenTrial) -> None:
+    """Called by optuna for each trial it finds stale: run the same params again."""
+    _requeue(study, trial)
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [""])[0]
 
 
 def _redact(url: str) -> str:
@@ -111,6 +266,6 @@ def _redact(url: str) -> str:
     if "://" in url and "@" in url.split("://", 1)[1]:
         scheme, rest = url.split("://", 1)
         creds, host = rest.rsplit("@", 1)
-        user = creds.split(":", 1)[0]
-        return f"{scheme}://{user}:***@{host}"
+        if ":" in creds:
+            return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
     return url

@@ -1,0 +1,161 @@
+"""Storage: stale trials of a killed run are retried, PostgreSQL shared by two agents, storage errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import uuid
+
+import optuna
+import pytest
+from test_compare_models import ReversingExecutor, TestExecutors  # noqa: F401  (a registered test executor)
+
+from watcher_plugins.compare_models import run_compare_models
+from watcher_plugins.errors import StorageError
+from watcher_plugins.manifest import load_manifest
+from watcher_plugins.records import DataRef
+from watcher_plugins.storage import RETRY_OF, StudyStore
+
+
+@pytest.fixture
+def pm(plugin_manager):
+    plugin_manager.register(TestExecutors())
+    ReversingExecutor.batches = []
+    ReversingExecutor.interrupt_on_batch = None
+    return plugin_manager
+
+
+def _params(pm, tmp_path, **override):
+    base = {"model_types": ["nn"], "trials": 4, "ask_batch_size": 2, "folds": 2, "devices": "cpu",
+            "data": {"embedded": "survivors", "rows": 200}, "output_dir": str(tmp_path / "out"),
+            "progress": False, "executors": {"nn": "reversing"}, "heartbeat_interval_s": 1}
+    base.update(override)
+    return load_manifest(None, json.dumps(base), pm).params
+
+
+def test_trials_of_a_killed_run_go_stale_and_their_params_are_asked_again(pm, tmp_path):
+    params = _params(pm, tmp_path)
+    (tmp_path / "out").mkdir()
+    store = StudyStore.open(params, tmp_path / "out", DataRef.from_param(params["data"]))
+    study = store.study("nn", seed=params["seed"])
+    orphan = store.ask(study)  # asked, heartbeat recorded, then its agent "dies": never told
+    orphan_params = {"lr": orphan.suggest_float("lr", 1e-4, 3e-2, log=True)}
+    time.sleep(3.5)  # past the grace period (2 x heartbeat_interval_s; SQLite clocks tick in whole seconds)
+    run_compare_models(params, pm)
+    trials = optuna.load_study(study_name="compare_models-nn", storage=store.url).get_trials()
+    assert trials[0].state.name == "FAIL"
+    retries = [t for t in trials if t.user_attrs.get(RETRY_OF) == 0]
+    assert len(retries) == 1 and retries[0].state.name == "COMPLETE"
+    assert retries[0].params["lr"] == orphan_params["lr"]
+    assert len(trials) == 5  # four counted trials; the retried FAIL does not count
+    assert all(t.state.name in ("COMPLETE", "FAIL") for t in trials)
+
+
+def test_a_wrong_storage_url_fails_before_anything_is_written(pm, tmp_path):
+    for url, expected in [("notadb://x", "cannot open Optuna storage notadb://x"),
+                          ("postgresql+psycopg://u:secret@127.0.0.1:1/db", "cannot open Optuna storage "
+                                                                             "postgresql+psycopg://u:***@127.0.0.1:1/db")]:
+        with pytest.raises(StorageError) as excinfo:
+            run_compare_models(_params(pm, tmp_path, storage=url), pm)
+        assert expected in str(excinfo.value)
+        assert "secret" not in str(excinfo.value)
+    assert not (tmp_path / "out").exists()
+    assert ReversingExecutor.batches == []
+
+
+def test_postgres_storage_runs_and_resumes(pm, tmp_path, postgres_server):
+    url = postgres_server.create_database(f"t_{uuid.uuid4().hex[:8]}")
+    summary = run_compare_models(_params(pm, tmp_path, storage=url), pm)
+    assert summary["leaderboard"][0]["trials_complete"] + summary["leaderboard"][0]["trials_failed"] == 4
+    assert not (tmp_path / "out" / "optuna.db").exists()
+    ReversingExecutor.batches = []
+    run_compare_models(_params(pm, tmp_path, storage=url, trials=5), pm)
+    assert ReversingExecutor.batches == [[4]]
+
+
+def test_a_database_that_goes_down_mid_run_stops_the_run_cleanly(pm, tmp_path, postgres_server):
+    from postgres_server import PostgresServer
+
+    server = PostgresServer(postgres_server.pg_bin).start()
+    url = server.url()
+
+    class StopDatabase(ReversingExecutor):
+        def run_batch(self, jobs, on_result=None):
+            results = super().run_batch(jobs, on_result)
+            if len(type(self).batches) == 2:
+                server.stop()
+            return results
+
+    StopDatabase.batches = []
+    params = _params(pm, tmp_path, storage=url, storage_retries=1)
+    with pytest.raises(StorageError, match=r"lost the connection to postgresql\+psycopg://postgres@127.0.0.1:\d+/"
+                                           r"postgres while .*completed trials are saved"):
+        run_with_executor(pm, params, StopDatabase)
+    server.start()  # the server comes back: the batch told before the loss is there, nothing half-written
+    try:
+        trials = optuna.load_study(study_name="compare_models-nn", storage=url).get_trials()
+        assert [t.state.name for t in trials[:2]] == ["COMPLETE", "COMPLETE"]
+        assert all(t.state.name in ("COMPLETE", "RUNNING") for t in trials)
+        assert all("fold_r2" in t.user_attrs for t in trials if t.state.name == "COMPLETE")
+    finally:
+        server.remove()
+
+
+def run_with_executor(pm, params, executor_cls):
+    from watcher_plugins import hookimpl
+    from watcher_plugins.types import WatcherExecutor
+
+    class OneOff:
+        @hookimpl
+        def watcher_executors(self):
+            yield WatcherExecutor(name="one_off", model_types=("nn",), load=lambda: executor_cls)
+
+    pm.register(OneOff())
+    return run_compare_models({**params, "executors": {"nn": "one_off"}}, pm)
+
+
+AGENT = """
+import json, sys
+sys.path.insert(0, {tests!r})
+from watcher_plugins.compare_models import run_compare_models
+from watcher_plugins.manager import WatcherPluginManager
+from watcher_plugins.manifest import load_manifest
+from test_compare_models import TestExecutors, ReversingExecutor
+import time
+orig = ReversingExecutor.run_batch
+def slow(self, jobs, on_result=None):
+    time.sleep(0.2)  # keep both agents busy at once
+    return orig(self, jobs, on_result)
+ReversingExecutor.run_batch = slow
+pm = WatcherPluginManager(); pm.load_plugins(TestExecutors(), entry_points_too=False)
+params = load_manifest(None, sys.argv[1], pm).params
+run_compare_models(params, pm)
+print(json.dumps(ReversingExecutor.batches))
+"""
+
+
+def test_two_agents_share_one_study_and_never_run_the_same_trial(tmp_path, postgres_server):
+    url = postgres_server.create_database(f"t_{uuid.uuid4().hex[:8]}")
+    tests_dir = str(__import__("pathlib").Path(__file__).parent)
+    procs = []
+    for name in ("a", "b"):
+        params = {"model_types": ["nn"], "trials": 12, "ask_batch_size": 2, "folds": 2, "devices": "cpu",
+                  "data": {"embedded": "survivors", "rows": 200}, "output_dir": str(tmp_path / name),
+                  "progress": False, "executors": {"nn": "reversing"}, "storage": url,
+                  "lease_dir": str(tmp_path / f"leases-{name}")}
+        procs.append(subprocess.Popen([sys.executable, "-c", AGENT.format(tests=tests_dir), json.dumps(params)],
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outputs]
+    ran = [json.loads(o[0].strip().splitlines()[-1]) for o in outputs]
+    numbers_a = [n for batch in ran[0] for n in batch]
+    numbers_b = [n for batch in ran[1] for n in batch]
+    assert numbers_a and numbers_b, "both agents should have taken part"
+    assert not set(numbers_a) & set(numbers_b)
+    assert sorted(numbers_a + numbers_b) == list(range(12))
+    study = optuna.load_study(study_name="compare_models-nn", storage=url)
+    assert [t.state.name for t in study.trials].count("RUNNING") == 0
+    params_seen = [json.dumps(t.params, sort_keys=True) for t in study.trials]
+    assert len(set(params_seen)) == len(params_seen)  # the agents' samplers did not draw the same params
