@@ -1,0 +1,113 @@
+"""The nn_batch executor as compare_models uses it: one FoldResult per fold whatever happens, crashed
+workers replaced and their fits retried, persistent or per-batch workers, and no torch in the host."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from watcher_plugins.executor import RunContext
+from watcher_plugins.lease import GpuLease
+from watcher_plugins.nn_batch.executor import NNBatchExecutor
+from watcher_plugins.records import STATUS_FAIL, STATUS_OK, DataRef, TrialJob
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = DataRef(embedded="survivors", rows=400)
+PARAMS = {"nn_max_epochs": 10, "nn_patience": 4, "n_concurrent_nn": 4}
+
+
+def trials(n: int, folds: int = 2) -> list[TrialJob]:
+    return [TrialJob("nn", t, {"hidden_layers": [16, 8] if t % 2 else [8], "lr": 1e-2, "weight_decay": 1e-5,
+                               "dropout": 0.1 * (t % 2)}, DATA, folds, 3) for t in range(n)]
+
+
+def context(tmp_path: Path, **kwargs) -> RunContext:
+    return RunContext(output_dir=tmp_path, devices=kwargs.pop("devices", []), lease_dir=tmp_path / "leases", **kwargs)
+
+
+def test_every_fold_gets_one_result_in_order_and_callbacks(tmp_path):
+    seen = []
+    with NNBatchExecutor(PARAMS, context(tmp_path)) as executor:
+        results = executor.run_batch(trials(3), on_result=seen.append)
+        assert executor.last_batch_summaries[0]["strategy"] == "fused"
+    assert [(r.trial_number, r.fold_idx) for r in results] == [(t, f) for t in range(3) for f in range(2)]
+    assert all(r.status == STATUS_OK and r.model_type == "nn" and isinstance(r.r2, float) for r in results)
+    assert sorted((r.trial_number, r.fold_idx) for r in seen) == [(t, f) for t in range(3) for f in range(2)]
+    assert (tmp_path / "logs" / "nn_worker-cpu.log").exists()
+
+
+def test_persistent_worker_serves_every_batch_and_per_batch_workers_do_not(tmp_path):
+    with NNBatchExecutor(PARAMS, context(tmp_path)) as executor:
+        executor.run_batch(trials(1))
+        pid = executor._slots[0].worker.info["pid"]
+        executor.run_batch(trials(1))
+        assert executor._slots[0].worker.info["pid"] == pid
+        assert executor._slots[0].worker.info["tree_libraries_loaded"] == []
+    with NNBatchExecutor({**PARAMS, "persistent_workers": False}, context(tmp_path)) as executor:
+        assert executor.run_batch(trials(1))[0].status == STATUS_OK
+        assert executor._slots[0].worker is None  # stopped after its batch
+
+
+def test_crashed_worker_is_replaced_and_its_fits_retried(tmp_path, monkeypatch):
+    marker = tmp_path / "crashed-once"
+    monkeypatch.setenv("WATCHER_NN_FAULTS", json.dumps({"crash_on_trial": 1, "crash_once_marker": str(marker)}))
+    with NNBatchExecutor(PARAMS, context(tmp_path, trial_retries=1)) as executor:
+        results = executor.run_batch(trials(3))
+    assert marker.exists()
+    assert [r.status for r in results] == [STATUS_OK] * 6
+
+
+def test_fit_that_always_kills_its_worker_fails_with_the_reason_and_others_complete(tmp_path, monkeypatch):
+    monkeypatch.setenv("WATCHER_NN_FAULTS", json.dumps({"crash_on_trial": 1}))
+    with NNBatchExecutor(PARAMS, context(tmp_path, trial_retries=1)) as executor:
+        results = executor.run_batch(trials(3))
+    by_trial = {(r.trial_number, r.fold_idx): r for r in results}
+    assert all(by_trial[(t, f)].status == STATUS_OK for t in (0, 2) for f in range(2))
+    for fold in range(2):
+        failed = by_trial[(1, fold)]
+        assert failed.status == STATUS_FAIL and failed.r2 is None
+        assert "exited with code 17" in failed.error and "tried 2 times" in failed.error
+
+
+def test_fatal_cuda_error_restarts_the_worker_then_fails_the_trial(tmp_path, monkeypatch):
+    monkeypatch.setenv("WATCHER_NN_FAULTS", json.dumps({"cuda_error_on_trial": 0}))
+    with NNBatchExecutor(PARAMS, context(tmp_path, trial_retries=1)) as executor:
+        results = executor.run_batch(trials(2))
+    assert [r.status for r in results] == [STATUS_FAIL, STATUS_FAIL, STATUS_OK, STATUS_OK]
+    assert "cuda_error" in results[0].error and "illegal memory access" in results[0].error
+
+
+def test_invalid_trial_params_fail_that_trial_only(tmp_path):
+    jobs = trials(2)
+    jobs[0] = TrialJob("nn", 0, {"hidden_layers": [], "lr": 1e-2}, DATA, 2, 3)
+    with NNBatchExecutor(PARAMS, context(tmp_path)) as executor:
+        results = executor.run_batch(jobs)
+    assert [r.status for r in results] == [STATUS_FAIL, STATUS_FAIL, STATUS_OK, STATUS_OK]
+    assert "params.hidden_layers" in results[0].error
+
+
+def test_gpu_that_cannot_be_had_fails_every_fold_with_the_holder(tmp_path):
+    with GpuLease(0, tmp_path / "leases", timeout=5, purpose="a tree worker"):
+        with NNBatchExecutor(PARAMS, context(tmp_path, devices=[0], lease_timeout_s=0.3)) as executor:
+            results = executor.run_batch(trials(2))
+    assert len(results) == 4 and all(r.status == STATUS_FAIL for r in results)
+    assert all("a tree worker" in r.error for r in results)
+
+
+def test_host_process_does_not_import_torch():
+    code = ("import sys; from watcher_plugins.manager import WatcherPluginManager; pm = WatcherPluginManager(); "
+            "pm.load_plugins(entry_points_too=False); cls = pm.get_executors()['nn_batch'].load(); "
+            "assert cls.__name__ == 'NNBatchExecutor'; assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env={"PYTHONPATH": str(ROOT)})
+
+
+@pytest.mark.parametrize("model_type", ["catboost"])
+def test_other_model_types_are_refused_per_trial(tmp_path, model_type):
+    job = TrialJob(model_type, 0, {"depth": 4}, DATA, 2, 3)
+    with NNBatchExecutor(PARAMS, context(tmp_path)) as executor:
+        results = executor.run_batch([job])
+    assert [r.status for r in results] == [STATUS_FAIL, STATUS_FAIL] and "'nn' trials only" in results[0].error

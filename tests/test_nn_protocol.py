@@ -1,0 +1,81 @@
+"""Request parsing against the worker protocol's JSON Schema: what the schema accepts the worker
+accepts, what it refuses the worker refuses, with a code and the JSON path."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from watcher_plugins.errors import ProtocolError
+from watcher_plugins.nn_batch.protocol import parse_request
+
+SCHEMA = json.loads((Path(__file__).resolve().parent.parent / "schemas" / "worker_protocol.schema.json").read_text())
+REQUEST = jsonschema.Draft202012Validator({**SCHEMA, "oneOf": [{"$ref": "#/$defs/request"}]})
+JOB = {"trial_number": 3, "fold_idx": 1, "folds": 5, "seed": 42, "data": {"embedded": "survivors", "rows": 1000},
+       "params": {"hidden_layers": [256, 128, 64], "lr": 1e-3, "weight_decay": 1e-5, "dropout": 0.1}}
+
+
+def with_params(**changes):
+    return {**JOB, "params": {**JOB["params"], **changes}}
+
+
+VALID = [
+    {"command": "ping"},
+    {"command": "shutdown"},
+    {"command": "train", "job": JOB},
+    {"command": "train_batch", "jobs": [JOB, {**JOB, "fold_idx": 2}], "n_concurrent": 3},
+    {"command": "train_batch", "jobs": [JOB], "n_concurrent": "auto", "strategy": "fused", "precision": "bf16",
+     "max_epochs": 50, "patience": 5, "vram_budget_fraction": 0.5},
+    {"command": "train", "job": {**JOB, "data": {"path": "/data/x.csv", "target": "y", "format": "csv"}}},
+]
+INVALID = [
+    ({"command": "fly"}, "unknown_command", "$.command"),
+    ({"cmd": "ping"}, "invalid_request", "$.command"),
+    ({"command": "train_batch", "jobs": []}, "invalid_job", "$.jobs"),
+    ({"command": "train_batch", "jobs": [JOB], "n_concurrent": 0}, "invalid_request", "$.n_concurrent"),
+    ({"command": "train_batch", "jobs": [JOB], "strategy": "warp"}, "invalid_request", "$.strategy"),
+    ({"command": "train_batch", "jobs": [JOB], "precision": "fp16"}, "invalid_request", "$.precision"),
+    ({"command": "train", "job": with_params(hidden_layers=[])}, "invalid_job", "$.job.params.hidden_layers"),
+    ({"command": "train", "job": with_params(hidden_layers=[64, 0])}, "invalid_job", "$.job.params.hidden_layers"),
+    ({"command": "train", "job": with_params(lr=0)}, "invalid_job", "$.job.params.lr"),
+    ({"command": "train", "job": with_params(dropout=1.0)}, "invalid_job", "$.job.params.dropout"),
+    ({"command": "train", "job": with_params(weight_decay=-1)}, "invalid_job", "$.job.params.weight_decay"),
+    ({"command": "train", "job": {**JOB, "folds": 1}}, "invalid_job", "$.job.folds"),
+    ({"command": "train", "job": {**JOB, "data": {"embedded": "survivors", "bogus": 1}}}, "invalid_job",
+     "$.job.data"),
+    ({"command": "train_batch", "jobs": [JOB, {**JOB, "trial_number": True}]}, "invalid_job",
+     "$.jobs[1].trial_number"),
+]
+
+
+@pytest.mark.parametrize("request_obj", VALID)
+def test_valid_requests_are_accepted_by_schema_and_worker(request_obj):
+    REQUEST.validate(request_obj)
+    assert parse_request(json.dumps(request_obj).encode()).command == request_obj["command"]
+
+
+@pytest.mark.parametrize("request_obj,code,path", INVALID)
+def test_invalid_requests_are_refused_by_schema_and_worker_with_code_and_path(request_obj, code, path):
+    assert not REQUEST.is_valid(request_obj)
+    with pytest.raises(ProtocolError) as caught:
+        parse_request(json.dumps(request_obj).encode())
+    assert caught.value.code == code
+    assert str(caught.value).startswith(path), str(caught.value)
+
+
+def test_fold_index_beyond_folds_is_refused():
+    # A cross-field rule that JSON Schema cannot state; the schema's job description says it.
+    with pytest.raises(ProtocolError, match=r"^\$\.job\.fold_idx: expected an integer below folds \(5\)"):
+        parse_request(json.dumps({"command": "train", "job": {**JOB, "fold_idx": 5}}).encode())
+
+
+def test_duplicate_fold_in_a_batch_is_refused():
+    with pytest.raises(ProtocolError, match="trial 3 fold 1 appears more than once"):
+        parse_request(json.dumps({"command": "train_batch", "jobs": [JOB, JOB]}).encode())
+
+
+def test_schema_is_valid_draft_2020_12():
+    jsonschema.Draft202012Validator.check_schema(SCHEMA)
