@@ -116,6 +116,9 @@ def test_outputs_trial_lines_summary_and_leaderboard(pm, tmp_path, capsys):
     assert set(row["best_params"]) == {"hidden_layers", "lr", "weight_decay", "dropout"}
     printed = capsys.readouterr().out
     assert "compare_models leaderboard" in printed and f"{best[3]:.4f}" in printed
+    report = (out_dir / "report.html").read_text()
+    assert "Optimisation history" in report or "Optimization history" in report
+    assert f"report: {out_dir / 'report.html'}" in printed
 
 
 def test_a_failed_fold_fails_the_trial_with_its_reason(pm, tmp_path):

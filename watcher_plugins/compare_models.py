@@ -24,8 +24,10 @@ from watcher_plugins.data import load_dataset
 from watcher_plugins.devices import resolve_devices
 from watcher_plugins.errors import DataError, PluginError
 from watcher_plugins.executor import Executor, RunContext
+from watcher_plugins.gpu_monitor import GpuMonitor
 from watcher_plugins.progress import ProgressBoard
 from watcher_plugins.records import STATUS_OK, DataRef, FoldResult, TrialJob
+from watcher_plugins.report import write_report
 from watcher_plugins.search_spaces import suggest
 from watcher_plugins.storage import StudyStore
 from watcher_plugins.types import WatcherExecutor
@@ -35,6 +37,7 @@ from watcher_plugins.types import WatcherExecutor
 _SAMPLER_SEED_OFFSET = {"nn": 0, "catboost": 1, "lightgbm": 2, "xgboost": 3}
 TRIALS_FILE = "trials.jsonl"
 SUMMARY_FILE = "summary.json"
+GPU_SAMPLES_FILE = "gpu_samples.json"
 
 
 @dataclass
@@ -225,11 +228,15 @@ def run_compare_models(params: dict, pm, out: TextIO | None = None) -> dict:
 
     log = TrialLog(output_dir / TRIALS_FILE)
     board = ProgressBoard(list(runnable), params["trials"], enabled=params["progress"])
+    monitor = GpuMonitor(devices)
+    run = _RunRecord(outcomes, {}, monitor, dataset, devices, store, started, params, output_dir, out)
+    monitor.start()
     try:
         for executor_name, model_types in groups.items():
             group_started = time.monotonic()
             studies = {mt: store.study(mt, seed=params["seed"] + _SAMPLER_SEED_OFFSET.get(mt, 0))
                        for mt in model_types}
+            run.studies.update(studies)
             for model_type, study in studies.items():
                 board.resume(model_type, store.trials_counted(study), store.best(study)[0])
             try:
@@ -242,12 +249,14 @@ def run_compare_models(params: dict, pm, out: TextIO | None = None) -> dict:
             outcomes.update(_outcomes(store, studies, executor_name, time.monotonic() - group_started))
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM turned into one by the host
         board.close()
-        _write_summary(outcomes, dataset, devices, store, started, params, output_dir, out, interrupted=True)
+        monitor.stop()
+        run.write(interrupted=True)
         raise
     finally:
         board.close()
+        monitor.stop()
         log.close()
-    return _write_summary(outcomes, dataset, devices, store, started, params, output_dir, out)
+    return run.write()
 
 
 def _outcomes(store: StudyStore, studies: dict[str, optuna.Study], executor_name: str,
@@ -261,23 +270,43 @@ def _outcomes(store: StudyStore, studies: dict[str, optuna.Study], executor_name
     return outcomes
 
 
-def _write_summary(outcomes: dict[str, ModelTypeOutcome], dataset, devices: list[int], store: StudyStore,
-                   started: float, params: dict, output_dir: Path, out: TextIO, interrupted: bool = False) -> dict:
-    summary = {
-        "leaderboard": [asdict(o) for o in sorted(
-            (o for o in outcomes.values() if o.status == "done"),
-            key=lambda o: (o.best_r2 is None, -(o.best_r2 or 0.0)))],
-        "unavailable": {o.model_type: o.reason for o in outcomes.values() if o.status == "unavailable"},
-        "dataset": {"name": dataset.name, "rows": dataset.n_rows, "features": int(dataset.X.shape[1])},
-        "devices": devices,
-        "storage": store.url_for_display,
-        "seconds": round(time.monotonic() - started, 2),
-        "params": params,
-        "interrupted": interrupted,
-    }
-    (output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    print(format_leaderboard(summary), file=out)
-    return summary
+@dataclass
+class _RunRecord:
+    """What the end of a run (or of an interrupted one) writes: summary.json, the report, the leaderboard."""
+
+    outcomes: dict[str, ModelTypeOutcome]
+    studies: dict[str, optuna.Study]
+    monitor: GpuMonitor
+    dataset: Any
+    devices: list[int]
+    store: StudyStore
+    started: float
+    params: dict
+    output_dir: Path
+    out: TextIO
+
+    def write(self, interrupted: bool = False) -> dict:
+        outcomes = self.outcomes.values()
+        summary = {
+            "leaderboard": [asdict(o) for o in sorted(
+                (o for o in outcomes if o.status == "done"), key=lambda o: (o.best_r2 is None, -(o.best_r2 or 0.0)))],
+            "unavailable": {o.model_type: o.reason for o in outcomes if o.status == "unavailable"},
+            "dataset": {"name": self.dataset.name, "rows": self.dataset.n_rows,
+                        "features": int(self.dataset.X.shape[1])},
+            "devices": self.devices,
+            "storage": self.store.url_for_display,
+            "seconds": round(time.monotonic() - self.started, 2),
+            "params": self.params,
+            "interrupted": interrupted,
+        }
+        (self.output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        if self.monitor.samples:
+            (self.output_dir / GPU_SAMPLES_FILE).write_text(json.dumps(self.monitor.to_json()) + "\n",
+                                                            encoding="utf-8")
+        report = write_report(self.output_dir, self.studies, summary, self.monitor.samples or None)
+        print(format_leaderboard(summary), file=self.out)
+        print(f"\nreport: {report}", file=self.out)
+        return summary
 
 
 def format_leaderboard(summary: dict) -> str:
