@@ -1,0 +1,242 @@
+"""Benchmark of the nn_batch trainers on the survivors-98k workload (a benchmark, not a test).
+
+98,784 x 62 rows, 5 folds, 20 trials drawn from search_spaces.suggest_nn with a fixed seed, at most
+200 epochs, patience 20: 100 fits. serial, streams and fused run in one process on one GPU, with
+the same fits; for each: model-epochs/s (epochs each fit really needed, up to its early stop), wall
+seconds, peak allocated memory, GPU utilisation sampled with NVML (when pynvml imports), and the R^2
+shift of tf32/bf16 against fp32. Serial and streams at tf32/bf16 run on a subset of the trials
+(--subset-every), so the speedup at the same precision is model-epochs/s of fused (all fits) over
+model-epochs/s of serial (the subset); the subset's fp32 serial figure is recorded beside the full one
+to show how far the subset's mix of widths moves the rate. Then the whole 20-trial batch runs once
+through the executor (worker process, persistent and warm) for the end-to-end seconds.
+
+    PYTHONPATH=. python bench/bench_nn.py --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import optuna
+import torch
+
+from watcher_plugins.data import FULL_ROWS
+from watcher_plugins.nn_batch.batch import TRAINERS
+from watcher_plugins.nn_batch.budget import VramBudget
+from watcher_plugins.nn_batch.device_data import DeviceDatasetCache
+from watcher_plugins.nn_batch.fused import FusedTrainer
+from watcher_plugins.nn_batch.oom import train_with_oom_recovery
+from watcher_plugins.nn_batch.protocol import FitJob
+from watcher_plugins.nn_batch.training import FitTask, TrainSettings, precision_context
+from watcher_plugins.records import STATUS_OK, DataRef
+from watcher_plugins.search_spaces import suggest_nn
+
+
+class UtilisationSampler:
+    """GPU utilisation (%) from NVML every ``period`` seconds while running; empty without pynvml."""
+
+    def __init__(self, gpu: int = 0, period: float = 0.05):
+        self.samples: list[int] = []
+        self.period = period
+        self._stop = threading.Event()
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self._nvml, self._handle = pynvml, pynvml.nvmlDeviceGetHandleByIndex(gpu)
+        except Exception:  # noqa: BLE001 - NVML is optional
+            self._nvml = None
+
+    def __enter__(self):
+        if self._nvml is not None:
+            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period):
+            self.samples.append(int(self._nvml.nvmlDeviceGetUtilizationRates(self._handle).gpu))
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._nvml is not None:
+            self._thread.join()
+
+    def summary(self) -> dict:
+        if not self.samples:
+            return {"nvml": self._nvml is not None, "samples": 0}
+        return {"nvml": True, "samples": len(self.samples), "mean_pct": round(float(np.mean(self.samples)), 1),
+                "max_pct": int(max(self.samples))}
+
+
+def draw_trials(n: int, seed: int) -> list[dict]:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=seed))
+    return [suggest_nn(study.ask()) for _ in range(n)]
+
+
+def fit_jobs(trials: list[dict], folds: int, seed: int, data: DataRef, only: set[int] | None = None) -> list[FitJob]:
+    return [FitJob(t, f, folds, seed, tuple(p["hidden_layers"]), p["lr"], p["weight_decay"], p["dropout"], data)
+            for t, p in enumerate(trials) if only is None or t in only for f in range(folds)]
+
+
+def run_config(strategy: str, precision: str, jobs: list[FitJob], cache: DeviceDatasetCache, device, args) -> dict:
+    settings = TrainSettings(args.max_epochs, args.patience, precision)
+    if strategy == "fused":  # packs sized by the calibrated VRAM budget, as n_concurrent_nn "auto" does
+        trainer = FusedTrainer(settings, device, budget=VramBudget.for_device(device, 0.85))
+    else:
+        trainer = TRAINERS[strategy](settings, device)
+    tasks = [FitTask.build(job, cache.get(job.data)) for job in jobs]
+    n_concurrent = 1 if strategy == "serial" else (args.streams if strategy == "streams" else len(tasks))
+    outcomes = {}
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated() if cuda else 0
+    with UtilisationSampler() as sampler, precision_context(precision, device):
+        started = time.perf_counter()
+        report = train_with_oom_recovery(trainer, tasks, n_concurrent, lambda o: outcomes.__setitem__(o.key, o))
+        if cuda:
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - started
+    needed = sum(o.epochs for o in outcomes.values())
+    row = {
+        "strategy": strategy, "precision": precision, "fits": len(tasks), "n_concurrent": n_concurrent,
+        "wall_s": round(wall, 3), "model_epochs": needed, "model_epochs_run": trainer.model_epochs,
+        "model_epochs_per_s": round(needed / wall, 1),
+        "peak_mem_gib": round((torch.cuda.max_memory_allocated() - base) / 2**30, 3) if cuda else None,
+        "gpu_util": sampler.summary(), "oom_retries": report.oom_retries, "ok": sum(o.status == STATUS_OK for o in outcomes.values()),
+        "r2": {f"{k[0]}/{k[1]}": o.r2 for k, o in sorted(outcomes.items())},
+    }
+    if strategy == "fused":
+        row["pack_sizes"], row["compactions"] = trainer.pack_sizes, trainer.compactions
+    print(f"{strategy:8s} {precision:5s} fits={len(tasks):3d} wall={wall:7.2f}s me/s={row['model_epochs_per_s']:8.1f} "
+          f"peak={row['peak_mem_gib']}GiB util={row['gpu_util'].get('mean_pct')}", flush=True)
+    return row
+
+
+def r2_shift(row: dict, reference: dict) -> dict:
+    diffs = [abs(row["r2"][k] - reference["r2"][k]) for k in row["r2"]
+             if row["r2"][k] is not None and reference["r2"].get(k) is not None]
+    return {"vs": f"{reference['strategy']} {reference['precision']}", "fits": len(diffs),
+            "max_abs": max(diffs) if diffs else None, "mean_abs": float(np.mean(diffs)) if diffs else None}
+
+
+def end_to_end(trials, args, out_dir: Path, precision: str) -> dict:
+    from watcher_plugins.executor import RunContext
+    from watcher_plugins.nn_batch.executor import NNBatchExecutor
+    from watcher_plugins.records import TrialJob
+
+    data = DataRef(embedded="survivors", rows=args.rows)
+    jobs = [TrialJob("nn", t, p, data, args.folds, args.seed) for t, p in enumerate(trials)]
+    params = {"nn_max_epochs": args.max_epochs, "nn_patience": args.patience, "precision": precision,
+              "n_concurrent_nn": "auto", "nn_strategy": "auto"}
+    context = RunContext(output_dir=out_dir / "e2e", devices=[0], lease_dir=out_dir / "e2e" / "leases")
+    with NNBatchExecutor(params, context) as executor:
+        started = time.perf_counter()
+        executor.run_batch(jobs[:1])  # starts the worker, loads the data onto the GPU, warms up
+        warmup = time.perf_counter() - started
+        started = time.perf_counter()
+        results = executor.run_batch(jobs)
+        wall = time.perf_counter() - started
+        summary = executor.last_batch_summaries
+    print(f"executor {precision}: 20-trial batch {wall:.2f}s (worker start + first batch {warmup:.2f}s)", flush=True)
+    return {"precision": precision, "batch_wall_s": round(wall, 3), "worker_start_and_warmup_s": round(warmup, 3),
+            "ok": sum(r.status == STATUS_OK for r in results), "folds": len(results), "worker_summary": summary}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", type=int, default=FULL_ROWS)
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--trials", type=int, default=20)
+    parser.add_argument("--max-epochs", type=int, default=200)
+    parser.add_argument("--patience", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--streams", type=int, default=5, help="concurrency of the streams trainer (the seed's N)")
+    parser.add_argument("--subset-every", type=int, default=4, help="serial/streams at tf32/bf16: every k-th trial")
+    parser.add_argument("--skip-e2e", action="store_true")
+    parser.add_argument("--device", default="cuda:0", help="cpu only to try the script out; numbers need a GPU")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("bench_nn.py needs a CUDA GPU (or --device cpu to try it out)")
+    args.out.mkdir(parents=True, exist_ok=True)
+    data = DataRef(embedded="survivors", rows=args.rows)
+    cache = DeviceDatasetCache(device)
+    cache.get(data)
+    trials = draw_trials(args.trials, args.seed)
+    everything = fit_jobs(trials, args.folds, args.seed, data)
+    subset = fit_jobs(trials, args.folds, args.seed, data, only=set(range(0, args.trials, args.subset_every)))
+
+    warm = TrainSettings(3, 3)
+    for strategy in ("serial", "streams", "fused"):  # kernels, cuBLAS handles and autotuning out of the timings
+        for precision in ("fp32", "tf32", "bf16"):
+            tasks = [FitTask.build(job, cache.get(data)) for job in everything[:3]]
+            with precision_context(precision, device):
+                TRAINERS[strategy](TrainSettings(warm.max_epochs, warm.patience, precision), device).train(
+                    tasks, 3, lambda o: None)
+
+    rows = []
+    for precision in ("fp32", "tf32", "bf16"):
+        rows.append(run_config("fused", precision, everything, cache, device, args))
+    rows.append(run_config("serial", "fp32", everything, cache, device, args))
+    rows.append(run_config("streams", "fp32", everything, cache, device, args))
+    for strategy in ("serial", "fused"):
+        for precision in ("fp32", "tf32", "bf16"):
+            row = run_config(strategy, precision, subset, cache, device, args)
+            row["subset"] = True
+            rows.append(row)
+
+    def find(strategy, precision, subset=False):
+        return next(r for r in rows if r["strategy"] == strategy and r["precision"] == precision
+                    and r.get("subset", False) == subset)
+
+    serial_full = find("serial", "fp32")
+    ratios = {}
+    for precision in ("fp32", "tf32", "bf16"):
+        serial_rate = serial_full["model_epochs_per_s"] if precision == "fp32" else \
+            find("serial", precision, True)["model_epochs_per_s"]
+        ratios[f"fused_vs_serial_{precision}"] = round(find("fused", precision)["model_epochs_per_s"] / serial_rate, 2)
+        ratios[f"fused_vs_serial_{precision}_subset_only"] = round(
+            find("fused", precision, True)["model_epochs_per_s"] / find("serial", precision, True)["model_epochs_per_s"], 2)
+    ratios["streams_vs_serial_fp32"] = round(find("streams", "fp32")["model_epochs_per_s"]
+                                             / serial_full["model_epochs_per_s"], 2)
+    ratios["fused_bf16_vs_serial_fp32"] = round(find("fused", "bf16")["model_epochs_per_s"]
+                                                / serial_full["model_epochs_per_s"], 2)
+    shifts = {
+        "fused_fp32_vs_serial_fp32": r2_shift(find("fused", "fp32"), serial_full),
+        "streams_fp32_vs_serial_fp32": r2_shift(find("streams", "fp32"), serial_full),
+        "fused_tf32_vs_fused_fp32": r2_shift(find("fused", "tf32"), find("fused", "fp32")),
+        "fused_bf16_vs_fused_fp32": r2_shift(find("fused", "bf16"), find("fused", "fp32")),
+    }
+    e2e = [] if args.skip_e2e or device.type != "cuda" else [end_to_end(trials, args, args.out, p) for p in ("fp32", "bf16")]
+    result = {
+        "command": " ".join(["python", *sys.argv]),
+        "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else "none (cpu try-out)", "torch": torch.__version__, "python": platform.python_version(),
+        "workload": {"rows": args.rows, "folds": args.folds, "trials": args.trials, "max_epochs": args.max_epochs,
+                     "patience": args.patience, "seed": args.seed, "trial_params": trials,
+                     "subset_trials": sorted({j.trial_number for j in subset})},
+        "ratio_method": "model-epochs/s (epochs each fit needed until its early stop) of fused over all 100 fits, "
+                        "divided by serial's: serial fp32 over all fits; serial tf32/bf16 over the subset. "
+                        "*_subset_only compares fused and serial on the subset alone.",
+        "ratios": ratios, "r2_shift": shifts, "runs": rows, "executor_end_to_end": e2e,
+    }
+    (args.out / "nn_bench.json").write_text(json.dumps(result, indent=1))
+    print("\nratios:", json.dumps(ratios))
+    print("r2 shift:", json.dumps({k: v["max_abs"] for k, v in shifts.items()}))
+    print("end to end:", json.dumps([{k: v for k, v in e.items() if k != "worker_summary"} for e in e2e]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

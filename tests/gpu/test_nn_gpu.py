@@ -1,0 +1,107 @@
+"""nn_batch on a CUDA GPU (skipped without one): the trainers agree with serial in fp32 with TF32 off,
+the executor's worker holds the GPU lease, and OOM recovery really frees device memory."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+from watcher_plugins.errors import LeaseTimeout  # noqa: E402
+from watcher_plugins.executor import RunContext  # noqa: E402
+from watcher_plugins.lease import GpuLease  # noqa: E402
+from watcher_plugins.nn_batch.device_data import DeviceDatasetCache  # noqa: E402
+from watcher_plugins.nn_batch.faults import Faults  # noqa: E402
+from watcher_plugins.nn_batch.fused import FusedTrainer  # noqa: E402
+from watcher_plugins.nn_batch.oom import train_with_oom_recovery  # noqa: E402
+from watcher_plugins.nn_batch.protocol import FitJob  # noqa: E402
+from watcher_plugins.nn_batch.serial import SerialTrainer  # noqa: E402
+from watcher_plugins.nn_batch.streams import StreamsTrainer  # noqa: E402
+from watcher_plugins.nn_batch.training import FitTask, TrainSettings, precision_context  # noqa: E402
+from watcher_plugins.records import STATUS_OK, DataRef, TrialJob  # noqa: E402
+
+CUDA = torch.device("cuda:0")
+DATA = DataRef(embedded="survivors", rows=4000)
+SETTINGS = TrainSettings(max_epochs=80, patience=10)
+MIXED = [
+    (0, 0, [256, 128, 64], 3e-3, 1e-4, 0.0), (0, 1, [256, 128, 64], 3e-3, 1e-4, 0.0),
+    (1, 2, [128, 64, 32], 1e-2, 0.0, 0.2), (2, 0, [512, 256, 128], 1e-3, 1e-5, 0.1),
+    (3, 1, [128, 64], 5e-3, 0.0, 0.0), (4, 2, [256, 128], 2e-2, 1e-3, 0.15),
+    (5, 0, [64, 32, 16, 8], 1e-2, 0.0, 0.0), (6, 1, [256, 128, 64, 32], 2e-3, 1e-6, 0.25),
+]
+
+
+@pytest.fixture(scope="module")
+def data():
+    return DeviceDatasetCache(CUDA).get(DATA)
+
+
+def tasks(data, specs=MIXED):
+    return [FitTask.build(FitJob(t, f, 3, 11, tuple(h), lr, wd, p, DATA), data) for t, f, h, lr, wd, p in specs]
+
+
+def run(trainer, fits, k):
+    got = {}
+    with precision_context("fp32", CUDA):
+        trainer.train(fits, k, lambda o: got.__setitem__(o.key, o))
+    return got
+
+
+@pytest.mark.parametrize("trainer_cls", [FusedTrainer, StreamsTrainer])
+def test_fused_and_streams_give_serials_r2_on_the_gpu(data, trainer_cls):
+    reference = run(SerialTrainer(SETTINGS, CUDA), tasks(data), 1)
+    got = run(trainer_cls(SETTINGS, CUDA), tasks(data), 8)
+    for key, ref in reference.items():
+        assert ref.status == STATUS_OK and got[key].status == STATUS_OK
+        assert abs(got[key].r2 - ref.r2) < 1e-4, (key, got[key].r2, ref.r2)
+
+
+def test_oom_recovery_frees_the_failed_packs_memory(data):
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated(CUDA)
+    seen = []
+
+    def oom_on_first_step(pack):  # a real allocation, then an OOM at concurrency >= 4
+        seen.append(len(pack))
+        if len(pack) >= 4:
+            _hog = torch.empty(256 * 1024 * 1024, device=CUDA)  # noqa: F841 - held by this frame
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+
+    got = []
+    report = train_with_oom_recovery(FusedTrainer(TrainSettings(20, 5), CUDA, oom_on_first_step), tasks(data)[:6], 6,
+                                     got.append)
+    torch.cuda.synchronize()
+    assert seen[0] == 4 and max(seen[1:]) == 2  # the 3-layer pack of 4 failed; retried in packs of 2
+    assert report.oom_retries >= 1 and len(got) == 6 and all(o.status == STATUS_OK for o in got)
+    assert torch.cuda.memory_allocated(CUDA) - before < 64 * 1024 * 1024
+
+
+def test_executor_worker_holds_the_lease_and_trains_on_the_gpu(tmp_path):
+    context = RunContext(output_dir=tmp_path, devices=[0], lease_dir=tmp_path / "leases")
+    job = TrialJob("nn", 0, {"hidden_layers": [64, 32], "lr": 3e-3, "weight_decay": 0.0, "dropout": 0.1}, DATA, 3, 1)
+    from watcher_plugins.nn_batch.executor import NNBatchExecutor
+
+    with NNBatchExecutor({"nn_max_epochs": 30}, context) as executor:
+        results = executor.run_batch([job])
+        assert executor._slots[0].worker.info["device"].startswith("cuda:0")
+        with pytest.raises(LeaseTimeout):
+            GpuLease(0, tmp_path / "leases", timeout=0.2).acquire()
+    assert [r.status for r in results] == [STATUS_OK] * 3
+    with GpuLease(0, tmp_path / "leases", timeout=10):
+        pass
+
+
+def test_injected_oom_at_one_in_a_gpu_worker_is_status_oom(tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.setenv("WATCHER_NN_FAULTS", json.dumps({"oom_at_concurrency": 1}))
+    context = RunContext(output_dir=tmp_path, devices=[0], lease_dir=tmp_path / "leases")
+    job = TrialJob("nn", 0, {"hidden_layers": [32], "lr": 3e-3}, DATA, 2, 1)
+    from watcher_plugins.nn_batch.executor import NNBatchExecutor
+
+    with NNBatchExecutor({"nn_max_epochs": 5}, context) as executor:
+        results = executor.run_batch([job])
+        assert executor._slots[0].worker.alive
+    assert [r.status for r in results] == ["oom", "oom"]
+    assert Faults.from_env().oom_at_concurrency == 1
