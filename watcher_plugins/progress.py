@@ -1,47 +1,73 @@
-"""Progress on stderr: one bar per model type with trials done, best R^2 so far and time left."""
+"""Progress on stderr, per model type: trials done of total, best R^2 so far and time left.
+
+On a terminal: one tqdm bar per model type, redrawn in place. In a log (stderr not a terminal): one
+plain line per finished trial, since redrawn bars turn into escape-code noise there.
+"""
 
 from __future__ import annotations
 
 import sys
+import time
+from typing import TextIO
 
 from tqdm import tqdm
 
 
 class ProgressBoard:
-    """tqdm bars per model type. On a terminal they redraw in place; in a log they print a line each update."""
-
-    def __init__(self, model_types: list[str], trials: int, enabled: bool = True):
+    def __init__(self, model_types: list[str], trials: int, enabled: bool = True, stream: TextIO | None = None):
+        self.stream = stream or sys.stderr
         self.enabled = enabled
+        self.total = trials
         self.best: dict[str, float | None] = dict.fromkeys(model_types)
+        self.done: dict[str, int] = dict.fromkeys(model_types, 0)
+        self.resumed: dict[str, int] = dict.fromkeys(model_types, 0)  # done by an earlier run of the study
+        self.started: dict[str, float] = {}
+        self.width = max((len(m) for m in model_types), default=0)
         self.bars: dict[str, tqdm] = {}
-        if enabled:
-            width = max((len(m) for m in model_types), default=0)
+        if enabled and self.stream.isatty():
             for position, model_type in enumerate(model_types):
                 self.bars[model_type] = tqdm(
-                    total=trials, desc=model_type.ljust(width), unit="trial", position=position,
-                    file=sys.stderr, dynamic_ncols=True, leave=True, mininterval=0.5,
+                    total=trials, desc=model_type.ljust(self.width), unit="trial", position=position,
+                    file=self.stream, dynamic_ncols=True, leave=True, mininterval=0.5,
                     bar_format="{desc} {bar:20} {n_fmt}/{total_fmt} trials  {postfix}  [{elapsed}<{remaining}]",
                 )
-                self._show(model_type)
+                self._show_bar(model_type)
 
-    def _show(self, model_type: str) -> None:
+    def _best_text(self, model_type: str) -> str:
         best = self.best[model_type]
-        self.bars[model_type].set_postfix_str("best R2 " + ("-" if best is None else f"{best:.4f}"))
+        return "best R2 " + ("-" if best is None else f"{best:.4f}")
+
+    def _show_bar(self, model_type: str) -> None:
+        self.bars[model_type].set_postfix_str(self._best_text(model_type))
 
     def resume(self, model_type: str, done: int, best: float | None) -> None:
-        """Start a bar at what an earlier run of the same study already did."""
+        """Start counting at what an earlier run of the same study already did."""
         self.best[model_type] = best
+        self.done[model_type] = self.resumed[model_type] = min(done, self.total)
+        self.started[model_type] = time.monotonic()
         if model_type in self.bars:
-            self.bars[model_type].update(min(done, self.bars[model_type].total) - self.bars[model_type].n)
-            self._show(model_type)
+            self.bars[model_type].update(self.done[model_type] - self.bars[model_type].n)
+            self._show_bar(model_type)
 
     def trial_done(self, model_type: str, value: float | None) -> None:
         if value is not None and (self.best[model_type] is None or value > self.best[model_type]):
             self.best[model_type] = value
+        self.done[model_type] += 1
         if model_type in self.bars:
-            self._show(model_type)
+            self._show_bar(model_type)
             self.bars[model_type].update(1)
+        elif self.enabled:
+            self._print_line(model_type)
+
+    def _print_line(self, model_type: str) -> None:
+        elapsed = time.monotonic() - self.started.setdefault(model_type, time.monotonic())
+        ran = self.done[model_type] - self.resumed[model_type]
+        left = self.total - self.done[model_type]
+        eta = f", ~{elapsed / ran * left:.0f}s left" if ran and left else ""
+        print(f"{model_type.ljust(self.width)}  {self.done[model_type]}/{self.total} trials, "
+              f"{self._best_text(model_type)}, {elapsed:.0f}s{eta}", file=self.stream, flush=True)
 
     def close(self) -> None:
         for bar in self.bars.values():
             bar.close()
+        self.bars.clear()
