@@ -66,6 +66,30 @@ def test_quickstart_runs_step_5_on_the_shipped_manifest(tmp_path):
     assert set(study_states(output_dir)) == {"COMPLETE"}
     assert "compare_models leaderboard" in result.stdout
     assert "trials, best R2" in result.stderr  # progress while it works
+    assert_opens_in_optuna_dashboard(output_dir / "optuna.db", trials)
+
+
+def assert_opens_in_optuna_dashboard(db: Path, trials: int) -> None:
+    """The storage is plain Optuna: optuna-dashboard's own API lists the studies and their trials."""
+    from wsgiref.util import setup_testing_defaults
+
+    import optuna_dashboard
+
+    app = optuna_dashboard.wsgi(f"sqlite:///{db}")
+
+    def get(path: str):
+        environ: dict = {}
+        setup_testing_defaults(environ)
+        environ["PATH_INFO"] = path
+        status = []
+        body = b"".join(app(environ, lambda code, headers, exc_info=None: status.append(code)))
+        assert status == ["200 OK"], (path, status, body[:500])
+        return json.loads(body)
+
+    studies = get("/api/studies")["study_summaries"]
+    assert sorted(s["study_name"] for s in studies) == sorted(f"compare_models-{m}" for m in MODEL_TYPES)
+    for study in studies:
+        assert len(get(f"/api/studies/{study['study_id']}")["trials"]) == trials
 
 
 def test_params_override_with_a_users_csv(tmp_path):
