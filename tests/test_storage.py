@@ -146,7 +146,7 @@ def test_two_agents_share_one_study_and_never_run_the_same_trial(tmp_path, postg
                   "progress": False, "executors": {"nn": "reversing"}, "storage": url,
                   "lease_dir": str(tmp_path / f"leases-{name}")}
         procs.append(subprocess.Popen([sys.executable, "-c", AGENT.format(tests=tests_dir), json.dumps(params)],
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path))
     outputs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outputs]
     ran = [json.loads(o[0].strip().splitlines()[-1]) for o in outputs]
