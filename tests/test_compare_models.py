@@ -64,7 +64,8 @@ class InOrderExecutor(ReversingExecutor):
 class TestExecutors:
     @hookimpl
     def watcher_executors(self):
-        yield WatcherExecutor(name="reversing", model_types=("nn",), load=lambda: ReversingExecutor)
+        yield WatcherExecutor(name="reversing", model_types=("nn",), load=lambda: ReversingExecutor,
+                              result_params=("nn_max_epochs",))
         yield WatcherExecutor(name="in_order", model_types=("nn",), load=lambda: InOrderExecutor)
 
 
@@ -160,6 +161,11 @@ def test_resuming_with_other_defining_params_is_refused(pm, tmp_path):
     run_compare_models(_params(pm, tmp_path, trials=2), pm)
     with pytest.raises(StorageError, match=r"folds: stored 3, now 4"):
         run_compare_models(_params(pm, tmp_path, trials=2, folds=4), pm)
+    # an executor's result params (here nn_max_epochs) are part of the definition too
+    with pytest.raises(StorageError, match=r"nn_max_epochs: stored 100, now 50"):
+        run_compare_models(_params(pm, tmp_path, trials=2, nn_max_epochs=50), pm)
+    # params that only change speed are not: a different concurrency resumes the same study
+    run_compare_models(_params(pm, tmp_path, trials=3, n_concurrent_nn=5), pm)
 
 
 def test_executor_choice_errors(pm, tmp_path):

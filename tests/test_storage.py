@@ -13,7 +13,7 @@ import pytest
 from test_compare_models import ReversingExecutor, TestExecutors  # noqa: F401  (a registered test executor)
 
 from watcher_plugins.compare_models import run_compare_models
-from watcher_plugins.errors import StorageError
+from watcher_plugins.errors import StorageError, StorageLost
 from watcher_plugins.manifest import load_manifest
 from watcher_plugins.records import DataRef
 from watcher_plugins.storage import RETRY_OF, StudyStore
@@ -90,9 +90,10 @@ def test_a_database_that_goes_down_mid_run_stops_the_run_cleanly(pm, tmp_path, p
 
     StopDatabase.batches = []
     params = _params(pm, tmp_path, storage=url, storage_retries=1)
-    with pytest.raises(StorageError, match=r"lost the connection to postgresql\+psycopg://postgres@127.0.0.1:\d+/"
-                                           r"postgres while .*completed trials are saved"):
+    with pytest.raises(StorageLost, match=r"lost the connection to postgresql\+psycopg://postgres@127.0.0.1:\d+/"
+                                          r"postgres while .*completed trials are saved") as excinfo:
         run_with_executor(pm, params, StopDatabase)
+    assert excinfo.value.exit_code == 1  # a failure of the run, not bad input
     server.start()  # the server comes back: the batch told before the loss is there, nothing half-written
     try:
         trials = optuna.load_study(study_name="compare_models-nn", storage=url).get_trials()

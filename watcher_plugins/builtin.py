@@ -38,6 +38,7 @@ def watcher_executors():
         description="many SurvivorQualityNet trials at once per GPU, in a persistent worker",
         requires={"nn": "torch"},
         install_hint="pip install torch",
+        result_params=("nn_max_epochs", "nn_patience", "precision"),
     )
     yield WatcherExecutor(
         name="tree_parallel",
@@ -47,6 +48,7 @@ def watcher_executors():
         description="CatBoost / LightGBM / XGBoost trials in parallel pinned worker processes",
         requires={name: name for name in TREE_MODEL_TYPES},
         install_hint="pip install 'watcher_plugins[trees]'",
+        result_params=("tree_rounds", "tree_early_stopping_rounds", "tree_device"),
     )
 
 

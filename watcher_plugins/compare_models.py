@@ -130,6 +130,7 @@ class StudyRunner:
 
     def _ask_batch(self, model_type: str) -> list[tuple[optuna.Trial, TrialJob]]:
         study = self.studies[model_type]
+        self.store.fail_stale(study)  # an agent sharing this study may have died since the last batch
         remaining = self.params["trials"] - self.store.trials_counted(study)
         batch = []
         for _ in range(max(0, min(self.params["ask_batch_size"], remaining))):
@@ -234,8 +235,9 @@ def run_compare_models(params: dict, pm, out: TextIO | None = None) -> dict:
     try:
         for executor_name, model_types in groups.items():
             group_started = time.monotonic()
-            studies = {mt: store.study(mt, seed=params["seed"] + _SAMPLER_SEED_OFFSET.get(mt, 0))
-                       for mt in model_types}
+            result_params = {key: params[key] for key in runnable[model_types[0]].result_params}
+            studies = {mt: store.study(mt, seed=params["seed"] + _SAMPLER_SEED_OFFSET.get(mt, 0),
+                                       result_params=result_params) for mt in model_types}
             run.studies.update(studies)
             for model_type, study in studies.items():
                 board.resume(model_type, store.trials_counted(study), store.best(study)[0])

@@ -62,6 +62,12 @@ class ExecutorError(WatcherPluginError):
 
 
 class StorageError(WatcherPluginError):
-    """The Optuna storage could not be reached or used."""
+    """The Optuna storage could not be opened or used as asked (bad URL, database down, other study)."""
 
     exit_code = 2
+
+
+class StorageLost(StorageError):
+    """The database connection was lost during a run and did not come back within the retries."""
+
+    exit_code = 1

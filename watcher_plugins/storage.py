@@ -8,9 +8,9 @@
 - Each trial's params are sampled by a sampler seeded from the study seed and the trial number, so a
   single agent's trajectory is reproducible and two agents sharing a study never draw the same params
   from the same random stream.
-- A storage operation whose connection fails is retried a few times; then the run stops with a
-  StorageError. Each tell is one transaction, so nothing is half-written; trials left RUNNING by the
-  lost connection go stale and are asked again by the next run.
+- A storage operation whose connection fails is retried a few times; then the run stops with
+  StorageLost. A trial's tell (its user attrs, then its state) is retried as a whole; a trial whose
+  tell could not finish stays RUNNING, goes stale, and is asked again by the next run.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import TypeVar
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from watcher_plugins.errors import StorageError
+from watcher_plugins.errors import StorageError, StorageLost
 from watcher_plugins.records import DataRef, FoldResult
 
 DEFAULT_DB = "optuna.db"
@@ -87,15 +87,20 @@ class StudyStore:
                 if not _is_connection_error(exc):
                     raise
                 if attempt == self.retries:
-                    raise StorageError(f"lost the connection to {self.url_for_display} while {what} "
+                    raise StorageLost(f"lost the connection to {self.url_for_display} while {what} "
                                        f"({self.retries} retries): {_first_line(exc)}; completed trials are "
                                        "saved, and a re-run resumes the study") from None
                 time.sleep(self.retry_wait_s * 2**attempt)
         raise AssertionError("unreachable")
 
-    def study(self, model_type: str, seed: int) -> optuna.Study:
-        """The study of one model type: created, or resumed after checking it is the same study."""
+    def study(self, model_type: str, seed: int, result_params: dict | None = None) -> optuna.Study:
+        """The study of one model type: created, or resumed after checking it is the same study.
+
+        ``result_params`` are the executor's params that change a trial's R^2 (epochs, rounds, precision,
+        device); they join the study's definition.
+        """
         name = f"{self.prefix}-{model_type}"
+        definition = json.loads(json.dumps(self.definition | (result_params or {})))
 
         def load() -> optuna.Study:
             return optuna.create_study(storage=self.storage, study_name=name, direction="maximize",
@@ -106,11 +111,10 @@ class StudyStore:
         stored = study.user_attrs.get("definition")
         if stored is None:
             study.set_user_attr("model_type", model_type)
-            study.set_user_attr("definition", self.definition)
-        elif stored != json.loads(json.dumps(self.definition)):
-            current = json.loads(json.dumps(self.definition))
-            diffs = [f"{key}: stored {stored.get(key)!r}, now {current.get(key)!r}"
-                     for key in sorted(set(stored) | set(current)) if stored.get(key) != current.get(key)]
+            study.set_user_attr("definition", definition)
+        elif stored != definition:
+            diffs = [f"{key}: stored {stored.get(key)!r}, now {definition.get(key)!r}"
+                     for key in sorted(set(stored) | set(definition)) if stored.get(key) != definition.get(key)]
             raise StorageError(f"study {name!r} in {self.url_for_display} was made with other params "
                                f"({'; '.join(diffs)}); resume it with the same params, or choose another "
                                "study_name or output_dir")

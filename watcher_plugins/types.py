@@ -57,6 +57,9 @@ class WatcherExecutor(WatcherPlugin):
     #: model type -> the module it needs (checked without importing it), and the command that installs it
     requires: dict[str, str] = field(default_factory=dict)
     install_hint: str = ""
+    #: the executor's params that change a trial's result; they are part of a study's definition, so a
+    #: study cannot be resumed with other values (params that only change speed are left out)
+    result_params: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         super().__post_init__()
