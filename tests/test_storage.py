@@ -39,7 +39,7 @@ def test_trials_of_a_killed_run_go_stale_and_their_params_are_asked_again(pm, tm
     params = _params(pm, tmp_path)
     (tmp_path / "out").mkdir()
     store = StudyStore.open(params, tmp_path / "out", DataRef.from_param(params["data"]))
-    study = store.study("nn", seed=params["seed"])
+    study = store.study("nn", seed=params["seed"], result_params={"nn_max_epochs": params["nn_max_epochs"]})
     orphan = store.ask(study)  # asked, heartbeat recorded, then its agent "dies": never told
     orphan_params = {"lr": orphan.suggest_float("lr", 1e-4, 3e-2, log=True)}
     time.sleep(3.5)  # past the grace period (2 x heartbeat_interval_s; SQLite clocks tick in whole seconds)
