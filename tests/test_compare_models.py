@@ -122,13 +122,14 @@ def test_outputs_trial_lines_summary_and_leaderboard(pm, tmp_path, capsys):
     assert f"report: {out_dir / 'report.html'}" in printed
 
 
-def test_a_failed_fold_fails_the_trial_with_its_reason(pm, tmp_path):
+def test_a_failed_fold_fails_the_trial_with_its_reason(pm, tmp_path, capsys):
     run_compare_models(_params(pm, tmp_path, trials=12, ask_batch_size=12), pm)
     study = optuna.load_study(study_name="compare_models-nn", storage=f"sqlite:///{tmp_path}/out/optuna.db")
     failed = [t for t in study.trials if t.state.name == "FAIL"]
     assert [t.number for t in failed] == [2, 5, 8, 11]
     for trial in failed:
         assert trial.user_attrs["fail_reason"] == "fold 1: oom: does not fit"
+    assert "nn: 4 trial(s) failed, most often: fold 1: oom: does not fit" in capsys.readouterr().out
 
 
 def test_resuming_runs_only_the_missing_trials(pm, tmp_path):

@@ -53,7 +53,7 @@ class ModelTypeOutcome:
     trials_complete: int = 0
     trials_failed: int = 0
     seconds: float = 0.0
-    reason: str | None = None
+    reason: str | None = None  # why the model type is unavailable, or its most common trial failure
 
 
 class TrialLog:
@@ -267,8 +267,10 @@ def _outcomes(store: StudyStore, studies: dict[str, optuna.Study], executor_name
     for model_type, study in studies.items():
         best_r2, best_trial, best_params = store.best(study)
         complete, failed = store.finished_counts(study)
+        reasons = store.failure_reasons(study)
+        reason = max(set(reasons), key=reasons.count) if reasons else None
         outcomes[model_type] = ModelTypeOutcome(model_type, executor_name, "done", best_r2, best_trial,
-                                                best_params, complete, failed, round(elapsed, 2))
+                                                best_params, complete, failed, round(elapsed, 2), reason)
     return outcomes
 
 
@@ -323,6 +325,9 @@ def format_leaderboard(summary: dict) -> str:
     lines = ["", "compare_models leaderboard"]
     for r in rows:
         lines.append("  ".join(cell.ljust(width) for cell, width in zip(r[:5], widths)) + "  " + r[5])
+    for row in summary["leaderboard"]:
+        if row["trials_failed"]:
+            lines.append(f"{row['model_type']}: {row['trials_failed']} trial(s) failed, most often: {row['reason']}")
     for model_type, reason in summary["unavailable"].items():
         lines.append(f"{model_type}: unavailable: {reason}")
     return "\n".join(lines)

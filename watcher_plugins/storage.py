@@ -159,6 +159,12 @@ class StudyStore:
         return (sum(t.state == TrialState.COMPLETE for t in counted),
                 sum(t.state == TrialState.FAIL for t in counted))
 
+    def failure_reasons(self, study: optuna.Study) -> list[str]:
+        """The fail reasons of the counted FAIL trials, in trial order."""
+        counted = _counted(self.retrying("reading trials", lambda: study.get_trials(deepcopy=False)))
+        return [t.user_attrs.get("fail_reason") or "no reason recorded" for t in counted
+                if t.state == TrialState.FAIL]
+
     def best(self, study: optuna.Study) -> tuple[float | None, int | None, dict]:
         """Best mean R^2, its trial number and the params its job ran with."""
         complete = self.retrying("reading trials",
