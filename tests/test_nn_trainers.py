@@ -171,3 +171,49 @@ def test_bf16_moves_r2_little(cache):
     bf16 = outcomes(FusedTrainer(TrainSettings(40, 6, "bf16"), CPU), make_tasks(cache, specs), 8)
     for key in fp32:
         assert bf16[key].status == STATUS_OK and abs(bf16[key].r2 - fp32[key].r2) < 0.05
+
+
+def test_fused_dropout_masks_are_each_fits_own_masks(cache):
+    """The pack's vectorised masks equal dropout_mask drawn by each fit's generator alone, in a padded
+    pack that mixes widths and dropout rates (zero included), epoch after epoch."""
+    from watcher_plugins.nn_batch.model import dropout_generator, dropout_mask
+
+    specs = [(0, 0, [64, 32], 1e-2, 0.0, 0.2), (1, 1, [16, 8], 1e-2, 0.0, 0.3), (2, 2, [64, 8], 1e-2, 0.0, 0.0),
+             (3, 0, [32, 32], 1e-2, 0.0, 0.05)]
+    tasks = make_tasks(cache, specs)
+    pack = FusedPack(tasks, SETTINGS, CPU)
+    alone = [dropout_generator(t.init_seed, CPU) for t in tasks]
+    for _epoch in range(2):
+        for layer in range(2):
+            masks = pack.dropout_masks(layer)
+            for m, task in enumerate(tasks):
+                width = task.job.hidden_layers[layer]
+                if task.job.dropout == 0:
+                    assert torch.equal(masks[m, :, :width], torch.ones(task.data.n_rows, width))
+                    continue
+                want = dropout_mask(alone[m], task.data.n_rows, width, task.job.dropout, task.rows.train_rows)
+                assert torch.equal(masks[m, :, :width], want), (m, layer)
+                assert torch.isfinite(masks[m]).all()
+
+
+def test_fused_plans_exact_architecture_packs_and_pads_only_leftovers(cache):
+    """Architectures with MIN_EXACT_PACK fits or more get packs of their own; the rest of a depth share
+    one padded pack; both kinds give serial's R^2."""
+    from watcher_plugins.nn_batch.fused import MIN_EXACT_PACK
+
+    n = MIN_EXACT_PACK
+    specs = [(t, t % 3, [64, 32], 1e-2, 0.0, 0.1 if t else 0.0) for t in range(n)]
+    specs += [(n + t, t % 3, [32, 16], 5e-3, 1e-4, 0.2) for t in range(n)]
+    specs += [(2 * n, 0, [128, 64], 1e-2, 0.0, 0.15), (2 * n + 1, 1, [16, 8], 2e-2, 0.0, 0.0),
+              (2 * n + 2, 2, [64, 32, 16], 1e-2, 0.0, 0.1)]
+    groups = FusedTrainer.plan_groups(make_tasks(cache, specs))
+    archs = [sorted({t.job.hidden_layers for t in g}) for g in groups]
+    assert archs == [[(64, 32)], [(32, 16)], [(16, 8), (128, 64)], [(64, 32, 16)]]
+    assert [t.job.dropout for t in groups[0]][0] == 0.0  # fits without dropout first
+    fused = FusedTrainer(SETTINGS, CPU)
+    got = outcomes(fused, make_tasks(cache, specs), 16)
+    assert sorted(fused.pack_sizes) == [1, 2, MIN_EXACT_PACK, MIN_EXACT_PACK]
+    ref = outcomes(SerialTrainer(SETTINGS, CPU), make_tasks(cache, specs), 1)
+    for key in ref:
+        assert got[key].status == STATUS_OK
+        assert abs(got[key].r2 - ref[key].r2) < 1e-4 and got[key].best_epoch == ref[key].best_epoch, key

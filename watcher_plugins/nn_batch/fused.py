@@ -11,6 +11,13 @@ weight decay are per-model tensors in a batched Adam that follows torch.optim.Ad
 
 Fits that stop early leave the pack (their result is reported, their learning rate and loss weight
 drop to zero) and the pack is compacted, re-padded to the widest model left, once a quarter has left.
+
+Packs are planned by exact architecture first (``plan_groups``): padding multiplies a pack's work by
+its widest model, so only architectures with fewer than ``MIN_EXACT_PACK`` fits are merged, per depth,
+into a padded pack. Dropout masks are drawn by each fit's generator straight into its slice of one
+preallocated [N, rows, width] buffer per layer and turned into masks by one comparison and one select
+over the whole pack (see ``FusedPack.dropout_masks``); the per-model values that select needs are
+built once per pack, not per epoch.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from watcher_plugins.nn_batch.budget import VramBudget
-from watcher_plugins.nn_batch.model import dropout_generator, dropout_mask, initial_parameters
+from watcher_plugins.nn_batch.model import dropout_generator, initial_parameters
 from watcher_plugins.nn_batch.training import (
     HOST_CHECK_EVERY,
     EarlyStopping,
@@ -39,6 +46,9 @@ ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
 #: Compact the pack once this share of its fits has left.
 COMPACT_FRACTION = 0.25
+#: An architecture with at least this many fits in a batch gets packs of its own (no padding); fewer
+#: fits of one depth are merged into one padded pack.
+MIN_EXACT_PACK = 4
 
 
 @dataclass
@@ -104,6 +114,7 @@ class FusedPack:
         self.weight_decay = torch.tensor([t.job.weight_decay for t in tasks], device=device)
         self.dropout = [t.job.dropout for t in tasks]
         self.generators = [dropout_generator(t.init_seed, device) if t.job.dropout > 0 else None for t in tasks]
+        self._mask_state: dict | None = None  # the dropout buffers and per-model constants, made on first use
         train_rows = torch.stack([t.rows.train_rows for t in tasks]).float()
         self.train_weight = train_rows / train_rows.sum(1, keepdim=True)
         val_rows = 1.0 - train_rows
@@ -141,23 +152,50 @@ class FusedPack:
                 mask = unit if mask is None else mask * unit
             param.grad_mask = mask
 
+    def _mask_constants(self) -> dict:
+        """Per pack, not per epoch: a zeroed draw buffer per hidden layer ([N, rows, width]: model m's
+        slice [rows, width] is where its generator writes, contiguous when the model spans the width),
+        each model's p as [N, 1, 1], and per (model, row) the value of a kept and of a dropped unit:
+        1/(1-p) and 0 on the model's training rows, 1 and 1 on its held-out rows (and for p = 0)."""
+        if self._mask_state is None:
+            n, n_rows, device = self.size, self.data.n_rows, self.device
+            p = torch.tensor(self.dropout, dtype=torch.float32, device=device).view(n, 1, 1)
+            # float32(1/(1-p)), as dropout_mask's mul_ by the Python float rounds it; 1 where p = 0
+            scale = torch.tensor([1.0 / (1.0 - q) for q in self.dropout], dtype=torch.float32,
+                                 device=device).view(n, 1, 1)
+            train = torch.stack([t.rows.train_rows for t in self.tasks]).view(n, n_rows, 1)
+            one = torch.ones((), device=device)
+            self._mask_state = {
+                "buffers": [torch.zeros(n, n_rows, w, device=device) for w in self.widths],
+                "p": p,
+                "kept": torch.where(train, scale, one),
+                "dropped": torch.where(train, torch.zeros((), device=device), one),
+            }
+        return self._mask_state
+
+    def dropout_masks(self, layer: int) -> torch.Tensor:
+        """This epoch's masks of a hidden layer, [N, rows, width]: model m's [:, :its width] slice is
+        exactly ``dropout_mask`` of its generator (1 everywhere for a model without dropout); the padded
+        units' values are finite and multiply outputs that are exactly zero."""
+        state = self._mask_constants()
+        draws = state["buffers"][layer]
+        n_rows, width = self.data.n_rows, self.widths[layer]
+        for m, generator in enumerate(self.generators):
+            if generator is None:
+                continue  # its slice stays finite and >= 0 = p, so its mask is 1
+            own = self.tasks[m].job.hidden_layers[layer]
+            if own == width:  # the same call on the same shape as dropout_mask's: the same numbers
+                torch.rand(n_rows, width, generator=generator, device=self.device, out=draws[m])
+            else:
+                draws[m, :, :own] = torch.rand(n_rows, own, generator=generator, device=self.device)
+        return torch.where(draws >= state["p"], state["kept"], state["dropped"])
+
     def _dropout(self, layer: int, h: torch.Tensor, rows_first: bool) -> torch.Tensor:
         """Multiply a hidden layer's output by each model's dropout mask (models without dropout: 1)."""
         if not any(self.generators):
             return h
-        n_rows = self.data.n_rows
-        shape = (n_rows, self.size, self.widths[layer]) if rows_first else (self.size, n_rows, self.widths[layer])
-        masks = torch.ones(shape, device=self.device)
-        for m, generator in enumerate(self.generators):
-            if generator is None:
-                continue
-            width = self.tasks[m].job.hidden_layers[layer]
-            mask = dropout_mask(generator, n_rows, width, self.dropout[m], self.tasks[m].rows.train_rows)
-            if rows_first:
-                masks[:, m, :width] = mask
-            else:
-                masks[m, :, :width] = mask
-        return h * masks.to(h.dtype)
+        masks = self.dropout_masks(layer).to(h.dtype)
+        return h * (masks.transpose(0, 1) if rows_first else masks)
 
     def forward(self) -> torch.Tensor:
         """Predictions [N, n_rows] of every model on every row (training-mode dropout on training rows)."""
@@ -240,6 +278,7 @@ class FusedPack:
         self.tasks = [self.tasks[m] for m in keep]
         self.dropout = [self.dropout[m] for m in keep]
         self.generators = [self.generators[m] for m in keep]
+        self._mask_state = None
         self.left = [False] * len(keep)
         new_widths = [max(t.job.hidden_layers[i] for t in self.tasks) for i in range(self.depth)]
         for param in self.params:
@@ -272,11 +311,27 @@ class FusedTrainer(Trainer):
 
     @staticmethod
     def plan_groups(tasks: Sequence[FitTask]) -> list[list[FitTask]]:
-        """Tasks by (dataset, depth); inside a group, widest first, so that a pack pads little."""
-        groups: dict[tuple[str, int], list[FitTask]] = {}
+        """Tasks by (dataset, depth), depths in order of first appearance. Inside a depth, each
+        architecture with at least ``MIN_EXACT_PACK`` fits is a group of its own (no padding), widest
+        first; the other architectures of that depth form one padded group, widest first, so that a pack
+        pads little. Inside a group, fits without dropout come first, so that they tend to share packs
+        that draw no masks."""
+        depths: dict[tuple[str, int], dict[tuple[int, ...], list[FitTask]]] = {}
         for task in tasks:
-            groups.setdefault((task.data.key, len(task.job.hidden_layers)), []).append(task)
-        return [sorted(group, key=lambda t: tuple(-w for w in t.job.hidden_layers)) for group in groups.values()]
+            by_arch = depths.setdefault((task.data.key, len(task.job.hidden_layers)), {})
+            by_arch.setdefault(tuple(task.job.hidden_layers), []).append(task)
+
+        def order(group: list[FitTask]) -> list[FitTask]:
+            return sorted(group, key=lambda t: (tuple(-w for w in t.job.hidden_layers), t.job.dropout > 0))
+
+        groups = []
+        for by_arch in depths.values():
+            archs = sorted(by_arch, key=lambda a: tuple(-w for w in a))
+            groups += [order(by_arch[a]) for a in archs if len(by_arch[a]) >= MIN_EXACT_PACK]
+            small = [t for a in archs if len(by_arch[a]) < MIN_EXACT_PACK for t in by_arch[a]]
+            if small:
+                groups.append(order(small))
+        return groups
 
     def _pack_size(self, queue: Sequence[FitTask], cap: int) -> int:
         if self.budget is None:
