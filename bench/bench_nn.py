@@ -4,11 +4,12 @@
 200 epochs, patience 20: 100 fits. serial, streams and fused run in one process on one GPU, with
 the same fits; for each: model-epochs/s (epochs each fit really needed, up to its early stop), wall
 seconds, peak allocated memory, GPU utilisation sampled with NVML (when pynvml imports), and the R^2
-shift of tf32/bf16 against fp32. Serial and streams at tf32/bf16 run on a subset of the trials
-(--subset-every), so the speedup at the same precision is model-epochs/s of fused (all fits) over
-model-epochs/s of serial (the subset); the subset's fp32 serial figure is recorded beside the full one
-to show how far the subset's mix of widths moves the rate. Then the whole 20-trial batch runs once
-through the executor (worker process, persistent and warm) for the end-to-end seconds.
+shift of tf32/bf16 against fp32. Which arms run over all fits and which over a subset of the trials
+(--subset-every) is chosen by --full-arms / --subset-arms, so that a run fits a short device lease;
+the speedup at the same precision and on the same fits is fused over serial on the subset, beside
+fused (all fits) over serial (subset). nn_bench.json is rewritten after every arm. Then the whole
+20-trial batch runs through the executor (worker process, persistent and warm) for the end-to-end
+seconds, at each of --e2e-precisions.
 
     PYTHONPATH=. python bench/bench_nn.py --out $OUT
 """
@@ -162,7 +163,15 @@ def main() -> int:
     parser.add_argument("--patience", type=int, default=20)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--streams", type=int, default=5, help="concurrency of the streams trainer (the seed's N)")
-    parser.add_argument("--subset-every", type=int, default=4, help="serial/streams at tf32/bf16: every k-th trial")
+    parser.add_argument("--subset-every", type=int, default=4, help="the subset: every k-th trial")
+    parser.add_argument("--full-arms", default="fused:fp32,fused:tf32,fused:bf16,serial:fp32,streams:fp32",
+                        help="strategy:precision arms over all fits, in this order")
+    parser.add_argument("--subset-arms", default="serial:fp32,serial:tf32,serial:bf16,fused:fp32,fused:tf32,fused:bf16",
+                        help="strategy:precision arms over the subset, in this order")
+    parser.add_argument("--arm-order", choices=["full-first", "interleaved"], default="full-first",
+                        help="interleaved: each precision's arms together (fp32 first), so a cut-off run keeps "
+                             "whole comparisons")
+    parser.add_argument("--e2e-precisions", default="fp32,bf16", help="precisions of the executor end-to-end batch")
     parser.add_argument("--skip-e2e", action="store_true")
     parser.add_argument("--device", default="cuda:0", help="cpu only to try the script out; numbers need a GPU")
     parser.add_argument("--out", type=Path, required=True)
@@ -178,64 +187,88 @@ def main() -> int:
     everything = fit_jobs(trials, args.folds, args.seed, data)
     subset = fit_jobs(trials, args.folds, args.seed, data, only=set(range(0, args.trials, args.subset_every)))
 
+    def parse(arms: str) -> list[tuple[str, str]]:
+        return [tuple(arm.split(":")) for arm in arms.split(",") if arm]
+
+    arms = [(s_, p_, False) for s_, p_ in parse(args.full_arms)] + [(s_, p_, True) for s_, p_ in parse(args.subset_arms)]
+    if args.arm_order == "interleaved":
+        rank = {"fp32": 0, "tf32": 1, "bf16": 2}
+        arms.sort(key=lambda a: rank[a[1]])  # stable: within a precision, the order given
     warm = TrainSettings(3, 3)
-    for strategy in ("serial", "streams", "fused"):  # kernels, cuBLAS handles and autotuning out of the timings
-        for precision in ("fp32", "tf32", "bf16"):
-            tasks = [FitTask.build(job, cache.get(data)) for job in everything[:3]]
-            with precision_context(precision, device):
-                TRAINERS[strategy](TrainSettings(warm.max_epochs, warm.patience, precision), device).train(
-                    tasks, 3, lambda o: None)
+    for strategy, precision in sorted({(a[0], a[1]) for a in arms}):  # kernels, handles, autotuning out of timings
+        tasks = [FitTask.build(job, cache.get(data)) for job in everything[:3]]
+        with precision_context(precision, device):
+            TRAINERS[strategy](TrainSettings(warm.max_epochs, warm.patience, precision), device).train(
+                tasks, 3, lambda o: None)
 
-    rows = []
-    for precision in ("fp32", "tf32", "bf16"):
-        rows.append(run_config("fused", precision, everything, cache, device, args))
-    rows.append(run_config("serial", "fp32", everything, cache, device, args))
-    rows.append(run_config("streams", "fp32", everything, cache, device, args))
-    for strategy in ("serial", "fused"):
-        for precision in ("fp32", "tf32", "bf16"):
-            row = run_config(strategy, precision, subset, cache, device, args)
-            row["subset"] = True
-            rows.append(row)
-
-    def find(strategy, precision, subset=False):
-        return next(r for r in rows if r["strategy"] == strategy and r["precision"] == precision
-                    and r.get("subset", False) == subset)
-
-    serial_full = find("serial", "fp32")
-    ratios = {}
-    for precision in ("fp32", "tf32", "bf16"):
-        serial_rate = serial_full["model_epochs_per_s"] if precision == "fp32" else \
-            find("serial", precision, True)["model_epochs_per_s"]
-        ratios[f"fused_vs_serial_{precision}"] = round(find("fused", precision)["model_epochs_per_s"] / serial_rate, 2)
-        ratios[f"fused_vs_serial_{precision}_subset_only"] = round(
-            find("fused", precision, True)["model_epochs_per_s"] / find("serial", precision, True)["model_epochs_per_s"], 2)
-    ratios["streams_vs_serial_fp32"] = round(find("streams", "fp32")["model_epochs_per_s"]
-                                             / serial_full["model_epochs_per_s"], 2)
-    ratios["fused_bf16_vs_serial_fp32"] = round(find("fused", "bf16")["model_epochs_per_s"]
-                                                / serial_full["model_epochs_per_s"], 2)
-    shifts = {
-        "fused_fp32_vs_serial_fp32": r2_shift(find("fused", "fp32"), serial_full),
-        "streams_fp32_vs_serial_fp32": r2_shift(find("streams", "fp32"), serial_full),
-        "fused_tf32_vs_fused_fp32": r2_shift(find("fused", "tf32"), find("fused", "fp32")),
-        "fused_bf16_vs_fused_fp32": r2_shift(find("fused", "bf16"), find("fused", "fp32")),
-    }
-    e2e = [] if args.skip_e2e or device.type != "cuda" else [end_to_end(trials, args, args.out, p) for p in ("fp32", "bf16")]
     result = {
         "command": " ".join(["python", *sys.argv]),
-        "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else "none (cpu try-out)", "torch": torch.__version__, "python": platform.python_version(),
+        "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else "none (cpu try-out)",
+        "torch": torch.__version__, "python": platform.python_version(),
         "workload": {"rows": args.rows, "folds": args.folds, "trials": args.trials, "max_epochs": args.max_epochs,
                      "patience": args.patience, "seed": args.seed, "trial_params": trials,
                      "subset_trials": sorted({j.trial_number for j in subset})},
-        "ratio_method": "model-epochs/s (epochs each fit needed until its early stop) of fused over all 100 fits, "
-                        "divided by serial's: serial fp32 over all fits; serial tf32/bf16 over the subset. "
-                        "*_subset_only compares fused and serial on the subset alone.",
-        "ratios": ratios, "r2_shift": shifts, "runs": rows, "executor_end_to_end": e2e,
+        "ratio_method": "model-epochs/s = epochs each fit needed (to its early stop) / wall s of the arm. "
+                        "fused_vs_serial_<p>_same_fits: fused over serial, both on the subset, both at precision p. "
+                        "fused_vs_serial_<p>_full_vs_subset: fused over all fits at p over serial on the subset at p "
+                        "(different fits: the subset's mix of widths moves serial's rate). "
+                        "streams_vs_serial_fp32_same_fits: both on the subset.",
+        "ratios": {}, "r2_shift": {}, "runs": [], "executor_end_to_end": [],
     }
-    (args.out / "nn_bench.json").write_text(json.dumps(result, indent=1))
-    print("\nratios:", json.dumps(ratios))
-    print("r2 shift:", json.dumps({k: v["max_abs"] for k, v in shifts.items()}))
-    print("end to end:", json.dumps([{k: v for k, v in e.items() if k != "worker_summary"} for e in e2e]))
+    rows = result["runs"]
+
+    def find(strategy, precision, on_subset=False):
+        return next((r for r in rows if r["strategy"] == strategy and r["precision"] == precision
+                     and r.get("subset", False) == on_subset), None)
+
+    def summarise() -> None:
+        ratios, shifts = result["ratios"], result["r2_shift"]
+        for precision in ("fp32", "tf32", "bf16"):
+            serial = find("serial", precision, True)
+            for name, fused in (("same_fits", find("fused", precision, True)),
+                                ("full_vs_subset", find("fused", precision))):
+                if serial and fused:
+                    ratios[f"fused_vs_serial_{precision}_{name}"] = round(
+                        fused["model_epochs_per_s"] / serial["model_epochs_per_s"], 2)
+        for strategy in ("streams", "fused"):
+            for on_subset in (True, False):
+                serial, other = find("serial", "fp32", on_subset), find(strategy, "fp32", on_subset)
+                tag = "same_fits" if on_subset else "all_fits"
+                if serial and other:
+                    ratios[f"{strategy}_vs_serial_fp32_{tag}"] = round(
+                        other["model_epochs_per_s"] / serial["model_epochs_per_s"], 2)
+                    shifts[f"{strategy}_fp32_vs_serial_fp32_{tag}"] = r2_shift(other, serial)
+        for precision in ("tf32", "bf16"):
+            for on_subset in (False, True):
+                low, ref = find("fused", precision, on_subset), find("fused", "fp32", on_subset)
+                if low and ref:
+                    shifts[f"fused_{precision}_vs_fused_fp32{'_subset' if on_subset else ''}"] = r2_shift(low, ref)
+        (args.out / "nn_bench.json").write_text(json.dumps(result, indent=1))
+
+    for strategy, precision, on_subset in arms:
+        row = run_config(strategy, precision, subset if on_subset else everything, cache, device, args)
+        if on_subset:
+            row["subset"] = True
+        rows.append(row)
+        summarise()  # after every arm, so that a run cut off keeps what it measured
+    if not args.skip_e2e and device.type == "cuda":
+        for precision in parse_list(args.e2e_precisions):
+            result["executor_end_to_end"].append(end_to_end(trials, args, args.out, precision))
+            summarise()
+    summarise()
+    print("\nstrategy precision fits  wall_s  model-epochs/s  peak_GiB")
+    for r in rows:
+        print(f"{r['strategy']:8s} {r['precision']:5s} {r['fits']:4d}{'s' if r.get('subset') else ' '} "
+              f"{r['wall_s']:7.2f} {r['model_epochs_per_s']:10.1f} {r['peak_mem_gib']}")
+    print("ratios:", json.dumps(result["ratios"]))
+    print("r2 shift (max abs):", json.dumps({k: v["max_abs"] for k, v in result["r2_shift"].items()}))
+    print("end to end:", json.dumps([{k: v for k, v in e.items() if k != "worker_summary"}
+                                     for e in result["executor_end_to_end"]]))
     return 0
+
+
+def parse_list(text: str) -> list[str]:
+    return [item for item in text.split(",") if item]
 
 
 if __name__ == "__main__":
