@@ -73,6 +73,19 @@ def test_fit_that_always_kills_its_worker_fails_with_the_reason_and_others_compl
         assert "exited with code 17" in failed.error and "tried 2 times" in failed.error
 
 
+def test_a_worker_that_stops_answering_is_killed_and_its_fits_fail_after_retries(tmp_path, monkeypatch):
+    monkeypatch.setenv("WATCHER_NN_FAULTS", json.dumps({"hang_on_trial": 1}))
+    params = {**PARAMS, "nn_worker_silence_timeout_s": 3}
+    with NNBatchExecutor(params, context(tmp_path, trial_retries=1)) as executor:
+        results = executor.run_batch(trials(3))
+    by_trial = {(r.trial_number, r.fold_idx): r for r in results}
+    assert all(by_trial[(t, f)].status == STATUS_OK for t in (0, 2) for f in range(2))
+    for fold in range(2):
+        failed = by_trial[(1, fold)]
+        assert failed.status == STATUS_FAIL
+        assert "sent nothing for 3s" in failed.error and "tried 2 times" in failed.error
+
+
 def test_fatal_cuda_error_restarts_the_worker_then_fails_the_trial(tmp_path, monkeypatch):
     monkeypatch.setenv("WATCHER_NN_FAULTS", json.dumps({"cuda_error_on_trial": 0}))
     with NNBatchExecutor(PARAMS, context(tmp_path, trial_retries=1)) as executor:

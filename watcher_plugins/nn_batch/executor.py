@@ -69,6 +69,8 @@ class NNBatchExecutor(Executor):
             vram_budget_fraction=float(self.params.get("vram_budget_fraction", 0.85)),
         )
         self.persistent = bool(self.params.get("persistent_workers", True))
+        # A worker reports every finished fit; silence this long means it is wedged, not busy.
+        self.silence_timeout_s = float(self.params.get("nn_worker_silence_timeout_s", 1800))
         devices = list(context.devices) or [None]
         self._slots = [_WorkerSlot(gpu, context) for gpu in devices]
         #: The closing line of each worker's last batch (strategy, concurrency, OOM retries, seconds).
@@ -158,7 +160,7 @@ class NNBatchExecutor(Executor):
             try:
                 worker.send(train_batch_request(batch, self.settings))
                 while True:
-                    reply = worker.next_reply()
+                    reply = worker.next_reply(timeout=self.silence_timeout_s)
                     event = reply.get("event")
                     if event == "result":
                         key = (reply["trial_number"], reply["fold_idx"])

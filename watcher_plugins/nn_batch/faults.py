@@ -6,6 +6,8 @@ It makes real faults happen at chosen points, so that the recovery code runs as 
 - ``cuda_error_on_trial: T`` — raise a CUDA runtime error when a fit of trial T starts (fatal for the worker);
 - ``crash_on_trial: T`` — the worker process dies (os._exit) when a fit of trial T starts; with
   ``crash_once_marker: FILE`` only while FILE does not exist yet (it is created just before dying);
+- ``hang_on_trial: T`` — the worker stops answering (sleeps) when a fit of trial T starts, as a wedged
+  driver call would;
 - ``noise: true`` — write to stdout at the Python and the file-descriptor level while training, as a
   chatty library would.
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +36,7 @@ class Faults:
     cuda_error_on_trial: int | None = None
     crash_on_trial: int | None = None
     crash_once_marker: str | None = None
+    hang_on_trial: int | None = None
     noise: bool = False
 
     @classmethod
@@ -57,6 +61,8 @@ class Faults:
                 if marker is not None:
                     marker.touch()
                 os._exit(CRASH_EXIT_CODE)
+        if self.hang_on_trial in trials:
+            time.sleep(3600)
         if self.cuda_error_on_trial in trials:
             raise RuntimeError("CUDA error: an illegal memory access was encountered (injected)")
         if self.oom_at_concurrency is not None and len(tasks) >= self.oom_at_concurrency:
