@@ -131,16 +131,6 @@ def test_real_pynvml_without_a_gpu_degrades_to_no_samples():
     assert monitor.unavailable_reason.startswith("NVML unavailable: ")
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(physical_gpu_count() == 0, reason="needs an NVIDIA GPU")
-def test_real_pynvml_samples_a_gpu():
-    with GpuMonitor([0], interval_s=0.05) as monitor:
-        wait_for(lambda: len(monitor.samples) >= 3)
-    sample = monitor.samples[0]
-    assert sample.gpu == 0 and 0.0 <= sample.utilization_pct <= 100.0
-    assert 0 < sample.memory_used_mib <= sample.memory_total_mib
-
-
 def test_to_json_is_json_with_every_sample():
     counters = ScriptedCounters({2: [GpuReading(40.0, 3 * MIB, 8 * MIB)]})
     monitor = GpuMonitor([2], interval_s=0.25, reader=counters)

@@ -1,18 +1,15 @@
-"""Reproducible: the tree studies are identical whatever tree_parallel_workers is."""
+"""Reproducible: the tree studies are identical whatever tree_parallel_workers is. (Marked `trees` by
+conftest.py: `tox -e trees` runs it with the tree libraries installed.)"""
 
 from __future__ import annotations
 
 import json
 
 import optuna
-import pytest
 
 from watcher_plugins.compare_models import run_compare_models
 from watcher_plugins.manifest import load_manifest
 
-pytest.importorskip("lightgbm")
-pytest.importorskip("xgboost")
-pytest.importorskip("catboost")
 TREES = ["catboost", "lightgbm", "xgboost"]
 
 
