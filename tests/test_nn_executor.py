@@ -4,8 +4,12 @@ workers replaced and their fits retried, persistent or per-batch workers, and no
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -75,7 +79,7 @@ def test_fit_that_always_kills_its_worker_fails_with_the_reason_and_others_compl
 
 def test_a_worker_that_stops_answering_is_killed_and_its_fits_fail_after_retries(tmp_path, monkeypatch):
     monkeypatch.setenv("WATCHER_NN_FAULTS", json.dumps({"hang_on_trial": 1}))
-    params = {**PARAMS, "nn_worker_silence_timeout_s": 3}
+    params = {**PARAMS, "nn_worker_silence_timeout_s": 10}  # well above a healthy fit here
     with NNBatchExecutor(params, context(tmp_path, trial_retries=1)) as executor:
         results = executor.run_batch(trials(3))
     by_trial = {(r.trial_number, r.fold_idx): r for r in results}
@@ -83,7 +87,7 @@ def test_a_worker_that_stops_answering_is_killed_and_its_fits_fail_after_retries
     for fold in range(2):
         failed = by_trial[(1, fold)]
         assert failed.status == STATUS_FAIL
-        assert "sent nothing for 3s" in failed.error and "tried 2 times" in failed.error
+        assert "sent nothing for 10s" in failed.error and "tried 2 times" in failed.error
 
 
 def test_fatal_cuda_error_restarts_the_worker_then_fails_the_trial(tmp_path, monkeypatch):
@@ -124,3 +128,42 @@ def test_other_model_types_are_refused_per_trial(tmp_path, model_type):
     with NNBatchExecutor(PARAMS, context(tmp_path)) as executor:
         results = executor.run_batch([job])
     assert [r.status for r in results] == [STATUS_FAIL, STATUS_FAIL] and "'nn' trials only" in results[0].error
+
+
+class _Interrupt(Exception):
+    """Raised from SIGALRM in the main thread, as Ctrl-C would raise KeyboardInterrupt."""
+
+
+def _processes_with_marker(marker: str) -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if marker.encode() in (proc / "environ").read_bytes():
+                    pids.append(int(proc.name))
+            except OSError:
+                continue
+    return [pid for pid in pids if pid != os.getpid()]
+
+
+def test_an_interrupted_batch_leaves_no_worker_behind(tmp_path, monkeypatch):
+    marker = uuid.uuid4().hex
+    monkeypatch.setenv("WATCHER_TEST_MARKER", marker)  # inherited by every worker the executor starts
+    long_jobs = [TrialJob("nn", t, {"hidden_layers": [64, 32], "lr": 1e-3, "weight_decay": 0.0, "dropout": 0.0},
+                          DATA, 2, 3) for t in range(3)]
+
+    def interrupt(signum, frame):
+        raise _Interrupt
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    signal.alarm(4)
+    try:
+        with pytest.raises(_Interrupt):
+            with NNBatchExecutor({**PARAMS, "nn_max_epochs": 10**6, "nn_patience": 10**6, "n_concurrent_nn": 1},
+                                 context(tmp_path)) as executor:
+                executor.run_batch(long_jobs)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    time.sleep(3)  # a respawned worker would be up by now
+    assert _processes_with_marker(marker) == []

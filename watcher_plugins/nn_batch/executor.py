@@ -31,12 +31,16 @@ def fit_jobs(job: TrialJob) -> list[FitJob]:
 class _WorkerSlot:
     """One GPU's (or the CPU's) worker, started when first needed and replaced when it crashes."""
 
-    def __init__(self, gpu: int | None, context: RunContext):
+    def __init__(self, gpu: int | None, context: RunContext, closing: threading.Event):
         self.gpu = gpu
         self.context = context
+        self.closing = closing
         self.worker: WorkerProcess | None = None
 
     def ensure_started(self) -> WorkerProcess:
+        if self.closing.is_set():
+            # The executor is closing (an interrupt): the worker we lost is not replaced.
+            raise WorkerCrashed("the nn_batch executor is closing: no new worker is started")
         if self.worker is None or not self.worker.alive:
             logs = Path(self.context.output_dir) / "logs"
             name = f"nn_worker-gpu{self.gpu}.log" if self.gpu is not None else "nn_worker-cpu.log"
@@ -72,7 +76,9 @@ class NNBatchExecutor(Executor):
         # A worker reports every finished fit; silence this long means it is wedged, not busy.
         self.silence_timeout_s = float(self.params.get("nn_worker_silence_timeout_s", 1800))
         devices = list(context.devices) or [None]
-        self._slots = [_WorkerSlot(gpu, context) for gpu in devices]
+        self._closing = threading.Event()
+        self._slots = [_WorkerSlot(gpu, context, self._closing) for gpu in devices]
+        self._threads: list[threading.Thread] = []
         #: The closing line of each worker's last batch (strategy, concurrency, OOM retries, seconds).
         self.last_batch_summaries: list[dict] = []
 
@@ -98,6 +104,7 @@ class NNBatchExecutor(Executor):
         self.last_batch_summaries = []
         threads = [threading.Thread(target=self._serve_slot_safely, args=(slot, share, replies), daemon=True)
                    for slot, share in zip(self._slots, shares) if share]
+        self._threads = threads
         for thread in threads:
             thread.start()
         expected = sum(len(share) for share in shares)
@@ -197,5 +204,16 @@ class NNBatchExecutor(Executor):
                           reply["status"], reply.get("error"), info)
 
     def close(self) -> None:
-        for slot in self._slots:
-            slot.shutdown()
+        """Stop every worker. A slot thread still serving an interrupted batch sees its worker die and,
+        with ``_closing`` set, fails its fits instead of starting a new worker; we wait for it."""
+        self._closing.set()
+        try:
+            for slot in self._slots:
+                slot.shutdown()
+            for thread in self._threads:
+                thread.join(timeout=60)
+            for slot in self._slots:  # anything a thread started before it saw _closing
+                slot.shutdown()
+        finally:
+            self._threads = []
+            self._closing.clear()  # with persistent_workers false, the next batch starts workers again
