@@ -76,3 +76,15 @@ def test_list_steps(tmp_path):
     result = agent("--list-steps", cwd=tmp_path)
     assert result.returncode == 0
     assert "5  compare_models" in result.stdout and "nn_batch (nn)" in result.stdout
+
+
+def test_an_output_dir_that_cannot_be_created_exits_2(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    params = {"output_dir": str(blocker / "out"), "model_types": ["nn"], "data": {"embedded": "survivors", "rows": 100}}
+    result = agent("--run-pipeline", "--start-step", "5", "--end-step", "5", "--params", json.dumps(params),
+                   cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"watcher-agent: error: params::$.output_dir: cannot write to {blocker / 'out'}: Not a directory")
+    assert "Traceback" not in result.stderr

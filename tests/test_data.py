@@ -39,6 +39,22 @@ def test_embedded_survivors_damaged_cache_is_regenerated(tmp_path, monkeypatch):
     np.testing.assert_array_equal(embedded_survivors(100).X, reference.X)
 
 
+def test_embedded_survivors_truncated_cache_is_regenerated(tmp_path, monkeypatch):
+    monkeypatch.setenv("WATCHER_CACHE_DIR", str(tmp_path))
+    reference = embedded_survivors(100)
+    (cache,) = tmp_path.glob("survivors-*.npz")
+    cache.write_bytes(cache.read_bytes()[:5000])  # a real archive cut short, as by a full disk
+    np.testing.assert_array_equal(embedded_survivors(100).X, reference.X)
+
+
+def test_unwritable_cache_directory_is_a_clear_error(tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("WATCHER_CACHE_DIR", str(blocker / "cache"))
+    with pytest.raises(DataError, match=r"cannot write the embedded dataset's cache .*a-file/cache.*WATCHER_CACHE_DIR"):
+        embedded_survivors(100)
+
+
 def test_the_target_is_learnable_but_not_trivial():
     data = embedded_survivors(4000)
     X = np.column_stack([data.X, np.ones(len(data.X))])

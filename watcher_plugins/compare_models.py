@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
+import os
 import sys
 import time
 from collections import defaultdict
@@ -22,7 +24,7 @@ import optuna
 
 from watcher_plugins.data import load_dataset
 from watcher_plugins.devices import resolve_devices
-from watcher_plugins.errors import DataError, PluginError
+from watcher_plugins.errors import DataError, OutputDirError, PluginError
 from watcher_plugins.executor import Executor, RunContext
 from watcher_plugins.gpu_monitor import GpuMonitor
 from watcher_plugins.progress import ProgressBoard
@@ -35,6 +37,7 @@ from watcher_plugins.types import WatcherExecutor
 #: A fixed sampler-seed offset per model type, so a study's trajectory does not depend on which
 #: other model types are in the run.
 _SAMPLER_SEED_OFFSET = {"nn": 0, "catboost": 1, "lightgbm": 2, "xgboost": 3}
+logger = logging.getLogger(__name__)
 TRIALS_FILE = "trials.jsonl"
 SUMMARY_FILE = "summary.json"
 GPU_SAMPLES_FILE = "gpu_samples.json"
@@ -128,19 +131,21 @@ class StudyRunner:
         self.log = log
         self.board = board
 
-    def _ask_batch(self, model_type: str) -> list[tuple[optuna.Trial, TrialJob]]:
+    def _ask_batch(self, model_type: str, into: list) -> None:
+        """Ask up to ask_batch_size trials into ``into``, each recorded as soon as it exists (so that an
+        interrupt between asking and suggesting still finds it)."""
         study = self.studies[model_type]
         self.store.fail_stale(study)  # an agent sharing this study may have died since the last batch
         remaining = self.params["trials"] - self.store.trials_counted(study)
-        batch = []
         for _ in range(max(0, min(self.params["ask_batch_size"], remaining))):
             trial = self.store.ask(study)
+            into.append((trial, None))
             if self.store.prune_if_surplus(study, trial, self.params["trials"]):
+                into.pop()
                 break
             job = TrialJob(model_type=model_type, trial_number=trial.number, params=suggest(model_type, trial),
                            data=self.data, folds=self.params["folds"], seed=self.params["seed"])
-            batch.append((trial, job))
-        return batch
+            into[-1] = (trial, job)
 
     def _record(self, by_trial: dict, result: FoldResult) -> None:
         self.log.write(result)
@@ -148,39 +153,51 @@ class StudyRunner:
 
     def run(self, executor: Executor) -> None:
         while True:
-            asked = {mt: self._ask_batch(mt) for mt in self.studies}
-            asked = {mt: batch for mt, batch in asked.items() if batch}
-            if not asked:
-                return
-            jobs = [job for batch in asked.values() for _, job in batch]
-            by_trial: dict[tuple[str, int], list[FoldResult]] = defaultdict(list)
-            on_result = functools.partial(self._record, by_trial)
-            trials = [trial for batch in asked.values() for trial, _ in batch]
+            asked: dict[str, list] = {mt: [] for mt in self.studies}
             try:
-                with self.store.heartbeat(trials, self.params["heartbeat_interval_s"]):
-                    returned = executor.run_batch(jobs, on_result=on_result)
+                for model_type in self.studies:
+                    self._ask_batch(model_type, asked[model_type])
+                asked = {mt: batch for mt, batch in asked.items() if batch}
+                if not asked:
+                    return
+                self._run_and_tell(executor, asked)
             except BaseException:
-                # Nothing is left RUNNING: unfinished trials end FAIL and their params are asked again next run.
-                for model_type, batch in asked.items():
-                    for trial, _ in batch:
-                        self.store.fail_and_requeue(self.studies[model_type], trial,
-                                                    "the run stopped before this trial finished")
+                # Nothing is left RUNNING: unfinished trials end FAIL and their params are asked again.
+                self._fail_unfinished(asked)
                 raise
-            # Results the executor returned without calling back still count, once.
-            for result in returned:
-                key = (result.model_type, result.trial_number)
-                if not any(r.fold_idx == result.fold_idx for r in by_trial[key]):
-                    on_result(result)
-            for model_type, batch in asked.items():
-                for trial, job in sorted(batch, key=lambda pair: pair[0].number):  # tell in trial-number order
-                    results = sorted(by_trial[(model_type, trial.number)], key=lambda r: r.fold_idx)
-                    if len(results) != job.folds:
-                        results = results + [FoldResult(trial.number, k, model_type, None, 0.0, "fail",
-                                                         "the executor returned no result for this fold")
-                                             for k in range(job.folds) if k not in {r.fold_idx for r in results}]
-                    value, reason = _trial_value(results)
-                    self.store.tell(self.studies[model_type], trial, job.params, value, reason, results)
-                    self.board.trial_done(model_type, value)
+
+    def _fail_unfinished(self, asked: dict[str, list]) -> None:
+        for model_type, batch in asked.items():
+            for trial, _ in batch:
+                try:
+                    self.store.fail_and_requeue(self.studies[model_type], trial,
+                                                "the run stopped before this trial finished")
+                except Exception as exc:  # e.g. the database is gone: the stale check recovers it later
+                    logger.warning("trial %d of %s left RUNNING (%s); the next run's stale check re-asks it",
+                                trial.number, model_type, exc)
+
+    def _run_and_tell(self, executor: Executor, asked: dict[str, list]) -> None:
+        jobs = [job for batch in asked.values() for _, job in batch]
+        by_trial: dict[tuple[str, int], list[FoldResult]] = defaultdict(list)
+        on_result = functools.partial(self._record, by_trial)
+        trials = [trial for batch in asked.values() for trial, _ in batch]
+        with self.store.heartbeat(trials, self.params["heartbeat_interval_s"]):
+            returned = executor.run_batch(jobs, on_result=on_result)
+        # Results the executor returned without calling back still count, once.
+        for result in returned:
+            key = (result.model_type, result.trial_number)
+            if not any(r.fold_idx == result.fold_idx for r in by_trial[key]):
+                on_result(result)
+        for model_type, batch in asked.items():
+            for trial, job in sorted(batch, key=lambda pair: pair[0].number):  # tell in trial-number order
+                results = sorted(by_trial[(model_type, trial.number)], key=lambda r: r.fold_idx)
+                if len(results) != job.folds:
+                    results = results + [FoldResult(trial.number, k, model_type, None, 0.0, "fail",
+                                                     "the executor returned no result for this fold")
+                                         for k in range(job.folds) if k not in {r.fold_idx for r in results}]
+                value, reason = _trial_value(results)
+                self.store.tell(self.studies[model_type], trial, job.params, value, reason, results)
+                self.board.trial_done(model_type, value)
 
 
 def run_compare_models(params: dict, pm, out: TextIO | None = None) -> dict:
@@ -212,9 +229,9 @@ def run_compare_models(params: dict, pm, out: TextIO | None = None) -> dict:
     output_dir = Path(params["output_dir"])
     if params.get("storage"):
         store = StudyStore.open(params, output_dir, data)  # a bad URL or a dead database: fail before writing
-        output_dir.mkdir(parents=True, exist_ok=True)
+        _make_output_dir(output_dir)
     else:
-        output_dir.mkdir(parents=True, exist_ok=True)
+        _make_output_dir(output_dir)
         store = StudyStore.open(params, output_dir, data)
     context = RunContext(output_dir=output_dir, devices=devices,
                          lease_dir=Path(params["lease_dir"]) if params.get("lease_dir") else None,
@@ -252,13 +269,26 @@ def run_compare_models(params: dict, pm, out: TextIO | None = None) -> dict:
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM turned into one by the host
         board.close()
         monitor.stop()
-        run.write(interrupted=True)
+        try:
+            run.write(interrupted=True)
+        except Exception as exc:  # never let the clean-up hide the interrupt
+            logger.warning("could not write the summary of the interrupted run: %s", exc)
         raise
     finally:
         board.close()
         monitor.stop()
         log.close()
     return run.write()
+
+
+def _make_output_dir(output_dir: Path) -> None:
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe = output_dir / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise OutputDirError(f"params::$.output_dir: cannot write to {output_dir}: {exc.strerror or exc}") from None
 
 
 def _outcomes(store: StudyStore, studies: dict[str, optuna.Study], executor_name: str,

@@ -10,6 +10,7 @@ import csv
 import json
 import math
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,14 +77,18 @@ def embedded_survivors(rows: int = FULL_ROWS) -> Dataset:
         try:
             with np.load(path) as cached:
                 X, y = cached["X"], cached["y"]
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
             X = y = None  # a damaged cache is regenerated, never trusted
     if X is None:
         X, y = _generate_survivors()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
-        np.savez(tmp, X=X, y=y)
-        os.replace(tmp, path)  # atomic: concurrent workers never read a half-written cache
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
+            np.savez(tmp, X=X, y=y)
+            os.replace(tmp, path)  # atomic: concurrent workers never read a half-written cache
+        except OSError as exc:
+            raise DataError(f"cannot write the embedded dataset's cache {path}: {exc.strerror or exc}; "
+                            f"set {CACHE_ENV} to a writable directory") from None
     names = tuple(f"f{i:02d}" for i in range(N_FEATURES))
     return Dataset(name=f"survivors-{rows}", X=np.ascontiguousarray(X[:rows]), y=np.ascontiguousarray(y[:rows]),
                    feature_names=names)

@@ -37,6 +37,12 @@ class DataError(WatcherPluginError):
     exit_code = 2
 
 
+class OutputDirError(WatcherPluginError):
+    """The output directory cannot be created or written."""
+
+    exit_code = 2
+
+
 class LeaseError(WatcherPluginError):
     """A GPU lease could not be had."""
 

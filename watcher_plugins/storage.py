@@ -189,12 +189,15 @@ class StudyStore:
 
     def fail_and_requeue(self, study: optuna.Study, trial: optuna.Trial, reason: str) -> None:
         """End a trial that did not finish as FAIL, and enqueue its params so the next ask runs it again."""
-        frozen = study.get_trials(deepcopy=False)[trial.number]
-        if frozen.state != TrialState.RUNNING:
-            return
-        trial.set_user_attr("fail_reason", reason)
-        study.tell(trial, state=TrialState.FAIL)
-        _requeue(study, frozen)
+        def fail_and_requeue() -> None:
+            frozen = study.get_trials(deepcopy=False)[trial.number]
+            if frozen.state != TrialState.RUNNING:
+                return  # told already, or failed as stale by another agent
+            trial.set_user_attr("fail_reason", reason)
+            study.tell(trial, state=TrialState.FAIL)
+            _requeue(study, frozen)
+
+        self.retrying(f"marking trial {trial.number} FAIL", fail_and_requeue)
 
     def heartbeat(self, trials: Iterable[optuna.Trial], interval_s: float) -> TrialHeartbeat:
         return TrialHeartbeat(self.storage, [t._trial_id for t in trials], interval_s)
