@@ -58,7 +58,7 @@ def test_misspelled_hookimpl_fails_check_pending():
             return []
 
     pm = WatcherPluginManager()
-    with pytest.raises(Exception, match="unknown hook 'watcher_executor'"):
+    with pytest.raises(PluginError, match="unknown hook 'watcher_executor'"):
         pm.load_plugins(Misspelled(), entry_points_too=False)
 
 
@@ -85,3 +85,16 @@ def test_a_broken_third_party_entry_point_is_a_warning(monkeypatch, caplog):
     pm.load_plugins()
     assert "watcher plugin 'broken'" in caplog.text and "failed to load" in caplog.text
     assert list(pm.get_executors()) == ["nn_batch", "tree_parallel"]
+
+
+def test_a_third_party_plugin_with_a_bad_hookimpl_is_a_plugin_error(tmp_path, monkeypatch):
+    from importlib.metadata import EntryPoint
+
+    (tmp_path / "bad_watcher_plugin.py").write_text(
+        "from watcher_plugins import hookimpl\n\n@hookimpl\ndef watcher_executors(bogus):\n    return []\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    bad = EntryPoint(name="bad", value="bad_watcher_plugin", group="watcher")
+    monkeypatch.setattr("watcher_plugins.manager.entry_points", lambda group: [bad])
+    monkeypatch.delenv("WATCHER_BLOCK_PLUGINS", raising=False)
+    with pytest.raises(PluginError, match=r"watcher plugin 'bad' \(bad_watcher_plugin\) cannot be registered: .*bogus"):
+        WatcherPluginManager().load_plugins()

@@ -37,7 +37,10 @@ class WatcherPluginManager(pluggy.PluginManager):
         if entry_points_too and not self._entry_points_loaded:
             self._load_entry_points()
             self._entry_points_loaded = True
-        self.check_pending()
+        try:
+            self.check_pending()
+        except pluggy.PluginValidationError as exc:  # a misspelled hookimpl must fail loudly, not be ignored
+            raise PluginError(f"watcher plugin {self.get_name(exc.plugin)!r}: {exc}") from None
 
     def _load_entry_points(self) -> None:
         blocked = {name.strip() for name in os.environ.get(BLOCK_ENV, "").split(",") if name.strip()}
@@ -51,7 +54,10 @@ class WatcherPluginManager(pluggy.PluginManager):
             except Exception as exc:  # a broken third-party plugin must not take the host down
                 log.warning("watcher plugin %r (%s) failed to load and is ignored: %s", ep.name, ep.value, exc)
                 continue
-            self.register(plugin, name=ep.name)
+            try:
+                self.register(plugin, name=ep.name)
+            except (ValueError, pluggy.PluginValidationError) as exc:
+                raise PluginError(f"watcher plugin {ep.name!r} ({ep.value}) cannot be registered: {exc}") from None
 
     def get_executors(self) -> dict[str, WatcherExecutor]:
         """Every registered executor by name, sorted; a name registered twice is an error."""
