@@ -2,7 +2,7 @@
 
 These tests drive the step with tiny test executors registered through the public hook, the way a
 third-party plugin would, so that ordering and fault handling can be forced; the real executors are
-exercised end to end in test_pipeline_cli.py and integration/.
+exercised end to end in test_reproducible.py and integration/test_pipeline.py.
 """
 
 from __future__ import annotations
