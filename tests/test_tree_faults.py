@@ -98,6 +98,18 @@ def test_a_worker_killed_mid_trial_fails_that_trial_and_the_others_finish(tmp_pa
     assert all(r.status == "ok" for r in results[3:])
 
 
+def test_a_trial_that_hangs_is_killed_after_the_timeout_retried_then_failed(tmp_path):
+    started = time.monotonic()
+    with _executor(tmp_path, retries=1, tree_trial_timeout_s=3) as ex:
+        results = ex.run_batch([_job(0, "sleep:120"), _job(1), _job(2)])
+        assert len(ex.pool.worker_pids()) == 2  # the killed worker was replaced
+    assert time.monotonic() - started < 60  # no wait for the 120 s trial
+    assert [r.status for r in results[:3]] == ["fail"] * 3
+    assert all("ran past tree_trial_timeout_s=3" in r.error and "gave up after 2 attempt(s)" in r.error
+               for r in results[:3])
+    assert all(r.status == "ok" for r in results[3:])
+
+
 def test_a_trial_that_raises_fails_with_the_error_text_and_the_others_are_unaffected(tmp_path):
     jobs = [_job(0), _job(1, params={"num_leaves": -3}), _job(2)]
     with _executor(tmp_path) as ex:

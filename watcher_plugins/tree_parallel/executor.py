@@ -46,6 +46,7 @@ class TreeParallelExecutor(Executor):
             lease_dir=str(context.lease_dir) if context.lease_dir else None,
             lease_timeout_s=float(context.lease_timeout_s),
             trial_retries=int(context.trial_retries),
+            trial_timeout_s=float(self.params.get("tree_trial_timeout_s", 3600)),
         )
         self._pool: TreeTrialPool | None = None
 

@@ -52,6 +52,7 @@ class PoolSettings:
     lease_dir: str | None = None
     lease_timeout_s: float = 600.0
     trial_retries: int = 2
+    trial_timeout_s: float = 3600.0  # a wedged library call must not hang the run
 
 
 @dataclass
@@ -73,6 +74,8 @@ class _WorkerProcess:
         self.placement = placement
         self.ready = False
         self.task: _Task | None = None
+        self.task_started = 0.0
+        self.kill_reason: str | None = None  # why the pool killed it, when it did
         self.stderr_tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
         self.info: dict = {}
         config = {
@@ -131,9 +134,17 @@ class _WorkerProcess:
             how = f"was killed by {name}"
         else:
             how = f"exited with status {code}"
+        if self.kill_reason:
+            how = f"was killed: {self.kill_reason}"
         tail = next((line for line in reversed(self.stderr_tail) if line.strip()), "")
         return (f"tree worker pid {self.pid} ({self.placement.describe()}) {how}"
                 + (f"; its last stderr line: {tail}" if tail else ""))
+
+    def kill(self, reason: str) -> None:
+        """Kill it on purpose; its end-of-stream event then takes the usual worker-death path."""
+        if self.proc.poll() is None:
+            self.kill_reason = reason
+            self.proc.kill()
 
     def stop(self, timeout: float = 10.0) -> None:
         if self.proc.poll() is None:
@@ -274,7 +285,8 @@ class TreeTrialPool:
                     self._fail_unplaceable()
                     if self._owed == 0:
                         break
-                self._handle(*self._next_event(time.monotonic() + 60))
+                self._handle(*self._next_event(time.monotonic() + 1.0))
+                self._kill_overdue()
         except BaseException:
             # Interrupted mid-batch (Ctrl-C, a callback that raised): workers may be mid-trial, and
             # their answers would belong to no batch. Kill them; the next batch starts fresh ones.
@@ -297,7 +309,20 @@ class TreeTrialPool:
                 continue
             task.attempts += 1
             w.task = task
+            w.task_started = time.monotonic()
             w.send({"command": "train", "job": task.job.to_json(), "folds": list(task.folds)})
+
+    def _kill_overdue(self) -> None:
+        """Kill workers that hang: a trial past trial_timeout_s, or a start past READY_TIMEOUT_S."""
+        now = time.monotonic()
+        for w in self._workers:
+            if w is None or w.kill_reason:
+                continue
+            if w.task is not None and now - w.task_started > self.settings.trial_timeout_s:
+                w.kill(f"its {w.task.job.model_type} trial {w.task.job.trial_number} ran past "
+                       f"tree_trial_timeout_s={self.settings.trial_timeout_s:g}")
+            elif not w.ready and now - w.started > READY_TIMEOUT_S:
+                w.kill(f"not ready within {READY_TIMEOUT_S:g}s of starting")
 
     def _fail_unplaceable(self) -> None:
         """Nothing is running: whatever is still queued has no live worker that could take it."""
