@@ -99,10 +99,11 @@ def _csv(tmp_path, text, name="bad.csv"):
 
 @pytest.mark.parametrize("text, target, message", [
     ("a,b,y\n1,2,3\n4,5,6\n", "score", "target column 'score' not found; columns: a, b, y"),
-    ("a,b,y\n1,oops,3\n4,5,6\n", "y", "column 'b' is not numeric: row 1 holds 'oops'"),
-    ("a,b,y\n1,2,3\n4,nan,6\n", "y", "column 'b' has a non-finite value (NaN or inf) at row 2"),
-    ("a,b,y\n1,2,inf\n4,5,6\n", "y", "target column 'y' has a non-finite value (NaN or inf) at row 1"),
-    ("a,b,y\n1,2\n", "y", "row 1 has 2 fields: expected 3"),
+    ("a,b,y\n1,oops,3\n4,5,6\n", "y", "column 'b' is not numeric: data row 1 holds 'oops'"),
+    ("a,b,y\n1,2,3\n4,nan,6\n", "y", "column 'b' has a non-finite value (NaN or inf) at data row 2"),
+    ("a,b,y\n1,2,inf\n4,5,6\n", "y", "target column 'y' has a non-finite value (NaN or inf) at data row 1"),
+    ("a,b,y\n1,2\n", "y", "line 2 has 2 fields: expected 3"),
+    ("a,a,y\n1,2,3\n", "y", "column name(s) 'a' appear more than once in the header"),
     ("", "y", "empty CSV file"),
 ])
 def test_bad_csv_names_the_file_and_the_column(tmp_path, text, target, message):

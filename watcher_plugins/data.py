@@ -150,7 +150,7 @@ def _numeric_column(path: Path, name: str, values: list) -> np.ndarray:
         try:
             out[row] = float(value)
         except (TypeError, ValueError):
-            raise DataError(f"{path}: column {name!r} is not numeric: row {row + 1} holds {value!r}") from None
+            raise DataError(f"{path}: column {name!r} is not numeric: data row {row + 1} holds {value!r}") from None
     return out
 
 
@@ -163,9 +163,12 @@ def _read_csv(path: Path) -> dict[str, np.ndarray]:
         rows = list(reader)
     if not rows:
         raise DataError(f"{path}: no data rows below the header")
+    duplicates = sorted({name for name in header if header.count(name) > 1})
+    if duplicates:
+        raise DataError(f"{path}: column name(s) {', '.join(map(repr, duplicates))} appear more than once in the header")
     for i, row in enumerate(rows):
         if len(row) != len(header):
-            raise DataError(f"{path}: row {i + 1} has {len(row)} fields: expected {len(header)} as in the header")
+            raise DataError(f"{path}: line {i + 2} has {len(row)} fields: expected {len(header)} as in the header")
     return {name: _numeric_column(path, name, [row[j] for row in rows]) for j, name in enumerate(header)}
 
 
@@ -199,15 +202,16 @@ def _split_target(path: Path, columns: dict[str, np.ndarray], target: str) -> tu
 
 
 def _check_finite(path: Path, X: np.ndarray, y: np.ndarray, names: tuple[str, ...], target: str) -> None:
+    """Rows are data rows, counted from 1 and not counting a CSV header."""
     if X.shape[0] < 2:
         raise DataError(f"{path}: {X.shape[0]} rows: expected at least 2")
     if not np.isfinite(y).all():
         row = int(np.flatnonzero(~np.isfinite(y))[0])
-        raise DataError(f"{path}: target column {target!r} has a non-finite value (NaN or inf) at row {row + 1}")
+        raise DataError(f"{path}: target column {target!r} has a non-finite value (NaN or inf) at data row {row + 1}")
     bad = ~np.isfinite(X)
     if bad.any():
         row, col = (int(v) for v in np.argwhere(bad)[0])
-        raise DataError(f"{path}: column {names[col]!r} has a non-finite value (NaN or inf) at row {row + 1}")
+        raise DataError(f"{path}: column {names[col]!r} has a non-finite value (NaN or inf) at data row {row + 1}")
 
 
 def kfold_splits(n_rows: int, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
