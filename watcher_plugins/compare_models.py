@@ -263,7 +263,10 @@ def run_compare_models(params: dict, pm, out: TextIO | None = None) -> dict:
                 with executor_cls(params, context) as executor:
                     StudyRunner(studies, params, data, store, log, board).run(executor)
             except KeyboardInterrupt:
-                outcomes.update(_outcomes(store, studies, executor_name, time.monotonic() - group_started))
+                try:  # what finished, for the summary; never let this hide the interrupt
+                    outcomes.update(_outcomes(store, studies, executor_name, time.monotonic() - group_started))
+                except Exception as exc:
+                    logger.warning("could not read the %s results for the summary: %s", executor_name, exc)
                 raise
             outcomes.update(_outcomes(store, studies, executor_name, time.monotonic() - group_started))
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM turned into one by the host
