@@ -39,7 +39,8 @@ def test_trials_of_a_killed_run_go_stale_and_their_params_are_asked_again(pm, tm
     params = _params(pm, tmp_path)
     (tmp_path / "out").mkdir()
     store = StudyStore.open(params, tmp_path / "out", DataRef.from_param(params["data"]))
-    study = store.study("nn", seed=params["seed"], result_params={"nn_max_epochs": params["nn_max_epochs"]})
+    study = store.study("nn", seed=params["seed"],
+                        result_params={"nn_max_epochs": params["nn_max_epochs"], "compute": "cpu"})
     orphan = store.ask(study)  # asked, heartbeat recorded, then its agent "dies": never told
     orphan_params = {"lr": orphan.suggest_float("lr", 1e-4, 3e-2, log=True)}
     time.sleep(3.5)  # past the grace period (2 x heartbeat_interval_s; SQLite clocks tick in whole seconds)
@@ -160,3 +161,12 @@ def test_two_agents_share_one_study_and_never_run_the_same_trial(tmp_path, postg
     assert [t.state.name for t in study.trials].count("RUNNING") == 0
     params_seen = [json.dumps(t.params, sort_keys=True) for t in study.trials]
     assert len(set(params_seen)) == len(params_seen)  # the agents' samplers did not draw the same params
+
+
+def test_a_study_made_on_gpus_is_not_resumed_on_a_cpu_only_host(pm, tmp_path):
+    params = _params(pm, tmp_path)
+    (tmp_path / "out").mkdir()
+    store = StudyStore.open(params, tmp_path / "out", DataRef.from_param(params["data"]))
+    store.study("nn", seed=params["seed"], result_params={"nn_max_epochs": params["nn_max_epochs"], "compute": "gpu"})
+    with pytest.raises(StorageError, match="compute: stored 'gpu', now 'cpu'"):
+        run_compare_models(params, pm)

@@ -252,7 +252,9 @@ def run_compare_models(params: dict, pm, out: TextIO | None = None) -> dict:
     try:
         for executor_name, model_types in groups.items():
             group_started = time.monotonic()
+            # GPU and CPU fits of one model differ (algorithms, rounding), so where it ran defines a study too.
             result_params = {key: params[key] for key in runnable[model_types[0]].result_params}
+            result_params["compute"] = "gpu" if devices else "cpu"
             studies = {mt: store.study(mt, seed=params["seed"] + _SAMPLER_SEED_OFFSET.get(mt, 0),
                                        result_params=result_params) for mt in model_types}
             run.studies.update(studies)
