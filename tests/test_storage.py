@@ -170,3 +170,14 @@ def test_a_study_made_on_gpus_is_not_resumed_on_a_cpu_only_host(pm, tmp_path):
     store.study("nn", seed=params["seed"], result_params={"nn_max_epochs": params["nn_max_epochs"], "compute": "gpu"})
     with pytest.raises(StorageError, match="compute: stored 'gpu', now 'cpu'"):
         run_compare_models(params, pm)
+
+
+def test_agents_opening_a_new_database_at_the_same_moment_all_connect(postgres_server, tmp_path):
+    # They race to create optuna's tables; the losers must retry, not fail.
+    for _ in range(3):
+        url = postgres_server.create_database(f"t_{uuid.uuid4().hex[:8]}")
+        code = f"from watcher_plugins.storage import _connect; _connect({url!r}, 20)"
+        procs = [subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+                 for _ in range(4)]
+        errors = [p.communicate(timeout=120)[1] for p in procs]
+        assert [p.returncode for p in procs] == [0] * 4, [e[-500:] for e in errors if e]

@@ -214,8 +214,9 @@ def _connect(url: str, heartbeat_interval_s: int, attempts: int = 4) -> optuna.s
                     url, engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None,
                     heartbeat_interval=heartbeat_interval_s, heartbeat_stale_trial_callback=_requeue_stale_trial,
                 )
-        except sqlalchemy.exc.IntegrityError:
-            # Agents starting together on a new database race to create optuna's tables; the loser retries.
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+            # Agents starting together on a new database race to create optuna's tables (PostgreSQL says
+            # "duplicate key" or "relation already exists"); the loser retries and finds them made.
             if attempt == attempts - 1:
                 raise
             time.sleep(0.5 * (attempt + 1))
