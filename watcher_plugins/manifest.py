@@ -118,13 +118,12 @@ def load_manifest(path: str | Path | None, params_override: str | None, pm) -> R
         problems += _problems(document["params"], schema, source, "$.params")
 
     override: dict = {}
-    if params_override is not None:
-        override = _parse_json(params_override, PARAMS_LABEL) if not problems else {}
-        if params_override is not None and not problems:
-            if not isinstance(override, dict):
-                problems.append(f"{PARAMS_LABEL}::$: expected a JSON object, got {type(override).__name__}")
-            else:
-                problems += _problems(override, schema, PARAMS_LABEL, "$")
+    if params_override is not None and not problems:
+        override = _parse_json(params_override, PARAMS_LABEL)
+        if not isinstance(override, dict):
+            problems.append(f"{PARAMS_LABEL}::$: expected a JSON object, got {type(override).__name__}")
+        else:
+            problems += _problems(override, schema, PARAMS_LABEL, "$")
     if problems:
         raise ManifestError(problems)
 

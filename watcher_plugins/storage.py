@@ -1,7 +1,8 @@
 """The Optuna storage of compare_models: one study per model type, created, resumed or shared.
 
-- A study remembers what defines it (data, folds, seed, ask batch size); resuming it with other
-  values is an error, since the continued trajectory would no longer be the one the manifest asks for.
+- A study remembers what defines it (data, folds, seed, ask batch size, the executor's result params,
+  GPU or CPU); resuming it with other values is an error, since the continued trajectory would no longer
+  be the one the manifest asks for.
 - Running trials send heartbeats. A trial whose agent died (killed, host lost) goes silent; the next
   agent to look marks it FAIL and enqueues its params again, tagged ``retry_of``. A failed trial that
   was retried does not count toward ``trials``.
@@ -133,21 +134,23 @@ class StudyStore:
             # We send the heartbeats ourselves (TrialHeartbeat), not through Study.optimize.
             warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
             trial = self.retrying("asking a trial", study.ask)
-        self.storage.record_heartbeat(trial._trial_id)
+        self.retrying("recording a heartbeat", lambda: self.storage.record_heartbeat(trial._trial_id))
         # The sampler draws at suggest time: reseeding it here makes trial n's params a function of
         # (seed, n, history), the same in every run, and different between agents sharing the study.
         study.sampler = per_trial_sampler(study.user_attrs["sampler_seed"], trial.number)
         return trial
 
+    def _counted_trials(self, study: optuna.Study) -> list[FrozenTrial]:
+        return _counted(self.retrying("reading trials", lambda: study.get_trials(deepcopy=False)))
+
     def trials_counted(self, study: optuna.Study) -> int:
         """Trials that count toward ``trials``: complete, running, and failed ones that were not retried."""
-        return len(_counted(self.retrying("reading trials", lambda: study.get_trials(deepcopy=False))))
+        return len(self._counted_trials(study))
 
     def prune_if_surplus(self, study: optuna.Study, trial: optuna.Trial, target: int) -> bool:
         """End ``trial`` as PRUNED if ``target`` counted trials precede it (another agent sharing the study
         asked at the same time as this one); PRUNED trials do not count. True if it was pruned."""
-        trials = self.retrying("reading trials", lambda: study.get_trials(deepcopy=False))
-        if sum(t.number < trial.number for t in _counted(trials)) < target:
+        if sum(t.number < trial.number for t in self._counted_trials(study)) < target:
             return False
         trial.set_user_attr("pruned_reason", "surplus: the study already had its trials")
         self.retrying(f"pruning surplus trial {trial.number}", lambda: study.tell(trial, state=TrialState.PRUNED))
@@ -155,14 +158,13 @@ class StudyStore:
 
     def finished_counts(self, study: optuna.Study) -> tuple[int, int]:
         """(complete, failed) trials, not counting failed trials that were retried."""
-        counted = _counted(self.retrying("reading trials", lambda: study.get_trials(deepcopy=False)))
+        counted = self._counted_trials(study)
         return (sum(t.state == TrialState.COMPLETE for t in counted),
                 sum(t.state == TrialState.FAIL for t in counted))
 
     def failure_reasons(self, study: optuna.Study) -> list[str]:
         """The fail reasons of the counted FAIL trials, in trial order."""
-        counted = _counted(self.retrying("reading trials", lambda: study.get_trials(deepcopy=False)))
-        return [t.user_attrs.get("fail_reason") or "no reason recorded" for t in counted
+        return [t.user_attrs.get("fail_reason") or "no reason recorded" for t in self._counted_trials(study)
                 if t.state == TrialState.FAIL]
 
     def best(self, study: optuna.Study) -> tuple[float | None, int | None, dict]:
