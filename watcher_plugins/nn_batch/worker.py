@@ -19,18 +19,11 @@ from watcher_plugins.errors import LeaseError, ProtocolError
 from watcher_plugins.lease import GpuLease
 from watcher_plugins.nn_batch import protocol
 from watcher_plugins.nn_batch.protocol import BatchSettings, Request
+from watcher_plugins.stdio import claim_stdout
 
 TREE_LIBRARIES = ("catboost", "lightgbm", "xgboost")
 EXIT_FATAL = 3
 EXIT_NO_LEASE = 4
-
-
-def protect_stdout() -> BinaryIO:
-    """Return a private stream for protocol lines; send everything else written to fd 1 to stderr."""
-    protocol_fd = os.dup(1)
-    os.dup2(2, 1)
-    sys.stdout = sys.stderr
-    return os.fdopen(protocol_fd, "wb", buffering=0)
 
 
 class Worker:
@@ -128,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lease-dir", default=None)
     parser.add_argument("--lease-timeout", type=float, default=600.0)
     args = parser.parse_args(argv)
-    out = protect_stdout()
+    out = claim_stdout(binary=True)
 
     def fatal(code: str, message: str, exit_code: int) -> int:
         out.write(protocol.encode(protocol.fatal_line(code, message)))

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable
 from watcher_plugins.data import Dataset, kfold_splits, load_dataset
 from watcher_plugins.errors import WatcherPluginError
 from watcher_plugins.records import STATUS_FAIL, STATUS_OK, DataRef, FoldResult, TrialJob, fold_seed
+from watcher_plugins.stdio import claim_stdout
 from watcher_plugins.tree_parallel.libraries import TREE_MODEL_TYPES, FitSettings, FoldData, fitter_for
 
 
@@ -120,16 +121,6 @@ def sample_params(model_type: str, trial_number: int, seed: int) -> dict:
         trial = study.ask()
         params = suggest(model_type, trial)
     return params
-
-
-def claim_stdout():
-    """Keep fd 1 for our own output and point fd 1 at stderr, so that what native libraries print
-    (CatBoost and LightGBM write to fd 1 from C++) can never mix into it. Returns the private stream."""
-    sys.stdout.flush()
-    private = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8")
-    os.dup2(2, 1)
-    sys.stdout = sys.stderr
-    return private
 
 
 def _parser() -> argparse.ArgumentParser:

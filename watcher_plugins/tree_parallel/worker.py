@@ -30,9 +30,10 @@ from typing import TextIO
 from watcher_plugins.errors import LeaseError
 from watcher_plugins.lease import GpuLease
 from watcher_plugins.records import STATUS_FAIL, FoldResult, TrialJob
+from watcher_plugins.stdio import claim_stdout
 from watcher_plugins.tree_parallel.libraries import FitSettings, runs_on_gpu
 from watcher_plugins.tree_parallel.placement import WorkerPlacement
-from watcher_plugins.tree_parallel.trial import FoldDataCache, claim_stdout, run_trial
+from watcher_plugins.tree_parallel.trial import FoldDataCache, run_trial
 
 # Fault injection for the fault tests: a job param "_fault" is obeyed only when this variable is "1"
 # in the worker's environment, and is always removed before the params reach a library.
