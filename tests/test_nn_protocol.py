@@ -40,6 +40,7 @@ INVALID = [
     ({"command": "train_batch", "jobs": [JOB], "precision": "fp16"}, "invalid_request", "$.precision"),
     ({"command": "train", "job": with_params(hidden_layers=[])}, "invalid_job", "$.job.params.hidden_layers"),
     ({"command": "train", "job": with_params(hidden_layers=[64, 0])}, "invalid_job", "$.job.params.hidden_layers"),
+    ({"command": "train", "job": with_params(hidden_layers=[8] * 17)}, "invalid_job", "$.job.params.hidden_layers"),
     ({"command": "train", "job": with_params(lr=0)}, "invalid_job", "$.job.params.lr"),
     ({"command": "train", "job": with_params(dropout=1.0)}, "invalid_job", "$.job.params.dropout"),
     ({"command": "train", "job": with_params(weight_decay=-1)}, "invalid_job", "$.job.params.weight_decay"),

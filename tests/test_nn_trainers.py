@@ -174,26 +174,33 @@ def test_bf16_moves_r2_little(cache):
 
 
 def test_fused_dropout_masks_are_each_fits_own_masks(cache):
-    """The pack's vectorised masks equal dropout_mask drawn by each fit's generator alone, in a padded
-    pack that mixes widths and dropout rates (zero included), epoch after epoch."""
-    from watcher_plugins.nn_batch.model import dropout_generator, dropout_mask
+    """The pack's vectorised masks equal dropout_mask of each fit alone on its training rows, and 1 on
+    its held-out rows, in a padded pack that mixes widths and dropout rates (zero included), epoch
+    after epoch; and the mask changes from epoch to epoch."""
+    from watcher_plugins.nn_batch.dropout import dropout_mask, fit_key
 
     specs = [(0, 0, [64, 32], 1e-2, 0.0, 0.2), (1, 1, [16, 8], 1e-2, 0.0, 0.3), (2, 2, [64, 8], 1e-2, 0.0, 0.0),
              (3, 0, [32, 32], 1e-2, 0.0, 0.05)]
     tasks = make_tasks(cache, specs)
     pack = FusedPack(tasks, SETTINGS, CPU)
-    alone = [dropout_generator(t.init_seed, CPU) for t in tasks]
-    for _epoch in range(2):
+    previous = None
+    for epoch in range(2):
         for layer in range(2):
             masks = pack.dropout_masks(layer)
             for m, task in enumerate(tasks):
-                width = task.job.hidden_layers[layer]
+                width, rows = task.job.hidden_layers[layer], task.rows
+                own = masks[m, :, :width]
                 if task.job.dropout == 0:
-                    assert torch.equal(masks[m, :, :width], torch.ones(task.data.n_rows, width))
+                    assert torch.equal(own, torch.ones(task.data.n_rows, width))
                     continue
-                want = dropout_mask(alone[m], task.data.n_rows, width, task.job.dropout, task.rows.train_rows)
-                assert torch.equal(masks[m, :, :width], want), (m, layer)
+                want = dropout_mask(fit_key(task.init_seed), epoch, layer, rows.train_idx, width, task.job.dropout)
+                assert torch.equal(own[rows.train_idx], want), (m, layer)
+                assert torch.equal(own[rows.val_idx], torch.ones(len(rows.val_idx), width))
                 assert torch.isfinite(masks[m]).all()
+        if previous is not None:
+            assert not torch.equal(masks, previous)
+        previous = masks
+        pack.run_epoch()
 
 
 def test_fused_plans_exact_architecture_packs_and_pads_only_leftovers(cache):

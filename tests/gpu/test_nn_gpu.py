@@ -108,3 +108,64 @@ def test_injected_oom_at_one_in_a_gpu_worker_is_status_oom(tmp_path, monkeypatch
         assert executor._slots[0].worker.alive
     assert [r.status for r in results] == ["oom", "oom"]
     assert Faults.from_env().oom_at_concurrency == 1
+
+
+@pytest.mark.parametrize("width", [1, 8, 37, 128, 512])
+def test_mask_kernel_equals_the_torch_reference(width):
+    from watcher_plugins.nn_batch import dropout as hashing
+    from watcher_plugins.nn_batch import kernels
+
+    assert kernels.available()
+    gen = torch.Generator().manual_seed(torch.seed() % 2**63)  # fresh inputs each run
+    rows = torch.randperm(20000, generator=gen)[:7001].sort().values.to(CUDA)
+    key, epoch, layer = int(torch.randint(0, 2**32, (1,), generator=gen)), 17, 3
+    for p in (0.05, 0.25, 0.5):
+        got = hashing.dropout_mask(key, epoch, layer, rows, width, p)  # the kernel on CUDA
+        lk = torch.tensor(hashing.layer_key(key, epoch, layer), device=CUDA)
+        want = torch.where(hashing.draws(lk, rows, width) >= torch.tensor(p, dtype=torch.float32),
+                           torch.tensor(hashing.keep_factor(p), device=CUDA), torch.zeros((), device=CUDA))
+        assert torch.equal(got, want), (width, p)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("strided", [True, False])
+def test_relu_dropout_kernel_equals_relu_times_mask_forward_and_backward(dtype, strided):
+    """The fused activation against torch.relu(z) * masks (FusedPack.dropout_masks) on random inputs:
+    bit for bit, outputs and input gradients, for layer 0's strided view and a contiguous layer, with
+    dropout rates that include 0 and NaNs that must propagate."""
+    from watcher_plugins.nn_batch import dropout as hashing
+    from watcher_plugins.nn_batch import kernels
+
+    gen = torch.Generator(device=CUDA).manual_seed(torch.seed() % 2**63)
+    n, rows, width = 5, 3001, 96
+    ps = [0.0, 0.05, 0.2, 0.35, 0.5]
+    keys = [hashing.fit_key(int(torch.randint(0, 2**31, (1,)))) for _ in range(n)]
+    train = torch.rand(n, rows, device=CUDA, generator=gen) < 0.8
+    pack = kernels.PackDropout(keys, ps, train)
+    if strided:
+        z0 = torch.randn(rows, n * width, device=CUDA, generator=gen).to(dtype)
+        z0[7, 3] = float("nan")
+        z0.requires_grad_(True)
+        z = z0.view(rows, n, width).transpose(0, 1)
+    else:
+        z0 = torch.randn(n, rows, width, device=CUDA, generator=gen).to(dtype).requires_grad_(True)
+        z = z0
+    grad = torch.randn(n, rows, width, device=CUDA, generator=gen).to(dtype)
+    epoch, layer = 9, 1
+
+    out = kernels.relu_dropout(z, pack, epoch, layer)
+    out.backward(grad)
+    got_grad, z0.grad = z0.grad.clone(), None
+
+    lks = torch.tensor([hashing.layer_key(k, epoch, layer) for k in keys], device=CUDA)
+    draws = hashing.draws(lks, torch.arange(rows, device=CUDA), width)
+    kept = torch.tensor([hashing.keep_factor(p) for p in ps], device=CUDA).view(n, 1, 1)
+    masks = torch.where(draws >= torch.tensor(ps, device=CUDA).view(n, 1, 1), kept, torch.zeros((), device=CUDA))
+    masks = torch.where(train[:, :, None], masks, torch.ones((), device=CUDA))
+    want = torch.relu(z) * masks.to(dtype)
+    want.backward(grad)
+
+    assert out.is_contiguous() and out.shape == (n, rows, width)
+    assert torch.equal(out.isnan(), want.isnan()) and out.isnan().any() == strided
+    assert torch.equal(torch.nan_to_num(out), torch.nan_to_num(want))
+    assert torch.equal(got_grad, z0.grad)

@@ -14,10 +14,9 @@ drop to zero) and the pack is compacted, re-padded to the widest model left, onc
 
 Packs are planned by exact architecture first (``plan_groups``): padding multiplies a pack's work by
 its widest model, so only architectures with fewer than ``MIN_EXACT_PACK`` fits are merged, per depth,
-into a padded pack. Dropout masks are drawn by each fit's generator straight into its slice of one
-preallocated [N, rows, width] buffer per layer and turned into masks by one comparison and one select
-over the whole pack (see ``FusedPack.dropout_masks``); the per-model values that select needs are
-built once per pack, not per epoch.
+into a padded pack. Dropout masks are a pure function of (fit, epoch, layer, row, unit) (dropout.py):
+on a CUDA device one Triton kernel per hidden layer applies ReLU and the masks, made in registers
+(kernels.py), so no mask is ever stored; elsewhere the torch reference builds them.
 """
 
 from __future__ import annotations
@@ -28,8 +27,10 @@ from dataclasses import dataclass
 
 import torch
 
+from watcher_plugins.nn_batch import dropout as hashing
+from watcher_plugins.nn_batch import kernels
 from watcher_plugins.nn_batch.budget import VramBudget
-from watcher_plugins.nn_batch.model import dropout_generator, initial_parameters
+from watcher_plugins.nn_batch.model import initial_parameters
 from watcher_plugins.nn_batch.training import (
     HOST_CHECK_EVERY,
     EarlyStopping,
@@ -113,8 +114,8 @@ class FusedPack:
         self.lr = torch.tensor([t.job.lr for t in tasks], dtype=torch.float64, device=device)
         self.weight_decay = torch.tensor([t.job.weight_decay for t in tasks], device=device)
         self.dropout = [t.job.dropout for t in tasks]
-        self.generators = [dropout_generator(t.init_seed, device) if t.job.dropout > 0 else None for t in tasks]
-        self._mask_state: dict | None = None  # the dropout buffers and per-model constants, made on first use
+        self.keys = [hashing.fit_key(t.init_seed) for t in tasks]
+        self._kernel_dropout = self._kernel_state()
         train_rows = torch.stack([t.rows.train_rows for t in tasks]).float()
         self.train_weight = train_rows / train_rows.sum(1, keepdim=True)
         val_rows = 1.0 - train_rows
@@ -152,63 +153,46 @@ class FusedPack:
                 mask = unit if mask is None else mask * unit
             param.grad_mask = mask
 
-    def _mask_constants(self) -> dict:
-        """Per pack, not per epoch: a zeroed draw buffer per hidden layer ([N, rows, width]: model m's
-        slice [rows, width] is where its generator writes, contiguous when the model spans the width),
-        each model's p as [N, 1, 1], and per (model, row) the value of a kept and of a dropped unit:
-        1/(1-p) and 0 on the model's training rows, 1 and 1 on its held-out rows (and for p = 0)."""
-        if self._mask_state is None:
-            n, n_rows, device = self.size, self.data.n_rows, self.device
-            p = torch.tensor(self.dropout, dtype=torch.float32, device=device).view(n, 1, 1)
-            # float32(1/(1-p)), as dropout_mask's mul_ by the Python float rounds it; 1 where p = 0
-            scale = torch.tensor([1.0 / (1.0 - q) for q in self.dropout], dtype=torch.float32,
-                                 device=device).view(n, 1, 1)
-            train = torch.stack([t.rows.train_rows for t in self.tasks]).view(n, n_rows, 1)
-            one = torch.ones((), device=device)
-            self._mask_state = {
-                "buffers": [torch.zeros(n, n_rows, w, device=device) for w in self.widths],
-                "p": p,
-                "kept": torch.where(train, scale, one),
-                "dropped": torch.where(train, torch.zeros((), device=device), one),
-            }
-        return self._mask_state
-
     def dropout_masks(self, layer: int) -> torch.Tensor:
-        """This epoch's masks of a hidden layer, [N, rows, width]: model m's [:, :its width] slice is
-        exactly ``dropout_mask`` of its generator (1 everywhere for a model without dropout); the padded
-        units' values are finite and multiply outputs that are exactly zero."""
-        state = self._mask_constants()
-        draws = state["buffers"][layer]
-        n_rows, width = self.data.n_rows, self.widths[layer]
-        for m, generator in enumerate(self.generators):
-            if generator is None:
-                continue  # its slice stays finite and >= 0 = p, so its mask is 1
-            own = self.tasks[m].job.hidden_layers[layer]
-            if own == width:  # the same call on the same shape as dropout_mask's: the same numbers
-                torch.rand(n_rows, width, generator=generator, device=self.device, out=draws[m])
-            else:
-                draws[m, :, :own] = torch.rand(n_rows, own, generator=generator, device=self.device)
-        return torch.where(draws >= state["p"], state["kept"], state["dropped"])
+        """This epoch's masks of a hidden layer, [N, rows, width], the torch reference: model m's
+        [:, :its width] slice is ``dropout.dropout_mask`` of its key on its training rows and 1 on its
+        held-out rows (1 everywhere for a model without dropout); padded units get finite values that
+        multiply outputs that are exactly zero."""
+        n, n_rows, device = self.size, self.data.n_rows, self.device
+        keys = torch.tensor([hashing.layer_key(k, self.epoch, layer) for k in self.keys], device=device)
+        draws = hashing.draws(keys, torch.arange(n_rows, device=device), self.widths[layer])
+        p = torch.tensor(self.dropout, dtype=torch.float32, device=device).view(n, 1, 1)
+        kept = torch.tensor([hashing.keep_factor(q) for q in self.dropout], device=device).view(n, 1, 1)
+        train = torch.stack([t.rows.train_rows for t in self.tasks]).view(n, n_rows, 1)
+        masks = torch.where(draws >= p, kept, torch.zeros((), device=device))
+        return torch.where(train, masks, torch.ones((), device=device))
 
-    def _dropout(self, layer: int, h: torch.Tensor, rows_first: bool) -> torch.Tensor:
-        """Multiply a hidden layer's output by each model's dropout mask (models without dropout: 1)."""
-        if not any(self.generators):
-            return h
-        masks = self.dropout_masks(layer).to(h.dtype)
-        return h * (masks.transpose(0, 1) if rows_first else masks)
+    def _activation(self, layer: int, z: torch.Tensor) -> torch.Tensor:
+        """ReLU and dropout of a hidden layer; ``z`` is [N, rows, width] (a strided view for layer 0).
+        On a CUDA device with Triton, one kernel that makes the masks in registers (kernels.py)."""
+        if self._kernel_dropout is not None:
+            return kernels.relu_dropout(z, self._kernel_dropout, self.epoch, layer)
+        h = torch.relu(z)
+        if any(p > 0 for p in self.dropout):
+            h = h * self.dropout_masks(layer).to(h.dtype)
+        return h
+
+    def _kernel_state(self) -> kernels.PackDropout | None:
+        if self.device.type != "cuda" or not kernels.available():
+            return None
+        return kernels.PackDropout(self.keys, self.dropout, torch.stack([t.rows.train_rows for t in self.tasks]))
 
     def forward(self) -> torch.Tensor:
         """Predictions [N, n_rows] of every model on every row (training-mode dropout on training rows)."""
         X, n, n_rows = self.data.X, self.size, self.data.n_rows
         w0, b0 = self.params[0].value, self.params[1].value
-        h = torch.addmm(b0.reshape(1, -1), X, w0.reshape(X.shape[1], -1))  # one wide matmul: [rows, N*width]
-        h = self._dropout(0, torch.relu(h).view(n_rows, n, self.widths[0]), rows_first=True)
-        h = h.transpose(0, 1)  # [N, rows, width], a strided view that the batched matmul takes as it is
+        z = torch.addmm(b0.reshape(1, -1), X, w0.reshape(X.shape[1], -1))  # one wide matmul: [rows, N*width]
+        h = self._activation(0, z.view(n_rows, n, self.widths[0]).transpose(0, 1))
         for layer in range(1, self.depth + 1):
             w, b = self.params[2 * layer].value, self.params[2 * layer + 1].value
             h = torch.baddbmm(b, h, w)
             if layer < self.depth:
-                h = self._dropout(layer, torch.relu(h), rows_first=False)
+                h = self._activation(layer, h)
         return h.squeeze(-1)
 
     def run_epoch(self) -> None:
@@ -277,8 +261,8 @@ class FusedPack:
         index = torch.tensor(keep, device=self.device)
         self.tasks = [self.tasks[m] for m in keep]
         self.dropout = [self.dropout[m] for m in keep]
-        self.generators = [self.generators[m] for m in keep]
-        self._mask_state = None
+        self.keys = [self.keys[m] for m in keep]
+        self._kernel_dropout = self._kernel_state()
         self.left = [False] * len(keep)
         new_widths = [max(t.job.hidden_layers[i] for t in self.tasks) for i in range(self.depth)]
         for param in self.params:

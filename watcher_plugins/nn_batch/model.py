@@ -1,6 +1,6 @@
-"""SurvivorQualityNet, and the random numbers that define one model fit: its initial weights and its
-dropout masks. Every trainer draws them through these functions, so a model computes the same
-function whether it is trained alone, in a stream or inside a fused pack.
+"""SurvivorQualityNet and a fit's initial weights. Every trainer draws them through these functions
+(and its dropout masks through dropout.py), so a model computes the same function whether it is
+trained alone, in a stream or inside a fused pack.
 """
 
 from __future__ import annotations
@@ -10,9 +10,6 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-
-#: Dropout masks come from a generator stream of their own, apart from the initial weights' stream.
-_DROPOUT_SEED_OFFSET = 0x9E3779B9
 
 
 def initial_parameters(n_features: int, hidden_layers: Sequence[int], seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -29,30 +26,10 @@ def initial_parameters(n_features: int, hidden_layers: Sequence[int], seed: int)
     return layers
 
 
-def dropout_generator(seed: int, device: torch.device) -> torch.Generator:
-    """The generator of one model fit's dropout masks, on the device the masks are made on."""
-    return torch.Generator(device=device).manual_seed((int(seed) + _DROPOUT_SEED_OFFSET) % (2**63))
-
-
-def dropout_mask(generator: torch.Generator, n_rows: int, width: int, p: float,
-                 train_rows: torch.Tensor) -> torch.Tensor:
-    """One hidden layer's dropout mask for one epoch: [n_rows, width] over the whole dataset, 1/(1-p) for
-    kept units, 0 for dropped ones, and exactly 1 on rows outside the training fold.
-
-    Drawing over every row (not only the training rows) keys each draw to the dataset row, so a trainer
-    that feeds the training rows alone and one that feeds all rows with row masks use the same mask.
-    The held-out rows get 1 so that one forward pass yields the training-mode output on training rows
-    and the evaluation-mode output on held-out rows.
-    """
-    draws = torch.rand(n_rows, width, generator=generator, device=train_rows.device)
-    mask = (draws >= p).to(torch.float32).mul_(1.0 / (1.0 - p))
-    return mask.masked_fill_(~train_rows[:, None], 1.0)
-
-
 class SurvivorQualityNet(nn.Module):
     """The seed's MLP: n_features -> hidden_layers (Linear, ReLU, dropout) -> 1.
 
-    Dropout is applied through masks the caller passes (see ``dropout_mask``) rather than nn.Dropout,
+    Dropout is applied through masks the caller passes (see ``dropout.dropout_mask``) rather than nn.Dropout,
     whose global-RNG draws could not be reproduced by the fused trainer.
     """
 

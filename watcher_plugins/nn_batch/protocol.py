@@ -16,6 +16,9 @@ from typing import Any
 from watcher_plugins.errors import ProtocolError
 from watcher_plugins.records import DataRef
 
+#: The deepest network a job may ask for (the dropout hash keys a layer in 4 bits: dropout.py).
+MAX_LAYERS = 16
+
 #: Longest request line accepted, in bytes (a train_batch of thousands of jobs fits many times over).
 MAX_LINE_BYTES = 4 * 1024 * 1024
 
@@ -129,8 +132,10 @@ def parse_job(obj: Any, path: str = "$.job") -> FitJob:
     if not isinstance(params, dict):
         raise _fail(code, f"{path}.params", "an object with hidden_layers, lr, weight_decay, dropout", params)
     hidden = params.get("hidden_layers", _MISSING)
-    if not isinstance(hidden, list) or not hidden or not all(_is_int(w) and 1 <= w <= 65536 for w in hidden):
-        raise _fail(code, f"{path}.params.hidden_layers", "a non-empty list of integers in 1..65536", hidden)
+    if not isinstance(hidden, list) or not 1 <= len(hidden) <= MAX_LAYERS \
+            or not all(_is_int(w) and 1 <= w <= 65536 for w in hidden):
+        raise _fail(code, f"{path}.params.hidden_layers",
+                    f"a list of 1 to {MAX_LAYERS} integers in 1..65536", hidden)
     lr = params.get("lr", _MISSING)
     if not _is_number(lr) or lr <= 0:
         raise _fail(code, f"{path}.params.lr", "a number > 0", lr)

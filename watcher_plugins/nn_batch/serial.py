@@ -7,7 +7,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from watcher_plugins.nn_batch.model import SurvivorQualityNet, dropout_generator, dropout_mask
+from watcher_plugins.nn_batch.dropout import dropout_mask, fit_key
+from watcher_plugins.nn_batch.model import SurvivorQualityNet
 from watcher_plugins.nn_batch.training import (
     HOST_CHECK_EVERY,
     EarlyStopping,
@@ -37,16 +38,16 @@ class ModuleFit:
         self.y_train = data.y.index_select(0, rows.train_idx)
         self.X_val = data.X.index_select(0, rows.val_idx)
         self.y_val = data.y.index_select(0, rows.val_idx)
-        self.generator = dropout_generator(task.init_seed, device) if job.dropout > 0 else None
+        self.dropout_key = fit_key(task.init_seed)
         self.stopping = EarlyStopping(1, settings.patience, (self.X_val.shape[0],), device)
         self.epoch = 0
 
     def _dropout_masks(self) -> list[torch.Tensor] | None:
-        if self.generator is None:
+        job = self.task.job
+        if job.dropout == 0:
             return None
-        job, rows = self.task.job, self.task.rows
-        return [dropout_mask(self.generator, self.task.data.n_rows, width, job.dropout, rows.train_rows)
-                .index_select(0, rows.train_idx) for width in job.hidden_layers]
+        return [dropout_mask(self.dropout_key, self.epoch, layer, self.task.rows.train_idx, width, job.dropout)
+                for layer, width in enumerate(job.hidden_layers)]
 
     def run_epoch(self) -> None:
         epoch = self.epoch

@@ -1,0 +1,177 @@
+"""Triton kernels for the dropout of dropout.py, on CUDA devices where Triton is installed.
+
+- ``dropout_mask``: one fit's mask on its training rows (the serial and streams trainers), written
+  once, as torch.rand would write its draws: no slower than the generator it replaced.
+- ``relu_dropout``: a fused pack's hidden activation, ``relu(z) * mask`` with the mask made in
+  registers and never stored; its backward reads the output and makes the mask again:
+  ``where(a <= 0, 0, grad * mask)``, torch's relu backward after the mask's. The forward also turns layer 0's
+  [rows, N, width] view of the wide matmul into a contiguous [N, rows, width] for the batched matmul.
+
+Each computes the same numbers as the torch reference (dropout.draws, torch.relu, a multiply in the
+activation's dtype): tests/gpu/test_nn_gpu.py compares them bit for bit on random inputs.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from watcher_plugins.nn_batch import dropout as hashing
+
+try:  # Triton ships with CUDA builds of torch; CPU hosts use the torch reference
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the torch build
+    triton = None
+
+
+@functools.cache
+def available() -> bool:
+    return triton is not None and torch.cuda.is_available()
+
+
+if triton is not None:
+
+    @triton.jit
+    def _fmix32(h):
+        h ^= h >> 16
+        h = h * tl.full((), 0x85EBCA6B, tl.uint32)
+        h ^= h >> 13
+        h = h * tl.full((), 0xC2B2AE35, tl.uint32)
+        return h ^ (h >> 16)
+
+    @triton.jit
+    def _draws(lkey, rows, units):
+        """Uniform float32 draws [R, W] for dataset rows [R] and units [W] under one layer key."""
+        row_hash = _fmix32(lkey ^ rows.to(tl.uint32))
+        h = _fmix32(row_hash[:, None] + units.to(tl.uint32)[None, :])
+        return (h >> 8).to(tl.float32) * (1.0 / 16777216.0)
+
+    @triton.jit
+    def _mask_kernel(rows_ptr, out_ptr, n, width, lkey_arg, p, scale,
+                     BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr):
+        idx = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        units = tl.arange(0, BLOCK_W)
+        in_rows = idx < n
+        rows = tl.load(rows_ptr + idx, mask=in_rows, other=0)
+        u = _draws(lkey_arg.to(tl.uint32), rows, units)
+        value = tl.where(u >= p, scale, 0.0)
+        offs = idx[:, None] * width + units[None, :]
+        tl.store(out_ptr + offs, value, mask=in_rows[:, None] & (units[None, :] < width))
+
+    @triton.jit
+    def _pack_factor(keys_ptr, p_ptr, scale_ptr, train_ptr, m, rows, units, in_rows, n_rows, salt_hash_arg,
+                     dtype: tl.constexpr):
+        """Model m's dropout mask on these rows and units, float32 holding values of ``dtype``."""
+        lkey = _fmix32(tl.load(keys_ptr + m).to(tl.uint32) ^ salt_hash_arg.to(tl.uint32))
+        u = _draws(lkey, rows, units)
+        train = tl.load(train_ptr + m * n_rows + rows, mask=in_rows, other=0)
+        kept = tl.load(scale_ptr + m).to(dtype).to(tl.float32)  # the mask in the activation's dtype, as torch casts it
+        factor = tl.where(u >= tl.load(p_ptr + m), kept, 0.0)
+        return tl.where(train[:, None] != 0, factor, 1.0)
+
+    @triton.jit
+    def _relu_dropout_fwd(z_ptr, out_ptr, keys_ptr, p_ptr, scale_ptr, train_ptr,
+                          n_rows, width, salt_hash_arg, zs_m, zs_r, zs_u,
+                          HAS_DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr):
+        m = tl.program_id(0)
+        rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+        units = tl.arange(0, BLOCK_W)
+        in_rows = rows < n_rows
+        inside = in_rows[:, None] & (units[None, :] < width)
+        z = tl.load(z_ptr + m * zs_m + rows[:, None] * zs_r + units[None, :] * zs_u, mask=inside, other=0.0)
+        zf = z.to(tl.float32)
+        a = tl.where(zf > 0, zf, 0.0)
+        a = tl.where(zf != zf, zf, a)  # NaN stays NaN, as torch.relu keeps it
+        if HAS_DROPOUT:
+            a = a * _pack_factor(keys_ptr, p_ptr, scale_ptr, train_ptr, m, rows, units, in_rows, n_rows,
+                                 salt_hash_arg, z.dtype)
+        tl.store(out_ptr + (m * n_rows + rows[:, None]) * width + units[None, :], a.to(z.dtype), mask=inside)
+
+    @triton.jit
+    def _relu_dropout_bwd(out_ptr, grad_ptr, gz_ptr, keys_ptr, p_ptr, scale_ptr, train_ptr,
+                          n_rows, width, salt_hash_arg, zs_m, zs_r, zs_u,
+                          HAS_DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr):
+        m = tl.program_id(0)
+        rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+        units = tl.arange(0, BLOCK_W)
+        in_rows = rows < n_rows
+        inside = in_rows[:, None] & (units[None, :] < width)
+        offs = (m * n_rows + rows[:, None]) * width + units[None, :]
+        a = tl.load(out_ptr + offs, mask=inside, other=0.0)
+        g = tl.load(grad_ptr + offs, mask=inside, other=0.0)
+        gf = g.to(tl.float32)
+        if HAS_DROPOUT:  # the mask again, from the hash: cheaper than storing it
+            factor = _pack_factor(keys_ptr, p_ptr, scale_ptr, train_ptr, m, rows, units, in_rows, n_rows,
+                                  salt_hash_arg, g.dtype)
+            gf = (gf * factor).to(g.dtype).to(tl.float32)
+        # torch's threshold_backward on relu's output: 0 where it is <= 0, the gradient elsewhere (NaN too);
+        # a dropped unit's output is 0 (or NaN), and its gradient was multiplied by 0 above
+        gz = tl.where(a.to(tl.float32) <= 0, 0.0, gf)
+        tl.store(gz_ptr + m * zs_m + rows[:, None] * zs_r + units[None, :] * zs_u, gz.to(g.dtype), mask=inside)
+
+
+def _blocks(width: int) -> tuple[int, int, int]:
+    block_w = max(16, triton.next_power_of_2(width))
+    block_r = max(1, 4096 // block_w)
+    return block_r, block_w, 4
+
+
+def dropout_mask(lkey: int, rows: torch.Tensor, width: int, p: float) -> torch.Tensor:
+    """dropout.dropout_mask on a CUDA device, given the layer key."""
+    n = rows.numel()
+    out = torch.empty(n, width, dtype=torch.float32, device=rows.device)
+    block_r, block_w, warps = _blocks(width)
+    _mask_kernel[(triton.cdiv(n, block_r),)](rows.contiguous(), out, n, width, lkey, float(torch.tensor(p, dtype=torch.float32)),
+                                            hashing.keep_factor(p), BLOCK_R=block_r, BLOCK_W=block_w, num_warps=warps)
+    return out
+
+
+class PackDropout:
+    """What a fused pack's activation kernel needs per model, made once per pack: fit keys, p and
+    1/(1-p) as float32, and the training-row flags as uint8 [N, rows]."""
+
+    def __init__(self, keys: list[int], p: list[float], train_rows: torch.Tensor):
+        device = train_rows.device
+        self.has_dropout = any(q > 0 for q in p)
+        self.keys = torch.tensor(keys, dtype=torch.int64, device=device)
+        self.p = torch.tensor(p, dtype=torch.float32, device=device)
+        self.scale = torch.tensor([hashing.keep_factor(q) for q in p], dtype=torch.float32, device=device)
+        self.train = train_rows.to(torch.uint8).contiguous()
+
+
+class _ReluDropout(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, pack: PackDropout, salt_hash: int) -> torch.Tensor:
+        n, n_rows, width = z.shape
+        out = torch.empty(n, n_rows, width, dtype=z.dtype, device=z.device)
+        block_r, block_w, warps = _blocks(width)
+        grid = (n, triton.cdiv(n_rows, block_r))
+        _relu_dropout_fwd[grid](z, out, pack.keys, pack.p, pack.scale, pack.train, n_rows, width, salt_hash,
+                                *z.stride(), HAS_DROPOUT=pack.has_dropout, BLOCK_R=block_r, BLOCK_W=block_w,
+                                num_warps=warps)
+        ctx.save_for_backward(out)
+        ctx.pack, ctx.salt_hash = pack, salt_hash
+        ctx.z_layout = (z.shape, z.stride())
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (out,) = ctx.saved_tensors
+        pack, (shape, stride) = ctx.pack, ctx.z_layout
+        grad = grad.contiguous()
+        n, n_rows, width = shape
+        grad_z = torch.empty_strided(shape, stride, dtype=grad.dtype, device=grad.device)
+        block_r, block_w, warps = _blocks(width)
+        grid = (n, triton.cdiv(n_rows, block_r))
+        _relu_dropout_bwd[grid](out, grad, grad_z, pack.keys, pack.p, pack.scale, pack.train, n_rows, width,
+                                ctx.salt_hash, *stride,
+                                HAS_DROPOUT=pack.has_dropout, BLOCK_R=block_r, BLOCK_W=block_w, num_warps=warps)
+        return grad_z, None, None
+
+
+def relu_dropout(z: torch.Tensor, pack: PackDropout, epoch: int, layer: int) -> torch.Tensor:
+    """relu(z) * each model's mask of this epoch and layer, z viewed as [N, rows, width] (any strides);
+    the result is contiguous [N, rows, width]."""
+    return _ReluDropout.apply(z, pack, hashing.fmix32(hashing.epoch_salt(epoch, layer)))
