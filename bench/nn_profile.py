@@ -1,0 +1,67 @@
+"""Where a fused epoch's GPU time goes (a measurement, not a test).
+
+Builds one fused pack of bench_nn.py's workload (survivors-98k, 5 folds, trials drawn as bench_nn.py
+draws them), the largest architecture by default, runs a few warm-up epochs, then profiles
+--epochs epochs with torch.profiler and prints the CUDA kernels by total time, with the epoch's
+wall milliseconds (synchronised) beside them.
+
+    PYTHONPATH=. python bench/nn_profile.py --precision bf16 --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from bench.bench_nn import draw_trials, fit_jobs
+from watcher_plugins.data import FULL_ROWS
+from watcher_plugins.nn_batch.device_data import DeviceDatasetCache
+from watcher_plugins.nn_batch.fused import FusedPack
+from watcher_plugins.nn_batch.training import FitTask, TrainSettings, precision_context
+from watcher_plugins.records import DataRef
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--precision", default="bf16")
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    device = torch.device("cuda:0")
+    data_ref = DataRef(embedded="survivors", rows=FULL_ROWS)
+    data = DeviceDatasetCache(device).get(data_ref)
+    jobs = fit_jobs(draw_trials(20, 42), 5, 42, data_ref)
+    by_arch: dict[tuple[int, ...], list] = {}
+    for job in jobs:
+        by_arch.setdefault(job.hidden_layers, []).append(job)
+    arch = max(by_arch, key=lambda a: len(by_arch[a]) * FULL_ROWS * sum(a))
+    tasks = [FitTask.build(job, data) for job in by_arch[arch]]
+    settings = TrainSettings(200, 10_000, args.precision)
+    with precision_context(args.precision, device):
+        pack = FusedPack(tasks, settings, device)
+        for _ in range(3):
+            pack.run_epoch()
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        for _ in range(args.epochs):
+            pack.run_epoch()
+        torch.cuda.synchronize()
+        epoch_ms = (time.perf_counter() - started) * 1000 / args.epochs
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(args.epochs):
+                pack.run_epoch()
+            torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+    head = (f"pack: {len(tasks)} fits of {list(arch)} on {FULL_ROWS} rows, {args.precision}, "
+            f"{epoch_ms:.2f} ms per epoch ({len(tasks) * 1000 / epoch_ms:.0f} model-epochs/s)\n")
+    print(head + table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"nn_profile_{args.precision}.txt").write_text(head + table)
+
+
+if __name__ == "__main__":
+    main()
