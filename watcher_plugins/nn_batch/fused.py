@@ -167,12 +167,12 @@ class FusedPack:
         masks = torch.where(draws >= p, kept, torch.zeros((), device=device))
         return torch.where(train, masks, torch.ones((), device=device))
 
-    def _activation(self, layer: int, z: torch.Tensor) -> torch.Tensor:
-        """ReLU and dropout of a hidden layer; ``z`` is [N, rows, width] (a strided view for layer 0).
-        On a CUDA device with Triton, one kernel that makes the masks in registers (kernels.py)."""
+    def _activation(self, layer: int, z: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """ReLU and dropout of a hidden layer's ``z + bias``; ``z`` is [N, rows, width] (a strided view
+        for layer 0). On a CUDA device with Triton, one kernel that makes the masks in registers."""
         if self._kernel_dropout is not None:
-            return kernels.relu_dropout(z, self._kernel_dropout, self.epoch, layer)
-        h = torch.relu(z)
+            return kernels.relu_dropout(z, self._kernel_dropout, self.epoch, layer, bias)
+        h = torch.relu(z if bias is None else z + bias)
         if any(p > 0 for p in self.dropout):
             h = h * self.dropout_masks(layer).to(h.dtype)
         return h
@@ -190,9 +190,12 @@ class FusedPack:
         h = self._activation(0, z.view(n_rows, n, self.widths[0]).transpose(0, 1))
         for layer in range(1, self.depth + 1):
             w, b = self.params[2 * layer].value, self.params[2 * layer + 1].value
-            h = torch.baddbmm(b, h, w)
-            if layer < self.depth:
-                h = self._activation(layer, h)
+            if layer < self.depth and self._kernel_dropout is not None:
+                h = self._activation(layer, torch.bmm(h, w), b)  # the kernel adds the bias
+            else:
+                h = torch.baddbmm(b, h, w)
+                if layer < self.depth:
+                    h = self._activation(layer, h)
         return h.squeeze(-1)
 
     def run_epoch(self) -> None:

@@ -48,50 +48,56 @@ if triton is not None:
         h = _fmix32(row_hash[:, None] + units.to(tl.uint32)[None, :])
         return (h >> 8).to(tl.float32) * (1.0 / 16777216.0)
 
-    @triton.jit
-    def _mask_kernel(rows_ptr, out_ptr, n, width, lkey_arg, p, scale,
+    # Integer arguments that change from call to call are not specialised on (Triton would compile a
+    # variant per divisibility and per int32/int64 range) and travel as int32 bit patterns.
+    @triton.jit(do_not_specialize=["n", "lkey_bits"])
+    def _mask_kernel(rows_ptr, out_ptr, n, width, lkey_bits, p, scale,
                      BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr):
         idx = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         units = tl.arange(0, BLOCK_W)
         in_rows = idx < n
         rows = tl.load(rows_ptr + idx, mask=in_rows, other=0)
-        u = _draws(lkey_arg.to(tl.uint32), rows, units)
+        u = _draws(lkey_bits.to(tl.uint32, bitcast=True), rows, units)
         value = tl.where(u >= p, scale, 0.0)
         offs = idx[:, None] * width + units[None, :]
         tl.store(out_ptr + offs, value, mask=in_rows[:, None] & (units[None, :] < width))
 
     @triton.jit
-    def _pack_factor(keys_ptr, p_ptr, scale_ptr, train_ptr, m, rows, units, in_rows, n_rows, salt_hash_arg,
+    def _pack_factor(keys_ptr, p_ptr, scale_ptr, train_ptr, m, rows, units, in_rows, n_rows, counter,
                      dtype: tl.constexpr):
         """Model m's dropout mask on these rows and units, float32 holding values of ``dtype``."""
-        lkey = _fmix32(tl.load(keys_ptr + m).to(tl.uint32) ^ salt_hash_arg.to(tl.uint32))
+        lkey = _fmix32(tl.load(keys_ptr + m).to(tl.uint32) ^ _fmix32(counter.to(tl.uint32, bitcast=True)))
         u = _draws(lkey, rows, units)
         train = tl.load(train_ptr + m * n_rows + rows, mask=in_rows, other=0)
         kept = tl.load(scale_ptr + m).to(dtype).to(tl.float32)  # the mask in the activation's dtype, as torch casts it
         factor = tl.where(u >= tl.load(p_ptr + m), kept, 0.0)
         return tl.where(train[:, None] != 0, factor, 1.0)
 
-    @triton.jit
-    def _relu_dropout_fwd(z_ptr, out_ptr, keys_ptr, p_ptr, scale_ptr, train_ptr,
-                          n_rows, width, salt_hash_arg, zs_m, zs_r, zs_u,
-                          HAS_DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr):
+    @triton.jit(do_not_specialize=["n_rows", "counter"])
+    def _relu_dropout_fwd(z_ptr, bias_ptr, out_ptr, keys_ptr, p_ptr, scale_ptr, train_ptr,
+                          n_rows, width, counter, zs_m, zs_r,
+                          HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr,
+                          BLOCK_W: tl.constexpr):
         m = tl.program_id(0)
         rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
         units = tl.arange(0, BLOCK_W)
         in_rows = rows < n_rows
         inside = in_rows[:, None] & (units[None, :] < width)
-        z = tl.load(z_ptr + m * zs_m + rows[:, None] * zs_r + units[None, :] * zs_u, mask=inside, other=0.0)
+        z = tl.load(z_ptr + m * zs_m + rows[:, None] * zs_r + units[None, :], mask=inside, other=0.0)
         zf = z.to(tl.float32)
+        if HAS_BIAS:  # bias [N, width] added here, in float32, instead of by baddbmm's broadcast copy
+            bias = tl.load(bias_ptr + m * width + units, mask=units < width, other=0.0)
+            zf = (zf + bias[None, :]).to(z.dtype).to(tl.float32)
         a = tl.where(zf > 0, zf, 0.0)
         a = tl.where(zf != zf, zf, a)  # NaN stays NaN, as torch.relu keeps it
         if HAS_DROPOUT:
             a = a * _pack_factor(keys_ptr, p_ptr, scale_ptr, train_ptr, m, rows, units, in_rows, n_rows,
-                                 salt_hash_arg, z.dtype)
+                                 counter, z.dtype)
         tl.store(out_ptr + (m * n_rows + rows[:, None]) * width + units[None, :], a.to(z.dtype), mask=inside)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n_rows", "counter"])
     def _relu_dropout_bwd(out_ptr, grad_ptr, gz_ptr, keys_ptr, p_ptr, scale_ptr, train_ptr,
-                          n_rows, width, salt_hash_arg, zs_m, zs_r, zs_u,
+                          n_rows, width, counter, zs_m, zs_r,
                           HAS_DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr):
         m = tl.program_id(0)
         rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -104,12 +110,12 @@ if triton is not None:
         gf = g.to(tl.float32)
         if HAS_DROPOUT:  # the mask again, from the hash: cheaper than storing it
             factor = _pack_factor(keys_ptr, p_ptr, scale_ptr, train_ptr, m, rows, units, in_rows, n_rows,
-                                  salt_hash_arg, g.dtype)
+                                  counter, g.dtype)
             gf = (gf * factor).to(g.dtype).to(tl.float32)
         # torch's threshold_backward on relu's output: 0 where it is <= 0, the gradient elsewhere (NaN too);
         # a dropped unit's output is 0 (or NaN), and its gradient was multiplied by 0 above
         gz = tl.where(a.to(tl.float32) <= 0, 0.0, gf)
-        tl.store(gz_ptr + m * zs_m + rows[:, None] * zs_r + units[None, :] * zs_u, gz.to(g.dtype), mask=inside)
+        tl.store(gz_ptr + m * zs_m + rows[:, None] * zs_r + units[None, :], gz.to(g.dtype), mask=inside)
 
 
 def _blocks(width: int) -> tuple[int, int, int]:
@@ -118,13 +124,20 @@ def _blocks(width: int) -> tuple[int, int, int]:
     return block_r, block_w, 4
 
 
+def _int32_bits(value: int) -> int:
+    """A 32-bit unsigned value as the int32 with the same bits (Triton types a Python int by its range)."""
+    return value - (1 << 32) if value >= 1 << 31 else value
+
+
 def dropout_mask(lkey: int, rows: torch.Tensor, width: int, p: float) -> torch.Tensor:
     """dropout.dropout_mask on a CUDA device, given the layer key."""
     n = rows.numel()
     out = torch.empty(n, width, dtype=torch.float32, device=rows.device)
     block_r, block_w, warps = _blocks(width)
-    _mask_kernel[(triton.cdiv(n, block_r),)](rows.contiguous(), out, n, width, lkey, float(torch.tensor(p, dtype=torch.float32)),
-                                            hashing.keep_factor(p), BLOCK_R=block_r, BLOCK_W=block_w, num_warps=warps)
+    p32 = float(torch.tensor(p, dtype=torch.float32))
+    _mask_kernel[(triton.cdiv(n, block_r),)](rows.contiguous(), out, n, width, _int32_bits(lkey), p32,
+                                            hashing.keep_factor(p), BLOCK_R=block_r, BLOCK_W=block_w,
+                                            num_warps=warps)
     return out
 
 
@@ -143,16 +156,21 @@ class PackDropout:
 
 class _ReluDropout(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, z: torch.Tensor, pack: PackDropout, salt_hash: int) -> torch.Tensor:
+    def forward(ctx, z: torch.Tensor, bias: torch.Tensor | None, pack: PackDropout, counter: int) -> torch.Tensor:
         n, n_rows, width = z.shape
+        if z.stride(2) != 1:
+            raise ValueError("relu_dropout needs unit stride 1 along the width")
+        if bias is not None and (bias.dtype != torch.float32 or bias.numel() != n * width or not bias.is_contiguous()):
+            raise ValueError("relu_dropout's bias must be contiguous float32 with N * width values")
         out = torch.empty(n, n_rows, width, dtype=z.dtype, device=z.device)
         block_r, block_w, warps = _blocks(width)
         grid = (n, triton.cdiv(n_rows, block_r))
-        _relu_dropout_fwd[grid](z, out, pack.keys, pack.p, pack.scale, pack.train, n_rows, width, salt_hash,
-                                *z.stride(), HAS_DROPOUT=pack.has_dropout, BLOCK_R=block_r, BLOCK_W=block_w,
-                                num_warps=warps)
+        _relu_dropout_fwd[grid](z, bias if bias is not None else z, out, pack.keys, pack.p, pack.scale, pack.train,
+                                n_rows, width, counter, z.stride(0), z.stride(1), HAS_BIAS=bias is not None,
+                                HAS_DROPOUT=pack.has_dropout, BLOCK_R=block_r, BLOCK_W=block_w, num_warps=warps)
+        ctx.bias_shape = None if bias is None else bias.shape
         ctx.save_for_backward(out)
-        ctx.pack, ctx.salt_hash = pack, salt_hash
+        ctx.pack, ctx.counter = pack, counter
         ctx.z_layout = (z.shape, z.stride())
         return out
 
@@ -166,12 +184,16 @@ class _ReluDropout(torch.autograd.Function):
         block_r, block_w, warps = _blocks(width)
         grid = (n, triton.cdiv(n_rows, block_r))
         _relu_dropout_bwd[grid](out, grad, grad_z, pack.keys, pack.p, pack.scale, pack.train, n_rows, width,
-                                ctx.salt_hash, *stride,
-                                HAS_DROPOUT=pack.has_dropout, BLOCK_R=block_r, BLOCK_W=block_w, num_warps=warps)
-        return grad_z, None, None
+                                ctx.counter, stride[0], stride[1], HAS_DROPOUT=pack.has_dropout,
+                                BLOCK_R=block_r, BLOCK_W=block_w, num_warps=warps)
+        grad_bias = None
+        if ctx.bias_shape is not None and ctx.needs_input_grad[1]:
+            grad_bias = grad_z.sum(dim=1, dtype=torch.float32).view(ctx.bias_shape)
+        return grad_z, grad_bias, None, None
 
 
-def relu_dropout(z: torch.Tensor, pack: PackDropout, epoch: int, layer: int) -> torch.Tensor:
-    """relu(z) * each model's mask of this epoch and layer, z viewed as [N, rows, width] (any strides);
-    the result is contiguous [N, rows, width]."""
-    return _ReluDropout.apply(z, pack, hashing.fmix32(hashing.epoch_salt(epoch, layer)))
+def relu_dropout(z: torch.Tensor, pack: PackDropout, epoch: int, layer: int,
+                 bias: torch.Tensor | None = None) -> torch.Tensor:
+    """relu(z + bias) * each model's mask of this epoch and layer, z viewed as [N, rows, width] (unit
+    stride 1), bias float32 with N * width values (or None); the result is contiguous [N, rows, width]."""
+    return _ReluDropout.apply(z, bias, pack, _int32_bits(hashing.epoch_salt(epoch, layer)))
