@@ -60,3 +60,33 @@ def test_release_keeps_the_lock_file_and_allows_reacquire(tmp_path):
     assert (tmp_path / "gpu-3.lock").exists()  # never deleted: waiters may hold its inode
     with GpuLease(3, tmp_path, timeout=1):
         pass
+
+
+def test_try_acquire_never_waits_and_takes_a_free_lease(tmp_path, holder_process):
+    started = time.monotonic()
+    assert GpuLease(0, tmp_path, timeout=30).try_acquire() is False  # held elsewhere: no 30 s wait
+    assert time.monotonic() - started < 5
+    lease = GpuLease(1, tmp_path, timeout=30, purpose="poller")
+    assert lease.try_acquire() and lease.try_acquire()  # free, then already ours
+    assert lease.is_held and lease.holder().purpose == "poller"
+    lease.release()
+    assert not lease.is_held
+
+
+def test_timeout_error_names_the_holder(tmp_path, holder_process):
+    lease = GpuLease(0, tmp_path, timeout=7)
+    assert not lease.try_acquire()
+    message = str(lease.timeout_error())
+    assert message.startswith("GPU 0 lease not had within 7s: held by ")
+    assert f"pid {holder_process.pid}" in message and "(test holder)" in message
+
+
+def test_two_leases_of_one_process_exclude_each_other(tmp_path):
+    # Two tree pools of one host process each hold their GPUs' leases through their own GpuLease.
+    with GpuLease(0, tmp_path, timeout=1, purpose="first pool"):
+        second = GpuLease(0, tmp_path, timeout=0.2)
+        assert not second.try_acquire()
+        with pytest.raises(LeaseTimeout, match="first pool"):
+            second.acquire()
+    assert second.try_acquire()
+    second.release()

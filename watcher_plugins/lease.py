@@ -3,6 +3,11 @@
 The lock file is never deleted (deleting a lock file others wait on breaks mutual exclusion); the OS
 frees the lock when its holder dies. Beside each lock, a small JSON file names the current holder
 (pid, host, since, purpose) so that a waiter that times out can say who holds the GPU.
+
+A lease is exclusive between processes (and between GpuLease objects of one process): the holder may
+be a process that trains on the GPU itself (an NN worker, the tree trial CLI) or one that holds it on
+behalf of workers it alone sends GPU work to (a tree pool, whose workers share the GPU; see
+tree_parallel/pool.py). ``try_acquire`` never waits, for a holder that polls while doing other work.
 """
 
 from __future__ import annotations
@@ -69,6 +74,24 @@ class GpuLease:
             return None
 
     def acquire(self) -> GpuLease:
+        """Take the lease, waiting up to ``timeout`` seconds; LeaseTimeout names the holder."""
+        if not self._take(self.timeout):
+            raise self.timeout_error()
+        return self
+
+    def try_acquire(self) -> bool:
+        """Take the lease if it is free now (or already held through this object); never waits."""
+        return self.is_held or self._take(0)
+
+    def timeout_error(self) -> LeaseTimeout:
+        """What a waiter that gave up after ``timeout`` seconds says: who holds the lease, and since when."""
+        holder = self.holder()
+        who = holder.describe() if holder else "an unknown process (no holder record)"
+        return LeaseTimeout(
+            f"GPU {self.gpu} lease not had within {self.timeout:g}s: held by {who}; lock file {self.lock_path}"
+        )
+
+    def _take(self, timeout: float) -> bool:
         try:
             self.lease_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -76,19 +99,15 @@ class GpuLease:
         # thread_local=False: a lease belongs to the process, whichever thread releases it.
         lock = filelock.FileLock(str(self.lock_path), mode=0o666, thread_local=False, **_KEEP_LOCK_FILE)
         try:
-            lock.acquire(timeout=self.timeout)
+            lock.acquire(timeout=timeout)  # 0: one attempt
         except filelock.Timeout:
-            holder = self.holder()
-            who = holder.describe() if holder else "an unknown process (no holder record)"
-            raise LeaseTimeout(
-                f"GPU {self.gpu} lease not had within {self.timeout:g}s: held by {who}; lock file {self.lock_path}"
-            ) from None
+            return False
         self._lock = lock
         record = LeaseHolder(pid=os.getpid(), host=socket.gethostname(), since=time.time(), purpose=self.purpose)
         tmp = self.holder_path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(asdict(record)), encoding="utf-8")
         os.replace(tmp, self.holder_path)
-        return self
+        return True
 
     def release(self) -> None:
         if self._lock is not None:
