@@ -50,3 +50,34 @@ def test_placement_round_trips_through_json():
 def test_zero_workers_is_refused():
     with pytest.raises(ValueError, match="tree_parallel_workers"):
         plan_placements(0, [], range(4))
+
+
+def test_xgboost_per_gpu_places_that_many_workers_on_each_gpu_round_robin():
+    placements = plan_placements(8, [0, 1], range(16), xgboost_per_gpu=3)
+    assert [p.gpu for p in placements] == [0, 1, 0, 1, 0, 1, None, None]
+    cores = _all_cores(placements)
+    assert sorted(cores) == list(range(16)) and {p.threads for p in placements} == {2}  # a share each
+
+
+def test_xgboost_per_gpu_1_keeps_one_worker_per_gpu():
+    for workers in range(1, 12):
+        for gpus in ([], [0], [0, 1], [2, 3, 4]):
+            placements = plan_placements(workers, gpus, range(8), xgboost_per_gpu=1)
+            assert [p.gpu for p in placements if p.gpu is not None] == list(gpus[:workers])
+
+
+def test_gpu_workers_are_bounded_by_the_workers_asked_for_and_by_xgboost_per_gpu():
+    assert [p.gpu for p in plan_placements(3, [0], range(16), xgboost_per_gpu=4)] == [0, 0, 0]
+    assert [p.gpu for p in plan_placements(10, [0], range(16), xgboost_per_gpu=4)] == [0] * 4 + [None] * 6
+
+
+def test_gpu_sharing_workers_never_oversubscribe_the_cores():
+    placements = plan_placements(4, [0], [0, 1], xgboost_per_gpu=4)
+    assert [p.gpu for p in placements] == [0, 0] and sorted(_all_cores(placements)) == [0, 1]
+    # Fewer cores than GPUs: each GPU still gets its one worker (sharing cores, as before), no more.
+    assert [p.gpu for p in plan_placements(6, [0, 1, 2], [0, 1], xgboost_per_gpu=2)] == [0, 1, 2]
+
+
+def test_zero_xgboost_per_gpu_is_refused():
+    with pytest.raises(ValueError, match="xgboost_per_gpu"):
+        plan_placements(2, [0], range(4), xgboost_per_gpu=0)

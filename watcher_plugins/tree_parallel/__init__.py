@@ -1,7 +1,8 @@
 """tree_parallel: CatBoost / LightGBM / XGBoost Optuna trials in parallel worker processes.
 
-Each worker is a fresh interpreter pinned to one GPU (CUDA_VISIBLE_DEVICES set before it starts,
-the GPU's lease held while it trains) or to a share of the CPU cores. Modules:
+Each worker is a fresh interpreter pinned to one GPU (CUDA_VISIBLE_DEVICES set before it starts) or
+to a share of the CPU cores. Up to ``xgboost_per_gpu`` workers share a GPU, for XGBoost trials only;
+the pool holds each GPU's lease for its workers while GPU trials run there. Modules:
 
 - ``libraries``  how each tree library trains one fold (datasets built once, early stopping, R^2)
 - ``trial``      one trial: k-fold CV over a job, the per-process fold cache, and the one-trial CLI

@@ -17,14 +17,17 @@ from watcher_plugins.tree_parallel.pool import PoolSettings, TreeTrialPool
 
 log = logging.getLogger(__name__)
 
-DEFAULTS = {"tree_parallel_workers": 1, "tree_device": "auto", "tree_rounds": 500, "tree_early_stopping_rounds": 50}
+DEFAULTS = {"tree_parallel_workers": 1, "xgboost_per_gpu": 1, "tree_device": "auto", "tree_rounds": 500,
+            "tree_early_stopping_rounds": 50}
 
 
 class TreeParallelExecutor(Executor):
     """CatBoost / LightGBM / XGBoost trials in parallel worker processes pinned to GPUs or CPU cores.
 
     ``tree_parallel_workers`` trials run at once (1 = serial: one worker with every core and the
-    first GPU). One batch may mix model types; results never depend on the number of workers.
+    first GPU); up to ``xgboost_per_gpu`` of them are workers on each GPU, where XGBoost trials share
+    the GPU and CatBoost trials have it to themselves. One batch may mix model types; results never
+    depend on the number of workers.
     """
 
     def __init__(self, params: Mapping[str, Any], context: RunContext):
@@ -36,7 +39,11 @@ class TreeParallelExecutor(Executor):
             raise ExecutorError("tree_device is 'gpu' but the run has no GPU (devices is empty)")
         gpus = list(context.devices) if device != "cpu" else []
         workers = int(self.params["tree_parallel_workers"])
-        self.placements: list[WorkerPlacement] = plan_placements(workers, gpus, available_cores(context.cpu_count))
+        per_gpu = int(self.params["xgboost_per_gpu"])
+        if per_gpu < 1:
+            raise ExecutorError(f"xgboost_per_gpu: {per_gpu} is less than the minimum of 1")
+        self.placements: list[WorkerPlacement] = plan_placements(workers, gpus, available_cores(context.cpu_count),
+                                                                 per_gpu)
         if len(self.placements) < workers:
             log.warning("tree_parallel_workers=%d capped to %d: one core per worker at least (%d cores)",
                         workers, len(self.placements), context.cpu_count)
@@ -47,6 +54,7 @@ class TreeParallelExecutor(Executor):
             lease_timeout_s=float(context.lease_timeout_s),
             trial_retries=int(context.trial_retries),
             trial_timeout_s=float(self.params.get("tree_trial_timeout_s", 3600)),
+            xgboost_per_gpu=per_gpu,
         )
         self._pool: TreeTrialPool | None = None
 

@@ -1,9 +1,12 @@
 """Which GPU and which CPU cores each tree worker gets.
 
-A GPU worker owns one GPU (CatBoost must never share one: two CatBoost processes on one H200 ran 2x
-slower than one) and drives it from its own cores; the remaining workers are CPU workers. Cores are
-split into disjoint near-equal shares, one per worker, and a worker's libraries get as many threads
-as it has cores, so the pool never runs more threads than it has cores.
+GPU workers come first: one per GPU, then up to ``xgboost_per_gpu`` per GPU in all, spread round-robin
+over the GPUs (XGBoost tolerates sharing a GPU: four processes on one H200 did 1.4x the work of one;
+CatBoost does not, and the pool's scheduler never lets a CatBoost trial share its GPU). The remaining
+workers are CPU workers. Cores are split into disjoint near-equal shares, one per worker, and a
+worker's libraries get as many threads as it has cores, so the pool never runs more threads than it
+has cores: a worker beyond the cores is not started (only the first worker of each GPU may share a core,
+where there are fewer cores than GPUs).
 """
 
 from __future__ import annotations
@@ -44,15 +47,21 @@ def available_cores(limit: int | None = None) -> list[int]:
     return cores[:limit] if limit else cores
 
 
-def plan_placements(workers: int, gpus: Sequence[int], cores: Sequence[int]) -> list[WorkerPlacement]:
-    """``workers`` placements: one GPU worker per GPU (up to ``workers``), the rest CPU workers.
+def plan_placements(workers: int, gpus: Sequence[int], cores: Sequence[int],
+                    xgboost_per_gpu: int = 1) -> list[WorkerPlacement]:
+    """``workers`` placements: GPU workers first (slot i on ``gpus[i % len(gpus)]``, at most
+    ``xgboost_per_gpu`` per GPU), the rest CPU workers.
 
-    CPU workers are capped so that each has a core of its own; GPU workers come first.
+    Every worker has a core share of its own; workers that would have none are left out.
     """
     if workers < 1:
         raise ValueError(f"tree_parallel_workers must be >= 1, got {workers}")
+    if xgboost_per_gpu < 1:
+        raise ValueError(f"xgboost_per_gpu must be >= 1, got {xgboost_per_gpu}")
     cores = list(cores) or [0]
-    n_gpu = min(workers, len(gpus))
+    n_first = min(workers, len(gpus))  # every GPU gets its worker, even with fewer cores than GPUs
+    n_shared = min(workers - n_first, len(gpus) * (xgboost_per_gpu - 1), max(0, len(cores) - n_first))
+    n_gpu = n_first + n_shared
     n_cpu = min(workers - n_gpu, max(0, len(cores) - n_gpu))
     if n_gpu + n_cpu == 0:
         n_cpu = 1
@@ -66,7 +75,8 @@ def plan_placements(workers: int, gpus: Sequence[int], cores: Sequence[int]) -> 
             start += size
     else:  # more GPUs than cores: GPU workers must share cores, one each
         shares = [(cores[i % len(cores)],) for i in range(total)]
-    return [WorkerPlacement(slot=i, gpu=gpus[i] if i < n_gpu else None, cores=shares[i]) for i in range(total)]
+    return [WorkerPlacement(slot=i, gpu=gpus[i % len(gpus)] if i < n_gpu else None, cores=shares[i])
+            for i in range(total)]
 
 
 def _ranges(cores: Sequence[int]) -> str:

@@ -2,15 +2,26 @@
 scheduling of trials onto them.
 
 Scheduling: a trial of a GPU model type (CatBoost, XGBoost) runs on a GPU worker whenever the pool
-has GPUs, LightGBM always on CPU threads. GPU workers take GPU trials first; CPU workers take
-LightGBM trials meanwhile, and a GPU worker with no GPU trial left takes LightGBM too. Where a trial
-runs never changes its result: the device follows from the model type, and the fits are bit-stable
-across thread counts (see libraries.py).
+has GPUs, LightGBM always on CPU threads. A GPU may have several workers (``xgboost_per_gpu``, see
+placement.py); on each GPU, a CatBoost trial starts only when no other GPU trial is on that GPU, and
+while it runs no other GPU trial starts there; XGBoost trials fill up to ``xgboost_per_gpu`` of its
+workers at once. Free GPU workers take GPU trials first (the queue's first one if their GPU is idle,
+else its first XGBoost trial, which may pass a CatBoost trial waiting for the GPU to empty), then
+LightGBM; CPU workers take only LightGBM. Where a trial runs never changes its result: the device
+follows from the model type, and the fits are bit-stable across thread counts (see libraries.py).
+
+Leases: the pool, not its workers, holds each GPU's lease (lease.py), on behalf of the workers it
+sends GPU trials to. It takes the lease before it sends the first GPU trial to that GPU and releases
+it as soon as no GPU trial is assigned there, at the end of every batch, and when it closes. So two
+pools, or a pool and any other lease holder (an NN worker, the trial CLI), never use one GPU at
+once, while the workers of one pool share it. A GPU trial whose lease is not free waits without
+blocking the pool (which polls the lease), and fails, naming the holder, after ``lease_timeout_s``.
+If the host process dies, the OS frees its leases; its workers notice at their next fold result
+(their stdout is gone) and exit.
 
 Faults: a worker that dies mid-trial (segfault, abort, kill) is replaced by a new process with the
 same pinning; the trial's unfinished folds are retried up to ``trial_retries`` times, then end as
-"fail" with the reason. The OS frees the dead worker's GPU lease. A fold that raises is a "fail"
-result sent by the worker, which carries on.
+"fail" with the reason. A fold that raises is a "fail" result sent by the worker, which carries on.
 """
 
 from __future__ import annotations
@@ -31,9 +42,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import watcher_plugins
-from watcher_plugins.errors import ExecutorError
+from watcher_plugins.errors import ExecutorError, LeaseError
+from watcher_plugins.lease import GpuLease
 from watcher_plugins.records import STATUS_FAIL, FoldResult, TrialJob
-from watcher_plugins.tree_parallel.libraries import GPU_MODEL_TYPES
+from watcher_plugins.tree_parallel.libraries import GPU_MODEL_TYPES, SHARED_GPU_MODEL_TYPES
 from watcher_plugins.tree_parallel.placement import WorkerPlacement
 
 log = logging.getLogger(__name__)
@@ -41,6 +53,7 @@ log = logging.getLogger(__name__)
 READY_TIMEOUT_S = 120.0
 MAX_FAILED_STARTS = 3  # a slot whose process dies this many times before becoming ready is given up
 STDERR_TAIL_LINES = 20
+LEASE_POLL_S = 0.1  # how often a GPU trial waiting for its lease checks it again
 
 
 @dataclass(frozen=True)
@@ -53,6 +66,7 @@ class PoolSettings:
     lease_timeout_s: float = 600.0
     trial_retries: int = 2
     trial_timeout_s: float = 3600.0  # a wedged library call must not hang the run
+    xgboost_per_gpu: int = 1  # XGBoost trials that may train at once on one GPU
 
 
 @dataclass
@@ -74,15 +88,13 @@ class _WorkerProcess:
         self.placement = placement
         self.ready = False
         self.task: _Task | None = None
+        self.awaiting_lease = False  # its task is a GPU trial not sent yet: the pool waits for the lease
         self.task_started = 0.0
         self.kill_reason: str | None = None  # why the pool killed it, when it did
         self.stderr_tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
         self.info: dict = {}
-        config = {
-            "placement": placement.to_json(), "rounds": settings.rounds,
-            "early_stopping_rounds": settings.early_stopping_rounds,
-            "lease_dir": settings.lease_dir, "lease_timeout_s": settings.lease_timeout_s,
-        }
+        config = {"placement": placement.to_json(), "rounds": settings.rounds,
+                  "early_stopping_rounds": settings.early_stopping_rounds}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "watcher_plugins.tree_parallel.worker", "--config", json.dumps(config)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -185,8 +197,15 @@ class TreeTrialPool:
     def __init__(self, placements: Sequence[WorkerPlacement], settings: PoolSettings):
         if not placements:
             raise ExecutorError("a tree pool needs at least one worker placement")
+        if settings.xgboost_per_gpu < 1:
+            raise ExecutorError(f"xgboost_per_gpu must be >= 1, got {settings.xgboost_per_gpu}")
         self.placements = list(placements)
         self.settings = settings
+        gpus = sorted({p.gpu for p in self.placements if p.gpu is not None})
+        self._leases = {gpu: GpuLease(gpu, settings.lease_dir, settings.lease_timeout_s,
+                                      purpose=f"tree_parallel pool: GPU trials of its workers on GPU {gpu}")
+                        for gpu in gpus}
+        self._lease_wait_since: dict[int, float] = {}  # GPU -> when its first waiting trial began to wait
         self._events: queue.Queue = queue.Queue()
         self._workers: list[_WorkerProcess | None] = [None] * len(self.placements)
         self._failed_starts = [0] * len(self.placements)
@@ -209,9 +228,13 @@ class TreeTrialPool:
         busy = []
         for w in list(self._workers):  # may be called from another thread: read each field once
             task = w.task if w is not None else None
-            if task is not None:
+            if task is not None and not w.awaiting_lease:
                 busy.append((w.pid, task.job.model_type, task.job.trial_number))
         return busy
+
+    def leases_held(self) -> list[int]:
+        """The GPUs whose lease this pool holds now."""
+        return [gpu for gpu, lease in self._leases.items() if lease.is_held]
 
     def worker_pids(self) -> list[int]:
         return [w.pid for w in self._workers if w is not None and w.proc.poll() is None]
@@ -258,6 +281,7 @@ class TreeTrialPool:
             if w is not None:
                 w.stop()
         self._finalizer.detach()
+        self._release_leases()
 
     def _next_event(self, deadline: float) -> tuple[_WorkerProcess | None, dict | None]:
         try:
@@ -280,37 +304,123 @@ class TreeTrialPool:
         self._owed = sum(job.folds for job in jobs)
         try:
             while self._owed > 0:
+                self._poll_leases()  # first: the workers of trials it fails are free for _dispatch
                 self._dispatch()
+                self._release_idle_leases()
                 if not any(w is not None and w.task is not None for w in self._workers):
                     self._fail_unplaceable()
                     if self._owed == 0:
                         break
-                self._handle(*self._next_event(time.monotonic() + 1.0))
+                waiting = any(w is not None and w.awaiting_lease for w in self._workers)
+                self._handle(*self._next_event(time.monotonic() + (LEASE_POLL_S if waiting else 1.0)))
                 self._kill_overdue()
         except BaseException:
             # Interrupted mid-batch (Ctrl-C, a callback that raised): workers may be mid-trial, and
             # their answers would belong to no batch. Kill them; the next batch starts fresh ones.
-            for slot, w in enumerate(self._workers):
-                if w is not None and w.proc.poll() is None:
-                    w.proc.kill()
-                self._workers[slot] = None
+            live = [w for w in self._workers if w is not None and w.proc.poll() is None]
+            for w in live:
+                w.proc.kill()
+            for w in live:  # dead before their GPUs' leases are free
+                try:
+                    w.proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    pass
+            self._workers = [None] * len(self.placements)
+            self._release_leases()
             raise
+        # Every fold has its result: whatever a worker still does (sending "done") needs no GPU.
+        self._release_leases()
         return [self._results[(t.index, f)] for t in tasks for f in range(t.job.folds)]
 
     def _dispatch(self) -> None:
         for w in self._workers:
             if w is None or not w.ready or w.task is not None:
                 continue
-            if w.placement.gpu is not None and self._gpu_queue:
-                task = self._gpu_queue.popleft()
-            elif self._cpu_queue:
+            task = self._next_gpu_task(w.placement.gpu) if w.placement.gpu is not None else None
+            if task is None and self._cpu_queue:
                 task = self._cpu_queue.popleft()
-            else:
+            if task is None:
                 continue
             task.attempts += 1
             w.task = task
-            w.task_started = time.monotonic()
-            w.send({"command": "train", "job": task.job.to_json(), "folds": list(task.folds)})
+            if task.on_gpu and not self._lease_now(w.placement.gpu):
+                w.awaiting_lease = True  # sent by _poll_leases once the pool holds the lease
+            else:
+                self._send_task(w)
+
+    def _next_gpu_task(self, gpu: int) -> _Task | None:
+        """The GPU trial a free worker on ``gpu`` may start now, taken off the queue, or None."""
+        if not self._gpu_queue:
+            return None
+        on_gpu = self._gpu_tasks(gpu)
+        if not on_gpu:
+            return self._gpu_queue.popleft()
+        if (len(on_gpu) >= self.settings.xgboost_per_gpu
+                or any(t.job.model_type not in SHARED_GPU_MODEL_TYPES for t in on_gpu)):
+            return None  # full, or a CatBoost trial owns the GPU
+        for i, task in enumerate(self._gpu_queue):
+            if task.job.model_type in SHARED_GPU_MODEL_TYPES:
+                del self._gpu_queue[i]
+                return task
+        return None
+
+    def _gpu_tasks(self, gpu: int) -> list[_Task]:
+        """The GPU trials assigned to the workers on ``gpu``: training, or waiting for its lease."""
+        return [w.task for w in self._workers
+                if w is not None and w.task is not None and w.task.on_gpu and w.placement.gpu == gpu]
+
+    def _send_task(self, w: _WorkerProcess) -> None:
+        w.awaiting_lease = False
+        w.task_started = time.monotonic()
+        w.send({"command": "train", "job": w.task.job.to_json(), "folds": list(w.task.folds)})
+
+    # -- GPU leases (held by this process for its workers) -------------------------------------
+
+    def _lease_now(self, gpu: int) -> bool:
+        """Whether the pool holds ``gpu``'s lease, taking it if it is free; never waits."""
+        lease = self._leases[gpu]
+        if lease.is_held:
+            return True
+        if gpu not in self._lease_wait_since:
+            try:
+                if lease.try_acquire():
+                    return True
+            except LeaseError:
+                pass  # _poll_leases meets it again and fails the waiting trials with it
+        self._lease_wait_since.setdefault(gpu, time.monotonic())
+        return False
+
+    def _poll_leases(self) -> None:
+        """Start the trials waiting for a lease that is free now; fail those that waited past the timeout."""
+        for gpu, since in list(self._lease_wait_since.items()):
+            waiting = [w for w in self._workers if w is not None and w.awaiting_lease and w.placement.gpu == gpu]
+            error = None
+            if waiting:
+                try:
+                    if self._leases[gpu].try_acquire():
+                        for w in waiting:
+                            self._send_task(w)
+                        waiting = []
+                    elif time.monotonic() - since >= self.settings.lease_timeout_s:
+                        error = str(self._leases[gpu].timeout_error())
+                except LeaseError as exc:  # the lease directory cannot be created, say
+                    error = str(exc)
+            if error is not None:
+                for w in waiting:  # never sent: the worker is free again
+                    task, w.task, w.awaiting_lease = w.task, None, False
+                    self._fail_task(task, error)
+            if not waiting or error is not None:
+                del self._lease_wait_since[gpu]
+
+    def _release_idle_leases(self) -> None:
+        for gpu, lease in self._leases.items():
+            if lease.is_held and not self._gpu_tasks(gpu):
+                lease.release()
+
+    def _release_leases(self) -> None:
+        self._lease_wait_since.clear()
+        for lease in self._leases.values():
+            lease.release()
 
     def _kill_overdue(self) -> None:
         """Kill workers that hang: a trial past trial_timeout_s, or a start past READY_TIMEOUT_S."""
@@ -318,7 +428,7 @@ class TreeTrialPool:
         for w in self._workers:
             if w is None or w.kill_reason:
                 continue
-            if w.task is not None and now - w.task_started > self.settings.trial_timeout_s:
+            if w.task is not None and not w.awaiting_lease and now - w.task_started > self.settings.trial_timeout_s:
                 w.kill(f"its {w.task.job.model_type} trial {w.task.job.trial_number} ran past "
                        f"tree_trial_timeout_s={self.settings.trial_timeout_s:g}")
             elif not w.ready and now - w.started > READY_TIMEOUT_S:
@@ -381,7 +491,10 @@ class TreeTrialPool:
         if not worker.ready:
             self._failed_starts[slot] += 1
             self._start_errors[slot] = f"{reason} before it was ready"
-        if task is not None and task.folds:
+        if task is not None and worker.awaiting_lease:  # never sent to it: not an attempt
+            task.attempts -= 1
+            self._gpu_queue.appendleft(task)
+        elif task is not None and task.folds:
             task.crashes.append(reason)
             if task.attempts <= self.settings.trial_retries:
                 log.warning("%s during %s trial %d; retrying (attempt %d of %d)", reason, task.job.model_type,

@@ -14,22 +14,23 @@ Protocol: one JSON object a line.
                       {"event": "fold", "result": {FoldResult}}     one per fold, as each finishes
                       {"event": "done", "trial_number": n}          after the trial's last fold
                       {"event": "error", "message": ...}            a request it could not read
-A GPU trial is trained under the GPU's lease; a lease not had in time fails the trial's folds with
-the holder's name. The worker never imports torch.
+The worker takes no GPU lease itself: the pool holds its GPU's lease on its behalf and sends it a GPU
+trial only while holding it (several workers of one pool may share a GPU; see pool.py). The worker
+never imports torch.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import time
+from collections.abc import Iterator
 from typing import TextIO
 
-from watcher_plugins.errors import LeaseError
-from watcher_plugins.lease import GpuLease
-from watcher_plugins.records import STATUS_FAIL, FoldResult, TrialJob
+from watcher_plugins.records import FoldResult, TrialJob
 from watcher_plugins.stdio import claim_stdout
 from watcher_plugins.tree_parallel.libraries import FitSettings, runs_on_gpu
 from watcher_plugins.tree_parallel.placement import WorkerPlacement
@@ -48,8 +49,6 @@ class TreeWorker:
         self.placement = WorkerPlacement.from_json(config["placement"])
         self.rounds = int(config["rounds"])
         self.early_stopping_rounds = int(config["early_stopping_rounds"])
-        self.lease_dir = config.get("lease_dir")
-        self.lease_timeout_s = float(config.get("lease_timeout_s", 600.0))
         self.out = out
         self.cache = FoldDataCache()
 
@@ -100,33 +99,16 @@ class TreeWorker:
             result.info.update(pid=os.getpid(), worker_gpu=self.placement.gpu, slot=self.placement.slot)
             self.send({"event": "fold", "result": result.to_json()})
 
-        if use_gpu:
-            lease = GpuLease(self.placement.gpu, self.lease_dir, self.lease_timeout_s,
-                             purpose=f"tree_parallel worker: {job.model_type} trial {job.trial_number}")
-            started = time.perf_counter()
-            try:
-                lease.acquire()
-            except LeaseError as exc:
-                for fold_idx in folds:
-                    report(FoldResult(job.trial_number, fold_idx, job.model_type, None,
-                                      time.perf_counter() - started, STATUS_FAIL, error=str(exc)))
-                self.send({"event": "done", "trial_number": job.trial_number})
-                return
-            try:
-                _inject(fault)
-                run_trial(job, settings, self.cache, folds, on_fold=report)
-            finally:
-                lease.release()
-        else:
+        with _ledger(fault, self.placement.gpu, job):
             _inject(fault)
             run_trial(job, settings, self.cache, folds, on_fold=report)
         self.send({"event": "done", "trial_number": job.trial_number})
 
 
-def _inject(fault: str | None) -> None:
+def _inject(fault: str | dict | None) -> None:
     """Make the fault a test asked for: "abort" (dies as from a segfault), "abort_once:PATH" (dies
     unless PATH exists, creating it first), "sleep:SECONDS" (a long trial, to be killed mid-way)."""
-    if not fault or os.environ.get(FAULT_INJECTION_ENV) != "1":
+    if not isinstance(fault, str) or os.environ.get(FAULT_INJECTION_ENV) != "1":
         return
     kind, _, arg = str(fault).partition(":")
     if kind == "abort":
@@ -136,6 +118,46 @@ def _inject(fault: str | None) -> None:
         os.abort()
     elif kind == "sleep":
         time.sleep(float(arg))
+
+
+@contextlib.contextmanager
+def _ledger(fault: str | dict | None, gpu: int | None, job: TrialJob) -> Iterator[None]:
+    """The fault ``{"ledger": PATH, "rendezvous": N, "gate": PATH, "hold_s": S}``, for the GPU-sharing
+    tests: append this trial's "enter" and "leave" (with its worker's GPU) to the ledger file around
+    the trial. Each line is one O_APPEND write, so the file's order is the order they happened in and
+    overlaps show without a clock. After entering, wait until N trials of its model type have entered
+    on its GPU and until the gate file exists (at most 60 s), then sleep S seconds."""
+    if not isinstance(fault, dict) or os.environ.get(FAULT_INJECTION_ENV) != "1":
+        yield
+        return
+    path = fault["ledger"]
+
+    def append(event: str) -> None:
+        line = json.dumps({"event": event, "gpu": gpu, "model_type": job.model_type,
+                           "trial": job.trial_number, "pid": os.getpid()}) + "\n"
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line.encode())
+        finally:
+            os.close(fd)
+
+    def entered() -> int:
+        with open(path, encoding="utf-8") as f:
+            entries = [json.loads(line) for line in f if line.endswith("\n")]
+        return sum(1 for e in entries if e["event"] == "enter" and e["gpu"] == gpu
+                   and e["model_type"] == job.model_type)
+
+    append("enter")
+    try:
+        deadline = time.monotonic() + 60
+        gate = fault.get("gate")
+        while time.monotonic() < deadline and (entered() < int(fault.get("rendezvous", 0))
+                                               or (gate and not os.path.exists(gate))):
+            time.sleep(0.02)
+        time.sleep(float(fault.get("hold_s", 0)))
+        yield
+    finally:
+        append("leave")
 
 
 def _pin(placement: WorkerPlacement) -> None:
