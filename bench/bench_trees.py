@@ -3,11 +3,13 @@
 Each arm trains the same batch (``--trials`` trials each of CatBoost, LightGBM and XGBoost, params
 drawn by a seeded sampler, ``--folds``-fold CV, at most ``--rounds`` boosting rounds with early
 stopping) through TreeParallelExecutor, as compare_models sends it: one mixed batch. An arm is
-NAME:GPUS:CORES:WORKERS, e.g. ``serial:0:16:1`` (GPU 0, 16 cores, tree_parallel_workers 1).
-Worker start-up is outside the timed region; dataset building inside a worker is inside it.
+NAME:GPUS:CORES:WORKERS[:XGBOOST_PER_GPU], e.g. ``serial:0:16:1`` (GPU 0, 16 cores,
+tree_parallel_workers 1) or ``xgb4:0:16:8:4`` (8 workers, 4 of them on GPU 0, where up to 4 XGBoost
+trials run at once; xgboost_per_gpu defaults to 1). Worker start-up is outside the timed region;
+dataset building inside a worker is inside it.
 
     python bench/bench_trees.py --trials 8 --rounds 200 \\
-        --arm serial:0:16:1 --arm parallel-1gpu:0:16:8 --arm parallel-2gpu:0,1:32:16 --out results.json
+        --arm serial:0:16:1 --arm parallel-1gpu:0:16:8 --arm parallel-1gpu-xgb4:0:16:8:4 --out results.json
 
 Writes the JSON after every arm (so a cut-off run keeps what it measured) and prints a table last.
 """
@@ -37,11 +39,17 @@ MODEL_TYPES = ("catboost", "lightgbm", "xgboost")
 
 def parse_arm(text: str) -> dict:
     try:
-        name, gpus, cores, workers = text.split(":")
-        return {"name": name, "gpus": [int(g) for g in gpus.split(",") if g != ""], "cores": int(cores),
-                "workers": int(workers)}
+        name, gpus, cores, workers, *rest = text.split(":")
+        if len(rest) > 1:
+            raise ValueError
+        arm = {"name": name, "gpus": [int(g) for g in gpus.split(",") if g != ""], "cores": int(cores),
+               "workers": int(workers), "xgboost_per_gpu": int(rest[0]) if rest else 1}
+        if arm["workers"] < 1 or arm["xgboost_per_gpu"] < 1:
+            raise ValueError
+        return arm
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--arm {text!r}: expected NAME:GPUS:CORES:WORKERS") from None
+        raise argparse.ArgumentTypeError(f"--arm {text!r}: expected NAME:GPUS:CORES:WORKERS[:XGBOOST_PER_GPU], "
+                                         "integers >= 1 for WORKERS and XGBOOST_PER_GPU") from None
 
 
 def gpu_names() -> list[str]:
@@ -64,7 +72,8 @@ def versions() -> dict:
 
 
 def run_arm(arm: dict, jobs: list[TrialJob], args, workdir: Path) -> dict:
-    params = {"tree_parallel_workers": arm["workers"], "tree_device": "gpu" if arm["gpus"] else "cpu",
+    params = {"tree_parallel_workers": arm["workers"], "xgboost_per_gpu": arm["xgboost_per_gpu"],
+              "tree_device": "gpu" if arm["gpus"] else "cpu",
               "tree_rounds": args.rounds, "tree_early_stopping_rounds": args.early_stopping_rounds}
     context = RunContext(output_dir=workdir, devices=arm["gpus"], cpu_count=arm["cores"], trial_retries=0)
     with TreeParallelExecutor(params, context) as ex:
@@ -125,9 +134,10 @@ def main(argv: list[str] | None = None) -> int:
         "python": sys.version.split()[0], "arms": [],
     }
     workdir = args.out.parent
+    workdir.mkdir(parents=True, exist_ok=True)
     for arm in args.arm:
-        print(f"arm {arm['name']}: GPUs {arm['gpus'] or 'none'}, {arm['cores']} cores, {arm['workers']} workers",
-              flush=True)
+        print(f"arm {arm['name']}: GPUs {arm['gpus'] or 'none'}, {arm['cores']} cores, {arm['workers']} workers, "
+              f"xgboost_per_gpu {arm['xgboost_per_gpu']}", flush=True)
         result = run_arm(arm, jobs, args, workdir)
         report["arms"].append(result)
         base = report["arms"][0]
@@ -137,12 +147,13 @@ def main(argv: list[str] | None = None) -> int:
               f"{result['n_failed_folds']} failed folds", flush=True)
         args.out.write_text(json.dumps(report, indent=2))
     print()
-    print(f"{'arm':<16} {'GPUs':<6} {'cores':>5} {'workers':>7} {'seconds':>8} {'trials/min':>10} {'speedup':>8}"
-          "  max |dR2| vs first")
+    print(f"{'arm':<20} {'GPUs':<6} {'cores':>5} {'workers':>7} {'xgb/GPU':>7} {'seconds':>8} {'trials/min':>10} "
+          f"{'speedup':>8}  max |dR2| vs first")
     for a in report["arms"]:
         diffs = ", ".join(f"{k} {v:.1e}" for k, v in sorted(a["max_abs_mean_r2_diff_vs_first_arm"].items()))
-        print(f"{a['name']:<16} {','.join(map(str, a['gpus'])) or '-':<6} {a['cores']:>5} {a['workers']:>7} "
-              f"{a['seconds']:>8.1f} {a['trials_per_min']:>10.2f} {a['speedup_vs_first_arm']:>7.2f}x  {diffs}")
+        print(f"{a['name']:<20} {','.join(map(str, a['gpus'])) or '-':<6} {a['cores']:>5} {a['workers']:>7} "
+              f"{a['xgboost_per_gpu']:>7} {a['seconds']:>8.1f} {a['trials_per_min']:>10.2f} "
+              f"{a['speedup_vs_first_arm']:>7.2f}x  {diffs}")
     return 0
 
 
