@@ -3,17 +3,27 @@ masks keep 1-p of the units, and they differ between fits, epochs, layers, rows 
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from watcher_plugins.nn_batch import dropout as hashing
 
 
-def test_tensor_hash_equals_the_python_hash_on_random_32_bit_values():
-    values = torch.randint(0, 2**32, (5000,), dtype=torch.int64, generator=torch.Generator().manual_seed(7))
-    values[:3] = torch.tensor([0, 1, 2**32 - 1])
-    got = hashing.fmix32_tensor(values).tolist()
-    assert got == [hashing.fmix32(v) for v in values.tolist()]
+def test_array_hash_equals_the_python_hash_on_random_32_bit_values():
+    values = np.random.default_rng(7).integers(0, 2**32, 5000, dtype=np.uint64).astype(np.uint32)
+    values[:3] = [0, 1, 2**32 - 1]
+    got = hashing.fmix32_array(values.copy()).tolist()
+    assert got == [hashing.fmix32(int(v)) for v in values]
+
+
+def test_draws_follow_the_documented_formula():
+    key, rows, width = hashing.layer_key(hashing.fit_key(5), 3, 2), torch.tensor([0, 7, 98783]), 5
+    got = hashing.draws([key], rows, width)[0]
+    for i, row in enumerate(rows.tolist()):
+        for unit in range(width):
+            draw = hashing.fmix32((hashing.fmix32(key ^ row) + unit) & hashing.MASK32) >> 8
+            assert got[i, unit].item() == draw / 2**24
 
 
 def test_fmix32_matches_murmur3_reference_values():

@@ -122,8 +122,8 @@ def test_mask_kernel_equals_the_torch_reference(width):
     key, epoch, layer = int(torch.randint(0, 2**32, (1,), generator=gen)), 17, 3
     for p in (0.05, 0.25, 0.5):
         got = hashing.dropout_mask(key, epoch, layer, rows, width, p)  # the kernel on CUDA
-        lk = torch.tensor(hashing.layer_key(key, epoch, layer), device=CUDA)
-        want = torch.where(hashing.draws(lk, rows, width) >= torch.tensor(p, dtype=torch.float32),
+        lk = [hashing.layer_key(key, epoch, layer)]
+        want = torch.where(hashing.draws(lk, rows, width)[0] >= torch.tensor(p, dtype=torch.float32),
                            torch.tensor(hashing.keep_factor(p), device=CUDA), torch.zeros((), device=CUDA))
         assert torch.equal(got, want), (width, p)
 
@@ -164,7 +164,7 @@ def test_relu_dropout_kernel_equals_relu_times_mask_forward_and_backward(dtype, 
     if bias is not None:
         got_bias_grad, bias.grad = bias.grad.clone(), None
 
-    lks = torch.tensor([hashing.layer_key(k, epoch, layer) for k in keys], device=CUDA)
+    lks = [hashing.layer_key(k, epoch, layer) for k in keys]
     draws = hashing.draws(lks, torch.arange(rows, device=CUDA), width)
     kept = torch.tensor([hashing.keep_factor(p) for p in ps], device=CUDA).view(n, 1, 1)
     masks = torch.where(draws >= torch.tensor(ps, device=CUDA).view(n, 1, 1), kept, torch.zeros((), device=CUDA))

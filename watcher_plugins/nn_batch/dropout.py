@@ -9,12 +9,15 @@ forward pass gives training-mode outputs on training rows and evaluation-mode on
 The hash is MurmurHash3's 32-bit finaliser, chained: ``row_hash = fmix32(layer_key ^ row)`` and
 ``draw = fmix32(row_hash + unit) >> 8`` (24 bits, exact in float32), with ``layer_key =
 fmix32(fit_key ^ fmix32(epoch * 16 + layer))``. All of it is arithmetic modulo 2**32, written here
-three times with the same results: Python ints (the keys), int64 torch ops (the reference, on any
-device) and Triton (kernels.py).
+three times with the same results: Python ints (the keys), numpy uint32 arrays (the reference, on the
+host, for any device) and Triton (kernels.py).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import numpy as np
 import torch
 
 from watcher_plugins.nn_batch.protocol import MAX_LAYERS
@@ -54,20 +57,14 @@ def layer_key(key: int, epoch: int, layer: int) -> int:
     return fmix32(key ^ fmix32(epoch_salt(epoch, layer)))
 
 
-def _mul32(h: torch.Tensor, c: int) -> torch.Tensor:
-    """(h * c) mod 2**32 for int64 tensors holding 32-bit values, without int64 overflow."""
-    lo = h * (c & 0xFFFF)
-    hi = ((h * (c >> 16)) & 0xFFFF) << 16
-    return (lo + hi) & MASK32
-
-
-def fmix32_tensor(h: torch.Tensor) -> torch.Tensor:
-    """fmix32 element-wise on an int64 tensor of 32-bit values."""
-    h = h ^ (h >> 16)
-    h = _mul32(h, _M1)
-    h = h ^ (h >> 13)
-    h = _mul32(h, _M2)
-    return h ^ (h >> 16)
+def fmix32_array(h: np.ndarray) -> np.ndarray:
+    """fmix32 element-wise, in place, on a uint32 array (numpy's uint32 arithmetic wraps modulo 2**32)."""
+    h ^= h >> np.uint32(16)
+    h *= np.uint32(_M1)
+    h ^= h >> np.uint32(13)
+    h *= np.uint32(_M2)
+    h ^= h >> np.uint32(16)
+    return h
 
 
 def keep_factor(p: float) -> float:
@@ -75,16 +72,15 @@ def keep_factor(p: float) -> float:
     return float(torch.tensor(1.0 / (1.0 - p), dtype=torch.float32))
 
 
-def draws(layer_keys: torch.Tensor, rows: torch.Tensor, width: int) -> torch.Tensor:
-    """Uniform draws in [0, 1), float32, [*layer_keys.shape, len(rows), width]: the reference.
-
-    ``layer_keys`` (int64) broadcasts over leading dims; ``rows`` are dataset row indices.
-    """
-    keys = layer_keys.to(torch.int64)[..., None, None]
-    rows = rows.to(device=keys.device, dtype=torch.int64)[:, None]
-    units = torch.arange(width, device=keys.device, dtype=torch.int64)
-    row_hash = fmix32_tensor(keys ^ rows)
-    return (fmix32_tensor((row_hash + units) & MASK32) >> 8).to(torch.float32) * DRAW_SCALE
+def draws(layer_keys: Sequence[int], rows: torch.Tensor, width: int) -> torch.Tensor:
+    """Uniform draws in [0, 1), float32, [len(layer_keys), len(rows), width]: the reference, computed
+    on the host in uint32 and returned on the rows' device. ``rows`` are dataset row indices."""
+    keys = np.asarray(layer_keys, dtype=np.uint32).reshape(-1, 1, 1)
+    rows_u32 = rows.detach().cpu().numpy().astype(np.uint32).reshape(1, -1, 1)
+    row_hash = fmix32_array(keys ^ rows_u32)
+    h = fmix32_array(row_hash + np.arange(width, dtype=np.uint32))  # [keys, rows, width], wraps
+    h >>= np.uint32(8)
+    return torch.from_numpy(h.astype(np.float32) * np.float32(DRAW_SCALE)).to(rows.device)
 
 
 def dropout_mask(key: int, epoch: int, layer: int, rows: torch.Tensor, width: int, p: float) -> torch.Tensor:
@@ -96,6 +92,5 @@ def dropout_mask(key: int, epoch: int, layer: int, rows: torch.Tensor, width: in
 
         if kernels.available():
             return kernels.dropout_mask(layer_key(key, epoch, layer), rows, width, p)
-    lk = torch.tensor(layer_key(key, epoch, layer), dtype=torch.int64, device=device)
-    kept = draws(lk, rows, width) >= torch.tensor(p, dtype=torch.float32)
+    kept = draws([layer_key(key, epoch, layer)], rows, width)[0] >= torch.tensor(p, dtype=torch.float32)
     return torch.where(kept, torch.tensor(keep_factor(p), device=device), torch.zeros((), device=device))

@@ -159,7 +159,7 @@ class FusedPack:
         held-out rows (1 everywhere for a model without dropout); padded units get finite values that
         multiply outputs that are exactly zero."""
         n, n_rows, device = self.size, self.data.n_rows, self.device
-        keys = torch.tensor([hashing.layer_key(k, self.epoch, layer) for k in self.keys], device=device)
+        keys = [hashing.layer_key(k, self.epoch, layer) for k in self.keys]
         draws = hashing.draws(keys, torch.arange(n_rows, device=device), self.widths[layer])
         p = torch.tensor(self.dropout, dtype=torch.float32, device=device).view(n, 1, 1)
         kept = torch.tensor([hashing.keep_factor(q) for q in self.dropout], device=device).view(n, 1, 1)
