@@ -140,3 +140,43 @@ def test_fault_params_are_ignored_unless_injection_is_switched_on(tmp_path, monk
     with _executor(tmp_path) as ex:
         results = ex.run_batch([_job(0, "abort")])
     assert all(r.status == "ok" for r in results)
+
+
+PARENT_THAT_STARTS_A_BUSY_WORKER = """
+import json, subprocess, sys
+config = {"placement": {"slot": 0, "gpu": None, "cores": []}, "rounds": 30, "early_stopping_rounds": 10}
+worker = subprocess.Popen([sys.executable, "-m", "watcher_plugins.tree_parallel.worker", "--config",
+                           json.dumps(config)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+assert json.loads(worker.stdout.readline())["event"] == "ready"
+worker.stdin.write(json.dumps({"command": "train", "job": json.loads(sys.argv[1]), "folds": [0]}) + "\\n")
+worker.stdin.flush()
+print(worker.pid, flush=True)
+sys.stdin.read()  # until killed
+"""
+
+
+def test_a_worker_whose_pool_process_dies_mid_trial_exits_instead_of_training_on(tmp_path):
+    """The pool holds the GPU lease for its workers, and the OS frees it when the pool's process dies:
+    a worker in the middle of a (here 120 s) trial must not go on using the GPU after that."""
+    import json
+    import subprocess
+    import sys
+
+    job = _job(0, "sleep:120")
+    parent = subprocess.Popen([sys.executable, "-c", PARENT_THAT_STARTS_A_BUSY_WORKER, json.dumps(job.to_json())],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    worker_pid = int(parent.stdout.readline())
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 30  # a hang guard: the worker's watchdog polls its parent every second
+    while time.monotonic() < deadline and _alive(worker_pid):
+        time.sleep(0.1)
+    assert not _alive(worker_pid), "the orphaned worker went on with its trial"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
+            return fh.read().split(") ")[1][0] != "Z"  # a zombie has exited
+    except (FileNotFoundError, IndexError):
+        return False

@@ -31,11 +31,3 @@ def test_tree_studies_are_identical_with_one_or_two_workers(plugin_manager, tmp_
     parallel = run_and_read(plugin_manager, tmp_path / "parallel", workers=2)
     assert all(len(trials) == 12 and {t[1] for t in trials} == {"COMPLETE"} for trials in serial.values())
     assert parallel == serial
-
-
-def test_tree_studies_are_identical_with_xgboost_per_gpu_1_or_3(plugin_manager, tmp_path):
-    # On the CPU this checks that the param reaches the executor without changing any study.
-    one = run_and_read(plugin_manager, tmp_path / "one", workers=3, xgboost_per_gpu=1)
-    three = run_and_read(plugin_manager, tmp_path / "three", workers=3, xgboost_per_gpu=3)
-    assert all(len(trials) == 12 and {t[1] for t in trials} == {"COMPLETE"} for trials in one.values())
-    assert three == one

@@ -179,3 +179,32 @@ def test_relu_dropout_kernel_equals_relu_times_mask_forward_and_backward(dtype, 
     assert torch.equal(got_grad, z0.grad)
     if bias is not None:
         assert torch.allclose(got_bias_grad, bias.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_relu_dropout_kernel_addresses_packs_beyond_2_to_the_31_elements():
+    """A pack of 9 fits x 1,000,000 rows x 256 units (2.3e9 activations, bf16) is in reach of the
+    VRAM budget on a large dataset: the kernels' offsets must not wrap at 2**31. The last model's slice
+    (whose offsets are all beyond 2**31) is checked against the reference, forward and backward."""
+    from watcher_plugins.nn_batch import dropout as hashing
+    from watcher_plugins.nn_batch import kernels
+
+    n, rows, width = 9, 1_000_000, 256
+    assert n * rows * width > 2**31
+    gen = torch.Generator(device=CUDA).manual_seed(torch.seed() % 2**63)
+    keys = [hashing.fit_key(s) for s in range(n)]
+    train = torch.rand(n, rows, device=CUDA, generator=gen) < 0.8
+    pack = kernels.PackDropout(keys, [0.2] * n, train)
+    z = torch.randn(n, rows, width, device=CUDA, generator=gen, dtype=torch.bfloat16).requires_grad_(True)
+    out = kernels.relu_dropout(z, pack, 3, 0)
+    grad = torch.ones_like(out)
+    out.backward(grad)
+    last = n - 1
+    draws = hashing.draws([hashing.layer_key(keys[last], 3, 0)], torch.arange(rows, device=CUDA), width)[0]
+    mask = torch.where(draws >= torch.tensor(0.2), torch.tensor(hashing.keep_factor(0.2), device=CUDA),
+                       torch.zeros((), device=CUDA))
+    mask = torch.where(train[last][:, None], mask, torch.ones((), device=CUDA)).to(torch.bfloat16)
+    zl = z[last].detach().requires_grad_(True)
+    want = torch.relu(zl) * mask
+    want.backward(grad[last])
+    assert torch.equal(out[last], want)
+    assert torch.equal(z.grad[last], zl.grad)

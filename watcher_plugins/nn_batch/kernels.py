@@ -7,13 +7,18 @@
   ``where(a <= 0, 0, grad * mask)``, torch's relu backward after the mask's. The forward also turns layer 0's
   [rows, N, width] view of the wide matmul into a contiguous [N, rows, width] for the batched matmul.
 
-Each computes the same numbers as the torch reference (dropout.draws, torch.relu, a multiply in the
-activation's dtype): tests/gpu/test_nn_gpu.py compares them bit for bit on random inputs.
+Each computes the same numbers as the reference (dropout.draws, torch.relu, a multiply in the
+activation's dtype): tests/gpu/test_nn_gpu.py compares them bit for bit on random inputs. In bf16 the
+kernel adds the float32 bias to the bf16 product and rounds once, where the torch path without Triton
+(baddbmm under autocast) rounds the bias to bf16 first: bf16 results differ in the last bits between
+the two paths. In fp32 they agree as far as cuBLAS's bmm and baddbmm do (bit for bit in H200 runs 3 and
+4, bench/results/nn_h200_run4).
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 
 import torch
 
@@ -25,10 +30,23 @@ try:  # Triton ships with CUDA builds of torch; CPU hosts use the torch referenc
 except ImportError:  # pragma: no cover - depends on the torch build
     triton = None
 
+log = logging.getLogger(__name__)
+
 
 @functools.cache
 def available() -> bool:
-    return triton is not None and torch.cuda.is_available()
+    """Triton imports, a CUDA device is there, and a first kernel compiles and runs (a host without a C
+    compiler, say, cannot build Triton's launcher): otherwise the trainers use the torch reference."""
+    if triton is None or not torch.cuda.is_available():
+        return False
+    try:
+        dropout_mask(hashing.layer_key(hashing.fit_key(0), 0, 0), torch.arange(4, device="cuda"), 4, 0.5)
+        torch.cuda.synchronize()
+    except Exception as exc:  # noqa: BLE001 - any failure to build or run means: do without the kernels
+        log.warning("Triton kernels unavailable (%s: %s); nn_batch uses torch ops, more slowly",
+                    type(exc).__name__, exc)
+        return False
+    return True
 
 
 if triton is not None:
@@ -53,7 +71,7 @@ if triton is not None:
     @triton.jit(do_not_specialize=["n", "lkey_bits"])
     def _mask_kernel(rows_ptr, out_ptr, n, width, lkey_bits, p, scale,
                      BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr):
-        idx = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        idx = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # int64: offsets pass 2**31
         units = tl.arange(0, BLOCK_W)
         in_rows = idx < n
         rows = tl.load(rows_ptr + idx, mask=in_rows, other=0)
@@ -78,8 +96,8 @@ if triton is not None:
                           n_rows, width, counter, zs_m, zs_r,
                           HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr,
                           BLOCK_W: tl.constexpr):
-        m = tl.program_id(0)
-        rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+        m = tl.program_id(0).to(tl.int64)  # int64 offsets: a pack may hold more than 2**31 activations
+        rows = tl.program_id(1).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
         units = tl.arange(0, BLOCK_W)
         in_rows = rows < n_rows
         inside = in_rows[:, None] & (units[None, :] < width)
@@ -99,8 +117,8 @@ if triton is not None:
     def _relu_dropout_bwd(out_ptr, grad_ptr, gz_ptr, keys_ptr, p_ptr, scale_ptr, train_ptr,
                           n_rows, width, counter, zs_m, zs_r,
                           HAS_DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr):
-        m = tl.program_id(0)
-        rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+        m = tl.program_id(0).to(tl.int64)  # int64 offsets: a pack may hold more than 2**31 activations
+        rows = tl.program_id(1).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
         units = tl.arange(0, BLOCK_W)
         in_rows = rows < n_rows
         inside = in_rows[:, None] & (units[None, :] < width)

@@ -16,8 +16,8 @@ it as soon as no GPU trial is assigned there, at the end of every batch, and whe
 pools, or a pool and any other lease holder (an NN worker, the trial CLI), never use one GPU at
 once, while the workers of one pool share it. A GPU trial whose lease is not free waits without
 blocking the pool (which polls the lease), and fails, naming the holder, after ``lease_timeout_s``.
-If the host process dies, the OS frees its leases; its workers notice at their next fold result
-(their stdout is gone) and exit.
+If the host process dies, the OS frees its leases; its workers watch their parent pid and exit
+within a second (worker._exit_with_parent), so none goes on using a GPU it no longer has.
 
 Faults: a worker that dies mid-trial (segfault, abort, kill) is replaced by a new process with the
 same pinning; the trial's unfinished folds are retried up to ``trial_retries`` times, then end as
@@ -228,7 +228,7 @@ class TreeTrialPool:
         busy = []
         for w in list(self._workers):  # may be called from another thread: read each field once
             task = w.task if w is not None else None
-            if task is not None and not w.awaiting_lease:
+            if task is not None and task.folds and not w.awaiting_lease:
                 busy.append((w.pid, task.job.model_type, task.job.trial_number))
         return busy
 
@@ -320,13 +320,16 @@ class TreeTrialPool:
             live = [w for w in self._workers if w is not None and w.proc.poll() is None]
             for w in live:
                 w.proc.kill()
+            undead = set()
             for w in live:  # dead before their GPUs' leases are free
                 try:
                     w.proc.wait(timeout=10)
                 except subprocess.TimeoutExpired:
-                    pass
+                    log.warning("%s (pid %d) did not die within 10 s of SIGKILL; its GPU's lease stays held "
+                                "until the pool closes", w.placement.describe(), w.pid)
+                    undead.add(w.placement.gpu)
             self._workers = [None] * len(self.placements)
-            self._release_leases()
+            self._release_leases(keep=undead)
             raise
         # Every fold has its result: whatever a worker still does (sending "done") needs no GPU.
         self._release_leases()
@@ -365,9 +368,10 @@ class TreeTrialPool:
         return None
 
     def _gpu_tasks(self, gpu: int) -> list[_Task]:
-        """The GPU trials assigned to the workers on ``gpu``: training, or waiting for its lease."""
-        return [w.task for w in self._workers
-                if w is not None and w.task is not None and w.task.on_gpu and w.placement.gpu == gpu]
+        """The GPU trials assigned to the workers on ``gpu``: training, or waiting for its lease. A trial
+        whose every fold has its result is not counted: its worker only has "done" left to send."""
+        return [w.task for w in self._workers if w is not None and w.task is not None and w.task.folds
+                and w.task.on_gpu and w.placement.gpu == gpu]
 
     def _send_task(self, w: _WorkerProcess) -> None:
         w.awaiting_lease = False
@@ -417,10 +421,11 @@ class TreeTrialPool:
             if lease.is_held and not self._gpu_tasks(gpu):
                 lease.release()
 
-    def _release_leases(self) -> None:
+    def _release_leases(self, keep: set[int | None] = frozenset()) -> None:
         self._lease_wait_since.clear()
-        for lease in self._leases.values():
-            lease.release()
+        for gpu, lease in self._leases.items():
+            if gpu not in keep:
+                lease.release()
 
     def _kill_overdue(self) -> None:
         """Kill workers that hang: a trial past trial_timeout_s, or a start past READY_TIMEOUT_S."""

@@ -26,6 +26,7 @@ import contextlib
 import json
 import os
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from typing import TextIO
@@ -174,6 +175,20 @@ def _pin(placement: WorkerPlacement) -> None:
         pass
 
 
+def _exit_with_parent(poll_s: float = 1.0) -> None:
+    """End this worker when the pool's process dies. The pool holds the GPU's lease for its workers, and
+    the OS frees that lease with the pool: an orphan must not go on using the GPU. A daemon thread
+    watches the parent pid (PR_SET_PDEATHSIG would fire when the spawning *thread* ends, too early)."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m watcher_plugins.tree_parallel.worker")
     parser.add_argument("--config", required=True, help="the worker's config as JSON")
@@ -181,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     out = claim_stdout()
     worker = TreeWorker(config, out)
     _pin(worker.placement)
+    _exit_with_parent()
     worker.serve(sys.stdin)
     return 0
 
