@@ -135,6 +135,21 @@ def test_a_gpu_lease_not_had_in_time_fails_the_trial_naming_the_holder(tmp_path)
     assert all(r.status == "ok" for r in cpu_trial)
 
 
+def test_after_a_lease_timeout_the_gpu_is_out_for_the_batch_and_its_queued_trials_fail_without_waiting(tmp_path):
+    """Four GPU trials and GPU 0 held elsewhere: the first waits lease_timeout_s and fails naming the
+    holder; the three queued behind it fail with the same reason at once (never sent to a worker:
+    attempts 0), rather than each waiting its own lease_timeout_s. LightGBM is unaffected."""
+    jobs = [_job(t, model_type="catboost", params={"depth": 4}) for t in range(4)] + [_job(4)]
+    with GpuLease(0, timeout=1, purpose="a test holding GPU 0"):
+        with _executor(tmp_path, devices=[0], lease_timeout_s=1.0, tree_device="gpu") as ex:
+            results = ex.run_batch(jobs)
+    gpu_trials = [results[3 * t:3 * t + 3] for t in range(4)]
+    assert all(r.status == "fail" and "a test holding GPU 0" in r.error for trial in gpu_trials for r in trial)
+    attempts = sorted(trial[0].info["attempts"] for trial in gpu_trials)
+    assert attempts == [0, 0, 0, 1]
+    assert all(r.status == "ok" for r in results[12:])
+
+
 def test_fault_params_are_ignored_unless_injection_is_switched_on(tmp_path, monkeypatch):
     monkeypatch.delenv(FAULT_INJECTION_ENV)
     with _executor(tmp_path) as ex:

@@ -15,7 +15,9 @@ sends GPU trials to. It takes the lease before it sends the first GPU trial to t
 it as soon as no GPU trial is assigned there, at the end of every batch, and when it closes. So two
 pools, or a pool and any other lease holder (an NN worker, the trial CLI), never use one GPU at
 once, while the workers of one pool share it. A GPU trial whose lease is not free waits without
-blocking the pool (which polls the lease), and fails, naming the holder, after ``lease_timeout_s``.
+blocking the pool (which polls the lease), and fails, naming the holder, after ``lease_timeout_s``;
+that GPU then takes no GPU trial for the rest of the batch (the others, or a failure with the same
+reason once every GPU is out, take the queued ones).
 If the host process dies, the OS frees its leases; its workers watch their parent pid and exit
 within a second (worker._exit_with_parent), so none goes on using a GPU it no longer has.
 
@@ -206,6 +208,7 @@ class TreeTrialPool:
                                       purpose=f"tree_parallel pool: GPU trials of its workers on GPU {gpu}")
                         for gpu in gpus}
         self._lease_wait_since: dict[int, float] = {}  # GPU -> when its first waiting trial began to wait
+        self._lease_lost: dict[int, str] = {}  # GPU -> why its lease was not had: out for the rest of the batch
         self._events: queue.Queue = queue.Queue()
         self._workers: list[_WorkerProcess | None] = [None] * len(self.placements)
         self._failed_starts = [0] * len(self.placements)
@@ -302,6 +305,7 @@ class TreeTrialPool:
         self._results: dict[tuple[int, int], FoldResult] = {}
         self._on_result = on_result
         self._owed = sum(job.folds for job in jobs)
+        self._lease_lost = {}
         try:
             while self._owed > 0:
                 self._poll_leases()  # first: the workers of trials it fails are free for _dispatch
@@ -353,7 +357,7 @@ class TreeTrialPool:
 
     def _next_gpu_task(self, gpu: int) -> _Task | None:
         """The GPU trial a free worker on ``gpu`` may start now, taken off the queue, or None."""
-        if not self._gpu_queue:
+        if not self._gpu_queue or gpu in self._lease_lost:
             return None
         on_gpu = self._gpu_tasks(gpu)
         if not on_gpu:
@@ -413,6 +417,12 @@ class TreeTrialPool:
                 for w in waiting:  # never sent: the worker is free again
                     task, w.task, w.awaiting_lease = w.task, None, False
                     self._fail_task(task, error)
+                # The GPU is out for the rest of the batch: its queued trials go to the other GPUs, or
+                # fail now with the same reason, rather than each waiting lease_timeout_s again.
+                self._lease_lost[gpu] = error
+                if set(self._lease_lost) >= set(self._leases):
+                    while self._gpu_queue:
+                        self._fail_task(self._gpu_queue.popleft(), "; ".join(self._lease_lost.values()))
             if not waiting or error is not None:
                 del self._lease_wait_since[gpu]
 
