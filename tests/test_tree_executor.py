@@ -112,3 +112,13 @@ def test_tree_device_gpu_without_a_gpu_is_refused(tmp_path):
 def test_tree_device_cpu_ignores_the_gpus(tmp_path):
     ex = _executor(tmp_path, devices=[0, 1], tree_parallel_workers=3, tree_device="cpu")
     assert all(p.gpu is None for p in ex.placements)
+
+
+def test_a_batch_returns_with_every_trial_ended_on_its_worker(tmp_path, trees):
+    """run_batch returns once every worker has said "done", not on the last fold result: no trial of a
+    finished batch is still assigned (on its GPU, for the sharing rules) when the next batch starts."""
+    with _executor(tmp_path, tree_parallel_workers=2) as ex:
+        for _ in range(2):
+            results = ex.run_batch(_jobs(("lightgbm",), trials=3))
+            assert all(r.status == "ok" for r in results)
+            assert ex.pool.busy_workers() == []

@@ -56,6 +56,7 @@ READY_TIMEOUT_S = 120.0
 MAX_FAILED_STARTS = 3  # a slot whose process dies this many times before becoming ready is given up
 STDERR_TAIL_LINES = 20
 LEASE_POLL_S = 0.1  # how often a GPU trial waiting for its lease checks it again
+DONE_WAIT_S = 10.0  # at the end of a batch, how long to wait for the workers' "done" after their last fold
 
 
 @dataclass(frozen=True)
@@ -231,7 +232,7 @@ class TreeTrialPool:
         busy = []
         for w in list(self._workers):  # may be called from another thread: read each field once
             task = w.task if w is not None else None
-            if task is not None and task.folds and not w.awaiting_lease:
+            if task is not None and not w.awaiting_lease:
                 busy.append((w.pid, task.job.model_type, task.job.trial_number))
         return busy
 
@@ -318,6 +319,11 @@ class TreeTrialPool:
                 waiting = any(w is not None and w.awaiting_lease for w in self._workers)
                 self._handle(*self._next_event(time.monotonic() + (LEASE_POLL_S if waiting else 1.0)))
                 self._kill_overdue()
+            # Every fold has its result. A worker sends "done" right after its last fold: take those in,
+            # so that no trial of this batch still counts as on its GPU when the next batch starts.
+            deadline = time.monotonic() + DONE_WAIT_S
+            while time.monotonic() < deadline and any(w is not None and w.task is not None for w in self._workers):
+                self._handle(*self._next_event(deadline))
         except BaseException:
             # Interrupted mid-batch (Ctrl-C, a callback that raised): workers may be mid-trial, and
             # their answers would belong to no batch. Kill them; the next batch starts fresh ones.
@@ -335,7 +341,6 @@ class TreeTrialPool:
             self._workers = [None] * len(self.placements)
             self._release_leases(keep=undead)
             raise
-        # Every fold has its result: whatever a worker still does (sending "done") needs no GPU.
         self._release_leases()
         return [self._results[(t.index, f)] for t in tasks for f in range(t.job.folds)]
 
@@ -372,10 +377,9 @@ class TreeTrialPool:
         return None
 
     def _gpu_tasks(self, gpu: int) -> list[_Task]:
-        """The GPU trials assigned to the workers on ``gpu``: training, or waiting for its lease. A trial
-        whose every fold has its result is not counted: its worker only has "done" left to send."""
-        return [w.task for w in self._workers if w is not None and w.task is not None and w.task.folds
-                and w.task.on_gpu and w.placement.gpu == gpu]
+        """The GPU trials assigned to the workers on ``gpu``: training, or waiting for its lease."""
+        return [w.task for w in self._workers
+                if w is not None and w.task is not None and w.task.on_gpu and w.placement.gpu == gpu]
 
     def _send_task(self, w: _WorkerProcess) -> None:
         w.awaiting_lease = False
