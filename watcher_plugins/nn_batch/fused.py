@@ -172,7 +172,9 @@ class FusedPack:
         for layer 0). On a CUDA device with Triton, one kernel that makes the masks in registers."""
         if self._kernel_dropout is not None:
             return kernels.relu_dropout(z, self._kernel_dropout, self.epoch, layer, bias)
-        h = torch.relu(z if bias is None else z + bias)
+        if bias is not None:  # as the kernel adds it: in float32, then rounded to z's dtype once
+            z = (z.float() + bias).to(z.dtype)
+        h = torch.relu(z)
         if any(p > 0 for p in self.dropout):
             h = h * self.dropout_masks(layer).to(h.dtype)
         return h
@@ -190,12 +192,10 @@ class FusedPack:
         h = self._activation(0, z.view(n_rows, n, self.widths[0]).transpose(0, 1))
         for layer in range(1, self.depth + 1):
             w, b = self.params[2 * layer].value, self.params[2 * layer + 1].value
-            if layer < self.depth and self._kernel_dropout is not None:
-                h = self._activation(layer, torch.bmm(h, w), b)  # the kernel adds the bias
+            if layer < self.depth:
+                h = self._activation(layer, torch.bmm(h, w), b)  # the bias comes with the activation
             else:
                 h = torch.baddbmm(b, h, w)
-                if layer < self.depth:
-                    h = self._activation(layer, h)
         return h.squeeze(-1)
 
     def run_epoch(self) -> None:

@@ -8,11 +8,9 @@
   [rows, N, width] view of the wide matmul into a contiguous [N, rows, width] for the batched matmul.
 
 Each computes the same numbers as the reference (dropout.draws, torch.relu, a multiply in the
-activation's dtype): tests/gpu/test_nn_gpu.py compares them bit for bit on random inputs. In bf16 the
-kernel adds the float32 bias to the bf16 product and rounds once, where the torch path without Triton
-(baddbmm under autocast) rounds the bias to bf16 first: bf16 results differ in the last bits between
-the two paths. In fp32 they agree as far as cuBLAS's bmm and baddbmm do (bit for bit in H200 runs 3 and
-4, bench/results/nn_h200_run4).
+activation's dtype): tests/gpu/test_nn_gpu.py compares them bit for bit on random inputs. The torch
+path that FusedPack takes without Triton adds the bias the same way (in float32, rounded to the
+activation's dtype once), so a pack computes the same numbers with or without Triton.
 """
 
 from __future__ import annotations
