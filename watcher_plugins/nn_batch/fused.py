@@ -115,8 +115,9 @@ class FusedPack:
         self.weight_decay = torch.tensor([t.job.weight_decay for t in tasks], device=device)
         self.dropout = [t.job.dropout for t in tasks]
         self.keys = [hashing.fit_key(t.init_seed) for t in tasks]
+        self.train_rows = torch.stack([t.rows.train_rows for t in tasks])  # bool [N, rows]
         self._kernel_dropout = self._kernel_state()
-        train_rows = torch.stack([t.rows.train_rows for t in tasks]).float()
+        train_rows = self.train_rows.float()
         self.train_weight = train_rows / train_rows.sum(1, keepdim=True)
         val_rows = 1.0 - train_rows
         self.val_weight = val_rows / val_rows.sum(1, keepdim=True)
@@ -163,7 +164,7 @@ class FusedPack:
         draws = hashing.draws(keys, torch.arange(n_rows, device=device), self.widths[layer])
         p = torch.tensor(self.dropout, dtype=torch.float32, device=device).view(n, 1, 1)
         kept = torch.tensor([hashing.keep_factor(q) for q in self.dropout], device=device).view(n, 1, 1)
-        train = torch.stack([t.rows.train_rows for t in self.tasks]).view(n, n_rows, 1)
+        train = self.train_rows.view(n, n_rows, 1)
         masks = torch.where(draws >= p, kept, torch.zeros((), device=device))
         return torch.where(train, masks, torch.ones((), device=device))
 
@@ -182,7 +183,7 @@ class FusedPack:
     def _kernel_state(self) -> kernels.PackDropout | None:
         if self.device.type != "cuda" or not kernels.available():
             return None
-        return kernels.PackDropout(self.keys, self.dropout, torch.stack([t.rows.train_rows for t in self.tasks]))
+        return kernels.PackDropout(self.keys, self.dropout, self.train_rows)
 
     def forward(self) -> torch.Tensor:
         """Predictions [N, n_rows] of every model on every row (training-mode dropout on training rows)."""
@@ -265,6 +266,7 @@ class FusedPack:
         self.tasks = [self.tasks[m] for m in keep]
         self.dropout = [self.dropout[m] for m in keep]
         self.keys = [self.keys[m] for m in keep]
+        self.train_rows = self.train_rows.index_select(0, index)
         self._kernel_dropout = self._kernel_state()
         self.left = [False] * len(keep)
         new_widths = [max(t.job.hidden_layers[i] for t in self.tasks) for i in range(self.depth)]
