@@ -28,8 +28,9 @@ from watcher_plugins.data import r2_score
 TREE_MODEL_TYPES = ("catboost", "lightgbm", "xgboost")
 # The model types that train on the GPU when the process has one; LightGBM's pip build has no CUDA.
 GPU_MODEL_TYPES = frozenset({"catboost", "xgboost"})
-# The GPU model types whose trials may share one GPU (up to xgboost_per_gpu at once): four XGBoost
-# processes on one H200 did 1.4x the work of one, while two CatBoost processes ran 2x slower than one.
+# The GPU model types whose trials may share one GPU (up to xgboost_per_gpu at once). DESIGN measured
+# four XGBoost processes on one H200 at 1.4x the work of one (on survivors-98k sharing was slower:
+# bench/results/trees_h200x2_run2_run3.md); two CatBoost processes ran 2x slower than one.
 SHARED_GPU_MODEL_TYPES = frozenset({"xgboost"})
 
 

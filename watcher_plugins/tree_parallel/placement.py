@@ -1,8 +1,9 @@
 """Which GPU and which CPU cores each tree worker gets.
 
 GPU workers come first: one per GPU, then up to ``xgboost_per_gpu`` per GPU in all, spread round-robin
-over the GPUs (XGBoost tolerates sharing a GPU: four processes on one H200 did 1.4x the work of one;
-CatBoost does not, and the pool's scheduler never lets a CatBoost trial share its GPU). The remaining
+over the GPUs (XGBoost tolerates sharing a GPU: DESIGN measured four processes on one H200 at 1.4x
+the work of one, though on survivors-98k sharing was slower; CatBoost does not, and the pool's
+scheduler never lets a CatBoost trial share its GPU). The remaining
 workers are CPU workers. Cores are split into disjoint near-equal shares, one per worker, and a
 worker's libraries get as many threads as it has cores, so the pool never runs more threads than it
 has cores: a worker beyond the cores is not started (only the first worker of each GPU may share a core,
