@@ -12,6 +12,11 @@ dataset building inside a worker is inside it.
         --arm serial:0:16:1 --arm parallel-1gpu:0:16:8 --arm parallel-1gpu-xgb4:0:16:8:4 --out results.json
 
 Writes the JSON after every arm (so a cut-off run keeps what it measured) and prints a table last.
+
+A serial arm longer than one device call can be split by model type (``--models``), one call each,
+and the parallel run then takes those reports as its baseline: ``--baseline a.json --baseline b.json``
+joins their first arms into one (seconds summed: a serial batch trains its trials one after another)
+and ratios and R^2 differences are reported against it.
 """
 
 from __future__ import annotations
@@ -96,6 +101,31 @@ def run_arm(arm: dict, jobs: list[TrialJob], args, workdir: Path) -> dict:
             "n_failed_folds": len(failures), "mean_r2": mean_r2}
 
 
+def joined_baseline(paths: list[Path], workload: dict) -> dict:
+    """The first arms of earlier reports of this workload (other model types), joined into one arm."""
+    arms = []
+    for path in paths:
+        report = json.loads(path.read_text())
+        theirs = {k: v for k, v in report["workload"].items() if k != "models"}
+        ours = {k: v for k, v in workload.items() if k != "models"}
+        if theirs != ours:
+            raise SystemExit(f"--baseline {path}: workload {theirs} is not this run's {ours}")
+        arms.append({**report["arms"][0], "models": report["workload"]["models"]})
+    models = [m for arm in arms for m in arm["models"]]
+    if sorted(models) != sorted(workload["models"]):
+        raise SystemExit(f"--baseline: the reports cover model types {models}, this run {workload['models']}")
+    seconds, trials = sum(a["seconds"] for a in arms), sum(a["trials"] for a in arms)
+    return {
+        "name": "+".join(f"{a['name']}({','.join(a['models'])})" for a in arms), "joined_from": [str(p) for p in paths],
+        **{k: arms[0][k] for k in ("gpus", "cores", "workers", "xgboost_per_gpu")},
+        "seconds": seconds, "trials": trials, "trials_per_min": trials / seconds * 60,
+        "fold_seconds_by_model": {k: v for a in arms for k, v in a["fold_seconds_by_model"].items()},
+        "n_failed_folds": sum(a["n_failed_folds"] for a in arms),
+        "mean_r2": {k: v for a in arms for k, v in a["mean_r2"].items()},
+        "speedup_vs_first_arm": 1.0, "max_abs_mean_r2_diff_vs_first_arm": {},
+    }
+
+
 def compare(reference: dict, other: dict) -> dict:
     """Max |mean R^2 difference| per model type between two arms (0.0 = bit-identical results)."""
     out = {}
@@ -116,23 +146,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--rows", type=int, default=FULL_ROWS)
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--models", default=",".join(MODEL_TYPES), help="model types, comma-separated")
     p.add_argument("--arm", type=parse_arm, action="append", required=True)
+    p.add_argument("--baseline", type=Path, action="append", default=[],
+                   help="an earlier report whose first arm is (part of) the baseline; repeatable")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
+    models = [m for m in args.models.split(",") if m]
+    if not models or set(models) - set(MODEL_TYPES):
+        p.error(f"--models {args.models!r}: expected a comma-separated subset of {','.join(MODEL_TYPES)}")
 
     embedded_survivors(args.rows)  # generate and cache the data outside every timed region
     data = DataRef(embedded="survivors", rows=args.rows)
     # Interleaved as compare_models sends them: one mixed batch, trial by trial.
     jobs = [TrialJob(m, t, sample_params(m, t, args.seed), data, args.folds, args.seed)
-            for t in range(args.trials) for m in MODEL_TYPES]
+            for t in range(args.trials) for m in models]
     report = {
         "command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
         "workload": {"name": f"survivors-{args.rows}", "rows": args.rows, "features": 62, "folds": args.folds,
                      "trials_per_model": args.trials, "rounds_cap": args.rounds,
-                     "early_stopping_rounds": args.early_stopping_rounds, "seed": args.seed},
+                     "early_stopping_rounds": args.early_stopping_rounds, "seed": args.seed, "models": models},
         "gpus": gpu_names(), "host_cpus": len(os.sched_getaffinity(0)), "versions": versions(),
         "python": sys.version.split()[0], "arms": [],
     }
+    if args.baseline:
+        report["arms"].append(joined_baseline(args.baseline, report["workload"]))
     workdir = args.out.parent
     workdir.mkdir(parents=True, exist_ok=True)
     for arm in args.arm:

@@ -109,6 +109,14 @@ def test_tree_device_gpu_without_a_gpu_is_refused(tmp_path):
         _executor(tmp_path, tree_device="gpu")
 
 
+@pytest.mark.parametrize("value", [0, -0.5, 1.5, "big", True, None])
+def test_catboost_gpu_ram_part_is_auto_or_a_share_of_the_gpu(tmp_path, value):
+    assert _executor(tmp_path).settings.catboost_gpu_ram_part is None  # "auto", the default
+    assert _executor(tmp_path, catboost_gpu_ram_part=1).settings.catboost_gpu_ram_part == 1.0
+    with pytest.raises(ExecutorError, match=r'catboost_gpu_ram_part: .* is neither "auto" nor a number in \(0, 1\]'):
+        _executor(tmp_path, catboost_gpu_ram_part=value)
+
+
 def test_tree_device_cpu_ignores_the_gpus(tmp_path):
     ex = _executor(tmp_path, devices=[0, 1], tree_parallel_workers=3, tree_device="cpu")
     assert all(p.gpu is None for p in ex.placements)

@@ -98,3 +98,48 @@ def test_gpu_results_do_not_depend_on_the_number_of_workers(tmp_path, model_type
     diffs = [abs(a[1] - b[1]) for a, b in zip(r2[1], r2[3]) if a[0] == model_type]
     print(f"{model_type} on GPU: max |dR2| between 1 and 3 workers = {max(diffs):.3e}")
     assert r2[1] == r2[3]
+
+
+def _catboost_r2(tmp_path, ram_part, trials=3):
+    with TreeParallelExecutor({**FAST, "tree_device": "gpu", "catboost_gpu_ram_part": ram_part},
+                              RunContext(output_dir=tmp_path, devices=[0])) as ex:
+        return [(r.status, r.r2, r.error) for r in ex.run_batch(_jobs(("catboost",), trials=trials))]
+
+
+def test_catboosts_gpu_memory_reserve_reaches_catboost_and_does_not_change_the_model(tmp_path):
+    """"auto" (a 0.05 reserve) and CatBoost's default 0.95 give the same R^2 to the last bit; a reserve
+    too small for the data fails those folds with CatBoost's out-of-memory error (explicit shares are
+    taken as given: no retry)."""
+    auto = _catboost_r2(tmp_path, "auto")
+    assert all(status == "ok" for status, _, _ in auto), auto
+    assert auto == _catboost_r2(tmp_path, 0.95)
+    tiny = _catboost_r2(tmp_path, 1e-6, trials=1)
+    assert all(status == "fail" and "memory" in error.lower() for status, _, error in tiny), tiny
+
+
+def test_auto_trains_again_with_catboosts_default_when_its_reserve_runs_out(tmp_path):
+    """A real out-of-memory on the GPU: with the auto reserve shrunk below what the fold needs, the fit
+    is trained again with 0.95 and gives the default's R^2; the fold then keeps 0.95."""
+    script = """
+import json, sys
+from watcher_plugins.data import embedded_survivors, kfold_splits
+from watcher_plugins.tree_parallel.libraries import CatBoostFitter, FitSettings
+ds = embedded_survivors(20000)
+train, val = kfold_splits(ds.n_rows, 3, 3)[0]
+fitter = CatBoostFitter()
+fitter.AUTO_GPU_RAM_PART = 1e-6
+params = {"depth": 6, "learning_rate": 0.1, "l2_leaf_reg": 3.0, "random_strength": 1.0}
+auto = FitSettings(rounds=60, early_stopping_rounds=20, threads=2, use_gpu=True)
+fold = fitter.prepare_fold(ds.X[train], ds.y[train], ds.X[val], ds.y[val], auto)
+r2_auto = fitter.fit(fold, params, 5, auto).r2
+kept = fold.prepared.auto_gpu_ram_part
+default = FitSettings(rounds=60, early_stopping_rounds=20, threads=2, use_gpu=True, catboost_gpu_ram_part=0.95)
+print(json.dumps({"auto": r2_auto, "kept": kept, "default": fitter.fit(fold, params, 5, default).r2}))
+"""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "0",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["kept"] == 0.95 and out["auto"] == out["default"], out
+    assert "ran out of its GPU memory reserve" in proc.stderr

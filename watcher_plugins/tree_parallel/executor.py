@@ -18,7 +18,7 @@ from watcher_plugins.tree_parallel.pool import PoolSettings, TreeTrialPool
 log = logging.getLogger(__name__)
 
 DEFAULTS = {"tree_parallel_workers": 1, "xgboost_per_gpu": 1, "tree_device": "auto", "tree_rounds": 500,
-            "tree_early_stopping_rounds": 50}
+            "tree_early_stopping_rounds": 50, "catboost_gpu_ram_part": "auto"}
 
 
 class TreeParallelExecutor(Executor):
@@ -55,6 +55,7 @@ class TreeParallelExecutor(Executor):
             trial_retries=int(context.trial_retries),
             trial_timeout_s=float(self.params.get("tree_trial_timeout_s", 3600)),
             xgboost_per_gpu=per_gpu,
+            catboost_gpu_ram_part=_gpu_ram_part(self.params["catboost_gpu_ram_part"]),
         )
         self._pool: TreeTrialPool | None = None
 
@@ -93,3 +94,12 @@ class TreeParallelExecutor(Executor):
         if self._pool is not None:
             self._pool.close()
             self._pool = None
+
+
+def _gpu_ram_part(value: Any) -> float | None:
+    """``catboost_gpu_ram_part`` as the pool takes it: None for "auto", else a share in (0, 1]."""
+    if value == "auto":
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ExecutorError(f"catboost_gpu_ram_part: {value!r} is neither \"auto\" nor a number in (0, 1]")
+    return float(value)

@@ -70,6 +70,7 @@ class PoolSettings:
     trial_retries: int = 2
     trial_timeout_s: float = 3600.0  # a wedged library call must not hang the run
     xgboost_per_gpu: int = 1  # XGBoost trials that may train at once on one GPU
+    catboost_gpu_ram_part: float | None = None  # None = "auto" (see libraries.CatBoostFitter)
 
 
 @dataclass
@@ -97,7 +98,8 @@ class _WorkerProcess:
         self.stderr_tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
         self.info: dict = {}
         config = {"placement": placement.to_json(), "rounds": settings.rounds,
-                  "early_stopping_rounds": settings.early_stopping_rounds}
+                  "early_stopping_rounds": settings.early_stopping_rounds,
+                  "catboost_gpu_ram_part": settings.catboost_gpu_ram_part}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "watcher_plugins.tree_parallel.worker", "--config", json.dumps(config)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

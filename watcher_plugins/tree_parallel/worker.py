@@ -50,6 +50,7 @@ class TreeWorker:
         self.placement = WorkerPlacement.from_json(config["placement"])
         self.rounds = int(config["rounds"])
         self.early_stopping_rounds = int(config["early_stopping_rounds"])
+        self.catboost_gpu_ram_part = config.get("catboost_gpu_ram_part")
         self.out = out
         self.cache = FoldDataCache()
 
@@ -94,7 +95,8 @@ class TreeWorker:
         fault = params.pop(FAULT_PARAM, None)
         job = TrialJob(job.model_type, job.trial_number, params, job.data, job.folds, job.seed)
         use_gpu = runs_on_gpu(job.model_type, self.placement.gpu is not None)
-        settings = FitSettings(self.rounds, self.early_stopping_rounds, self.placement.threads, use_gpu)
+        settings = FitSettings(self.rounds, self.early_stopping_rounds, self.placement.threads, use_gpu,
+                               self.catboost_gpu_ram_part)
 
         def report(result: FoldResult) -> None:
             result.info.update(pid=os.getpid(), worker_gpu=self.placement.gpu, slot=self.placement.slot)
