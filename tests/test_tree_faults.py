@@ -69,6 +69,34 @@ def test_a_worker_that_aborts_once_is_replaced_and_the_retry_gives_the_same_resu
     assert [r.r2 for r in results[:3]] == [r.r2 for r in reference]
 
 
+def test_a_catboost_gpu_trial_that_outgrows_the_auto_reserve_is_retried_with_catboosts_default(tmp_path):
+    """CatBoost aborts its process when a GPU fit outgrows its memory reserve. Under "auto" the pool
+    retries that trial once with CatBoost's default reserve (not counted against trial_retries), and
+    later CatBoost trials on that data get it at once. There is no GPU here: the retried trial then
+    fails fast for want of CUDA, with CatBoost's own error instead of the crash."""
+    pytest.importorskip("catboost")
+    oom = _job(0, "catboost_gpu_oom", model_type="catboost", params={"depth": 4})
+    with _executor(tmp_path, devices=[0], retries=0, tree_device="gpu") as ex:
+        first = ex.run_batch([oom, _job(1)])
+        assert ex.pool.restarts == 1 and ex.pool.catboost_full_reserve == {DATA.key}
+        second = ex.run_batch([_job(2, "catboost_gpu_oom", model_type="catboost", params={"depth": 4})])
+        assert ex.pool.restarts == 1  # no second crash
+    for r in first[:3] + second:
+        assert r.status == "fail" and "SIGABRT" not in r.error and "CatBoostError" in r.error, r.error
+    assert all(r.status == "ok" for r in first[3:])
+
+
+def test_an_explicit_catboost_reserve_that_is_outgrown_fails_like_any_crash(tmp_path):
+    pytest.importorskip("catboost")
+    oom = _job(0, "catboost_gpu_oom", model_type="catboost", params={"depth": 4})
+    with _executor(tmp_path, devices=[0], retries=0, tree_device="gpu", catboost_gpu_ram_part=0.3) as ex:
+        results = ex.run_batch([oom])
+        assert ex.pool.catboost_full_reserve == set()
+    assert all(r.status == "fail" and "SIGABRT" in r.error and "gave up after 1 attempt(s)" in r.error
+               for r in results)
+    assert "TOutOfMemoryError" in results[0].error  # the worker's last stderr line
+
+
 def test_a_worker_killed_mid_trial_fails_that_trial_and_the_others_finish(tmp_path):
     with _executor(tmp_path, retries=0) as ex:
         killed = []

@@ -118,44 +118,9 @@ def test_the_trial_command_reports_bad_params():
     assert out["status"] == "fail" and "num_leaves" in out["error"]
 
 
-def test_catboosts_auto_gpu_reserve_falls_back_to_the_default_once_per_fold():
-    """The retry rule of "auto" (the real out-of-memory is in tests/gpu/test_tree_gpu.py): a fit that runs
-    out of the small reserve is trained again with CatBoost's default, and so is every later fit of that
-    fold; other CatBoost errors, and explicit shares, are not retried."""
-    catboost = pytest.importorskip("catboost")
-    from watcher_plugins.tree_parallel.libraries import CatBoostFitter, CatBoostFold, FoldData, FoldFit
 
-    class Recording(CatBoostFitter):
-        def __init__(self, needs: float, error: str = "Out of memory. Requested 1795MB; free 595 MB"):
-            self.needs, self.error, self.reserves = needs, error, []
-
-        def _fit(self, fold, params, seed, settings, device):
-            self.reserves.append(device["gpu_ram_part"])
-            if device["gpu_ram_part"] < self.needs:
-                raise catboost.CatBoostError(self.error)
-            return FoldFit(r2=0.5, best_iteration=1)
-
-    def fold():
-        return FoldData(None, None, CatBoostFold(None, None, CatBoostFitter.AUTO_GPU_RAM_PART))
-
-    gpu = FitSettings(rounds=5, early_stopping_rounds=2, threads=1, use_gpu=True)
-    fitter, one = Recording(needs=0.5), fold()
-    fitter.fit(one, {}, 0, gpu)
-    fitter.fit(one, {}, 0, gpu)
-    fitter.fit(fold(), {}, 0, gpu)
-    assert fitter.reserves == [0.05, 0.95, 0.95, 0.05, 0.95]
-
-    fitter = Recording(needs=0.01)
-    fitter.fit(fold(), {}, 0, gpu)
-    assert fitter.reserves == [0.05]  # enough: no second fit
-
-    with pytest.raises(catboost.CatBoostError, match="bad depth"):
-        Recording(needs=1.0, error="bad depth").fit(fold(), {}, 0, gpu)
-    fitter = Recording(needs=1.0)
-    with pytest.raises(catboost.CatBoostError, match="Out of memory"):
-        fitter.fit(fold(), {}, 0, FitSettings(5, 2, 1, use_gpu=True, catboost_gpu_ram_part=0.3))
-    assert fitter.reserves == [0.3]
-    fitter = Recording(needs=1.0)
-    with pytest.raises(catboost.CatBoostError, match="Out of memory"):
-        fitter.fit(fold(), {}, 0, gpu)  # not even the default is enough: the error stands
-    assert fitter.reserves == [0.05, 0.95]
+@pytest.mark.parametrize("share", ["0", "1.5", "lots"])
+def test_the_trial_command_refuses_a_catboost_reserve_outside_0_to_1(share):
+    done = _cli("--cpu", "--model", "catboost", "--catboost-gpu-ram-part", share)
+    assert done.returncode == 2
+    assert f"--catboost-gpu-ram-part: {share!r} is not a number in (0, 1]" in done.stderr

@@ -14,7 +14,6 @@ yet on an H200 the same trials gave identical R^2 with 1, 3, 8 and 16 workers
 from __future__ import annotations
 
 import json
-import logging
 import os
 import tempfile
 import warnings
@@ -25,8 +24,6 @@ from typing import Any
 import numpy as np
 
 from watcher_plugins.data import r2_score
-
-log = logging.getLogger(__name__)
 
 TREE_MODEL_TYPES = ("catboost", "lightgbm", "xgboost")
 # The model types that train on the GPU when the process has one; LightGBM's pip build has no CUDA.
@@ -88,18 +85,15 @@ class TreeFitter(ABC):
         return FoldData(X_val=X_val, y_val=y_val, prepared=self.prepare(X_train, y_train, X_val, y_val, settings))
 
 
-@dataclass
-class CatBoostFold:
-    """A fold's quantized Pools, and the GPU memory share that "auto" has found the fold's fits need."""
-
-    train: Any
-    val: Any
-    auto_gpu_ram_part: float
+# The reserve "auto" takes, instead of CatBoostFitter.AUTO_GPU_RAM_PART: for the GPU test that makes a
+# real out-of-memory with it.
+AUTO_GPU_RAM_PART_ENV = "WATCHER_CATBOOST_AUTO_GPU_RAM_PART"
 
 
-def _is_out_of_gpu_memory(exc: BaseException) -> bool:
-    text = str(exc).lower()
-    return "out of memory" in text or "not enough memory" in text
+def is_out_of_gpu_memory(message: object) -> bool:
+    """Whether a line of a dead worker's stderr is CatBoost's GPU out-of-memory error."""
+    text = str(message).lower()
+    return "out of memory" in text or "outofmemory" in text
 
 
 class CatBoostFitter(TreeFitter):
@@ -108,10 +102,11 @@ class CatBoostFitter(TreeFitter):
 
     GPU memory: CatBoost reserves ``gpu_ram_part`` of the GPU's memory at the start of every fit, 0.95
     by default. On an H200 reserving 133 GiB costs 0.4 s per fit, about as much as 200 rounds on a
-    survivors-98k fold (bench/results/h200_session3/tree_fit_cost.json), while that fold needs a few hundred MiB.
-    "auto" (``catboost_gpu_ram_part`` None) first reserves ``AUTO_GPU_RAM_PART``; a fit that runs out of
-    it is trained again with CatBoost's default, and so is every later fit of that fold in the process.
-    The reserve does not change the model (same R^2 to the last bit, tests/gpu/test_tree_gpu.py).
+    survivors-98k fold, which needs less than 42 MiB (bench/results/h200_session3/). "auto"
+    (``catboost_gpu_ram_part`` None) reserves ``AUTO_GPU_RAM_PART`` instead. A fit that outgrows its
+    reserve aborts the process (CatBoost raises on a thread of its own), so the retry with CatBoost's
+    default is the pool's (pool.py). The reserve does not change the model (same R^2 to the last bit,
+    tests/gpu/test_tree_gpu.py).
     """
 
     model_type = "catboost"
@@ -131,41 +126,25 @@ class CatBoostFitter(TreeFitter):
             borders = os.path.join(tmp, "borders.tsv")
             train.save_quantization_borders(borders)
             val.quantize(input_borders=borders)
-        return CatBoostFold(train, val, self.AUTO_GPU_RAM_PART)
+        return train, val
 
     def fit(self, fold, params, seed, settings):
-        from catboost import CatBoostError
-
-        prepared: CatBoostFold = fold.prepared
-        if not settings.use_gpu:
-            return self._fit(fold, params, seed, settings, {"task_type": "CPU"})
-        part = settings.catboost_gpu_ram_part
-        if part is not None:
-            return self._fit(fold, params, seed, settings, self._gpu(part))
-        try:
-            return self._fit(fold, params, seed, settings, self._gpu(prepared.auto_gpu_ram_part))
-        except CatBoostError as exc:
-            if prepared.auto_gpu_ram_part >= self.DEFAULT_GPU_RAM_PART or not _is_out_of_gpu_memory(exc):
-                raise
-            log.warning("CatBoost ran out of its GPU memory reserve (gpu_ram_part %s): training again with %s, "
-                        "as every later fit of this fold will (%s)", prepared.auto_gpu_ram_part,
-                        self.DEFAULT_GPU_RAM_PART, str(exc).strip()[:200])
-            prepared.auto_gpu_ram_part = self.DEFAULT_GPU_RAM_PART
-        return self._fit(fold, params, seed, settings, self._gpu(prepared.auto_gpu_ram_part))
-
-    @staticmethod
-    def _gpu(part: float) -> dict:
-        return {"task_type": "GPU", "devices": "0", "gpu_ram_part": part}
-
-    def _fit(self, fold, params, seed, settings, device: dict) -> FoldFit:
         from catboost import CatBoostRegressor
 
+        if settings.use_gpu:
+            part = settings.catboost_gpu_ram_part
+            if part is None:
+                part = float(os.environ.get(AUTO_GPU_RAM_PART_ENV, self.AUTO_GPU_RAM_PART))
+            device = {"task_type": "GPU", "devices": "0", "gpu_ram_part": part}
+        else:
+            device = {"task_type": "CPU"}
         model = CatBoostRegressor(
             iterations=settings.rounds, loss_function="RMSE", random_seed=seed, thread_count=settings.threads,
             early_stopping_rounds=settings.early_stopping_rounds, use_best_model=True,
             verbose=False, allow_writing_files=False, **device, **params,
         )
-        model.fit(fold.prepared.train, eval_set=fold.prepared.val)
+        train, val = fold.prepared
+        model.fit(train, eval_set=val)
         pred = model.predict(fold.X_val, thread_count=settings.threads)  # the best iteration's model
         return FoldFit(r2=r2_score(fold.y_val, pred), best_iteration=int(model.get_best_iteration()) + 1)
 

@@ -47,7 +47,12 @@ import watcher_plugins
 from watcher_plugins.errors import ExecutorError, LeaseError
 from watcher_plugins.lease import GpuLease
 from watcher_plugins.records import STATUS_FAIL, FoldResult, TrialJob
-from watcher_plugins.tree_parallel.libraries import GPU_MODEL_TYPES, SHARED_GPU_MODEL_TYPES
+from watcher_plugins.tree_parallel.libraries import (
+    GPU_MODEL_TYPES,
+    SHARED_GPU_MODEL_TYPES,
+    CatBoostFitter,
+    is_out_of_gpu_memory,
+)
 from watcher_plugins.tree_parallel.placement import WorkerPlacement
 
 log = logging.getLogger(__name__)
@@ -98,8 +103,7 @@ class _WorkerProcess:
         self.stderr_tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
         self.info: dict = {}
         config = {"placement": placement.to_json(), "rounds": settings.rounds,
-                  "early_stopping_rounds": settings.early_stopping_rounds,
-                  "catboost_gpu_ram_part": settings.catboost_gpu_ram_part}
+                  "early_stopping_rounds": settings.early_stopping_rounds}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "watcher_plugins.tree_parallel.worker", "--config", json.dumps(config)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -108,7 +112,9 @@ class _WorkerProcess:
         self.started = time.monotonic()
         threading.Thread(target=self._read_stdout, args=(events,), daemon=True,
                          name=f"tree-worker-{placement.slot}-stdout").start()
-        threading.Thread(target=self._read_stderr, daemon=True, name=f"tree-worker-{placement.slot}-stderr").start()
+        self._stderr_reader = threading.Thread(target=self._read_stderr, daemon=True,
+                                               name=f"tree-worker-{placement.slot}-stderr")
+        self._stderr_reader.start()
 
     @property
     def pid(self) -> int:
@@ -143,6 +149,7 @@ class _WorkerProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             code = self.proc.wait()
+        self._stderr_reader.join(timeout=5)  # its last words, before the tail is read
         if code < 0:
             try:
                 name = signal.Signals(-code).name
@@ -222,6 +229,9 @@ class TreeTrialPool:
         self._results: dict[tuple[int, int], FoldResult] = {}
         self._on_result: Callable[[FoldResult], None] | None = None
         self._owed = 0
+        # Data (DataRef keys) whose CatBoost GPU fits outgrew the "auto" reserve: their CatBoost trials get
+        # CatBoost's default reserve from then on (see _on_worker_death).
+        self.catboost_full_reserve: set[str] = set()
         self.restarts = 0
         self.closed = False
 
@@ -386,7 +396,23 @@ class TreeTrialPool:
     def _send_task(self, w: _WorkerProcess) -> None:
         w.awaiting_lease = False
         w.task_started = time.monotonic()
-        w.send({"command": "train", "job": w.task.job.to_json(), "folds": list(w.task.folds)})
+        w.send({"command": "train", "job": w.task.job.to_json(), "folds": list(w.task.folds),
+                "catboost_gpu_ram_part": self._catboost_reserve(w.task.job)})
+
+    def _catboost_reserve(self, job: TrialJob) -> float | None:
+        """The GPU memory share a CatBoost fit of ``job`` reserves: the setting, or for "auto" (None)
+        CatBoost's default once this job's data has been seen to need it."""
+        if self.settings.catboost_gpu_ram_part is None and job.data.key in self.catboost_full_reserve:
+            return CatBoostFitter.DEFAULT_GPU_RAM_PART
+        return self.settings.catboost_gpu_ram_part
+
+    def _outgrew_auto_reserve(self, task: _Task, worker: _WorkerProcess) -> bool:
+        """Whether a worker died because a CatBoost GPU fit ran out of the "auto" reserve. CatBoost
+        raises its out-of-memory error on a thread of its own, which aborts the process (seen on an
+        H200), so the worker cannot retry it itself: the pool retries the trial with CatBoost's default
+        reserve, and that retry is not counted against trial_retries (the reserve was ours to pick)."""
+        return (task.job.model_type == "catboost" and task.on_gpu and self._catboost_reserve(task.job) is None
+                and any(is_out_of_gpu_memory(line) for line in worker.stderr_tail))
 
     # -- GPU leases (held by this process for its workers) -------------------------------------
 
@@ -513,6 +539,13 @@ class TreeTrialPool:
             self._failed_starts[slot] += 1
             self._start_errors[slot] = f"{reason} before it was ready"
         if task is not None and worker.awaiting_lease:  # never sent to it: not an attempt
+            task.attempts -= 1
+            self._gpu_queue.appendleft(task)
+        elif task is not None and task.folds and self._outgrew_auto_reserve(task, worker):
+            log.warning("%s during catboost trial %d: its GPU memory reserve (catboost_gpu_ram_part auto) was "
+                        "too small; CatBoost trials on this data now reserve %s", reason, task.job.trial_number,
+                        CatBoostFitter.DEFAULT_GPU_RAM_PART)
+            self.catboost_full_reserve.add(task.job.data.key)
             task.attempts -= 1
             self._gpu_queue.appendleft(task)
         elif task is not None and task.folds:

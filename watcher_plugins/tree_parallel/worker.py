@@ -8,7 +8,8 @@ worker), and with its config as JSON on the command line:
 
 Protocol: one JSON object a line.
     parent -> worker  {"command": "ping"}
-                      {"command": "train", "job": {TrialJob}, "folds": [0, 1, ...]}
+                      {"command": "train", "job": {TrialJob}, "folds": [0, 1, ...],
+                       "catboost_gpu_ram_part": null (auto) | share}
                       {"command": "shutdown"}
     worker -> parent  {"event": "ready" | "pong", "pid": ..., "gpu": ..., "threads": ..., ...}
                       {"event": "fold", "result": {FoldResult}}     one per fold, as each finishes
@@ -33,7 +34,7 @@ from typing import TextIO
 
 from watcher_plugins.records import FoldResult, TrialJob
 from watcher_plugins.stdio import claim_stdout
-from watcher_plugins.tree_parallel.libraries import FitSettings, runs_on_gpu
+from watcher_plugins.tree_parallel.libraries import CatBoostFitter, FitSettings, runs_on_gpu
 from watcher_plugins.tree_parallel.placement import WorkerPlacement
 from watcher_plugins.tree_parallel.trial import FoldDataCache, run_trial
 
@@ -50,7 +51,6 @@ class TreeWorker:
         self.placement = WorkerPlacement.from_json(config["placement"])
         self.rounds = int(config["rounds"])
         self.early_stopping_rounds = int(config["early_stopping_rounds"])
-        self.catboost_gpu_ram_part = config.get("catboost_gpu_ram_part")
         self.out = out
         self.cache = FoldDataCache()
 
@@ -86,35 +86,45 @@ class TreeWorker:
             if command == "ping":
                 self.send(self.describe("pong"))
             elif command == "train":
-                self.train(TrialJob.from_json(request["job"]), list(request["folds"]))
+                self.train(TrialJob.from_json(request["job"]), list(request["folds"]),
+                           request.get("catboost_gpu_ram_part"))
             else:
                 self.send({"event": "error", "message": f"unknown command {command!r}"})
 
-    def train(self, job: TrialJob, folds: list[int]) -> None:
+    def train(self, job: TrialJob, folds: list[int], catboost_gpu_ram_part: float | None = None) -> None:
         params = dict(job.params)
         fault = params.pop(FAULT_PARAM, None)
         job = TrialJob(job.model_type, job.trial_number, params, job.data, job.folds, job.seed)
         use_gpu = runs_on_gpu(job.model_type, self.placement.gpu is not None)
         settings = FitSettings(self.rounds, self.early_stopping_rounds, self.placement.threads, use_gpu,
-                               self.catboost_gpu_ram_part)
+                               catboost_gpu_ram_part)
 
         def report(result: FoldResult) -> None:
             result.info.update(pid=os.getpid(), worker_gpu=self.placement.gpu, slot=self.placement.slot)
             self.send({"event": "fold", "result": result.to_json()})
 
         with _ledger(fault, self.placement.gpu, job):
-            _inject(fault)
+            _inject(fault, settings)
             run_trial(job, settings, self.cache, folds, on_fold=report)
         self.send({"event": "done", "trial_number": job.trial_number})
 
 
-def _inject(fault: str | dict | None) -> None:
+def _inject(fault: str | dict | None, settings: FitSettings) -> None:
     """Make the fault a test asked for: "abort" (dies as from a segfault), "abort_once:PATH" (dies
-    unless PATH exists, creating it first), "sleep:SECONDS" (a long trial, to be killed mid-way)."""
+    unless PATH exists, creating it first), "sleep:SECONDS" (a long trial, to be killed mid-way),
+    "catboost_gpu_oom" (dies as CatBoost does when a GPU fit outgrows its memory reserve, unless the
+    reserve is CatBoost's default: a fold that needs it all)."""
     if not isinstance(fault, str) or os.environ.get(FAULT_INJECTION_ENV) != "1":
         return
     kind, _, arg = str(fault).partition(":")
     if kind == "abort":
+        os.abort()
+    elif kind == "catboost_gpu_oom" and settings.catboost_gpu_ram_part != CatBoostFitter.DEFAULT_GPU_RAM_PART:
+        # CatBoost's own last words in that case (an H200, catboost 1.2.10), then its abort.
+        sys.stderr.write("catboost/cuda/cuda_lib/memory_pool/stack_like_memory_pool.h:303: Error: Out of memory. "
+                         "Requested 0.0263671875 MB; Free 0.01274585724 MB\n"
+                         " of type NCudaLib::TOutOfMemoryError\n")
+        sys.stderr.flush()
         os.abort()
     elif kind == "abort_once" and not os.path.exists(arg):
         open(arg, "w").close()
