@@ -101,6 +101,8 @@ class _WorkerProcess:
         self.task_started = 0.0
         self.kill_reason: str | None = None  # why the pool killed it, when it did
         self.stderr_tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
+        self.stderr_lines = 0  # non-empty stderr lines so far
+        self.task_stderr_from = 0  # stderr_lines when its task was sent
         self.info: dict = {}
         config = {"placement": placement.to_json(), "rounds": settings.rounds,
                   "early_stopping_rounds": settings.early_stopping_rounds}
@@ -133,6 +135,7 @@ class _WorkerProcess:
             line = line.rstrip()
             if line:
                 self.stderr_tail.append(line)
+                self.stderr_lines += 1
                 log.debug("%s: %s", self.placement.describe(), line)
 
     def send(self, obj: dict) -> bool:
@@ -163,6 +166,11 @@ class _WorkerProcess:
         tail = next((line for line in reversed(self.stderr_tail) if line.strip()), "")
         return (f"tree worker pid {self.pid} ({self.placement.describe()}) {how}"
                 + (f"; its last stderr line: {tail}" if tail else ""))
+
+    def task_stderr(self) -> list[str]:
+        """The kept stderr lines written since its task was sent."""
+        since = self.stderr_lines - self.task_stderr_from
+        return list(self.stderr_tail)[-since:] if since > 0 else []
 
     def kill(self, reason: str) -> None:
         """Kill it on purpose; its end-of-stream event then takes the usual worker-death path."""
@@ -396,6 +404,7 @@ class TreeTrialPool:
     def _send_task(self, w: _WorkerProcess) -> None:
         w.awaiting_lease = False
         w.task_started = time.monotonic()
+        w.task_stderr_from = w.stderr_lines
         w.send({"command": "train", "job": w.task.job.to_json(), "folds": list(w.task.folds),
                 "catboost_gpu_ram_part": self._catboost_reserve(w.task.job)})
 
@@ -412,7 +421,7 @@ class TreeTrialPool:
         H200), so the worker cannot retry it itself: the pool retries the trial with CatBoost's default
         reserve, and that retry is not counted against trial_retries (the reserve was ours to pick)."""
         return (task.job.model_type == "catboost" and task.on_gpu and self._catboost_reserve(task.job) is None
-                and any(is_out_of_gpu_memory(line) for line in worker.stderr_tail))
+                and not worker.kill_reason and any(is_out_of_gpu_memory(line) for line in worker.task_stderr()))
 
     # -- GPU leases (held by this process for its workers) -------------------------------------
 
