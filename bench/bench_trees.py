@@ -79,7 +79,8 @@ def versions() -> dict:
 def run_arm(arm: dict, jobs: list[TrialJob], args, workdir: Path) -> dict:
     params = {"tree_parallel_workers": arm["workers"], "xgboost_per_gpu": arm["xgboost_per_gpu"],
               "tree_device": "gpu" if arm["gpus"] else "cpu",
-              "tree_rounds": args.rounds, "tree_early_stopping_rounds": args.early_stopping_rounds}
+              "tree_rounds": args.rounds, "tree_early_stopping_rounds": args.early_stopping_rounds,
+              "catboost_gpu_ram_part": args.catboost_gpu_ram_part}
     context = RunContext(output_dir=workdir, devices=arm["gpus"], cpu_count=arm["cores"], trial_retries=0)
     with TreeParallelExecutor(params, context) as ex:
         ex.pool.start()
@@ -101,23 +102,45 @@ def run_arm(arm: dict, jobs: list[TrialJob], args, workdir: Path) -> dict:
             "n_failed_folds": len(failures), "mean_r2": mean_r2}
 
 
-def joined_baseline(paths: list[Path], workload: dict) -> dict:
-    """The first arms of earlier reports of this workload (other model types), joined into one arm."""
+ARM_SETTINGS = ("gpus", "cores", "workers", "xgboost_per_gpu")
+
+
+def joined_baseline(paths: list[Path], report: dict) -> dict:
+    """The first arms of earlier reports of this workload (other model types), joined into one arm.
+
+    Refused unless every part ran the same workload (the model types aside, tree params included) on
+    the same GPU model with the same versions of its libraries, with the same arm settings, and lost
+    no fold."""
+    workload = report["workload"]
+    ours = {k: v for k, v in workload.items() if k != "models"}
     arms = []
     for path in paths:
-        report = json.loads(path.read_text())
-        theirs = {k: v for k, v in report["workload"].items() if k != "models"}
-        ours = {k: v for k, v in workload.items() if k != "models"}
+        part = json.loads(path.read_text())
+        if "models" not in part.get("workload", {}):
+            raise SystemExit(f"--baseline {path}: no workload.models (a report from before --models)")
+        theirs = {k: v for k, v in part["workload"].items() if k != "models"}
         if theirs != ours:
             raise SystemExit(f"--baseline {path}: workload {theirs} is not this run's {ours}")
-        arms.append({**report["arms"][0], "models": report["workload"]["models"]})
+        if part["gpus"] != report["gpus"]:
+            raise SystemExit(f"--baseline {path}: GPUs {part['gpus']}, this run {report['gpus']}")
+        for lib in part["workload"]["models"]:
+            if part["versions"].get(lib) != report["versions"].get(lib):
+                raise SystemExit(f"--baseline {path}: {lib} {part['versions'].get(lib)}, this run "
+                                 f"{report['versions'].get(lib)}")
+        arm = part["arms"][0]
+        if arm["n_failed_folds"]:
+            raise SystemExit(f"--baseline {path}: its arm {arm['name']!r} lost {arm['n_failed_folds']} folds")
+        if arms and any(arm[k] != arms[0][k] for k in ARM_SETTINGS):
+            raise SystemExit(f"--baseline {path}: arm settings {[arm[k] for k in ARM_SETTINGS]} differ from "
+                             f"{paths[0]}'s {[arms[0][k] for k in ARM_SETTINGS]} ({', '.join(ARM_SETTINGS)})")
+        arms.append({**arm, "models": part["workload"]["models"]})
     models = [m for arm in arms for m in arm["models"]]
     if sorted(models) != sorted(workload["models"]):
         raise SystemExit(f"--baseline: the reports cover model types {models}, this run {workload['models']}")
     seconds, trials = sum(a["seconds"] for a in arms), sum(a["trials"] for a in arms)
     return {
         "name": "+".join(f"{a['name']}({','.join(a['models'])})" for a in arms), "joined_from": [str(p) for p in paths],
-        **{k: arms[0][k] for k in ("gpus", "cores", "workers", "xgboost_per_gpu")},
+        **{k: arms[0][k] for k in ARM_SETTINGS},
         "seconds": seconds, "trials": trials, "trials_per_min": trials / seconds * 60,
         "fold_seconds_by_model": {k: v for a in arms for k, v in a["fold_seconds_by_model"].items()},
         "n_failed_folds": sum(a["n_failed_folds"] for a in arms),
@@ -147,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", type=int, default=FULL_ROWS)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--models", default=",".join(MODEL_TYPES), help="model types, comma-separated")
+    p.add_argument("--catboost-gpu-ram-part", type=lambda t: t if t == "auto" else float(t), default="auto",
+                   help="the executor param of that name, for every arm (default auto)")
     p.add_argument("--arm", type=parse_arm, action="append", required=True)
     p.add_argument("--baseline", type=Path, action="append", default=[],
                    help="an earlier report whose first arm is (part of) the baseline; repeatable")
@@ -165,12 +190,13 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
         "workload": {"name": f"survivors-{args.rows}", "rows": args.rows, "features": 62, "folds": args.folds,
                      "trials_per_model": args.trials, "rounds_cap": args.rounds,
-                     "early_stopping_rounds": args.early_stopping_rounds, "seed": args.seed, "models": models},
+                     "early_stopping_rounds": args.early_stopping_rounds, "seed": args.seed, "models": models,
+                     "catboost_gpu_ram_part": args.catboost_gpu_ram_part},
         "gpus": gpu_names(), "host_cpus": len(os.sched_getaffinity(0)), "versions": versions(),
         "python": sys.version.split()[0], "arms": [],
     }
     if args.baseline:
-        report["arms"].append(joined_baseline(args.baseline, report["workload"]))
+        report["arms"].append(joined_baseline(args.baseline, report))
     workdir = args.out.parent
     workdir.mkdir(parents=True, exist_ok=True)
     for arm in args.arm:

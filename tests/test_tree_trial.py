@@ -118,7 +118,6 @@ def test_the_trial_command_reports_bad_params():
     assert out["status"] == "fail" and "num_leaves" in out["error"]
 
 
-
 @pytest.mark.parametrize("share", ["0", "1.5", "lots"])
 def test_the_trial_command_refuses_a_catboost_reserve_outside_0_to_1(share):
     done = _cli("--cpu", "--model", "catboost", "--catboost-gpu-ram-part", share)

@@ -54,6 +54,7 @@ from watcher_plugins.tree_parallel.libraries import (
     is_out_of_gpu_memory,
 )
 from watcher_plugins.tree_parallel.placement import WorkerPlacement
+from watcher_plugins.tree_parallel.worker import TASK_STDERR_MARKER
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +102,10 @@ class _WorkerProcess:
         self.task_started = 0.0
         self.kill_reason: str | None = None  # why the pool killed it, when it did
         self.stderr_tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
-        self.stderr_lines = 0  # non-empty stderr lines so far
-        self.task_stderr_from = 0  # stderr_lines when its task was sent
+        # stderr since the worker began its current trial (it writes TASK_STDERR_MARKER first), and the
+        # CatBoost reserve that trial was sent with: what decides a free retry after out-of-memory.
+        self.task_stderr: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
+        self.task_catboost_reserve: float | None = None
         self.info: dict = {}
         config = {"placement": placement.to_json(), "rounds": settings.rounds,
                   "early_stopping_rounds": settings.early_stopping_rounds}
@@ -133,9 +136,11 @@ class _WorkerProcess:
     def _read_stderr(self) -> None:
         for line in self.proc.stderr:
             line = line.rstrip()
-            if line:
+            if line.startswith(TASK_STDERR_MARKER):
+                self.task_stderr.clear()
+            elif line:
                 self.stderr_tail.append(line)
-                self.stderr_lines += 1
+                self.task_stderr.append(line)
                 log.debug("%s: %s", self.placement.describe(), line)
 
     def send(self, obj: dict) -> bool:
@@ -166,11 +171,6 @@ class _WorkerProcess:
         tail = next((line for line in reversed(self.stderr_tail) if line.strip()), "")
         return (f"tree worker pid {self.pid} ({self.placement.describe()}) {how}"
                 + (f"; its last stderr line: {tail}" if tail else ""))
-
-    def task_stderr(self) -> list[str]:
-        """The kept stderr lines written since its task was sent."""
-        since = self.stderr_lines - self.task_stderr_from
-        return list(self.stderr_tail)[-since:] if since > 0 else []
 
     def kill(self, reason: str) -> None:
         """Kill it on purpose; its end-of-stream event then takes the usual worker-death path."""
@@ -404,9 +404,10 @@ class TreeTrialPool:
     def _send_task(self, w: _WorkerProcess) -> None:
         w.awaiting_lease = False
         w.task_started = time.monotonic()
-        w.task_stderr_from = w.stderr_lines
+        w.task_catboost_reserve = self._catboost_reserve(w.task.job)
+        w.task_stderr.clear()  # and again when its marker comes: a late line of the last trial may come first
         w.send({"command": "train", "job": w.task.job.to_json(), "folds": list(w.task.folds),
-                "catboost_gpu_ram_part": self._catboost_reserve(w.task.job)})
+                "catboost_gpu_ram_part": w.task_catboost_reserve})
 
     def _catboost_reserve(self, job: TrialJob) -> float | None:
         """The GPU memory share a CatBoost fit of ``job`` reserves: the setting, or for "auto" (None)
@@ -420,8 +421,8 @@ class TreeTrialPool:
         raises its out-of-memory error on a thread of its own, which aborts the process (seen on an
         H200), so the worker cannot retry it itself: the pool retries the trial with CatBoost's default
         reserve, and that retry is not counted against trial_retries (the reserve was ours to pick)."""
-        return (task.job.model_type == "catboost" and task.on_gpu and self._catboost_reserve(task.job) is None
-                and not worker.kill_reason and any(is_out_of_gpu_memory(line) for line in worker.task_stderr()))
+        return (task.job.model_type == "catboost" and task.on_gpu and worker.task_catboost_reserve is None
+                and not worker.kill_reason and any(is_out_of_gpu_memory(line) for line in worker.task_stderr))
 
     # -- GPU leases (held by this process for its workers) -------------------------------------
 

@@ -42,6 +42,8 @@ from watcher_plugins.tree_parallel.trial import FoldDataCache, run_trial
 # in the worker's environment, and is always removed before the params reach a library.
 FAULT_INJECTION_ENV = "WATCHER_TREE_FAULT_INJECTION"
 FAULT_PARAM = "_fault"
+# Written to stderr as a trial begins, so the pool can tell this trial's stderr from earlier trials'.
+TASK_STDERR_MARKER = "tree worker: trial begins:"
 
 
 class TreeWorker:
@@ -103,6 +105,8 @@ class TreeWorker:
             result.info.update(pid=os.getpid(), worker_gpu=self.placement.gpu, slot=self.placement.slot)
             self.send({"event": "fold", "result": result.to_json()})
 
+        sys.stderr.write(f"{TASK_STDERR_MARKER} {job.model_type} {job.trial_number}\n")
+        sys.stderr.flush()
         with _ledger(fault, self.placement.gpu, job):
             _inject(fault, settings)
             run_trial(job, settings, self.cache, folds, on_fold=report)
@@ -112,6 +116,7 @@ class TreeWorker:
 def _inject(fault: str | dict | None, settings: FitSettings) -> None:
     """Make the fault a test asked for: "abort" (dies as from a segfault), "abort_once:PATH" (dies
     unless PATH exists, creating it first), "sleep:SECONDS" (a long trial, to be killed mid-way),
+    "stderr:TEXT" (writes TEXT to stderr and trains on),
     "catboost_gpu_oom" (dies as CatBoost does when a GPU fit outgrows its memory reserve, unless the
     reserve is CatBoost's default: a fold that needs it all)."""
     if not isinstance(fault, str) or os.environ.get(FAULT_INJECTION_ENV) != "1":
@@ -129,6 +134,9 @@ def _inject(fault: str | dict | None, settings: FitSettings) -> None:
     elif kind == "abort_once" and not os.path.exists(arg):
         open(arg, "w").close()
         os.abort()
+    elif kind == "stderr":
+        sys.stderr.write(arg + "\n")
+        sys.stderr.flush()
     elif kind == "sleep":
         time.sleep(float(arg))
 
