@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 
 import optuna
 import pytest
@@ -19,6 +21,7 @@ from watcher_plugins.errors import DataError, PluginError, StorageError
 from watcher_plugins.executor import Executor
 from watcher_plugins.manifest import load_manifest
 from watcher_plugins.records import FoldResult
+from watcher_plugins.storage import StudyStore
 from watcher_plugins.types import WatcherExecutor
 
 
@@ -156,6 +159,28 @@ def test_an_interrupted_batch_leaves_nothing_running_and_is_asked_again(pm, tmp_
     rerun = _trajectory(tmp_path / "out")
     assert [t[2] for t in rerun[6:9]] == [t[2] for t in interrupted]  # the same params, asked again first
     assert ReversingExecutor.batches == [[6, 7, 8], [9]]
+
+
+def test_ctrl_c_while_a_trial_is_being_asked_leaves_nothing_running(pm, tmp_path, monkeypatch):
+    """The signal lands inside ``study.ask``, after the trial is written (seen once in CI): the trial
+    must still end FAIL and be re-queued, not stay RUNNING."""
+    asked = []
+    ask = StudyStore.ask
+
+    def ask_then_ctrl_c(self, study):
+        trial = ask(self, study)
+        asked.append(trial.number)
+        if len(asked) == 5:  # the second trial of the second batch
+            os.kill(os.getpid(), signal.SIGINT)  # Python runs the handler here, before ask returns
+        return trial
+
+    monkeypatch.setattr(StudyStore, "ask", ask_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        run_compare_models(_params(pm, tmp_path), pm)
+    trials = _trajectory(tmp_path / "out")
+    assert {t[1] for t in trials} == {"COMPLETE", "FAIL", "WAITING"}  # none RUNNING
+    assert [t[1] for t in trials[3:5]] == ["FAIL", "FAIL"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # given back
 
 
 def test_resuming_with_other_defining_params_is_refused(pm, tmp_path):

@@ -27,6 +27,7 @@ from watcher_plugins.devices import resolve_devices
 from watcher_plugins.errors import DataError, OutputDirError, PluginError
 from watcher_plugins.executor import Executor, RunContext
 from watcher_plugins.gpu_monitor import GpuMonitor
+from watcher_plugins.interrupts import interrupts_held
 from watcher_plugins.progress import ProgressBoard
 from watcher_plugins.records import STATUS_OK, DataRef, FoldResult, TrialJob
 from watcher_plugins.report import write_report
@@ -138,8 +139,9 @@ class StudyRunner:
         self.store.fail_stale(study)  # an agent sharing this study may have died since the last batch
         remaining = self.params["trials"] - self.store.trials_counted(study)
         for _ in range(max(0, min(self.params["ask_batch_size"], remaining))):
-            trial = self.store.ask(study)
-            into.append((trial, None))
+            with interrupts_held():  # the trial exists once asked: it must be in ``into`` before Ctrl-C acts
+                trial = self.store.ask(study)
+                into.append((trial, None))
             if self.store.prune_if_surplus(study, trial, self.params["trials"]):
                 into.pop()
                 break
