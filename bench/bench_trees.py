@@ -3,9 +3,11 @@
 Each arm trains the same batch (``--trials`` trials each of CatBoost, LightGBM and XGBoost, params
 drawn by a seeded sampler, ``--folds``-fold CV, at most ``--rounds`` boosting rounds with early
 stopping) through TreeParallelExecutor, as compare_models sends it: one mixed batch. An arm is
-NAME:GPUS:CORES:WORKERS[:XGBOOST_PER_GPU], e.g. ``serial:0:16:1`` (GPU 0, 16 cores,
-tree_parallel_workers 1) or ``xgb4:0:16:8:4`` (8 workers, 4 of them on GPU 0, where up to 4 XGBoost
-trials run at once; xgboost_per_gpu defaults to 1). Worker start-up is outside the timed region;
+NAME:GPUS:CORES:WORKERS[:XGBOOST_PER_GPU[:FOLD_THREADS[:GPU_WORKER_CORES]]], e.g. ``serial:0:16:1``
+(GPU 0, 16 cores, tree_parallel_workers 1), ``xgb4:0:16:8:4`` (8 workers, 4 of them on GPU 0, where up
+to 4 XGBoost trials run at once; xgboost_per_gpu defaults to 1) or ``folds1:0:16:8:1:1:2`` (8 workers,
+XGBoost's folds one at a time on a 2-core GPU worker; the executor params xgboost_gpu_fold_threads and
+tree_gpu_worker_cores default to auto). Worker start-up is outside the timed region;
 dataset building inside a worker is inside it.
 
     python bench/bench_trees.py --trials 8 --rounds 200 \\
@@ -45,16 +47,27 @@ MODEL_TYPES = ("catboost", "lightgbm", "xgboost")
 def parse_arm(text: str) -> dict:
     try:
         name, gpus, cores, workers, *rest = text.split(":")
-        if len(rest) > 1:
+        if len(rest) > 3:
             raise ValueError
         arm = {"name": name, "gpus": [int(g) for g in gpus.split(",") if g != ""], "cores": int(cores),
-               "workers": int(workers), "xgboost_per_gpu": int(rest[0]) if rest else 1}
+               "workers": int(workers), "xgboost_per_gpu": int(rest[0]) if rest else 1,
+               "xgboost_gpu_fold_threads": _count_or_auto(rest[1] if len(rest) > 1 else "auto"),
+               "tree_gpu_worker_cores": _count_or_auto(rest[2] if len(rest) > 2 else "auto")}
         if arm["workers"] < 1 or arm["xgboost_per_gpu"] < 1:
             raise ValueError
         return arm
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--arm {text!r}: expected NAME:GPUS:CORES:WORKERS[:XGBOOST_PER_GPU], "
-                                         "integers >= 1 for WORKERS and XGBOOST_PER_GPU") from None
+        raise argparse.ArgumentTypeError(
+            f"--arm {text!r}: expected NAME:GPUS:CORES:WORKERS[:XGBOOST_PER_GPU[:FOLD_THREADS[:GPU_WORKER_CORES]]], "
+            "integers >= 1 for WORKERS and XGBOOST_PER_GPU, 'auto' or an integer >= 1 for the last two") from None
+
+
+def _count_or_auto(text: str) -> int | str:
+    if text == "auto":
+        return text
+    if int(text) < 1:
+        raise ValueError(text)
+    return int(text)
 
 
 def gpu_names() -> list[str]:
@@ -78,6 +91,8 @@ def versions() -> dict:
 
 def run_arm(arm: dict, jobs: list[TrialJob], args, workdir: Path) -> dict:
     params = {"tree_parallel_workers": arm["workers"], "xgboost_per_gpu": arm["xgboost_per_gpu"],
+              "xgboost_gpu_fold_threads": arm["xgboost_gpu_fold_threads"],
+              "tree_gpu_worker_cores": arm["tree_gpu_worker_cores"],
               "tree_device": "gpu" if arm["gpus"] else "cpu",
               "tree_rounds": args.rounds, "tree_early_stopping_rounds": args.early_stopping_rounds,
               "catboost_gpu_ram_part": args.catboost_gpu_ram_part}
@@ -88,6 +103,7 @@ def run_arm(arm: dict, jobs: list[TrialJob], args, workdir: Path) -> dict:
         results = ex.run_batch(jobs)
         seconds = time.perf_counter() - started
         placements = [p.describe() for p in ex.placements]
+        fold_threads = ex.settings.xgboost_gpu_fold_threads
     by_trial: dict[str, list] = {}
     per_model_seconds: dict[str, float] = {}
     failures = []
@@ -98,11 +114,12 @@ def run_arm(arm: dict, jobs: list[TrialJob], args, workdir: Path) -> dict:
             failures.append(f"{r.model_type} trial {r.trial_number} fold {r.fold_idx}: {r.error}")
     mean_r2 = {k: (sum(v) / len(v) if all(x is not None for x in v) else None) for k, v in by_trial.items()}
     return {**arm, "seconds": seconds, "trials": len(jobs), "trials_per_min": len(jobs) / seconds * 60,
-            "placements": placements, "fold_seconds_by_model": per_model_seconds, "failures": failures[:20],
+            "placements": placements, "xgboost_gpu_fold_threads_used": fold_threads,
+            "fold_seconds_by_model": per_model_seconds, "failures": failures[:20],
             "n_failed_folds": len(failures), "mean_r2": mean_r2}
 
 
-ARM_SETTINGS = ("gpus", "cores", "workers", "xgboost_per_gpu")
+ARM_SETTINGS = ("gpus", "cores", "workers", "xgboost_per_gpu", "xgboost_gpu_fold_threads", "tree_gpu_worker_cores")
 
 
 def joined_baseline(paths: list[Path], report: dict) -> dict:
@@ -130,9 +147,9 @@ def joined_baseline(paths: list[Path], report: dict) -> dict:
         arm = part["arms"][0]
         if arm["n_failed_folds"]:
             raise SystemExit(f"--baseline {path}: its arm {arm['name']!r} lost {arm['n_failed_folds']} folds")
-        if arms and any(arm[k] != arms[0][k] for k in ARM_SETTINGS):
-            raise SystemExit(f"--baseline {path}: arm settings {[arm[k] for k in ARM_SETTINGS]} differ from "
-                             f"{paths[0]}'s {[arms[0][k] for k in ARM_SETTINGS]} ({', '.join(ARM_SETTINGS)})")
+        if arms and any(arm.get(k) != arms[0].get(k) for k in ARM_SETTINGS):
+            raise SystemExit(f"--baseline {path}: arm settings {[arm.get(k) for k in ARM_SETTINGS]} differ from "
+                             f"{paths[0]}'s {[arms[0].get(k) for k in ARM_SETTINGS]} ({', '.join(ARM_SETTINGS)})")
         arms.append({**arm, "models": part["workload"]["models"]})
     models = [m for arm in arms for m in arm["models"]]
     if sorted(models) != sorted(workload["models"]):
@@ -140,7 +157,7 @@ def joined_baseline(paths: list[Path], report: dict) -> dict:
     seconds, trials = sum(a["seconds"] for a in arms), sum(a["trials"] for a in arms)
     return {
         "name": "+".join(f"{a['name']}({','.join(a['models'])})" for a in arms), "joined_from": [str(p) for p in paths],
-        **{k: arms[0][k] for k in ARM_SETTINGS},
+        **{k: arms[0].get(k) for k in ARM_SETTINGS},
         "seconds": seconds, "trials": trials, "trials_per_min": trials / seconds * 60,
         "fold_seconds_by_model": {k: v for a in arms for k, v in a["fold_seconds_by_model"].items()},
         "n_failed_folds": sum(a["n_failed_folds"] for a in arms),
@@ -201,14 +218,15 @@ def main(argv: list[str] | None = None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     for arm in args.arm:
         print(f"arm {arm['name']}: GPUs {arm['gpus'] or 'none'}, {arm['cores']} cores, {arm['workers']} workers, "
-              f"xgboost_per_gpu {arm['xgboost_per_gpu']}", flush=True)
+              f"xgboost_per_gpu {arm['xgboost_per_gpu']}, xgboost_gpu_fold_threads "
+              f"{arm['xgboost_gpu_fold_threads']}, tree_gpu_worker_cores {arm['tree_gpu_worker_cores']}", flush=True)
         result = run_arm(arm, jobs, args, workdir)
         report["arms"].append(result)
         base = report["arms"][0]
         result["speedup_vs_first_arm"] = base["seconds"] / result["seconds"]
         result["max_abs_mean_r2_diff_vs_first_arm"] = compare(base, result)
         print(f"  {result['seconds']:.1f} s, {result['trials_per_min']:.2f} trials/min, "
-              f"{result['n_failed_folds']} failed folds", flush=True)
+              f"{result['n_failed_folds']} failed folds; {'; '.join(result['placements'])}", flush=True)
         args.out.write_text(json.dumps(report, indent=2))
     print()
     print(f"{'arm':<20} {'GPUs':<6} {'cores':>5} {'workers':>7} {'xgb/GPU':>7} {'seconds':>8} {'trials/min':>10} "

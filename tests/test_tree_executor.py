@@ -12,6 +12,7 @@ from watcher_plugins.errors import ExecutorError
 from watcher_plugins.executor import Executor, RunContext
 from watcher_plugins.records import DataRef, TrialJob
 from watcher_plugins.tree_parallel.executor import TreeParallelExecutor
+from watcher_plugins.tree_parallel.placement import available_cores
 from watcher_plugins.tree_parallel.trial import sample_params
 
 DATA = DataRef(embedded="survivors", rows=1500)
@@ -115,6 +116,44 @@ def test_catboost_gpu_ram_part_is_auto_or_a_share_of_the_gpu(tmp_path, value):
     assert _executor(tmp_path, catboost_gpu_ram_part=1).settings.catboost_gpu_ram_part == 1.0
     with pytest.raises(ExecutorError, match=r'catboost_gpu_ram_part: .* is neither "auto" nor a number in \(0, 1\]'):
         _executor(tmp_path, catboost_gpu_ram_part=value)
+
+
+@pytest.mark.parametrize("name", ["xgboost_gpu_fold_threads", "tree_gpu_worker_cores"])
+@pytest.mark.parametrize("value", [0, -2, 2.5, "many", True, None])
+def test_fold_threads_and_gpu_worker_cores_are_auto_or_a_count(tmp_path, name, value):
+    with pytest.raises(ExecutorError, match=rf'{name}: .* is neither "auto" nor an integer >= 1'):
+        _executor(tmp_path, **{name: value})
+
+
+def test_auto_trains_xgboost_folds_at_once_only_when_the_pool_is_parallel(tmp_path):
+    # Serial (1 worker) is the reference and stays one fold at a time.
+    assert _executor(tmp_path, devices=[0]).settings.xgboost_gpu_fold_threads == 1
+    assert _executor(tmp_path, devices=[0], tree_parallel_workers=2).settings.xgboost_gpu_fold_threads == 5
+    explicit = _executor(tmp_path, devices=[0], xgboost_gpu_fold_threads=3)
+    assert explicit.settings.xgboost_gpu_fold_threads == 3
+
+
+def test_the_gpu_worker_gets_the_cores_asked_for_and_the_cpu_workers_the_rest(tmp_path):
+    cores = len(available_cores())
+    ex = _executor(tmp_path, devices=[0], tree_parallel_workers=3, tree_gpu_worker_cores=cores)
+    gpu_worker, *cpu_workers = ex.placements
+    # As many as there are, less one core for the CPU workers.
+    assert gpu_worker.gpu == 0 and gpu_worker.threads == max(1, cores - 1)
+    assert cpu_workers and all(p.gpu is None for p in cpu_workers)
+
+
+def test_gpu_xgboost_folds_train_at_once_on_the_gpu_worker_only(tmp_path, trees):
+    # No GPU here: XGBoost's GPU fits fail (it finds no GPU), but each fold's result says how many
+    # folds its worker trained at once: the GPU worker all 3 of an XGBoost trial, LightGBM one.
+    jobs = _jobs(("xgboost", "lightgbm"), trials=2)
+    with _executor(tmp_path, devices=[0], tree_parallel_workers=2, tree_device="gpu") as ex:
+        results = ex.run_batch(jobs)
+    xgboost = [r for r in results if r.model_type == "xgboost"]
+    assert all(r.info["worker_gpu"] == 0 and r.info["concurrent_folds"] == 3 for r in xgboost)
+    assert all(r.status == "fail" and "no visible GPU" in r.error for r in xgboost)
+    assert {r.info["concurrent_folds"] for r in results if r.model_type == "lightgbm"} == {1}
+    assert [(r.model_type, r.trial_number, r.fold_idx) for r in results] == [
+        (j.model_type, j.trial_number, f) for j in jobs for f in range(3)]
 
 
 def test_tree_device_cpu_ignores_the_gpus(tmp_path):

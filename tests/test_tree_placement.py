@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from watcher_plugins.tree_parallel.placement import WorkerPlacement, plan_placements
+from watcher_plugins.tree_parallel.placement import WorkerPlacement, auto_gpu_worker_cores, plan_placements
 
 
 def _all_cores(placements):
@@ -81,3 +81,32 @@ def test_gpu_sharing_workers_never_oversubscribe_the_cores():
 def test_zero_xgboost_per_gpu_is_refused():
     with pytest.raises(ValueError, match="xgboost_per_gpu"):
         plan_placements(2, [0], range(4), xgboost_per_gpu=0)
+
+
+def test_gpu_worker_cores_gives_each_gpu_worker_that_many_and_the_cpu_workers_the_rest():
+    placements = plan_placements(8, [0], range(16), gpu_worker_cores=6)
+    assert [(p.gpu, p.threads) for p in placements] == [(0, 6)] + [(None, 2)] * 3 + [(None, 1)] * 4
+    assert sorted(_all_cores(placements)) == list(range(16))  # disjoint, every core used
+    two = plan_placements(8, [0, 1], range(32), gpu_worker_cores=6)
+    assert [p.threads for p in two if p.gpu is not None] == [6, 6] and sum(p.threads for p in two) == 32
+
+
+def test_gpu_worker_cores_is_a_floor_and_always_leaves_a_cpu_worker_a_core():
+    # Already more than asked: the equal share stands.
+    assert [p.threads for p in plan_placements(2, [0], range(16), gpu_worker_cores=4)] == [8, 8]
+    # A serial plan is one worker with every core.
+    assert [p.threads for p in plan_placements(1, [0], range(16), gpu_worker_cores=6)] == [16]
+    # More than there are: the CPU workers keep one core (fewer of them), never none.
+    assert [(p.gpu, p.cores) for p in plan_placements(3, [0], range(2), gpu_worker_cores=6)] == [(0, (0,)), (None, (1,))]
+    assert [(p.gpu, p.threads) for p in plan_placements(8, [0], range(7), gpu_worker_cores=6)] == [(0, 6), (None, 1)]
+    with pytest.raises(ValueError, match="gpu_worker_cores"):
+        plan_placements(4, [0], range(8), gpu_worker_cores=0)
+
+
+def test_auto_gpu_worker_cores_is_a_core_per_fold_thread_plus_one_within_half_the_cores():
+    assert auto_gpu_worker_cores(5, 16, 1) == 6
+    assert auto_gpu_worker_cores(5, 32, 2) == 6
+    assert auto_gpu_worker_cores(5, 8, 1) == 4  # half of 8
+    assert auto_gpu_worker_cores(5, 2, 1) == 1
+    assert auto_gpu_worker_cores(1, 16, 1) is None  # folds one at a time: equal shares
+    assert auto_gpu_worker_cores(5, 16, 0) is None  # no GPU worker

@@ -6,11 +6,13 @@ import json
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 
 from watcher_plugins.data import embedded_survivors, kfold_splits, r2_score
 from watcher_plugins.records import DataRef, TrialJob, fold_seed
+from watcher_plugins.tree_parallel import libraries
 from watcher_plugins.tree_parallel.libraries import FitSettings
 from watcher_plugins.tree_parallel.trial import FoldDataCache, run_trial, sample_params
 
@@ -81,6 +83,50 @@ def test_a_fold_that_raises_is_a_fail_with_the_error_text():
     assert all(r.r2 is None and "num_leaves" in r.error for r in results)
 
 
+@pytest.mark.parametrize("model_type", sorted(LIBRARY))
+def test_folds_trained_at_once_in_threads_give_the_same_results_in_fold_order(model_type):
+    pytest.importorskip(LIBRARY[model_type])
+    job = _job(model_type, trial=1, folds=4)
+    alone = run_trial(job, FitSettings(SETTINGS.rounds, SETTINGS.early_stopping_rounds, threads=2))
+    reported = []
+    together = run_trial(job, FitSettings(SETTINGS.rounds, SETTINGS.early_stopping_rounds, threads=2),
+                         fold_threads=3, on_fold=lambda r: reported.append((r.fold_idx, threading.current_thread())))
+    assert [r.fold_idx for r in together] == [0, 1, 2, 3]
+    assert [(r.r2, r.info["best_iteration"]) for r in together] == [(r.r2, r.info["best_iteration"]) for r in alone]
+    # Each fold reported once, from the caller's thread (the worker writes its protocol from there).
+    assert sorted(f for f, _ in reported) == [0, 1, 2, 3]
+    assert {t for _, t in reported} == {threading.main_thread()}
+    # The cores are shared between the folds running at once: 2 // 3 -> 1 thread each.
+    assert {(r.info["concurrent_folds"], r.info["threads"]) for r in together} == {(3, 1)}
+    assert {(r.info["concurrent_folds"], r.info["threads"]) for r in alone} == {(1, 2)}
+
+
+def test_fold_threads_really_train_the_folds_at_once(monkeypatch):
+    # Every fit waits at a barrier for the other two before it trains: one fold at a time would break
+    # the barrier (after its timeout) and fail the folds.
+    pytest.importorskip("xgboost")
+    barrier = threading.Barrier(3, timeout=20)
+    fit = libraries.XGBoostFitter.fit
+
+    def fit_when_all_three_are_in(self, *args, **kwargs):
+        barrier.wait()
+        return fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(libraries.XGBoostFitter, "fit", fit_when_all_three_are_in)
+    results = run_trial(_job("xgboost"), SETTINGS, fold_threads=3)
+    assert [r.status for r in results] == ["ok"] * 3, [r.error for r in results]
+
+
+def test_a_fold_that_fails_among_threads_fails_alone():
+    pytest.importorskip("lightgbm")
+    cache = FoldDataCache()
+    # Fold 5 of a 3-fold trial does not exist: building it raises, in its own thread.
+    results = run_trial(_job("lightgbm"), SETTINGS, cache, fold_indices=[2, 5, 0], fold_threads=3)
+    assert [(r.fold_idx, r.status) for r in results] == [(2, "ok"), (5, "fail"), (0, "ok")]
+    assert "IndexError" in results[1].error and results[1].r2 is None
+    assert cache.builds == 2  # the shared cache built each real fold once, under its lock
+
+
 def _cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}
     return subprocess.run([sys.executable, "-m", "watcher_plugins.tree_parallel.trial", *args],
@@ -123,3 +169,14 @@ def test_the_trial_command_refuses_a_catboost_reserve_outside_0_to_1(share):
     done = _cli("--cpu", "--model", "catboost", "--catboost-gpu-ram-part", share)
     assert done.returncode == 2
     assert f"--catboost-gpu-ram-part: {share!r} is not a number in (0, 1]" in done.stderr
+
+
+def test_the_trial_command_trains_folds_at_once_with_fold_threads():
+    pytest.importorskip("xgboost")
+    args = ("--cpu", "--model", "xgboost", "--trial", "2", "--rows", "1500", "--folds", "3", "--rounds", "30",
+            "--threads", "2", "--params", json.dumps({"max_depth": 4}))
+    alone, together = json.loads(_cli(*args).stdout), json.loads(_cli(*args, "--fold-threads", "3").stdout)
+    assert together["status"] == "ok" and together["mean_r2"] == alone["mean_r2"]
+    assert [f["info"]["concurrent_folds"] for f in together["folds"]] == [3, 3, 3]
+    done = _cli("--cpu", "--model", "xgboost", "--fold-threads", "0")
+    assert done.returncode == 2 and "--fold-threads: '0' is not an integer >= 1" in done.stderr

@@ -92,13 +92,18 @@ def test_the_pool_trains_catboost_and_xgboost_on_the_gpu_and_never_imports_torch
 def test_gpu_results_do_not_depend_on_the_number_of_workers(tmp_path, model_type):
     jobs = _jobs((model_type, "lightgbm"), trials=2)
     r2 = {}
+    concurrent = {}
     for workers in (1, 3):
         with TreeParallelExecutor({**FAST, "tree_parallel_workers": workers, "tree_device": "gpu"},
                                   RunContext(output_dir=tmp_path, devices=[0])) as ex:
-            r2[workers] = [(r.model_type, r.r2) for r in ex.run_batch(jobs)]
+            results = ex.run_batch(jobs)
+        r2[workers] = [(r.model_type, r.r2) for r in results]
+        concurrent[workers] = {r.info["concurrent_folds"] for r in results if r.model_type == model_type}
     diffs = [abs(a[1] - b[1]) for a, b in zip(r2[1], r2[3]) if a[0] == model_type]
     print(f"{model_type} on GPU: max |dR2| between 1 and 3 workers = {max(diffs):.3e}")
     assert r2[1] == r2[3]
+    # With 3 workers the GPU worker trains an XGBoost trial's 3 folds at once (auto); serial one by one.
+    assert concurrent == {1: {1}, 3: {3 if model_type == "xgboost" else 1}}
 
 
 def _catboost_r2(tmp_path, ram_part, trials=3):

@@ -12,13 +12,22 @@ from watcher_plugins.errors import DataError, ExecutorError
 from watcher_plugins.executor import Executor, ResultCallback, RunContext
 from watcher_plugins.records import STATUS_FAIL, FoldResult, TrialJob
 from watcher_plugins.tree_parallel.libraries import TREE_MODEL_TYPES
-from watcher_plugins.tree_parallel.placement import WorkerPlacement, available_cores, plan_placements
+from watcher_plugins.tree_parallel.placement import (
+    WorkerPlacement,
+    auto_gpu_worker_cores,
+    available_cores,
+    plan_placements,
+)
 from watcher_plugins.tree_parallel.pool import PoolSettings, TreeTrialPool
 
 log = logging.getLogger(__name__)
 
 DEFAULTS = {"tree_parallel_workers": 1, "xgboost_per_gpu": 1, "tree_device": "auto", "tree_rounds": 500,
-            "tree_early_stopping_rounds": 50, "catboost_gpu_ram_part": "auto"}
+            "tree_early_stopping_rounds": 50, "catboost_gpu_ram_part": "auto", "xgboost_gpu_fold_threads": "auto",
+            "tree_gpu_worker_cores": "auto"}
+# xgboost_gpu_fold_threads "auto" with more than one worker: the folds of a 5-fold trial all at once
+# (on an H200 10 threads were slower than 5: bench/results/h200_session4/).
+AUTO_XGBOOST_GPU_FOLD_THREADS = 5
 
 
 class TreeParallelExecutor(Executor):
@@ -26,8 +35,10 @@ class TreeParallelExecutor(Executor):
 
     ``tree_parallel_workers`` trials run at once (1 = serial: one worker with every core and the
     first GPU); up to ``xgboost_per_gpu`` of them are workers on each GPU, where XGBoost trials share
-    the GPU and CatBoost trials have it to themselves. One batch may mix model types; results never
-    depend on the number of workers.
+    the GPU and CatBoost trials have it to themselves. A GPU worker trains up to
+    ``xgboost_gpu_fold_threads`` folds of an XGBoost trial at once (auto: 1 when serial, else 5) and
+    gets at least ``tree_gpu_worker_cores`` cores for them (auto: one per fold thread plus one, at most
+    half the cores). One batch may mix model types; results never depend on any of these.
     """
 
     def __init__(self, params: Mapping[str, Any], context: RunContext):
@@ -42,8 +53,14 @@ class TreeParallelExecutor(Executor):
         per_gpu = int(self.params["xgboost_per_gpu"])
         if per_gpu < 1:
             raise ExecutorError(f"xgboost_per_gpu: {per_gpu} is less than the minimum of 1")
-        self.placements: list[WorkerPlacement] = plan_placements(workers, gpus, available_cores(context.cpu_count),
-                                                                 per_gpu)
+        fold_threads = _count_or_auto(self.params, "xgboost_gpu_fold_threads")
+        if fold_threads is None:
+            fold_threads = 1 if workers == 1 else AUTO_XGBOOST_GPU_FOLD_THREADS
+        cores = available_cores(context.cpu_count)
+        gpu_cores = _count_or_auto(self.params, "tree_gpu_worker_cores")
+        if gpu_cores is None:
+            gpu_cores = auto_gpu_worker_cores(fold_threads, len(cores), min(workers, len(gpus) * per_gpu))
+        self.placements: list[WorkerPlacement] = plan_placements(workers, gpus, cores, per_gpu, gpu_cores)
         if len(self.placements) < workers:
             log.warning("tree_parallel_workers=%d capped to %d: one core per worker at least (%d cores)",
                         workers, len(self.placements), context.cpu_count)
@@ -55,6 +72,7 @@ class TreeParallelExecutor(Executor):
             trial_retries=int(context.trial_retries),
             trial_timeout_s=float(self.params.get("tree_trial_timeout_s", 3600)),
             xgboost_per_gpu=per_gpu,
+            xgboost_gpu_fold_threads=fold_threads,
             catboost_gpu_ram_part=_gpu_ram_part(self.params["catboost_gpu_ram_part"]),
         )
         self._pool: TreeTrialPool | None = None
@@ -94,6 +112,16 @@ class TreeParallelExecutor(Executor):
         if self._pool is not None:
             self._pool.close()
             self._pool = None
+
+
+def _count_or_auto(params: Mapping[str, Any], name: str) -> int | None:
+    """An "auto"-or-integer param as the executor takes it: None for "auto", else an integer >= 1."""
+    value = params[name]
+    if value == "auto":
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ExecutorError(f"{name}: {value!r} is neither \"auto\" nor an integer >= 1")
+    return value
 
 
 def _gpu_ram_part(value: Any) -> float | None:

@@ -6,6 +6,8 @@ worker), and with its config as JSON on the command line:
 
     python -m watcher_plugins.tree_parallel.worker --config '{"placement": {...}, "rounds": 500, ...}'
 
+(config: placement, rounds, early_stopping_rounds, xgboost_gpu_fold_threads.)
+
 Protocol: one JSON object a line.
     parent -> worker  {"command": "ping"}
                       {"command": "train", "job": {TrialJob}, "folds": [0, 1, ...],
@@ -34,7 +36,12 @@ from typing import TextIO
 
 from watcher_plugins.records import FoldResult, TrialJob
 from watcher_plugins.stdio import claim_stdout
-from watcher_plugins.tree_parallel.libraries import CatBoostFitter, FitSettings, runs_on_gpu
+from watcher_plugins.tree_parallel.libraries import (
+    FOLD_THREADS_GPU_MODEL_TYPES,
+    CatBoostFitter,
+    FitSettings,
+    runs_on_gpu,
+)
 from watcher_plugins.tree_parallel.placement import WorkerPlacement
 from watcher_plugins.tree_parallel.trial import FoldDataCache, run_trial
 
@@ -53,6 +60,8 @@ class TreeWorker:
         self.placement = WorkerPlacement.from_json(config["placement"])
         self.rounds = int(config["rounds"])
         self.early_stopping_rounds = int(config["early_stopping_rounds"])
+        # Folds of a GPU XGBoost trial trained at once, in threads (FOLD_THREADS_GPU_MODEL_TYPES).
+        self.xgboost_gpu_fold_threads = int(config.get("xgboost_gpu_fold_threads", 1))
         self.out = out
         self.cache = FoldDataCache()
 
@@ -100,6 +109,8 @@ class TreeWorker:
         use_gpu = runs_on_gpu(job.model_type, self.placement.gpu is not None)
         settings = FitSettings(self.rounds, self.early_stopping_rounds, self.placement.threads, use_gpu,
                                catboost_gpu_ram_part)
+        fold_threads = (self.xgboost_gpu_fold_threads
+                        if use_gpu and job.model_type in FOLD_THREADS_GPU_MODEL_TYPES else 1)
 
         def report(result: FoldResult) -> None:
             result.info.update(pid=os.getpid(), worker_gpu=self.placement.gpu, slot=self.placement.slot)
@@ -109,7 +120,7 @@ class TreeWorker:
         sys.stderr.flush()
         with _ledger(fault, self.placement.gpu, job):
             _inject(fault, settings)
-            run_trial(job, settings, self.cache, folds, on_fold=report)
+            run_trial(job, settings, self.cache, folds, on_fold=report, fold_threads=fold_threads)
         self.send({"event": "done", "trial_number": job.trial_number})
 
 

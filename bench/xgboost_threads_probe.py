@@ -1,0 +1,93 @@
+"""Does XGBoost gain from training several folds at once on one GPU, from threads of one process?
+
+Processes sharing a GPU time-slice (bench/results/trees_h200x2_run2_run3.md: four XGBoost processes
+did no more work than one). Threads of one process share one CUDA context, and XGBoost launches on
+per-thread default streams, so their kernels may overlap. This fits the first ``--trials`` sampled
+XGBoost trials on the five folds of survivors-98k, once fold after fold and once with each trial's
+folds in ``--threads`` threads (each fold's datasets used by one thread at a time), and prints the wall
+time of each arm and whether every fold's R^2 is bit-identical to the sequential arm's.
+
+    CUDA_VISIBLE_DEVICES=0 python bench/xgboost_threads_probe.py --trials 6 --arm 1:2 --arm 5:6 --out probe.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from watcher_plugins.data import FULL_ROWS, embedded_survivors, kfold_splits  # noqa: E402
+from watcher_plugins.tree_parallel.libraries import FitSettings, fitter_for  # noqa: E402
+from watcher_plugins.tree_parallel.trial import sample_params  # noqa: E402
+
+
+def run_arm(folds, params_list, settings, threads: int, barrier: bool = True) -> tuple[float, list[list[float]]]:
+    """Fit every trial on every fold in ``threads`` threads (1 = one after another). With ``barrier`` a
+    trial's folds run at once and the next trial waits for its slowest fold (a worker trains one trial
+    at a time); without it any thread takes the next (trial, fold), so two threads may use one fold's
+    datasets at once."""
+    fitter = fitter_for("xgboost")
+
+    def fit(task):
+        trial, fold = task
+        return fitter.fit(folds[fold], dict(params_list[trial]), seed=1000 + trial, settings=settings).r2
+
+    tasks = [[(t, f) for f in range(len(folds))] for t in range(len(params_list))]
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        if barrier:
+            r2 = [list(pool.map(fit, trial_tasks)) for trial_tasks in tasks]
+        else:
+            flat = list(pool.map(fit, [task for trial_tasks in tasks for task in trial_tasks]))
+            r2 = [flat[i:i + len(folds)] for i in range(0, len(flat), len(folds))]
+    return time.perf_counter() - started, r2
+
+
+def parse_arm(text: str) -> dict:
+    threads, cores, *rest = text.split(":")
+    return {"threads": int(threads), "cores": int(cores), "barrier": rest != ["nobarrier"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--trials", type=int, default=6)
+    p.add_argument("--rounds", type=int, default=500)
+    p.add_argument("--arm", type=parse_arm, action="append", required=True,
+                   help="THREADS:CORES[:nobarrier], repeatable; the first arm is the reference (e.g. 1:2)")
+    p.add_argument("--fit-threads", type=int, default=2, help="nthread of each fit")
+    p.add_argument("--cpu", action="store_true", help="train on the CPU (to try the script without a GPU)")
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args(argv)
+
+    ds = embedded_survivors(FULL_ROWS)
+    all_cores = sorted(os.sched_getaffinity(0))
+    settings = FitSettings(rounds=args.rounds, early_stopping_rounds=50, threads=args.fit_threads,
+                           use_gpu=not args.cpu)
+    fitter = fitter_for("xgboost")
+    folds = [fitter.prepare_fold(ds.X[tr], ds.y[tr], ds.X[va], ds.y[va], settings)
+             for tr, va in kfold_splits(ds.n_rows, 5, 42)]
+    params_list = [sample_params("xgboost", t, 42) for t in range(args.trials)]
+    run_arm(folds, params_list[:1], settings, 1)  # warm-up: CUDA context, device copies of the matrices
+    rows, reference = [], None
+    for arm in args.arm:
+        os.sched_setaffinity(0, all_cores[:arm["cores"]])
+        seconds, r2 = run_arm(folds, params_list, settings, arm["threads"], arm["barrier"])
+        reference = reference or {"seconds": seconds, "r2": r2}
+        row = {**arm, "seconds": seconds, "ratio_vs_first": reference["seconds"] / seconds,
+               "r2_bit_identical_to_first": r2 == reference["r2"], "r2": r2}
+        rows.append(row)
+        print(f"{arm['threads']:>2} threads on {arm['cores']:>2} cores{'' if arm['barrier'] else ', no barrier'}: "
+              f"{seconds:6.2f} s = {row['ratio_vs_first']:.2f}x the first arm, R2 bit-identical: "
+              f"{row['r2_bit_identical_to_first']}", flush=True)
+    args.out.write_text(json.dumps({"command": " ".join(sys.argv), "rows": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
