@@ -11,8 +11,8 @@ from watcher_plugins.builtin import _tree_parallel_executor
 from watcher_plugins.errors import ExecutorError
 from watcher_plugins.executor import Executor, RunContext
 from watcher_plugins.records import DataRef, TrialJob
+from watcher_plugins.tree_parallel import executor as tree_executor
 from watcher_plugins.tree_parallel.executor import TreeParallelExecutor
-from watcher_plugins.tree_parallel.placement import available_cores
 from watcher_plugins.tree_parallel.trial import sample_params
 
 DATA = DataRef(embedded="survivors", rows=1500)
@@ -133,13 +133,25 @@ def test_auto_trains_xgboost_folds_at_once_only_when_the_pool_is_parallel(tmp_pa
     assert explicit.settings.xgboost_gpu_fold_threads == 3
 
 
-def test_the_gpu_worker_gets_the_cores_asked_for_and_the_cpu_workers_the_rest(tmp_path):
-    cores = len(available_cores())
-    ex = _executor(tmp_path, devices=[0], tree_parallel_workers=3, tree_gpu_worker_cores=cores)
-    gpu_worker, *cpu_workers = ex.placements
-    # As many as there are, less one core for the CPU workers.
-    assert gpu_worker.gpu == 0 and gpu_worker.threads == max(1, cores - 1)
-    assert cpu_workers and all(p.gpu is None for p in cpu_workers)
+def test_the_gpu_worker_gets_a_core_per_fold_thread_and_the_cpu_workers_the_rest(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(tree_executor, "available_cores", lambda limit=None: list(range(16))[:limit])
+
+    def shares(**params):
+        ex = TreeParallelExecutor({**FAST, **params}, RunContext(output_dir=tmp_path, devices=[0], cpu_count=16))
+        return [(p.gpu, p.threads) for p in ex.placements]
+
+    # auto: 5 fold threads + 1 for the GPU worker; 3 CPU workers with 2 cores, 4 with 1.
+    assert shares(tree_parallel_workers=8) == [(0, 6)] + [(None, 2)] * 3 + [(None, 1)] * 4
+    # Folds one at a time: equal shares, as before.
+    assert shares(tree_parallel_workers=8, xgboost_gpu_fold_threads=1) == [(0, 2)] + [(None, 2)] * 7
+    # As many workers as cores: nobody loses a place to the GPU worker.
+    assert shares(tree_parallel_workers=16) == [(0, 1)] + [(None, 1)] * 15
+    assert shares(tree_parallel_workers=4, tree_gpu_worker_cores=10) == [(0, 10), (None, 2), (None, 2), (None, 2)]
+    assert not caplog.records
+    # Asked for more than the CPU workers can spare: as many as they can, with a warning that says why.
+    assert shares(tree_parallel_workers=8, tree_gpu_worker_cores=12) == [(0, 9)] + [(None, 1)] * 7
+    assert "tree_gpu_worker_cores=12: GPU workers get 9 cores, so that each of the 7 CPU workers keeps one" \
+        in caplog.text
 
 
 def test_gpu_xgboost_folds_train_at_once_on_the_gpu_worker_only(tmp_path, trees):

@@ -91,14 +91,19 @@ def test_gpu_worker_cores_gives_each_gpu_worker_that_many_and_the_cpu_workers_th
     assert [p.threads for p in two if p.gpu is not None] == [6, 6] and sum(p.threads for p in two) == 32
 
 
-def test_gpu_worker_cores_is_a_floor_and_always_leaves_a_cpu_worker_a_core():
+def test_gpu_worker_cores_never_costs_a_worker_its_place():
     # Already more than asked: the equal share stands.
     assert [p.threads for p in plan_placements(2, [0], range(16), gpu_worker_cores=4)] == [8, 8]
     # A serial plan is one worker with every core.
     assert [p.threads for p in plan_placements(1, [0], range(16), gpu_worker_cores=6)] == [16]
-    # More than there are: the CPU workers keep one core (fewer of them), never none.
+    # As many workers as cores: every worker keeps its one core, the GPU worker gets no more.
+    assert [p.threads for p in plan_placements(16, [0], range(16), gpu_worker_cores=6)] == [1] * 16
+    # Only what the CPU workers can spare: 7 of them need 7 of 9 cores.
+    assert [p.threads for p in plan_placements(8, [0], range(9), gpu_worker_cores=6)] == [2] + [1] * 7
+    # Shared by four GPU workers: 16 cores less the 4 CPU workers' ones, 3 each.
+    four = plan_placements(8, [0], range(16), xgboost_per_gpu=4, gpu_worker_cores=6)
+    assert [(p.gpu, p.threads) for p in four] == [(0, 3)] * 4 + [(None, 1)] * 4
     assert [(p.gpu, p.cores) for p in plan_placements(3, [0], range(2), gpu_worker_cores=6)] == [(0, (0,)), (None, (1,))]
-    assert [(p.gpu, p.threads) for p in plan_placements(8, [0], range(7), gpu_worker_cores=6)] == [(0, 6), (None, 1)]
     with pytest.raises(ValueError, match="gpu_worker_cores"):
         plan_placements(4, [0], range(8), gpu_worker_cores=0)
 

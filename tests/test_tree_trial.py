@@ -117,6 +117,27 @@ def test_fold_threads_really_train_the_folds_at_once(monkeypatch):
     assert [r.status for r in results] == ["ok"] * 3, [r.error for r in results]
 
 
+def test_when_reporting_a_fold_fails_no_further_fold_starts(monkeypatch):
+    # The worker reports each fold to its parent; if the parent is gone (broken pipe), the folds
+    # still queued must not train.
+    pytest.importorskip("lightgbm")
+    fits = []
+    fit = libraries.LightGBMFitter.fit
+
+    def counted_fit(self, *args, **kwargs):
+        fits.append(1)
+        return fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(libraries.LightGBMFitter, "fit", counted_fit)
+
+    def parent_gone(result):
+        raise BrokenPipeError("the pool is gone")
+
+    with pytest.raises(BrokenPipeError):
+        run_trial(_job("lightgbm", folds=10), SETTINGS, fold_threads=2, on_fold=parent_gone)
+    assert len(fits) <= 4  # the first two, and at most one more each thread had taken up
+
+
 def test_a_fold_that_fails_among_threads_fails_alone():
     pytest.importorskip("lightgbm")
     cache = FoldDataCache()
@@ -180,3 +201,9 @@ def test_the_trial_command_trains_folds_at_once_with_fold_threads():
     assert [f["info"]["concurrent_folds"] for f in together["folds"]] == [3, 3, 3]
     done = _cli("--cpu", "--model", "xgboost", "--fold-threads", "0")
     assert done.returncode == 2 and "--fold-threads: '0' is not an integer >= 1" in done.stderr
+
+
+def test_the_trial_command_refuses_fold_threads_for_catboost_on_a_gpu():
+    done = _cli("--gpu", "0", "--model", "catboost", "--fold-threads", "2", "--params", "{}")
+    assert done.returncode == 2
+    assert "--fold-threads: catboost trains one fold at a time on a GPU (only xgboost" in done.stderr

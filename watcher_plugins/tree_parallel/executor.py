@@ -57,10 +57,15 @@ class TreeParallelExecutor(Executor):
         if fold_threads is None:
             fold_threads = 1 if workers == 1 else AUTO_XGBOOST_GPU_FOLD_THREADS
         cores = available_cores(context.cpu_count)
-        gpu_cores = _count_or_auto(self.params, "tree_gpu_worker_cores")
-        if gpu_cores is None:
-            gpu_cores = auto_gpu_worker_cores(fold_threads, len(cores), min(workers, len(gpus) * per_gpu))
+        asked_gpu_cores = _count_or_auto(self.params, "tree_gpu_worker_cores")
+        gpu_cores = asked_gpu_cores or auto_gpu_worker_cores(fold_threads, len(cores),
+                                                             min(workers, len(gpus) * per_gpu))
         self.placements: list[WorkerPlacement] = plan_placements(workers, gpus, cores, per_gpu, gpu_cores)
+        short = [p for p in self.placements if p.gpu is not None and asked_gpu_cores and p.threads < asked_gpu_cores]
+        if short:
+            log.warning("tree_gpu_worker_cores=%d: GPU workers get %d cores, so that each of the %d CPU workers "
+                        "keeps one (%d cores)", asked_gpu_cores, min(p.threads for p in short),
+                        sum(p.gpu is None for p in self.placements), len(cores))
         if len(self.placements) < workers:
             log.warning("tree_parallel_workers=%d capped to %d: one core per worker at least (%d cores)",
                         workers, len(self.placements), context.cpu_count)

@@ -34,9 +34,10 @@ GPU_MODEL_TYPES = frozenset({"catboost", "xgboost"})
 SHARED_GPU_MODEL_TYPES = frozenset({"xgboost"})
 # The GPU model types whose folds may train at once in threads of one worker (xgboost_gpu_fold_threads).
 # Processes sharing a GPU time-slice it; threads of one process share its CUDA context, and XGBoost
-# launches on per-thread default streams, so their kernels overlap: on an H200, 5 threads trained 6
-# survivors-98k trials 1.68x faster than one fold at a time, with bit-identical R^2, given 6 cores
-# (1.03x on 2: a GPU XGBoost fit keeps a core busy launching kernels; bench/results/h200_session4/).
+# launches on per-thread default streams, so their kernels overlap: on an H200, 5 threads on 6 cores
+# trained 6 survivors-98k trials 1.68x faster than one fold at a time (which took as long on 6 cores as
+# on 2), with bit-identical R^2; 1.03x with the 5 threads on 2 cores, since a GPU XGBoost fit keeps a
+# core busy launching kernels (bench/results/h200_session4/).
 # Not CatBoost: it never shares its GPU, and its CUDA manager is one per process.
 FOLD_THREADS_GPU_MODEL_TYPES = frozenset({"xgboost"})
 

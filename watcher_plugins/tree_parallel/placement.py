@@ -9,7 +9,7 @@ worker's libraries get as many threads as it has cores, so the pool never runs m
 has cores: a worker beyond the cores is not started (only the first worker of each GPU may share a core,
 where there are fewer cores than GPUs). A GPU worker may be given a larger share
 (``gpu_worker_cores``): it trains XGBoost's folds in threads, one core each (see worker.py), and the CPU
-workers split what is left.
+workers split what is left; the larger share never costs a worker its place.
 """
 
 from __future__ import annotations
@@ -55,8 +55,9 @@ def auto_gpu_worker_cores(fold_threads: int, n_cores: int, n_gpus: int) -> int |
     fold thread plus one for the worker itself, but never more than half the cores (split between the
     GPUs), so that CPU workers keep the other half. None (equal shares) when folds run one at a time.
 
-    On an H200, 5 fold threads of survivors-98k ran 1.50x faster than one fold at a time on 4 cores,
-    1.68x on 6, 1.67x on 8, 1.64x on 12 (bench/results/h200_session4/).
+    On an H200, 5 fold threads of survivors-98k ran 1.50x faster than one fold at a time (on 2 cores;
+    more do not speed it up) when given 4 cores, 1.68x on 6, 1.67x on 8, 1.64x on 12
+    (bench/results/h200_session4/).
     """
     if fold_threads <= 1 or n_gpus < 1:
         return None
@@ -69,8 +70,8 @@ def plan_placements(workers: int, gpus: Sequence[int], cores: Sequence[int],
     ``xgboost_per_gpu`` per GPU), the rest CPU workers.
 
     Every worker has a core share of its own; workers that would have none are left out. With
-    ``gpu_worker_cores`` each GPU worker gets at least that many cores, as far as one core is left for
-    a CPU worker where any was asked for, and the CPU workers split the rest.
+    ``gpu_worker_cores`` each GPU worker gets up to that many cores (never fewer than its equal share),
+    as far as every CPU worker keeps a core, and the CPU workers split the rest.
     """
     if workers < 1:
         raise ValueError(f"tree_parallel_workers must be >= 1, got {workers}")
@@ -90,13 +91,11 @@ def plan_placements(workers: int, gpus: Sequence[int], cores: Sequence[int],
         shares = [(cores[i % len(cores)],) for i in range(total)]
     else:
         shares = _equal_shares(cores, total)
-        if n_gpu and n_cpu and gpu_worker_cores and min(map(len, shares[:n_gpu])) < gpu_worker_cores:
-            # GPU workers first, each with the larger share; the CPU workers split the rest, one core
-            # each at least (fewer CPU workers if need be, but never none).
-            size = max(1, min(gpu_worker_cores, (len(cores) - 1) // n_gpu))
+        # A larger share for the GPU workers, as far as every CPU worker keeps a core of its own.
+        size = min(gpu_worker_cores or 0, (len(cores) - n_cpu) // n_gpu if n_gpu else 0)
+        if n_cpu and size > min(map(len, shares[:n_gpu]), default=size):
             rest = cores[n_gpu * size:]
-            shares = [tuple(cores[i * size:(i + 1) * size]) for i in range(n_gpu)]
-            shares += _equal_shares(rest, min(n_cpu, len(rest)))
+            shares = [tuple(cores[i * size:(i + 1) * size]) for i in range(n_gpu)] + _equal_shares(rest, n_cpu)
     total = len(shares)
     return [WorkerPlacement(slot=i, gpu=gpus[i % len(gpus)] if i < n_gpu else None, cores=shares[i])
             for i in range(total)]

@@ -27,6 +27,7 @@ from watcher_plugins.errors import WatcherPluginError
 from watcher_plugins.records import STATUS_FAIL, STATUS_OK, DataRef, FoldResult, TrialJob, fold_seed
 from watcher_plugins.stdio import claim_stdout
 from watcher_plugins.tree_parallel.libraries import (
+    FOLD_THREADS_GPU_MODEL_TYPES,
     TREE_MODEL_TYPES,
     CatBoostFitter,
     FitSettings,
@@ -103,22 +104,30 @@ def run_trial(job: TrialJob, settings: FitSettings, cache: FoldDataCache | None 
     shared = dataclasses.replace(settings, threads=max(1, settings.threads // threads))
     done: dict[int, FoldResult] = {}
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix=f"{job.model_type}-fold") as pool:
-        futures = [pool.submit(_run_fold, job, fold_idx, shared, cache, threads) for fold_idx in indices]
-        for future in as_completed(futures):
-            result = future.result()
-            done[result.fold_idx] = result
-            if on_fold is not None:
-                on_fold(result)
+        futures = [pool.submit(_run_fold, job, fold_idx, shared, cache, threads, settings) for fold_idx in indices]
+        try:
+            for future in as_completed(futures):
+                result = future.result()
+                done[result.fold_idx] = result
+                if on_fold is not None:
+                    on_fold(result)
+        except BaseException:
+            # Ctrl-C, or on_fold failed (the parent is gone): start no more folds. Those training
+            # finish first; a library call cannot be stopped from outside.
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
     return [done[fold_idx] for fold_idx in indices]
 
 
 def _run_fold(job: TrialJob, fold_idx: int, settings: FitSettings, cache: FoldDataCache,
-              concurrent_folds: int) -> FoldResult:
+              concurrent_folds: int, build_settings: FitSettings | None = None) -> FoldResult:
+    """One fold's fit with ``settings``; its datasets, when not cached yet, are built with
+    ``build_settings`` (every thread of the trial: building holds the cache's lock anyway)."""
     device = "gpu" if settings.use_gpu else "cpu"
     info = {"device": device, "threads": settings.threads, "concurrent_folds": concurrent_folds}
     started = time.perf_counter()
     try:
-        fold = cache.fold(job, fold_idx, settings)
+        fold = cache.fold(job, fold_idx, build_settings or settings)
         fit = fitter_for(job.model_type).fit(fold, dict(job.params), fold_seed(job.seed, job.trial_number, fold_idx),
                                              settings)
         return FoldResult(job.trial_number, fold_idx, job.model_type, fit.r2, time.perf_counter() - started,
@@ -201,8 +210,8 @@ def _parser() -> argparse.ArgumentParser:
                         "0.05 saves about 0.4 s per fit on an H200 where the data fit in it, and a fit that "
                         "does not fit aborts this process)")
     p.add_argument("--fold-threads", type=_count, default=1,
-                   help="folds trained at once, in threads sharing --threads (default 1; on a GPU XGBoost gains "
-                        "from it, given a core per fold: 1.68x with 5 on an H200)")
+                   help="folds trained at once, in threads sharing --threads (default 1). On a GPU only XGBoost "
+                        "may; it gains given a core per fold (5 folds at once on 6 cores: 1.68x on an H200)")
     p.add_argument("--lease-dir", help="GPU lease directory (default: $WATCHER_LEASE_DIR or the temp dir)")
     p.add_argument("--lease-timeout", type=float, default=600.0, help="seconds to wait for the GPU's lease")
     return p
@@ -225,6 +234,10 @@ def main(argv: list[str] | None = None) -> int:
     ref = DataRef(path=args.data, target=args.target) if args.data else DataRef(embedded="survivors", rows=args.rows)
     job = TrialJob(args.model, args.trial, params, ref, args.folds, args.seed)
     use_gpu = runs_on_gpu(args.model, args.gpu is not None)
+    if use_gpu and args.fold_threads > 1 and args.model not in FOLD_THREADS_GPU_MODEL_TYPES:
+        print(f"--fold-threads: {args.model} trains one fold at a time on a GPU (only "
+              f"{', '.join(sorted(FOLD_THREADS_GPU_MODEL_TYPES))} may train folds at once there)", file=sys.stderr)
+        return 2
     settings = FitSettings(args.rounds, args.early_stopping_rounds, max(1, args.threads), use_gpu,
                            args.catboost_gpu_ram_part)
     try:
