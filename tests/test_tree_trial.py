@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -136,6 +137,35 @@ def test_when_reporting_a_fold_fails_no_further_fold_starts(monkeypatch):
     with pytest.raises(BrokenPipeError):
         run_trial(_job("lightgbm", folds=10), SETTINGS, fold_threads=2, on_fold=parent_gone)
     assert len(fits) <= 4  # the first two, and at most one more each thread had taken up
+
+
+def test_a_gpu_fold_out_of_memory_next_to_others_is_trained_again_alone(monkeypatch):
+    # Simulated GPU memory: folds 0 and 2 do not fit next to the others (a fit with a thread share,
+    # i.e. trained at once with other folds, raises CUDA's out-of-memory); fold 2 does not fit even
+    # alone. LightGBM trains on CPU whatever use_gpu says, so the fits are real.
+    pytest.importorskip("lightgbm")
+    job = _job("lightgbm", trial=3)
+    seeds = {fold_seed(job.seed, job.trial_number, f): f for f in range(job.folds)}
+    fit = libraries.LightGBMFitter.fit
+
+    def fit_in_small_gpu(self, fold, params, seed, settings):
+        if seeds[seed] == 2 or (seeds[seed] == 0 and settings.threads < 4):
+            raise RuntimeError("cudaErrorMemoryAllocation: out of memory")
+        return fit(self, fold, params, seed, settings)
+
+    monkeypatch.setattr(libraries.LightGBMFitter, "fit", fit_in_small_gpu)
+    gpu = FitSettings(SETTINGS.rounds, SETTINGS.early_stopping_rounds, threads=4, use_gpu=True)
+    reported = []
+    results = run_trial(job, gpu, fold_threads=3, on_fold=reported.append)
+    serial = run_trial(job, gpu)
+    assert sorted(r.fold_idx for r in reported) == [0, 1, 2]  # each fold reported once, its last result
+    assert [(r.status, r.r2) for r in results] == [(r.status, r.r2) for r in serial]
+    assert [r.status for r in results] == ["ok", "ok", "fail"] and "out of memory" in results[2].error
+    assert [r.info["concurrent_folds"] for r in results] == [1, 3, 1]
+    assert [("retried_alone_after" in r.info) for r in results] == [True, False, True]
+    # On the CPU there is no GPU memory to free by waiting: the error stands.
+    cpu = run_trial(job, dataclasses.replace(gpu, use_gpu=False), fold_threads=3)
+    assert [r.status for r in cpu] == ["fail", "ok", "fail"]
 
 
 def test_a_fold_that_fails_among_threads_fails_alone():

@@ -99,9 +99,11 @@ AUTO_GPU_RAM_PART_ENV = "WATCHER_CATBOOST_AUTO_GPU_RAM_PART"
 
 
 def is_out_of_gpu_memory(message: object) -> bool:
-    """Whether a line of a dead worker's stderr is CatBoost's GPU out-of-memory error."""
+    """Whether a text (a dead worker's stderr line, a fold's error) is a GPU out-of-memory error:
+    CatBoost's ("Out of memory", NCudaLib::TOutOfMemoryError) or CUDA's through XGBoost
+    ("cudaErrorMemoryAllocation: out of memory", RMM's "out_of_memory")."""
     text = str(message).lower()
-    return "out of memory" in text or "outofmemory" in text
+    return any(word in text for word in ("out of memory", "outofmemory", "out_of_memory"))
 
 
 class CatBoostFitter(TreeFitter):

@@ -33,6 +33,7 @@ from watcher_plugins.tree_parallel.libraries import (
     FitSettings,
     FoldData,
     fitter_for,
+    is_out_of_gpu_memory,
 )
 
 
@@ -90,6 +91,8 @@ def run_trial(job: TrialJob, settings: FitSettings, cache: FoldDataCache | None 
     ``fold_threads`` > 1 up to that many folds train at once, in threads of this process, sharing
     ``settings.threads`` between them; ``on_fold`` is still called from the calling thread, as each
     fold ends. Each fold's fit is the same computation either way (its own datasets, its own seed).
+    A GPU fold that ran out of memory next to the others is trained again alone, after them, since
+    one at a time it may fit: folds at once must not fail what serial would train.
     """
     cache = cache or FoldDataCache()
     indices = list(range(job.folds) if fold_indices is None else fold_indices)
@@ -103,19 +106,31 @@ def run_trial(job: TrialJob, settings: FitSettings, cache: FoldDataCache | None 
         return results
     shared = dataclasses.replace(settings, threads=max(1, settings.threads // threads))
     done: dict[int, FoldResult] = {}
+    alone: list[int] = []  # out of GPU memory next to the other folds: trained again, one at a time
+
+    def finish(result: FoldResult) -> None:
+        done[result.fold_idx] = result
+        if on_fold is not None:
+            on_fold(result)
+
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix=f"{job.model_type}-fold") as pool:
         futures = [pool.submit(_run_fold, job, fold_idx, shared, cache, threads, settings) for fold_idx in indices]
         try:
             for future in as_completed(futures):
                 result = future.result()
-                done[result.fold_idx] = result
-                if on_fold is not None:
-                    on_fold(result)
+                if settings.use_gpu and result.status == STATUS_FAIL and is_out_of_gpu_memory(result.error):
+                    alone.append(result.fold_idx)
+                else:
+                    finish(result)
         except BaseException:
             # Ctrl-C, or on_fold failed (the parent is gone): start no more folds. Those training
             # finish first; a library call cannot be stopped from outside.
             pool.shutdown(wait=False, cancel_futures=True)
             raise
+    for fold_idx in sorted(alone, key=indices.index):
+        result = _run_fold(job, fold_idx, settings, cache, concurrent_folds=1)
+        result.info["retried_alone_after"] = "out of GPU memory with other folds at once"
+        finish(result)
     return [done[fold_idx] for fold_idx in indices]
 
 
