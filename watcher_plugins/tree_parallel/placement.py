@@ -91,11 +91,12 @@ def plan_placements(workers: int, gpus: Sequence[int], cores: Sequence[int],
         shares = [(cores[i % len(cores)],) for i in range(total)]
     else:
         shares = _equal_shares(cores, total)
-        # A larger share for the GPU workers, as far as every CPU worker keeps a core of its own.
-        size = min(gpu_worker_cores or 0, (len(cores) - n_cpu) // n_gpu if n_gpu else 0)
-        if n_cpu and size > min(map(len, shares[:n_gpu]), default=size):
-            rest = cores[n_gpu * size:]
-            shares = [tuple(cores[i * size:(i + 1) * size]) for i in range(n_gpu)] + _equal_shares(rest, n_cpu)
+        if n_gpu and n_cpu and gpu_worker_cores:
+            # A larger share for the GPU workers, as far as every CPU worker keeps a core of its own.
+            size = min(gpu_worker_cores, (len(cores) - n_cpu) // n_gpu)
+            if size > min(len(share) for share in shares[:n_gpu]):
+                rest = cores[n_gpu * size:]
+                shares = [tuple(cores[i * size:(i + 1) * size]) for i in range(n_gpu)] + _equal_shares(rest, n_cpu)
     total = len(shares)
     return [WorkerPlacement(slot=i, gpu=gpus[i % len(gpus)] if i < n_gpu else None, cores=shares[i])
             for i in range(total)]

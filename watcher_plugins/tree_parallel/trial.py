@@ -97,22 +97,19 @@ def run_trial(job: TrialJob, settings: FitSettings, cache: FoldDataCache | None 
     cache = cache or FoldDataCache()
     indices = list(range(job.folds) if fold_indices is None else fold_indices)
     threads = max(1, min(fold_threads, len(indices)))
-    if threads == 1:
-        results = []
-        for fold_idx in indices:
-            results.append(_run_fold(job, fold_idx, settings, cache, concurrent_folds=1))
-            if on_fold is not None:
-                on_fold(results[-1])
-        return results
-    shared = dataclasses.replace(settings, threads=max(1, settings.threads // threads))
     done: dict[int, FoldResult] = {}
-    alone: list[int] = []  # out of GPU memory next to the other folds: trained again, one at a time
 
     def finish(result: FoldResult) -> None:
         done[result.fold_idx] = result
         if on_fold is not None:
             on_fold(result)
 
+    if threads == 1:
+        for fold_idx in indices:
+            finish(_run_fold(job, fold_idx, settings, cache, concurrent_folds=1))
+        return [done[fold_idx] for fold_idx in indices]
+    shared = dataclasses.replace(settings, threads=max(1, settings.threads // threads))
+    alone: list[int] = []  # out of GPU memory next to the other folds: trained again, one at a time
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix=f"{job.model_type}-fold") as pool:
         futures = [pool.submit(_run_fold, job, fold_idx, shared, cache, threads, settings) for fold_idx in indices]
         try:
