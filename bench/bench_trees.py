@@ -115,6 +115,9 @@ def run_arm(arm: dict, jobs: list[TrialJob], args, workdir: Path) -> dict:
     mean_r2 = {k: (sum(v) / len(v) if all(x is not None for x in v) else None) for k, v in by_trial.items()}
     return {**arm, "seconds": seconds, "trials": len(jobs), "trials_per_min": len(jobs) / seconds * 60,
             "placements": placements, "xgboost_gpu_fold_threads_used": fold_threads,
+            # Whether GPU XGBoost allocated from CUDA's stream-ordered pool (each GPU fold reports it).
+            "xgboost_async_pool_used": sorted({r.info["xgboost_async_pool"] for r in results
+                                               if "xgboost_async_pool" in r.info}),
             "fold_seconds_by_model": per_model_seconds, "failures": failures[:20],
             "n_failed_folds": len(failures), "mean_r2": mean_r2}
 

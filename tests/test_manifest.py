@@ -74,12 +74,14 @@ def test_every_schema_error_is_reported_with_its_json_path(tmp_path, plugin_mana
 def test_bad_params_override_is_labelled_params(plugin_manager):
     with pytest.raises(ManifestError) as excinfo:
         load_manifest(None, '{"n_concurrent_nn": 0, "tree_parallel_workers": -1, "catboost_gpu_ram_part": 0, '
-                            '"xgboost_gpu_fold_threads": 0, "tree_gpu_worker_cores": "lots"}', plugin_manager)
+                            '"xgboost_gpu_fold_threads": 0, "tree_gpu_worker_cores": "lots", '
+                            '"xgboost_gpu_async_pool": "yes"}', plugin_manager)
     assert _problems(excinfo) == [
         '--params::$.catboost_gpu_ram_part: 0 is not valid: expected "auto" or a number in (0, 1]',
         '--params::$.n_concurrent_nn: 0 is not valid: expected "auto" or an integer >= 1',
         '--params::$.tree_gpu_worker_cores: "lots" is not valid: expected "auto" or an integer >= 1',
         "--params::$.tree_parallel_workers: -1 is less than the minimum of 1",
+        "--params::$.xgboost_gpu_async_pool: 'yes' is not of type 'boolean'",
         '--params::$.xgboost_gpu_fold_threads: 0 is not valid: expected "auto" or an integer >= 1',
     ]
 

@@ -125,6 +125,14 @@ def test_fold_threads_and_gpu_worker_cores_are_auto_or_a_count(tmp_path, name, v
         _executor(tmp_path, **{name: value})
 
 
+@pytest.mark.parametrize("value", [0, 1, "true", None])
+def test_xgboost_gpu_async_pool_is_true_or_false(tmp_path, value):
+    assert _executor(tmp_path).settings.xgboost_gpu_async_pool is True
+    assert _executor(tmp_path, xgboost_gpu_async_pool=False).settings.xgboost_gpu_async_pool is False
+    with pytest.raises(ExecutorError, match=r"xgboost_gpu_async_pool: .* is not true or false"):
+        _executor(tmp_path, xgboost_gpu_async_pool=value)
+
+
 def test_auto_trains_xgboost_folds_at_once_only_when_the_pool_is_parallel(tmp_path):
     # Serial (1 worker) is the reference and stays one fold at a time.
     assert _executor(tmp_path, devices=[0]).settings.xgboost_gpu_fold_threads == 1
@@ -154,16 +162,26 @@ def test_the_gpu_worker_gets_a_core_per_fold_thread_and_the_cpu_workers_the_rest
         in caplog.text
 
 
-def test_gpu_xgboost_folds_train_at_once_on_the_gpu_worker_only(tmp_path, trees):
+@pytest.mark.parametrize("async_pool", [True, False])
+def test_gpu_xgboost_folds_train_at_once_on_the_gpu_worker_only(tmp_path, trees, async_pool):
     # No GPU here: XGBoost's GPU fits fail (it finds no GPU), but each fold's result says how many
-    # folds its worker trained at once: the GPU worker all 3 of an XGBoost trial, LightGBM one.
+    # folds its worker trained at once (the GPU worker all 3 of an XGBoost trial, LightGBM one) and
+    # whether XGBoost allocated from CUDA's pool; without the pool XGBoost gets as far as falling back.
+    from watcher_plugins.tree_parallel.libraries import xgboost_has_async_pool
+
     jobs = _jobs(("xgboost", "lightgbm"), trials=2)
-    with _executor(tmp_path, devices=[0], tree_parallel_workers=2, tree_device="gpu") as ex:
+    with _executor(tmp_path, devices=[0], tree_parallel_workers=2, tree_device="gpu",
+                   xgboost_gpu_async_pool=async_pool) as ex:
         results = ex.run_batch(jobs)
     xgboost = [r for r in results if r.model_type == "xgboost"]
     assert all(r.info["worker_gpu"] == 0 and r.info["concurrent_folds"] == 3 for r in xgboost)
-    assert all(r.status == "fail" and "no visible GPU" in r.error for r in xgboost)
-    assert {r.info["concurrent_folds"] for r in results if r.model_type == "lightgbm"} == {1}
+    assert all(r.status == "fail" and "XGBoost found no visible GPU" in r.error for r in xgboost)
+    pool_used = async_pool and xgboost_has_async_pool()
+    assert {r.info["xgboost_async_pool"] for r in xgboost} == {pool_used}
+    assert all(("fell back to 'cpu'" in r.error) is not pool_used for r in xgboost)
+    lightgbm = [r for r in results if r.model_type == "lightgbm"]
+    assert {r.info["concurrent_folds"] for r in lightgbm} == {1}
+    assert not any("xgboost_async_pool" in r.info for r in lightgbm)
     assert [(r.model_type, r.trial_number, r.fold_idx) for r in results] == [
         (j.model_type, j.trial_number, f) for j in jobs for f in range(3)]
 

@@ -237,3 +237,15 @@ def test_the_trial_command_refuses_fold_threads_for_catboost_on_a_gpu():
     done = _cli("--gpu", "0", "--model", "catboost", "--fold-threads", "2", "--params", "{}")
     assert done.returncode == 2
     assert "--fold-threads: catboost trains one fold at a time on a GPU (only xgboost" in done.stderr
+
+
+def test_xgboost_allocates_from_cudas_pool_only_on_the_gpu_and_where_xgboost_has_it():
+    xgboost = pytest.importorskip("xgboost")
+    has_pool = tuple(int(part) for part in xgboost.__version__.split(".")[:2]) >= (3, 2)  # use_cuda_async_pool
+    assert libraries.xgboost_has_async_pool() is has_pool
+    gpu = dataclasses.replace(SETTINGS, use_gpu=True)
+    assert libraries.XGBoostFitter.uses_async_pool(gpu) is has_pool
+    assert libraries.XGBoostFitter.uses_async_pool(dataclasses.replace(gpu, xgboost_async_pool=False)) is False
+    # On the CPU never: setting XGBoost's pool asks CUDA for a device, which fails where there is none.
+    assert libraries.XGBoostFitter.uses_async_pool(SETTINGS) is False
+    assert all(r.status == "ok" for r in run_trial(_job("xgboost"), SETTINGS))

@@ -106,6 +106,22 @@ def test_gpu_results_do_not_depend_on_the_number_of_workers(tmp_path, model_type
     assert concurrent == {1: {1}, 3: {3 if model_type == "xgboost" else 1}}
 
 
+def test_xgboost_on_the_gpu_allocates_from_cudas_pool_without_changing_the_model(tmp_path):
+    """xgboost_gpu_async_pool (default on) reaches XGBoost's fits, and the R^2 are those of cudaMalloc to
+    the last bit, folds at once or not."""
+    r2, pool = {}, {}
+    for async_pool in (True, False):
+        with TreeParallelExecutor({**FAST, "tree_parallel_workers": 2, "tree_device": "gpu",
+                                   "xgboost_gpu_async_pool": async_pool},
+                                  RunContext(output_dir=tmp_path, devices=[0])) as ex:
+            results = ex.run_batch(_jobs(("xgboost",), trials=3))
+        assert all(r.status == "ok" and r.info["concurrent_folds"] == 3 for r in results), results
+        r2[async_pool] = [r.r2 for r in results]
+        pool[async_pool] = {r.info["xgboost_async_pool"] for r in results}
+    assert pool == {True: {True}, False: {False}}
+    assert r2[True] == r2[False]
+
+
 def _catboost_r2(tmp_path, ram_part, trials=3):
     with TreeParallelExecutor({**FAST, "tree_device": "gpu", "catboost_gpu_ram_part": ram_part},
                               RunContext(output_dir=tmp_path, devices=[0])) as ex:

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 DEFAULTS = {"tree_parallel_workers": 1, "xgboost_per_gpu": 1, "tree_device": "auto", "tree_rounds": 500,
             "tree_early_stopping_rounds": 50, "catboost_gpu_ram_part": "auto", "xgboost_gpu_fold_threads": "auto",
-            "tree_gpu_worker_cores": "auto"}
+            "tree_gpu_worker_cores": "auto", "xgboost_gpu_async_pool": True}
 # xgboost_gpu_fold_threads "auto" with more than one worker: the folds of a 5-fold trial all at once
 # (on an H200 10 threads were slower than 5: bench/results/h200_session4/).
 AUTO_XGBOOST_GPU_FOLD_THREADS = 5
@@ -38,7 +38,9 @@ class TreeParallelExecutor(Executor):
     the GPU and CatBoost trials have it to themselves. A GPU worker trains up to
     ``xgboost_gpu_fold_threads`` folds of an XGBoost trial at once (auto: 1 when serial, else 5) and
     gets at least ``tree_gpu_worker_cores`` cores for them (auto: one per fold thread plus one, at most
-    half the cores). One batch may mix model types; results never depend on any of these.
+    half the cores). GPU XGBoost allocates from CUDA's stream-ordered pool unless
+    ``xgboost_gpu_async_pool`` is false. One batch may mix model types; results never depend on any of
+    these.
     """
 
     def __init__(self, params: Mapping[str, Any], context: RunContext):
@@ -54,6 +56,9 @@ class TreeParallelExecutor(Executor):
         if per_gpu < 1:
             raise ExecutorError(f"xgboost_per_gpu: {per_gpu} is less than the minimum of 1")
         fold_threads = _count_or_auto(self.params, "xgboost_gpu_fold_threads")
+        async_pool = self.params["xgboost_gpu_async_pool"]
+        if not isinstance(async_pool, bool):
+            raise ExecutorError(f"xgboost_gpu_async_pool: {async_pool!r} is not true or false")
         if fold_threads is None:
             fold_threads = 1 if workers == 1 else AUTO_XGBOOST_GPU_FOLD_THREADS
         cores = available_cores(context.cpu_count)
@@ -78,6 +83,7 @@ class TreeParallelExecutor(Executor):
             trial_timeout_s=float(self.params.get("tree_trial_timeout_s", 3600)),
             xgboost_per_gpu=per_gpu,
             xgboost_gpu_fold_threads=fold_threads,
+            xgboost_gpu_async_pool=async_pool,
             catboost_gpu_ram_part=_gpu_ram_part(self.params["catboost_gpu_ram_part"]),
         )
         self._pool: TreeTrialPool | None = None

@@ -77,6 +77,7 @@ class PoolSettings:
     trial_timeout_s: float = 3600.0  # a wedged library call must not hang the run
     xgboost_per_gpu: int = 1  # XGBoost trials that may train at once on one GPU
     xgboost_gpu_fold_threads: int = 1  # folds of a GPU XGBoost trial its worker trains at once
+    xgboost_gpu_async_pool: bool = True  # GPU XGBoost allocates from CUDA's stream-ordered pool
     catboost_gpu_ram_part: float | None = None  # None = "auto" (see libraries.CatBoostFitter)
 
 
@@ -110,7 +111,8 @@ class _WorkerProcess:
         self.info: dict = {}
         config = {"placement": placement.to_json(), "rounds": settings.rounds,
                   "early_stopping_rounds": settings.early_stopping_rounds,
-                  "xgboost_gpu_fold_threads": settings.xgboost_gpu_fold_threads}
+                  "xgboost_gpu_fold_threads": settings.xgboost_gpu_fold_threads,
+                  "xgboost_gpu_async_pool": settings.xgboost_gpu_async_pool}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "watcher_plugins.tree_parallel.worker", "--config", json.dumps(config)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -6,7 +6,7 @@ worker), and with its config as JSON on the command line:
 
     python -m watcher_plugins.tree_parallel.worker --config '{"placement": {...}, "rounds": 500, ...}'
 
-(config: placement, rounds, early_stopping_rounds, xgboost_gpu_fold_threads.)
+(config: placement, rounds, early_stopping_rounds, xgboost_gpu_fold_threads, xgboost_gpu_async_pool.)
 
 Protocol: one JSON object a line.
     parent -> worker  {"command": "ping"}
@@ -40,6 +40,7 @@ from watcher_plugins.tree_parallel.libraries import (
     FOLD_THREADS_GPU_MODEL_TYPES,
     CatBoostFitter,
     FitSettings,
+    XGBoostFitter,
     runs_on_gpu,
 )
 from watcher_plugins.tree_parallel.placement import WorkerPlacement
@@ -62,6 +63,8 @@ class TreeWorker:
         self.early_stopping_rounds = int(config["early_stopping_rounds"])
         # Folds of a GPU XGBoost trial trained at once, in threads (FOLD_THREADS_GPU_MODEL_TYPES).
         self.xgboost_gpu_fold_threads = int(config.get("xgboost_gpu_fold_threads", 1))
+        # GPU XGBoost allocates from CUDA's stream-ordered pool (libraries.XGBoostFitter).
+        self.xgboost_gpu_async_pool = bool(config.get("xgboost_gpu_async_pool", True))
         self.out = out
         self.cache = FoldDataCache()
 
@@ -108,12 +111,14 @@ class TreeWorker:
         job = TrialJob(job.model_type, job.trial_number, params, job.data, job.folds, job.seed)
         use_gpu = runs_on_gpu(job.model_type, self.placement.gpu is not None)
         settings = FitSettings(self.rounds, self.early_stopping_rounds, self.placement.threads, use_gpu,
-                               catboost_gpu_ram_part)
+                               catboost_gpu_ram_part, self.xgboost_gpu_async_pool)
         fold_threads = (self.xgboost_gpu_fold_threads
                         if use_gpu and job.model_type in FOLD_THREADS_GPU_MODEL_TYPES else 1)
+        memory = ({"xgboost_async_pool": XGBoostFitter.uses_async_pool(settings)}
+                  if use_gpu and job.model_type == XGBoostFitter.model_type else {})
 
         def report(result: FoldResult) -> None:
-            result.info.update(pid=os.getpid(), worker_gpu=self.placement.gpu, slot=self.placement.slot)
+            result.info.update(pid=os.getpid(), worker_gpu=self.placement.gpu, slot=self.placement.slot, **memory)
             self.send({"event": "fold", "result": result.to_json()})
 
         sys.stderr.write(f"{TASK_STDERR_MARKER} {job.model_type} {job.trial_number}\n")
