@@ -39,7 +39,8 @@ SHARED_GPU_MODEL_TYPES = frozenset({"xgboost"})
 # launches on per-thread default streams, so their kernels overlap: on an H200, 5 threads on 6 cores
 # trained 6 survivors-98k trials 1.68x faster than one fold at a time (which took as long on 6 cores as
 # on 2), with bit-identical R^2; 1.03x with the 5 threads on 2 cores, since a GPU XGBoost fit keeps a
-# core busy launching kernels (bench/results/h200_session4/).
+# core busy launching kernels (bench/results/h200_session4/). 2.55x with GPU memory from CUDA's
+# stream-ordered pool (XGBoostFitter; bench/results/h200_session5/).
 # Not CatBoost: it never shares its GPU, and its CUDA manager is one per process.
 FOLD_THREADS_GPU_MODEL_TYPES = frozenset({"xgboost"})
 

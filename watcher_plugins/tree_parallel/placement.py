@@ -56,8 +56,8 @@ def auto_gpu_worker_cores(fold_threads: int, n_cores: int, n_gpus: int) -> int |
     GPUs), so that CPU workers keep the other half. None (equal shares) when folds run one at a time.
 
     On an H200, 5 fold threads of survivors-98k ran 1.50x faster than one fold at a time (on 2 cores;
-    more do not speed it up) when given 4 cores, 1.68x on 6, 1.67x on 8, 1.64x on 12
-    (bench/results/h200_session4/).
+    more do not speed it up) when given 4 cores, 1.68x on 6, 1.67x on 8, 1.64x on 12, all with cudaMalloc
+    (bench/results/h200_session4/); 2.55x on 6 with CUDA's stream-ordered pool (h200_session5/).
     """
     if fold_threads <= 1 or n_gpus < 1:
         return None
