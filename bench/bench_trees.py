@@ -95,7 +95,8 @@ def run_arm(arm: dict, jobs: list[TrialJob], args, workdir: Path) -> dict:
               "tree_gpu_worker_cores": arm["tree_gpu_worker_cores"],
               "tree_device": "gpu" if arm["gpus"] else "cpu",
               "tree_rounds": args.rounds, "tree_early_stopping_rounds": args.early_stopping_rounds,
-              "catboost_gpu_ram_part": args.catboost_gpu_ram_part}
+              "catboost_gpu_ram_part": args.catboost_gpu_ram_part,
+              "xgboost_gpu_async_pool": args.xgboost_gpu_async_pool}
     context = RunContext(output_dir=workdir, devices=arm["gpus"], cpu_count=arm["cores"], trial_retries=0)
     with TreeParallelExecutor(params, context) as ex:
         ex.pool.start()
@@ -192,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", default=",".join(MODEL_TYPES), help="model types, comma-separated")
     p.add_argument("--catboost-gpu-ram-part", type=lambda t: t if t == "auto" else float(t), default="auto",
                    help="the executor param of that name, for every arm (default auto)")
+    p.add_argument("--xgboost-gpu-async-pool", action=argparse.BooleanOptionalAction, default=True,
+                   help="the executor param of that name, in every arm (default: on)")
     p.add_argument("--arm", type=parse_arm, action="append", required=True)
     p.add_argument("--baseline", type=Path, action="append", default=[],
                    help="an earlier report whose first arm is (part of) the baseline; repeatable")
@@ -211,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
         "workload": {"name": f"survivors-{args.rows}", "rows": args.rows, "features": 62, "folds": args.folds,
                      "trials_per_model": args.trials, "rounds_cap": args.rounds,
                      "early_stopping_rounds": args.early_stopping_rounds, "seed": args.seed, "models": models,
-                     "catboost_gpu_ram_part": args.catboost_gpu_ram_part},
+                     "catboost_gpu_ram_part": args.catboost_gpu_ram_part,
+                     "xgboost_gpu_async_pool": args.xgboost_gpu_async_pool},
         "gpus": gpu_names(), "host_cpus": len(os.sched_getaffinity(0)), "versions": versions(),
         "python": sys.version.split()[0], "arms": [],
     }

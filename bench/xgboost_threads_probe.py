@@ -19,6 +19,7 @@ release threshold raised, for the rest of the process: put such arms last).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -39,14 +40,15 @@ def run_arm(folds, params_list, settings, threads: int, barrier: bool = True,
     trial's folds run at once and the next trial waits for its slowest fold (a worker trains one trial
     at a time); without it any thread takes the next (trial, fold), so two threads may use one fold's
     datasets at once."""
-    import xgboost as xgb
-
     fitter = fitter_for("xgboost")
+    settings = dataclasses.replace(settings, xgboost_async_pool=async_pool)
 
     def fit(task):
         trial, fold = task
-        with xgb.config_context(use_cuda_async_pool=async_pool):  # XGBoost's config is per thread
-            return fitter.fit(folds[fold], dict(params_list[trial]), seed=1000 + trial, settings=settings).r2
+        result = fitter.fit(folds[fold], dict(params_list[trial]), seed=1000 + trial, settings=settings)
+        if settings.use_gpu and result.info["xgboost_async_pool"] is not async_pool:
+            raise RuntimeError(f"asked for the pool {async_pool}, XGBoost used it: {result.info}")
+        return result.r2
 
     tasks = [[(t, f) for f in range(len(folds))] for t in range(len(params_list))]
     started = time.perf_counter()
@@ -97,6 +99,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpu", action="store_true", help="train on the CPU (to try the script without a GPU)")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
+    pooled = [a for a in args.arm if a["async_pool"]]
+    if args.cpu and pooled:
+        p.error("--cpu: the asyncpool and keep flags need a GPU")
+    kept = [i for i, a in enumerate(args.arm) if a["keep"]]
+    if kept and any(not a["keep"] for a in args.arm[kept[0]:]):
+        p.error("--arm: a keep arm changes the pool for the rest of the process; put the keep arms last")
 
     ds = embedded_survivors(FULL_ROWS)
     all_cores = sorted(os.sched_getaffinity(0))
@@ -106,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     folds = [fitter.prepare_fold(ds.X[tr], ds.y[tr], ds.X[va], ds.y[va], settings)
              for tr, va in kfold_splits(ds.n_rows, 5, 42)]
     params_list = [sample_params("xgboost", t, 42) for t in range(args.trials)]
-    run_arm(folds, params_list[:1], settings, 1)  # warm-up: CUDA context, device copies of the matrices
+    run_arm(folds, params_list[:1], settings, 1, async_pool=args.arm[0]["async_pool"])  # warm-up: CUDA context,
+    # device copies of the matrices
     rows, reference = [], None
     for arm in args.arm:
         os.sched_setaffinity(0, all_cores[:arm["cores"]])

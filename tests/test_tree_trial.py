@@ -248,4 +248,31 @@ def test_xgboost_allocates_from_cudas_pool_only_on_the_gpu_and_where_xgboost_has
     assert libraries.XGBoostFitter.uses_async_pool(dataclasses.replace(gpu, xgboost_async_pool=False)) is False
     # On the CPU never: setting XGBoost's pool asks CUDA for a device, which fails where there is none.
     assert libraries.XGBoostFitter.uses_async_pool(SETTINGS) is False
-    assert all(r.status == "ok" for r in run_trial(_job("xgboost"), SETTINGS))
+    results = run_trial(_job("xgboost"), SETTINGS)
+    assert all(r.status == "ok" and "xgboost_async_pool" not in r.info for r in results)
+
+
+def test_a_pool_cuda_refuses_leaves_xgboosts_config_as_it_was():
+    # No GPU here, so CUDA refuses the pool and XGBoost then falls back to the CPU: the GPU fit fails and
+    # says both. XGBoost keeps a refused value; left set, every later config change in this thread
+    # (config_context included) would fail the same way.
+    xgb = pytest.importorskip("xgboost")
+    if not libraries.xgboost_has_async_pool():
+        pytest.skip("this XGBoost has no stream-ordered pool (3.2+)")
+    fold = FoldDataCache().fold(_job("xgboost"), 0, SETTINGS)
+    with pytest.raises(RuntimeError, match=r"fell back to 'cpu'; CUDA refused its memory pool: \S"):
+        libraries.XGBoostFitter().fit(fold, {}, 0, dataclasses.replace(SETTINGS, use_gpu=True))
+    assert xgb.get_config()["use_cuda_async_pool"] is False
+    with xgb.config_context(verbosity=0):
+        pass
+
+
+def test_the_trial_command_switches_xgboosts_memory_pool():
+    pytest.importorskip("xgboost")
+    if not libraries.xgboost_has_async_pool():
+        pytest.skip("this XGBoost has no stream-ordered pool (3.2+)")
+    args = ("--gpu", "0", "--model", "xgboost", "--rows", "1500", "--folds", "2", "--rounds", "5", "--params", "{}")
+    on, off = json.loads(_cli(*args).stdout), json.loads(_cli(*args, "--no-xgboost-async-pool").stdout)
+    # No GPU here: both fail, and only the default asked CUDA for its pool.
+    assert on["status"] == off["status"] == "fail"
+    assert "CUDA refused its memory pool" in on["error"] and "CUDA refused" not in off["error"]

@@ -87,6 +87,7 @@ class TreeParallelExecutor(Executor):
             catboost_gpu_ram_part=_gpu_ram_part(self.params["catboost_gpu_ram_part"]),
         )
         self._pool: TreeTrialPool | None = None
+        self._pool_refusal_logged = False
 
     @property
     def pool(self) -> TreeTrialPool:
@@ -117,7 +118,17 @@ class TreeParallelExecutor(Executor):
         out: list[FoldResult] = []
         for i, job in enumerate(jobs):
             out.extend(results[i] if i in results else [next(trained) for _ in range(job.folds)])
+        self._warn_if_pool_refused(out)
         return out
+
+    def _warn_if_pool_refused(self, results: list[FoldResult]) -> None:
+        """Once per executor: CUDA refused XGBoost its stream-ordered pool, so the fits used cudaMalloc."""
+        refused = next((r.info["xgboost_async_pool_error"] for r in results
+                        if r.status == "ok" and "xgboost_async_pool_error" in r.info), None)
+        if refused and not self._pool_refusal_logged:
+            self._pool_refusal_logged = True
+            log.warning("xgboost_gpu_async_pool: CUDA refused XGBoost its stream-ordered memory pool (%s); GPU "
+                        "XGBoost trains with cudaMalloc: same results, folds at once slower", refused)
 
     def close(self) -> None:
         if self._pool is not None:

@@ -17,10 +17,11 @@ import contextlib
 import functools
 import json
 import os
+import re
 import tempfile
 import warnings
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -69,6 +70,7 @@ class FoldFit:
 
     r2: float
     best_iteration: int  # boosting rounds kept, counted from 1
+    info: dict = field(default_factory=dict)  # what the fit observed, for the fold's result info
 
 
 @dataclass
@@ -221,8 +223,11 @@ class XGBoostFitter(TreeFitter):
     each free. From CUDA's stream-ordered pool (cudaMallocAsync) a free waits for nothing. On an H200, 5
     fold threads trained survivors-98k's XGBoost trials 2.55x faster than one fold at a time with the
     pool, 1.63x without; one fold at a time gained 1.06x; R^2 bit-identical in every arm
-    (bench/results/h200_session5/). XGBoost's config is per thread, so the pool is set around each fit,
-    and the booster is freed inside it.
+    (bench/results/h200_session5/). XGBoost's config is per thread, so the pool is set around each fit
+    (its allocators keep the setting they were made with, so memory is always freed the way it came).
+    Where CUDA refuses the pool (no visible GPU, or a device without stream-ordered allocation, such
+    as some virtual GPUs) the fit goes on with cudaMalloc, which gives the same model, and its info
+    says why (``xgboost_async_pool_error``).
     """
 
     model_type = "xgboost"
@@ -249,27 +254,36 @@ class XGBoostFitter(TreeFitter):
             "seed": seed, "nthread": settings.threads, "verbosity": 0, **params,
         }
         train, val = fold.prepared
+        info: dict = {}
         with contextlib.ExitStack() as on_gpu:
             if self.uses_async_pool(settings):
                 try:
                     on_gpu.enter_context(xgb.config_context(use_cuda_async_pool=True))
-                except xgb.core.XGBoostError as e:  # XGBoost asks CUDA for the device first
-                    raise RuntimeError(_no_gpu(f"CUDA said: {str(e).splitlines()[0]}")) from None
+                except xgb.core.XGBoostError as e:  # XGBoost asks CUDA for the pool first
+                    # XGBoost keeps the value it was refused, and config_context, never entered, does not
+                    # restore it: every later config change in this thread would fail the same way.
+                    xgb.set_config(use_cuda_async_pool=False)
+                    info["xgboost_async_pool_error"] = _without_log_time(str(e).splitlines()[0])
+            if settings.use_gpu:
+                info["xgboost_async_pool"] = bool(xgb.get_config().get("use_cuda_async_pool", False))
             booster = xgb.train(full, train, num_boost_round=settings.rounds, evals=[(val, "val")],
                                 early_stopping_rounds=settings.early_stopping_rounds, verbose_eval=False)
             if settings.use_gpu:
                 # XGBoost quietly falls back to the CPU when it sees no GPU; a GPU trial must not.
                 device = json.loads(booster.save_config())["learner"]["generic_param"].get("device", "")
                 if not device.startswith("cuda"):
-                    raise RuntimeError(_no_gpu(f"it fell back to {device!r}"))
+                    refused = info.get("xgboost_async_pool_error")
+                    raise RuntimeError(f"XGBoost found no visible GPU (CUDA_VISIBLE_DEVICES="
+                                       f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}) and fell back to {device!r}"
+                                       + (f"; CUDA refused its memory pool: {refused}" if refused else ""))
             best = int(booster.best_iteration)
             pred = booster.predict(val, iteration_range=(0, best + 1))
-            del booster  # its device memory goes back to the pool it came from
-        return FoldFit(r2=r2_score(fold.y_val, pred), best_iteration=best + 1)
+        return FoldFit(r2=r2_score(fold.y_val, pred), best_iteration=best + 1, info=info)
 
 
-def _no_gpu(why: str) -> str:
-    return f"XGBoost found no visible GPU (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}): {why}"
+def _without_log_time(message: str) -> str:
+    """XGBoost's error line without its leading "[HH:MM:SS] ", so that one error reads the same twice."""
+    return re.sub(r"^\[\d{2}:\d{2}:\d{2}\]\s*", "", message)
 
 
 FITTERS: dict[str, TreeFitter] = {f.model_type: f for f in (CatBoostFitter(), LightGBMFitter(), XGBoostFitter())}

@@ -143,7 +143,7 @@ def _run_fold(job: TrialJob, fold_idx: int, settings: FitSettings, cache: FoldDa
         fit = fitter_for(job.model_type).fit(fold, dict(job.params), fold_seed(job.seed, job.trial_number, fold_idx),
                                              settings)
         return FoldResult(job.trial_number, fold_idx, job.model_type, fit.r2, time.perf_counter() - started,
-                          STATUS_OK, info={"best_iteration": fit.best_iteration, **info})
+                          STATUS_OK, info={"best_iteration": fit.best_iteration, **fit.info, **info})
     except Exception as exc:  # noqa: BLE001 - a failing fold is a result, never a crash of the worker
         return FoldResult(job.trial_number, fold_idx, job.model_type, None, time.perf_counter() - started,
                           STATUS_FAIL, error=f"{type(exc).__name__}: {exc}".strip(), info=info)
@@ -223,7 +223,11 @@ def _parser() -> argparse.ArgumentParser:
                         "does not fit aborts this process)")
     p.add_argument("--fold-threads", type=_count, default=1,
                    help="folds trained at once, in threads sharing --threads (default 1). On a GPU only XGBoost "
-                        "may; it gains given a core per fold (5 folds at once on 6 cores: 2.55x on an H200, with GPU memory from CUDA's stream-ordered pool)")
+                        "may; it gains given a core per fold (5 folds at once on 6 cores: 2.55x on an H200, "
+                        "with --xgboost-async-pool)")
+    p.add_argument("--xgboost-async-pool", action=argparse.BooleanOptionalAction, default=True,
+                   help="XGBoost on the GPU allocates from CUDA's stream-ordered memory pool, XGBoost 3.2+ "
+                        "(default: on); cudaMalloc's frees wait for the whole GPU, stalling folds at once")
     p.add_argument("--lease-dir", help="GPU lease directory (default: $WATCHER_LEASE_DIR or the temp dir)")
     p.add_argument("--lease-timeout", type=float, default=600.0, help="seconds to wait for the GPU's lease")
     return p
@@ -251,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{', '.join(sorted(FOLD_THREADS_GPU_MODEL_TYPES))} may train folds at once there)", file=sys.stderr)
         return 2
     settings = FitSettings(args.rounds, args.early_stopping_rounds, max(1, args.threads), use_gpu,
-                           args.catboost_gpu_ram_part)
+                           args.catboost_gpu_ram_part, args.xgboost_async_pool)
     try:
         if use_gpu:
             with GpuLease(args.gpu, args.lease_dir, args.lease_timeout,

@@ -40,7 +40,6 @@ from watcher_plugins.tree_parallel.libraries import (
     FOLD_THREADS_GPU_MODEL_TYPES,
     CatBoostFitter,
     FitSettings,
-    XGBoostFitter,
     runs_on_gpu,
 )
 from watcher_plugins.tree_parallel.placement import WorkerPlacement
@@ -114,11 +113,9 @@ class TreeWorker:
                                catboost_gpu_ram_part, self.xgboost_gpu_async_pool)
         fold_threads = (self.xgboost_gpu_fold_threads
                         if use_gpu and job.model_type in FOLD_THREADS_GPU_MODEL_TYPES else 1)
-        memory = ({"xgboost_async_pool": XGBoostFitter.uses_async_pool(settings)}
-                  if use_gpu and job.model_type == XGBoostFitter.model_type else {})
 
         def report(result: FoldResult) -> None:
-            result.info.update(pid=os.getpid(), worker_gpu=self.placement.gpu, slot=self.placement.slot, **memory)
+            result.info.update(pid=os.getpid(), worker_gpu=self.placement.gpu, slot=self.placement.slot)
             self.send({"event": "fold", "result": result.to_json()})
 
         sys.stderr.write(f"{TASK_STDERR_MARKER} {job.model_type} {job.trial_number}\n")
