@@ -138,6 +138,9 @@ def test_unknown_suffix_and_missing_target(tmp_path):
     path = _csv(tmp_path, "a,y\n1,2\n")
     with pytest.raises(DataError, match="needs the data param's 'target'"):
         load_dataset(DataRef(path=path))
+    # A format the loader does not know is refused by name, not read as some other format.
+    with pytest.raises(DataError, match="the data param's format 'xyz' is not one of npz, csv, parquet, json"):
+        load_dataset(DataRef(path=path, target="y", format="xyz"))
 
 
 def test_kfold_splits_partition_the_rows_deterministically():

@@ -105,7 +105,8 @@ def test_invalid_trial_params_fail_that_trial_only(tmp_path):
     with NNBatchExecutor(PARAMS, context(tmp_path)) as executor:
         results = executor.run_batch(jobs)
     assert [r.status for r in results] == [STATUS_FAIL, STATUS_FAIL, STATUS_OK, STATUS_OK]
-    assert "params.hidden_layers" in results[0].error
+    assert results[0].error.startswith("invalid trial: $.params.hidden_layers: expected a list of 1 to"), \
+        results[0].error
 
 
 def test_gpu_that_cannot_be_had_fails_every_fold_with_the_holder(tmp_path):
@@ -114,6 +115,28 @@ def test_gpu_that_cannot_be_had_fails_every_fold_with_the_holder(tmp_path):
             results = executor.run_batch(trials(2))
     assert len(results) == 4 and all(r.status == STATUS_FAIL for r in results)
     assert all("a tree worker" in r.error for r in results)
+
+
+def test_close_stops_a_worker_still_waiting_for_its_gpu_lease(tmp_path):
+    # An interrupt while the worker waits for its lease: close() kills it there, so it never goes on to
+    # train for a closed executor, and the batch ends with every fold failed (before the fix, close()
+    # waited out its 60 s join and the worker and its thread lived on).
+    import threading
+
+    done = {}
+    with GpuLease(0, tmp_path / "leases", timeout=5, purpose="a tree worker"):
+        executor = NNBatchExecutor(PARAMS, context(tmp_path, devices=[0], lease_timeout_s=120))
+        batch = threading.Thread(target=lambda: done.update(results=executor.run_batch(trials(2))), daemon=True)
+        batch.start()
+        while not executor._slots[0].starting:
+            time.sleep(0.05)
+        worker = executor._slots[0].worker
+        time.sleep(1.0)  # the worker is up and waiting for the lease this test holds
+        executor.close()
+        batch.join(timeout=30)
+    assert not batch.is_alive()
+    assert not worker.alive and executor._slots[0].worker is None
+    assert len(done["results"]) == 4 and all(r.status == STATUS_FAIL for r in done["results"])
 
 
 def test_host_process_does_not_import_torch():
@@ -168,3 +191,22 @@ def test_an_interrupted_batch_leaves_no_worker_behind(tmp_path, monkeypatch):
         signal.signal(signal.SIGALRM, previous)
     time.sleep(3)  # a respawned worker would be up by now
     assert _processes_with_marker(marker) == []
+
+
+def test_a_batch_too_long_for_one_request_line_goes_in_several(tmp_path, monkeypatch):
+    # The worker refuses a line over its limit (4 MiB: thousands of trials). Here the host believes
+    # the limit is half of what the 4 trials' request takes, so they go in 2 or more requests of whole
+    # trials (the worker's own limit is unchanged); every fold still gets its result, in order.
+    from watcher_plugins.nn_batch import protocol
+    from watcher_plugins.nn_batch.client import train_batch_request
+    from watcher_plugins.nn_batch.executor import fit_jobs
+
+    with NNBatchExecutor(PARAMS, context(tmp_path)) as executor:
+        whole = train_batch_request([fit for job in trials(4) for fit in fit_jobs(job)], executor.settings)
+    monkeypatch.setattr(protocol, "MAX_LINE_BYTES", len(json.dumps(whole)) // 2)
+    with NNBatchExecutor(PARAMS, context(tmp_path)) as executor:
+        results = executor.run_batch(trials(4))
+        requests = executor.last_batch_summaries
+    assert len(requests) > 1
+    assert [(r.trial_number, r.fold_idx) for r in results] == [(t, f) for t in range(4) for f in range(2)]
+    assert all(r.status == STATUS_OK for r in results)

@@ -69,3 +69,21 @@ def test_only_the_fit_that_does_not_fit_alone_is_oom():
     _, got = run(FusedTrainer(SETTINGS, CPU, hook), tasks, 4)
     status = {o.key[0]: o.status for o in got}
     assert status == {0: STATUS_OK, 1: STATUS_OK, 2: STATUS_OOM, 3: STATUS_OK}
+
+
+def test_a_fit_too_big_even_alone_leaves_the_others_their_concurrency():
+    # Trial 0 is the only one of its depth, so it has a pack of its own, and out of memory even there.
+    data = DeviceDatasetCache(CPU).get(DATA)
+    tasks = [FitTask.build(FitJob(t, 0, 2, 5, (32, 16, 8) if t == 0 else (32, 16), 1e-2, 0.0, 0.0, DATA), data)
+             for t in range(7)]
+    sizes = []
+
+    def hook(pack):
+        sizes.append(len(pack))
+        if any(task.key[0] == 0 for task in pack):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+
+    report, got = run(FusedTrainer(SETTINGS, CPU, hook), tasks, 4)
+    assert {o.key[0]: o.status for o in got} == {0: STATUS_OOM, **dict.fromkeys(range(1, 7), STATUS_OK)}
+    assert sizes == [1, 4, 2]  # the other six still share packs of up to 4
+    assert report.oom_failed == 1 and report.oom_retries == 0 and report.n_concurrent_used == 4

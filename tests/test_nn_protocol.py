@@ -49,6 +49,16 @@ INVALID = [
      "$.job.data"),
     ({"command": "train_batch", "jobs": [JOB, {**JOB, "trial_number": True}]}, "invalid_job",
      "$.jobs[1].trial_number"),
+    # A file named next to the embedded data would be silently ignored; a bad target or format would
+    # fail later, without the field's name.
+    ({"command": "train", "job": {**JOB, "data": {"embedded": "survivors", "path": "/data/x.csv"}}}, "invalid_job",
+     "$.job.data"),
+    ({"command": "train", "job": {**JOB, "data": {"path": "/data/x.csv", "target": ["y"]}}}, "invalid_job",
+     "$.job.data.target"),
+    ({"command": "train", "job": {**JOB, "data": {"path": "/data/x.csv", "target": ""}}}, "invalid_job",
+     "$.job.data.target"),
+    ({"command": "train", "job": {**JOB, "data": {"path": "/data/x.dat", "target": "y", "format": "xyz"}}},
+     "invalid_job", "$.job.data.format"),
 ]
 
 

@@ -104,6 +104,9 @@ def test_bad_input_gets_an_error_line_with_a_code_and_the_worker_keeps_serving(w
         (json.dumps({"command": "train_batch", "jobs": [bad_job]}).encode() + b"\n", "invalid_job"),
         (b'{"command": "ping", "x": "\xff\xfe"}\n', "invalid_utf8"),
         (b'{"command": "ping", "pad": "' + b"a" * (MAX_LINE_BYTES + 10) + b'"}\n', "line_too_long"),
+        # JSON that Python's decoder gives up on with other errors than JSONDecodeError.
+        (b"[" * 200_000 + b"\n", "malformed_json"),
+        (b'{"command": "ping", "x": ' + b"9" * 5000 + b"}\n", "malformed_json"),
     ]
     for raw, code in cases:
         worker.send_raw(raw)

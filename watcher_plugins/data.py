@@ -24,6 +24,8 @@ FULL_ROWS = 98_784  # the seed's survivors count
 _SURVIVORS_SEED = 20260219
 CACHE_ENV = "WATCHER_CACHE_DIR"
 _FORMATS = {".npz": "npz", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".json": "json"}
+#: The values the data param's "format" may take.
+DATA_FORMATS = ("npz", "csv", "parquet", "json")
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,8 @@ def load_dataset(ref: DataRef) -> Dataset:
     if fmt is None:
         raise DataError(f"{path}: unknown file type {path.suffix!r}: expected one of {', '.join(sorted(_FORMATS))}"
                         " or a 'format' in the data param")
+    if fmt not in DATA_FORMATS:
+        raise DataError(f"{path}: the data param's format {fmt!r} is not one of {', '.join(DATA_FORMATS)}")
     if not path.is_file():
         raise DataError(f"{path}: data file not found")
     if fmt != "npz" and not ref.target:

@@ -208,3 +208,30 @@ def test_relu_dropout_kernel_addresses_packs_beyond_2_to_the_31_elements():
     want.backward(grad[last])
     assert torch.equal(out[last], want)
     assert torch.equal(z.grad[last], zl.grad)
+
+
+def test_relu_dropout_kernel_takes_more_row_blocks_than_a_grid_axis_of_65535():
+    """Width 512 means 8 rows a block: 600,000 rows are 75,000 row blocks, more than CUDA's 65,535 on a
+    grid's y axis. The row blocks go on the x axis, so a dataset of that size trains; forward and
+    backward are checked against the reference for every element."""
+    from watcher_plugins.nn_batch import dropout as hashing
+    from watcher_plugins.nn_batch import kernels
+
+    n, rows, width = 2, 600_000, 512
+    gen = torch.Generator(device=CUDA).manual_seed(torch.seed() % 2**63)
+    keys = [hashing.fit_key(s) for s in range(n)]
+    train = torch.rand(n, rows, device=CUDA, generator=gen) < 0.8
+    pack = kernels.PackDropout(keys, [0.3] * n, train)
+    z = torch.randn(n, rows, width, device=CUDA, generator=gen).requires_grad_(True)
+    out = kernels.relu_dropout(z, pack, 5, 1)
+    grad = torch.randn(n, rows, width, device=CUDA, generator=gen)
+    out.backward(grad)
+    draws = hashing.draws([hashing.layer_key(k, 5, 1) for k in keys], torch.arange(rows, device=CUDA), width)
+    mask = torch.where(draws >= torch.tensor(0.3), torch.tensor(hashing.keep_factor(0.3), device=CUDA),
+                       torch.zeros((), device=CUDA))
+    mask = torch.where(train[:, :, None], mask, torch.ones((), device=CUDA))
+    zr = z.detach().requires_grad_(True)
+    want = torch.relu(zr) * mask
+    want.backward(grad)
+    assert torch.equal(out, want)
+    assert torch.equal(z.grad, zr.grad)

@@ -6,6 +6,8 @@ The host process never imports torch: the workers do the torch work and speak JS
 
 from __future__ import annotations
 
+import itertools
+import json
 import queue
 import threading
 from collections.abc import Mapping, Sequence
@@ -14,6 +16,7 @@ from typing import Any
 
 from watcher_plugins.errors import ProtocolError, WorkerCrashed
 from watcher_plugins.executor import Executor, ResultCallback, RunContext
+from watcher_plugins.nn_batch import protocol
 from watcher_plugins.nn_batch.client import WorkerProcess, train_batch_request
 from watcher_plugins.nn_batch.protocol import BatchSettings, FitJob, parse_job
 from watcher_plugins.records import STATUS_FAIL, FoldResult, TrialJob
@@ -24,8 +27,22 @@ Key = tuple[int, int]
 def fit_jobs(job: TrialJob) -> list[FitJob]:
     """One FitJob per fold of a trial; ProtocolError if the trial's params are not a valid NN trial."""
     return [parse_job({"trial_number": job.trial_number, "fold_idx": fold, "folds": job.folds, "seed": job.seed,
-                       "params": job.params, "data": job.data.to_json()}, path="params")
+                       "params": job.params, "data": job.data.to_json()}, path="$")
             for fold in range(job.folds)]
+
+
+def within_line_limit(fits: list[FitJob], settings: BatchSettings) -> list[FitJob]:
+    """The longest run of whole trials from the start of ``fits`` whose train_batch request stays
+    within the worker's line limit (the rest goes in later requests); at least one trial."""
+    room = protocol.MAX_LINE_BYTES - len(json.dumps(train_batch_request([], settings))) - 64
+    taken: list[FitJob] = []
+    for _, trial in itertools.groupby(fits, key=lambda fit: fit.trial_number):
+        trial = list(trial)
+        room -= sum(len(json.dumps(fit.to_json())) + 2 for fit in trial)  # ", " between jobs
+        if taken and room < 0:
+            break
+        taken += trial
+    return taken
 
 
 class _WorkerSlot:
@@ -36,6 +53,7 @@ class _WorkerSlot:
         self.context = context
         self.closing = closing
         self.worker: WorkerProcess | None = None
+        self.starting = False  # its worker is starting: waiting for its GPU lease or its first reply
 
     def ensure_started(self) -> WorkerProcess:
         if self.closing.is_set():
@@ -44,21 +62,32 @@ class _WorkerSlot:
         if self.worker is None or not self.worker.alive:
             logs = Path(self.context.output_dir) / "logs"
             name = f"nn_worker-gpu{self.gpu}.log" if self.gpu is not None else "nn_worker-cpu.log"
-            worker = WorkerProcess(self.gpu, self.context.lease_dir, self.context.lease_timeout_s, logs / name)
-            self.worker = None
-            worker.start()
-            self.worker = worker
+            # Kept in the slot while it starts, so that close() can kill it there: a worker still
+            # waiting for its lease must not go on to train once the executor is closed.
+            self.worker = WorkerProcess(self.gpu, self.context.lease_dir, self.context.lease_timeout_s, logs / name)
+            self.starting = True
+            try:
+                self.worker.start()
+            finally:
+                self.starting = False
+            if self.closing.is_set():
+                self.discard()
+                raise WorkerCrashed("the nn_batch executor closed while its worker started")
         return self.worker
 
     def discard(self) -> None:
-        if self.worker is not None:
-            self.worker.kill()
-            self.worker = None
+        worker, self.worker = self.worker, None
+        if worker is not None:
+            worker.kill()
 
     def shutdown(self) -> None:
-        if self.worker is not None:
-            self.worker.shutdown()
-            self.worker = None
+        """Stop the worker: ask a ready one to shut down, kill one still starting."""
+        if self.starting:
+            self.discard()
+            return
+        worker, self.worker = self.worker, None
+        if worker is not None:
+            worker.shutdown()
 
 
 class NNBatchExecutor(Executor):
@@ -155,7 +184,7 @@ class NNBatchExecutor(Executor):
             replies.put(FoldResult(fit.trial_number, fit.fold_idx, "nn", None, 0.0, status, error))
 
         while pending:
-            batch = list(pending.values())
+            batch = within_line_limit(list(pending.values()), self.settings)
             if isolate:
                 batch = [fit for fit in batch if fit.trial_number == batch[0].trial_number]
             try:

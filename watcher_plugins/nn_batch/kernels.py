@@ -94,8 +94,8 @@ if triton is not None:
                           n_rows, width, counter, zs_m, zs_r,
                           HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr,
                           BLOCK_W: tl.constexpr):
-        m = tl.program_id(0).to(tl.int64)  # int64 offsets: a pack may hold more than 2**31 activations
-        rows = tl.program_id(1).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+        m = tl.program_id(1).to(tl.int64)  # int64 offsets: a pack may hold more than 2**31 activations
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
         units = tl.arange(0, BLOCK_W)
         in_rows = rows < n_rows
         inside = in_rows[:, None] & (units[None, :] < width)
@@ -115,8 +115,8 @@ if triton is not None:
     def _relu_dropout_bwd(out_ptr, grad_ptr, gz_ptr, keys_ptr, p_ptr, scale_ptr, train_ptr,
                           n_rows, width, counter, zs_m, zs_r,
                           HAS_DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr):
-        m = tl.program_id(0).to(tl.int64)  # int64 offsets: a pack may hold more than 2**31 activations
-        rows = tl.program_id(1).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+        m = tl.program_id(1).to(tl.int64)  # int64 offsets: a pack may hold more than 2**31 activations
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
         units = tl.arange(0, BLOCK_W)
         in_rows = rows < n_rows
         inside = in_rows[:, None] & (units[None, :] < width)
@@ -180,7 +180,7 @@ class _ReluDropout(torch.autograd.Function):
             raise ValueError("relu_dropout's bias must be contiguous float32 with N * width values")
         out = torch.empty(n, n_rows, width, dtype=z.dtype, device=z.device)
         block_r, block_w, warps = _blocks(width)
-        grid = (n, triton.cdiv(n_rows, block_r))
+        grid = (triton.cdiv(n_rows, block_r), n)  # rows on axis 0: CUDA allows 65,535 blocks on axis 1
         _relu_dropout_fwd[grid](z, bias if bias is not None else z, out, pack.keys, pack.p, pack.scale, pack.train,
                                 n_rows, width, counter, z.stride(0), z.stride(1), HAS_BIAS=bias is not None,
                                 HAS_DROPOUT=pack.has_dropout, BLOCK_R=block_r, BLOCK_W=block_w, num_warps=warps)
@@ -198,7 +198,7 @@ class _ReluDropout(torch.autograd.Function):
         n, n_rows, width = shape
         grad_z = torch.empty_strided(shape, stride, dtype=grad.dtype, device=grad.device)
         block_r, block_w, warps = _blocks(width)
-        grid = (n, triton.cdiv(n_rows, block_r))
+        grid = (triton.cdiv(n_rows, block_r), n)  # rows on axis 0: CUDA allows 65,535 blocks on axis 1
         _relu_dropout_bwd[grid](out, grad, grad_z, pack.keys, pack.p, pack.scale, pack.train, n_rows, width,
                                 ctx.counter, stride[0], stride[1], HAS_DROPOUT=pack.has_dropout,
                                 BLOCK_R=block_r, BLOCK_W=block_w, num_warps=warps)

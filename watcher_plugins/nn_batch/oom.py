@@ -1,5 +1,6 @@
 """OOM recovery: on torch.cuda.OutOfMemoryError, free everything and retry the fits not yet done with
-half the concurrency, down to 1; a fit that does not fit even alone ends with status "oom".
+half the concurrency, down to 1; a fit that does not fit even alone ends with status "oom", and the
+others go on at the concurrency they had.
 
 Any other error passes through: the caller decides whether it is fatal for the worker.
 """
@@ -58,7 +59,8 @@ def train_with_oom_recovery(trainer: Trainer, tasks: Sequence[FitTask], n_concur
             report.n_concurrent_used = max(1, concurrency // 2)
             report.oom_retries += 1
             continue
-        report.n_concurrent_used = 1
+        # One fit did not fit alone. The concurrency stays: that fit may have had a pack of its own
+        # (the budget's sizing) while the others share packs, and they must not all train alone now.
         key = running[0] if running else next(iter(pending))
         report.oom_failed += 1
         done(FitOutcome(key, STATUS_OOM, None, 0.0, error=f"out of memory even when trained alone: {message}"))

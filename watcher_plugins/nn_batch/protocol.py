@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from watcher_plugins.data import DATA_FORMATS
 from watcher_plugins.errors import ProtocolError
 from watcher_plugins.records import DataRef
 
@@ -152,8 +153,13 @@ def parse_job(obj: Any, path: str = "$.job") -> FitJob:
         ref = DataRef.from_param(data)
     except TypeError:
         raise _fail(code, f"{path}.data", "only the keys embedded, rows, path, target, format", data) from None
-    if not (ref.embedded == "survivors" or (isinstance(ref.path, str) and ref.path)):
-        raise _fail(code, f"{path}.data", '{"embedded": "survivors", ...} or {"path": FILE, ...}', data)
+    if (ref.embedded is None) == (ref.path is None) or ref.embedded not in (None, "survivors") \
+            or not (ref.path is None or (isinstance(ref.path, str) and ref.path)):
+        raise _fail(code, f"{path}.data", '{"embedded": "survivors", ...} or {"path": FILE, ...}, not both', data)
+    if ref.target is not None and not (isinstance(ref.target, str) and ref.target):
+        raise _fail(code, f"{path}.data.target", "a column name", ref.target)
+    if ref.format is not None and ref.format not in DATA_FORMATS:
+        raise _fail(code, f"{path}.data.format", f"one of {', '.join(DATA_FORMATS)}", ref.format)
     if ref.rows is not None and not (_is_int(ref.rows) and ref.rows >= 2):
         raise _fail(code, f"{path}.data.rows", "an integer >= 2", ref.rows)
     return FitJob(
@@ -198,6 +204,8 @@ def parse_request(raw: bytes) -> Request:
         obj = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ProtocolError(E_MALFORMED_JSON, f"request line is not JSON: {exc.msg} at column {exc.colno}") from None
+    except (ValueError, RecursionError) as exc:  # an integer too long for Python; arrays nested too deep
+        raise ProtocolError(E_MALFORMED_JSON, f"request line is not JSON this worker can read: {exc}") from None
     if not isinstance(obj, dict) or not isinstance(obj.get("command"), str):
         raise _fail(E_INVALID_REQUEST, "$.command", f"an object with a \"command\": one of {', '.join(COMMANDS)}",
                     obj.get("command", _MISSING) if isinstance(obj, dict) else obj)
