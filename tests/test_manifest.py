@@ -87,6 +87,24 @@ def test_bad_params_override_is_labelled_params(plugin_manager):
 
 
 @pytest.mark.parametrize("text, expected", [
+    # JSON Schema counts 2.0 as an integer; the code that takes folds, trials or rows wants an int.
+    ('{"folds": 2.0}', "--params::$.folds: 2.0 is not of type 'integer'"),
+    ('{"n_concurrent_nn": 2.0}', '--params::$.n_concurrent_nn: 2.0 is not valid: expected "auto" or an integer >= 1'),
+    ('{"data": {"embedded": "survivors", "rows": 300.0}}', "(data.rows: 300.0 is not of type 'integer')"),
+    # Python's decoder takes these; no param can use them.
+    ('{"lease_timeout_s": 1e400}', "--params: not valid JSON: the number 1e400 is beyond a float's range"),
+    ('{"lease_timeout_s": NaN}', "--params: not valid JSON: NaN is not a JSON number"),
+    # Of a data param's two forms, the error of the one it means: found by its required key.
+    ('{"data": {"embedded": "survivors", "rows": 10}}', "(data.rows: 10 is less than the minimum of 50)"),
+    ('{"data": {"path": "x.csv", "targt": "q"}}', "(data: unknown key 'targt' (did you mean 'target'?)"),
+])
+def test_params_a_python_reader_would_misread_are_refused(plugin_manager, text, expected):
+    with pytest.raises(ManifestError) as excinfo:
+        load_manifest(None, text, plugin_manager)
+    assert expected in _problems(excinfo)[0]
+
+
+@pytest.mark.parametrize("text, expected", [
     ("{bad", "--params: not valid JSON"),
     ("[1, 2]", "--params::$: expected a JSON object, got list"),
 ])

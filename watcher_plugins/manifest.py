@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import difflib
 import json
+import math
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -48,7 +49,9 @@ def params_schema(pm) -> dict:
 def _validator(schema: dict):
     cls = jsonschema.validators.validator_for(schema)
     cls.check_schema(schema)
-    return cls(schema, format_checker=cls.FORMAT_CHECKER)
+    # JSON Schema counts 2.0 as an integer; the code that takes these params wants a Python int.
+    strict = cls.TYPE_CHECKER.redefine("integer", lambda _, value: isinstance(value, int) and not isinstance(value, bool))
+    return jsonschema.validators.extend(cls, type_checker=strict)(schema, format_checker=cls.FORMAT_CHECKER)
 
 
 def _json_path(error: ValidationError, prefix: str) -> str:
@@ -58,13 +61,29 @@ def _json_path(error: ValidationError, prefix: str) -> str:
     return path
 
 
+def _meant_branch(error: ValidationError) -> list[ValidationError] | None:
+    """Of a oneOf's errors, those of the branch the instance means to be: the one whose required keys it
+    has (``{"path": ..., "targt": ...}`` means the file branch, whatever else is wrong with it)."""
+    branches = error.schema.get(error.validator) if isinstance(error.schema, dict) else None
+    if not isinstance(error.instance, dict) or not isinstance(branches, list):
+        return None
+    for i, branch in enumerate(branches):
+        required = branch.get("required") if isinstance(branch, dict) else None
+        if required and all(key in error.instance for key in required):
+            return [e for e in error.context if e.schema_path and e.schema_path[0] == i] or None
+    return None
+
+
 def _message(error: ValidationError) -> str:
     expected = error.schema.get("x-expected") if isinstance(error.schema, dict) else None
     if error.validator in ("oneOf", "anyOf"):
-        detail = best_match(error.context) if error.context else None
+        meant = _meant_branch(error)
+        detail = best_match(meant or error.context) if error.context else None
         if expected:
-            deeper = detail is not None and len(detail.relative_path) > 0
-            suffix = f" ({_json_path(detail, '$')[2:]}: {detail.message})" if deeper else ""
+            suffix = ""
+            if detail is not None and (meant or len(detail.relative_path) > 0):
+                where = _json_path(detail, "$")[2:]
+                suffix = f" ({where + ': ' if where else ''}{_message(detail)})"
             return f"{json.dumps(error.instance)} is not valid: expected {expected}{suffix}"
         if detail is not None:
             return detail.message
@@ -84,11 +103,25 @@ def _problems(instance: Any, schema: dict, source: str, prefix: str) -> list[str
     return [f"{source}::{_json_path(e, prefix)}: {_message(e)}" for e in errors]
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text} is beyond a float's range")
+    return value
+
+
+def _not_json(name: str) -> float:
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def _parse_json(text: str, source: str) -> Any:
     try:
-        return json.loads(text)
+        # Python's decoder takes NaN and Infinity, and 1e400 as inf; a param must be a finite number.
+        return json.loads(text, parse_float=_finite, parse_constant=_not_json)
     except json.JSONDecodeError as exc:
         raise ManifestError([f"{source}: not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"]) from None
+    except ValueError as exc:
+        raise ManifestError([f"{source}: not valid JSON: {exc}"]) from None
 
 
 @dataclass
