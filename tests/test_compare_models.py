@@ -64,12 +64,21 @@ class InOrderExecutor(ReversingExecutor):
                 for j in jobs for f in range(j.folds)]
 
 
+class ConstantExecutor(Executor):
+    """Any model type, every fold scores 0.5."""
+
+    def run_batch(self, jobs, on_result=None):
+        return [FoldResult(j.trial_number, f, j.model_type, 0.5, 0.01) for j in jobs for f in range(j.folds)]
+
+
 class TestExecutors:
     @hookimpl
     def watcher_executors(self):
         yield WatcherExecutor(name="reversing", model_types=("nn",), load=lambda: ReversingExecutor,
                               result_params=("nn_max_epochs",))
         yield WatcherExecutor(name="in_order", model_types=("nn",), load=lambda: InOrderExecutor)
+        yield WatcherExecutor(name="constant", model_types=("lightgbm",), load=lambda: ConstantExecutor,
+                              result_params=("tree_rounds",))
 
 
 @pytest.fixture
@@ -194,11 +203,46 @@ def test_resuming_with_other_defining_params_is_refused(pm, tmp_path):
     run_compare_models(_params(pm, tmp_path, trials=3, n_concurrent_nn=5), pm)
 
 
+def test_a_changed_param_of_a_later_group_is_refused_before_anything_trains(pm, tmp_path):
+    # The NN group runs first; its trials must not be trained (for hours, on a GPU) and then thrown
+    # away because the tree group's study was made with another tree_rounds.
+    both = {"model_types": ["nn", "lightgbm"], "executors": {"nn": "reversing", "lightgbm": "constant"}, "trials": 2}
+    run_compare_models(_params(pm, tmp_path, **both), pm)
+    ReversingExecutor.batches = []
+    with pytest.raises(StorageError, match=r"tree_rounds: stored 300, now 20"):
+        run_compare_models(_params(pm, tmp_path, **{**both, "trials": 4, "tree_rounds": 20}), pm)
+    assert ReversingExecutor.batches == []
+    assert len(_trajectory(tmp_path / "out")) == 2
+
+
+def test_a_lost_database_stops_the_clean_up_at_once(caplog):
+    # Each fail_and_requeue waits out the storage's retries before StorageLost; after the first, the
+    # others are left to the next run's stale check instead of delaying the stop by minutes.
+    from types import SimpleNamespace
+
+    from watcher_plugins.compare_models import StudyRunner
+    from watcher_plugins.errors import StorageLost
+
+    calls = []
+
+    class LostStore:
+        def fail_and_requeue(self, study, trial, reason):
+            calls.append(trial.number)
+            raise StorageLost("lost the connection to the study storage")
+
+    runner = StudyRunner({"nn": None, "lightgbm": None}, {}, None, LostStore(), None, None)
+    asked = {"nn": [(SimpleNamespace(number=n), None) for n in range(3)],
+             "lightgbm": [(SimpleNamespace(number=n), None) for n in range(2)]}
+    runner._fail_unfinished(asked)
+    assert calls == [0]
+    assert "5 trials left RUNNING (lost the connection to the study storage)" in caplog.text
+
+
 def test_executor_choice_errors(pm, tmp_path):
     with pytest.raises(PluginError, match="several executors run 'nn' .*choose one with params.executors.nn"):
         run_compare_models(_params(pm, tmp_path, executors={}), pm)
     with pytest.raises(PluginError, match=r"\$.executors.nn: unknown executor 'nope'; registered executors: "
-                                          "in_order, nn_batch, reversing, tree_parallel"):
+                                          "constant, in_order, nn_batch, reversing, tree_parallel"):
         run_compare_models(_params(pm, tmp_path, executors={"nn": "nope"}), pm)
     with pytest.raises(PluginError, match="executor 'tree_parallel' does not run 'nn'"):
         run_compare_models(_params(pm, tmp_path, executors={"nn": "tree_parallel"}), pm)

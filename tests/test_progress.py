@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import time
 
 from watcher_plugins.progress import ProgressBoard
 
@@ -29,3 +30,34 @@ def test_disabled_board_prints_nothing():
     board.resume("nn", 0, None)
     board.trial_done("nn", 0.1)
     assert stream.getvalue() == ""
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_bar_counts_resumed_trials_as_its_start_not_as_progress():
+    board = ProgressBoard(["nn"], trials=20, stream=_Terminal())
+    board.resume("nn", done=16, best=0.5)
+    bar = board.bars["nn"]
+    assert (bar.n, bar.initial, bar.last_print_n) == (16, 16, 16)  # tqdm's rate counts n - initial
+    board.trial_done("nn", 0.6)
+    assert (bar.n, bar.initial) == (17, 16)
+    board.close()
+
+
+def test_bar_clock_starts_when_its_group_starts():
+    board = ProgressBoard(["nn", "xgboost"], trials=4, stream=_Terminal())
+    time.sleep(0.01)  # the NN group runs first; the xgboost bar must not count that time
+    group_started = time.time()  # tqdm's clock
+    board.resume("xgboost", done=0, best=None)
+    assert board.bars["xgboost"].start_t >= group_started
+    board.close()
+
+
+def test_bar_postfix_follows_the_trial_count():
+    board = ProgressBoard(["nn"], trials=20, stream=_Terminal())
+    board.resume("nn", done=3, best=0.5)
+    assert "3/20 trials, best R2 0.5000  [" in str(board.bars["nn"])
+    board.close()

@@ -24,7 +24,7 @@ import optuna
 
 from watcher_plugins.data import load_dataset
 from watcher_plugins.devices import resolve_devices
-from watcher_plugins.errors import DataError, OutputDirError, PluginError
+from watcher_plugins.errors import DataError, OutputDirError, PluginError, StorageLost
 from watcher_plugins.executor import Executor, RunContext
 from watcher_plugins.gpu_monitor import GpuMonitor
 from watcher_plugins.interrupts import interrupts_held
@@ -169,14 +169,19 @@ class StudyRunner:
                 raise
 
     def _fail_unfinished(self, asked: dict[str, list]) -> None:
-        for model_type, batch in asked.items():
-            for trial, _ in batch:
-                try:
-                    self.store.fail_and_requeue(self.studies[model_type], trial,
-                                                "the run stopped before this trial finished")
-                except Exception as exc:  # e.g. the database is gone: the stale check recovers it later
-                    logger.warning("trial %d of %s left RUNNING (%s); the next run's stale check re-asks it",
-                                trial.number, model_type, exc)
+        unfinished = [(model_type, trial) for model_type, batch in asked.items() for trial, _ in batch]
+        for i, (model_type, trial) in enumerate(unfinished):
+            try:
+                self.store.fail_and_requeue(self.studies[model_type], trial, "the run stopped before this trial finished")
+            except StorageLost as exc:
+                # Each try waits out the storage's retries: once it is lost, trying the others only delays
+                # the stop (minutes for a batch), and the stale check recovers them all the same.
+                logger.warning("%d trials left RUNNING (%s); the next run's stale check re-asks them",
+                               len(unfinished) - i, exc)
+                return
+            except Exception as exc:  # the stale check recovers it later
+                logger.warning("trial %d of %s left RUNNING (%s); the next run's stale check re-asks it",
+                               trial.number, model_type, exc)
 
     def _run_and_tell(self, executor: Executor, asked: dict[str, list]) -> None:
         jobs = [job for batch in asked.values() for _, job in batch]
@@ -245,6 +250,15 @@ def run_compare_models(params: dict, pm, out: TextIO | None = None) -> dict:
     groups: dict[str, list[str]] = defaultdict(list)
     for model_type, registration in runnable.items():
         groups[registration.name].append(model_type)
+    # Every study is opened (and checked against the params it was made with) before anything trains:
+    # a tree param changed since the last run must not be refused after hours of NN training.
+    group_studies: dict[str, dict[str, optuna.Study]] = {}
+    for executor_name, model_types in groups.items():
+        # GPU and CPU fits of one model differ (algorithms, rounding), so where it ran defines a study too.
+        result_params = {key: params[key] for key in runnable[model_types[0]].result_params}
+        result_params["compute"] = "gpu" if devices else "cpu"
+        group_studies[executor_name] = {mt: store.study(mt, seed=params["seed"] + _SAMPLER_SEED_OFFSET.get(mt, 0),
+                                                        result_params=result_params) for mt in model_types}
 
     log = TrialLog(output_dir / TRIALS_FILE)
     board = ProgressBoard(list(runnable), params["trials"], enabled=params["progress"])
@@ -254,11 +268,7 @@ def run_compare_models(params: dict, pm, out: TextIO | None = None) -> dict:
     try:
         for executor_name, model_types in groups.items():
             group_started = time.monotonic()
-            # GPU and CPU fits of one model differ (algorithms, rounding), so where it ran defines a study too.
-            result_params = {key: params[key] for key in runnable[model_types[0]].result_params}
-            result_params["compute"] = "gpu" if devices else "cpu"
-            studies = {mt: store.study(mt, seed=params["seed"] + _SAMPLER_SEED_OFFSET.get(mt, 0),
-                                       result_params=result_params) for mt in model_types}
+            studies = group_studies[executor_name]
             run.studies.update(studies)
             for model_type, study in studies.items():
                 board.resume(model_type, store.trials_counted(study), store.best(study)[0])

@@ -29,7 +29,8 @@ class ProgressBoard:
                 self.bars[model_type] = tqdm(
                     total=trials, desc=model_type.ljust(self.width), unit="trial", position=position,
                     file=self.stream, dynamic_ncols=True, leave=True, mininterval=0.5,
-                    bar_format="{desc} {bar:20} {n_fmt}/{total_fmt} trials  {postfix}  [{elapsed}<{remaining}]",
+                    # tqdm puts ", " before the postfix itself
+                    bar_format="{desc} {bar:20} {n_fmt}/{total_fmt} trials{postfix}  [{elapsed}<{remaining}]",
                 )
                 self._show_bar(model_type)
 
@@ -46,7 +47,10 @@ class ProgressBoard:
         self.done[model_type] = self.resumed[model_type] = min(done, self.total)
         self.started[model_type] = time.monotonic()
         if model_type in self.bars:
-            self.bars[model_type].update(self.done[model_type] - self.bars[model_type].n)
+            bar = self.bars[model_type]
+            bar.reset()  # the clock starts with this group, not at start-up (earlier groups ran meanwhile)
+            # Resumed trials are the starting count, not progress: the rate and time left count new trials only.
+            bar.initial = bar.n = bar.last_print_n = self.done[model_type]
             self._show_bar(model_type)
 
     def trial_done(self, model_type: str, value: float | None) -> None:
