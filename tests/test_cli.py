@@ -53,6 +53,13 @@ def test_step_range_without_a_registered_step_lists_the_steps(tmp_path, start, e
                                      "registered steps: 5 (compare_models)")
 
 
+def test_a_start_step_after_the_last_step_names_the_last_step(tmp_path):
+    # No --end-step was given: the message must not name one.
+    result = agent("--run-pipeline", "--start-step", "7", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "watcher-agent: error: --start-step 7 is after the last registered step, 5"
+
+
 def test_bad_data_file_exits_2_naming_file_and_column(tmp_path):
     data = tmp_path / "d.csv"
     data.write_text("a,b,quality\n1,2,3\n4,5,6\n")

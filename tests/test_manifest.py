@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -141,4 +142,20 @@ def test_plugins_contribute_params_and_a_clash_is_an_error(plugin_manager):
 
     plugin_manager.register(Clash())
     with pytest.raises(PluginError, match="param 'trials' is declared by both 'compare_models' and 'clash'"):
+        params_schema(plugin_manager)
+
+
+@pytest.mark.parametrize("ref, expected", [
+    ("my_pkg/params.schema.json", "expected an inline schema or 'package:file.json'"),
+    ("no_such_package_here:params.schema.json", "cannot load the schema: No module named 'no_such_package_here'"),
+    ("watcher_plugins.schemas:missing.json", "cannot load the schema"),
+])
+def test_a_plugins_params_schema_that_cannot_be_loaded_is_a_plugin_error(plugin_manager, ref, expected):
+    class BadSchema:
+        @hookimpl
+        def watcher_executors(self):
+            yield WatcherExecutor(name="bad_schema", model_types=("nn",), load=lambda: None, params_schema=ref)
+
+    plugin_manager.register(BadSchema())
+    with pytest.raises(PluginError, match=f"params_schema {ref!r}: " + re.escape(expected)):
         params_schema(plugin_manager)

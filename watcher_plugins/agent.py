@@ -44,9 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _select_steps(steps: dict, start: int, end: int | None) -> list:
-    end = max(steps, default=start) if end is None else end
-    if end < start:
+    if end is not None and end < start:
         raise StepRangeError(f"--start-step {start} is after --end-step {end}")
+    last = max(steps, default=start)
+    if end is None and last < start:
+        raise StepRangeError(f"--start-step {start} is after the last registered step, {last}")
+    end = last if end is None else end
     selected = [step for number, step in steps.items() if start <= number <= end]
     if not selected:
         listing = ", ".join(f"{n} ({s.name})" for n, s in steps.items()) or "none"

@@ -39,7 +39,7 @@ class WatcherSpecs:
                     name="my_executor",
                     model_types=("nn",),
                     load=lambda: __import__("my_pkg.executor").executor.MyExecutor,
-                    params_schema="my_pkg/params.schema.json",
+                    params_schema="my_pkg:params.schema.json",
                 )
 
         :return: an iterable of WatcherExecutor registrations.

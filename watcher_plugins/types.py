@@ -21,8 +21,13 @@ def _schema_from_resource(ref: str | dict | None) -> dict:
         return {"type": "object", "properties": {}}
     if isinstance(ref, dict):
         return ref
-    package, _, filename = ref.partition(":")
-    return json.loads(resources.files(package).joinpath(filename).read_text(encoding="utf-8"))
+    package, colon, filename = ref.partition(":")
+    if not colon or not package or not filename:
+        raise PluginError(f"params_schema {ref!r}: expected an inline schema or 'package:file.json'")
+    try:
+        return json.loads(resources.files(package).joinpath(filename).read_text(encoding="utf-8"))
+    except (ImportError, OSError, ValueError) as exc:  # no such package or file; not JSON
+        raise PluginError(f"params_schema {ref!r}: cannot load the schema: {exc}") from None
 
 
 @dataclass
