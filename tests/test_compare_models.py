@@ -215,6 +215,17 @@ def test_a_changed_param_of_a_later_group_is_refused_before_anything_trains(pm, 
     assert len(_trajectory(tmp_path / "out")) == 2
 
 
+def test_an_interrupted_summary_lists_the_model_types_that_never_started(pm, tmp_path):
+    ReversingExecutor.interrupt_on_batch = 1
+    both = {"model_types": ["nn", "lightgbm"], "executors": {"nn": "reversing", "lightgbm": "constant"}, "trials": 2}
+    with pytest.raises(KeyboardInterrupt):
+        run_compare_models(_params(pm, tmp_path, **both), pm)
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["interrupted"] is True and summary["not_run"] == ["lightgbm"]
+    ReversingExecutor.interrupt_on_batch = None
+    assert run_compare_models(_params(pm, tmp_path, **both), pm)["not_run"] == []
+
+
 def test_a_lost_database_stops_the_clean_up_at_once(caplog):
     # Each fail_and_requeue waits out the storage's retries before StorageLost; after the first, the
     # others are left to the next run's stale check instead of delaying the stop by minutes.
