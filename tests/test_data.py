@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -104,6 +105,8 @@ def _csv(tmp_path, text, name="bad.csv"):
     ("a,b,y\n1,2,inf\n4,5,6\n", "y", "target column 'y' has a non-finite value (NaN or inf) at data row 1"),
     ("a,b,y\n1,2\n", "y", "line 2 has 2 fields: expected 3"),
     ("a,a,y\n1,2,3\n", "y", "column name(s) 'a' appear more than once in the header"),
+    ("a,,y\n1,2,3\n4,5,6\n", "y", "column 2 has no name in the header"),
+    ("a,b,y\n1,2,3\n\n4,5\n", "y", "line 4 has 2 fields: expected 3"),  # the file's line, blank lines counted
     ("", "y", "empty CSV file"),
 ])
 def test_bad_csv_names_the_file_and_the_column(tmp_path, text, target, message):
@@ -111,6 +114,39 @@ def test_bad_csv_names_the_file_and_the_column(tmp_path, text, target, message):
     with pytest.raises(DataError) as excinfo:
         load_dataset(DataRef(path=path, target=target))
     assert str(excinfo.value) == f"{path}: {message}" or str(excinfo.value).startswith(f"{path}: {message}")
+
+
+def test_csv_saved_by_excel_with_a_byte_order_mark(tmp_path):
+    path = tmp_path / "excel.csv"
+    path.write_text("quality,a,b\n1,2,3\n4,5,6\n", encoding="utf-8-sig")  # Excel's "CSV UTF-8"
+    dataset = load_dataset(DataRef(path=str(path), target="quality"))
+    assert dataset.feature_names == ("a", "b") and dataset.y.tolist() == [1.0, 4.0]
+
+
+def test_csv_blank_lines_are_skipped(tmp_path):
+    path = _csv(tmp_path, "\na,b,y\n1,2,3\n\n4,5,6\n\n", name="blank.csv")
+    dataset = load_dataset(DataRef(path=path, target="y"))
+    assert dataset.X.tolist() == [[1.0, 2.0], [4.0, 5.0]] and dataset.y.tolist() == [3.0, 6.0]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("a,b,y\n1,2,3\n4,1e39,6\n", "column 'b' has a value too large for float32 (1e+39) at data row 2"),
+    ("a,b,y\n1,2,-1e39\n4,5,6\n", "target column 'y' has a value too large for float32 (-1e+39) at data row 1"),
+])
+def test_csv_value_beyond_float32_is_a_clear_error_without_a_numpy_warning(tmp_path, text, message):
+    path = _csv(tmp_path, text)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's overflow RuntimeWarning must not leak to the user
+        with pytest.raises(DataError) as excinfo:
+            load_dataset(DataRef(path=path, target="y"))
+    assert str(excinfo.value) == f"{path}: {message}: expected a value within float32's range (about ±3.4e38)"
+
+
+def test_csv_float32_max_as_printed_still_loads(tmp_path):
+    # 3.4028235e38 is a little above float32's max in float64, but rounds to it rather than overflowing.
+    path = _csv(tmp_path, "a,y\n3.4028235e38,1\n-3.4028235e38,2\n")
+    dataset = load_dataset(DataRef(path=path, target="y"))
+    assert dataset.X[:, 0].tolist() == [float(np.finfo(np.float32).max), -float(np.finfo(np.float32).max)]
 
 
 def test_missing_file(tmp_path):

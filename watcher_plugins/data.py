@@ -125,10 +125,12 @@ def load_dataset(ref: DataRef) -> Dataset:
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise DataError(f"{path}: cannot read the {fmt} file: {exc}") from None
     names = tuple(columns)
-    X = np.column_stack([columns[name] for name in names]).astype(np.float32) if names else None
-    if X is None:
+    if not names:
         raise DataError(f"{path}: no feature columns besides the target")
-    _check_finite(path, X, y, names, ref.target or "y")
+    target = ref.target or "y"
+    X = np.column_stack([_to_float32(path, columns[name], f"column {name!r}") for name in names])
+    y = _to_float32(path, y, f"target column {target!r}")
+    _check_finite(path, X, y, names, target)
     return Dataset(name=path.name, X=np.ascontiguousarray(X), y=np.ascontiguousarray(y), feature_names=names)
 
 
@@ -145,7 +147,7 @@ def _read_npz(path: Path) -> tuple[dict[str, np.ndarray], np.ndarray]:
     for name, arr in (("X", X), ("y", y)):
         if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.complexfloating):
             raise DataError(f"{path}: array {name} has dtype {arr.dtype}: expected real numbers")
-    return {f"x{i}": X[:, i] for i in range(X.shape[1])}, y.astype(np.float32)
+    return {f"x{i}": X[:, i] for i in range(X.shape[1])}, y
 
 
 def _numeric_column(path: Path, name: str, values: list) -> np.ndarray:
@@ -159,20 +161,29 @@ def _numeric_column(path: Path, name: str, values: list) -> np.ndarray:
 
 
 def _read_csv(path: Path) -> dict[str, np.ndarray]:
-    with path.open(newline="", encoding="utf-8") as fh:
+    # utf-8-sig: Excel's "CSV UTF-8" starts with a byte-order mark, which would otherwise become part of
+    # the first column's name.
+    with path.open(newline="", encoding="utf-8-sig") as fh:
         reader = csv.reader(fh)
-        header = next(reader, None)
+        # Blank lines (a trailing one is common) carry no data; skip them wherever they are.
+        lines = (row for row in reader if any(field.strip() for field in row))
+        header = next(lines, None)
         if not header:
             raise DataError(f"{path}: empty CSV file: expected a header row and data rows")
-        rows = list(reader)
+        for j, name in enumerate(header):
+            if not name.strip():
+                raise DataError(f"{path}: column {j + 1} has no name in the header")
+        duplicates = sorted({name for name in header if header.count(name) > 1})
+        if duplicates:
+            raise DataError(f"{path}: column name(s) {', '.join(map(repr, duplicates))} appear more than once in the header")
+        rows = []
+        for row in lines:
+            if len(row) != len(header):  # reader.line_num: the file's line, counting skipped blank lines
+                raise DataError(f"{path}: line {reader.line_num} has {len(row)} fields: "
+                                f"expected {len(header)} as in the header")
+            rows.append(row)
     if not rows:
         raise DataError(f"{path}: no data rows below the header")
-    duplicates = sorted({name for name in header if header.count(name) > 1})
-    if duplicates:
-        raise DataError(f"{path}: column name(s) {', '.join(map(repr, duplicates))} appear more than once in the header")
-    for i, row in enumerate(rows):
-        if len(row) != len(header):
-            raise DataError(f"{path}: line {i + 2} has {len(row)} fields: expected {len(header)} as in the header")
     return {name: _numeric_column(path, name, [row[j] for row in rows]) for j, name in enumerate(header)}
 
 
@@ -201,8 +212,19 @@ def _read_json_records(path: Path) -> dict[str, np.ndarray]:
 def _split_target(path: Path, columns: dict[str, np.ndarray], target: str) -> tuple[dict, np.ndarray]:
     if target not in columns:
         raise DataError(f"{path}: target column {target!r} not found; columns: {', '.join(columns)}")
-    y = columns.pop(target).astype(np.float32)
-    return columns, y
+    return columns, columns.pop(target)
+
+
+def _to_float32(path: Path, values: np.ndarray, label: str) -> np.ndarray:
+    """Cast to float32, refusing finite values that the cast would turn into inf (beyond about ±3.4e38)."""
+    with np.errstate(over="ignore"):  # reported below as a DataError, instead of numpy's RuntimeWarning
+        out = np.asarray(values).astype(np.float32)
+    overflow = np.isinf(out) & np.isfinite(values)
+    if overflow.any():
+        row = int(np.flatnonzero(overflow)[0])
+        raise DataError(f"{path}: {label} has a value too large for float32 ({float(values[row]):g}) at data row "
+                        f"{row + 1}: expected a value within float32's range (about ±3.4e38)")
+    return out
 
 
 def _check_finite(path: Path, X: np.ndarray, y: np.ndarray, names: tuple[str, ...], target: str) -> None:
