@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import stat
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
 
-from watcher_plugins.errors import LeaseTimeout
+from watcher_plugins.errors import LeaseError, LeaseTimeout
 from watcher_plugins.lease import GpuLease
 
 HOLD = """
@@ -90,3 +94,98 @@ def test_two_leases_of_one_process_exclude_each_other(tmp_path):
             second.acquire()
     assert second.try_acquire()
     second.release()
+
+
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def _mode(path):
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+@pytest.mark.parametrize("premade", [False, True], ids=["new", "made-0755-before"])
+def test_the_default_lease_dir_is_shared_by_every_user(tmp_path, monkeypatch, umask_022, premade):
+    monkeypatch.delenv("WATCHER_LEASE_DIR")
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path))
+    shared = tmp_path / "watcher_plugins-gpu-leases"
+    if premade:
+        shared.mkdir(mode=0o755)
+    with GpuLease(0, timeout=1) as lease:
+        assert lease.lease_dir == shared
+    assert _mode(shared) == 0o1777  # sticky and world-writable, like /tmp
+    assert _mode(shared / "gpu-0.lock") == 0o666
+    assert _mode(shared / "gpu-0.holder.json") == 0o666
+
+
+@pytest.fixture
+def open_temp():
+    """A temp dir other users can enter (pytest's tmp_path lies in a directory private to its user)."""
+    path = tempfile.mkdtemp()
+    os.chmod(path, 0o755)
+    yield path
+    shutil.rmtree(path)
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root to act as a second user")
+def test_a_second_user_takes_a_lease_in_the_shared_dir(open_temp, monkeypatch, umask_022):
+    monkeypatch.delenv("WATCHER_LEASE_DIR")
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: open_temp)
+    with GpuLease(0, timeout=1, purpose="first user"):  # makes the directory and gpu-0's files
+        pass
+    pid = os.fork()
+    if pid == 0:  # the child becomes nobody and must never return into pytest
+        code = 1
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            with GpuLease(0, timeout=1, purpose="second user") as lease:
+                code = 0 if lease.holder().purpose == "second user" else 2
+        finally:
+            os._exit(code)
+    assert os.waitpid(pid, 0)[1] == 0
+    with GpuLease(0, timeout=1) as lease:  # and the first user can take it back
+        assert lease.holder().pid == os.getpid()
+
+
+def test_a_named_lease_dir_keeps_its_mode(tmp_path, monkeypatch, umask_022):
+    named = tmp_path / "mine"
+    with GpuLease(0, named, timeout=1):
+        pass
+    monkeypatch.setenv("WATCHER_LEASE_DIR", str(tmp_path / "from-env"))
+    with GpuLease(0, timeout=1):
+        pass
+    assert _mode(named) == _mode(tmp_path / "from-env") == 0o755
+
+
+def test_a_failed_holder_record_write_releases_the_lock(tmp_path):
+    (tmp_path / "gpu-0.holder.json").mkdir()  # the record cannot be written (whoever runs the test, root too)
+    lease = GpuLease(0, tmp_path, timeout=1)
+    with pytest.raises(LeaseError, match="gpu-0.holder.json") as excinfo:
+        lease.acquire()
+    assert not lease.is_held
+    # excinfo keeps the failed attempt's frames (and its lock object) alive: freed only by a release, not by gc.
+    (tmp_path / "gpu-0.holder.json").rmdir()
+    other = GpuLease(0, tmp_path, timeout=0)
+    assert other.try_acquire()  # the failed attempt left the lock free
+    other.release()
+    del excinfo
+
+
+@pytest.mark.parametrize("blocker", ["leases", "leases/gpu-0.lock", "leases/gpu-0.holder.json"])
+def test_os_errors_surface_as_lease_errors_naming_the_path_and_the_fix(tmp_path, blocker):
+    # The wrong kind of file where the directory, the lock file or the holder record should be: fails as root too.
+    (tmp_path / "leases").mkdir()
+    if blocker == "leases":
+        (tmp_path / "leases").rmdir()
+        (tmp_path / "leases").write_text("")
+    else:
+        (tmp_path / blocker).mkdir()
+    with pytest.raises(LeaseError) as excinfo:
+        GpuLease(0, tmp_path / "leases", timeout=1).acquire()
+    message = str(excinfo.value)
+    assert str(tmp_path / blocker) in message
+    assert "WATCHER_LEASE_DIR" in message and "lease_dir" in message

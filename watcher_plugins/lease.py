@@ -16,6 +16,7 @@ import inspect
 import json
 import os
 import socket
+import stat
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -33,9 +34,14 @@ _KEEP_LOCK_FILE = (
 LEASE_DIR_ENV = "WATCHER_LEASE_DIR"
 
 
+def shared_lease_dir() -> Path:
+    """The directory in the system temp dir shared by every user of the host."""
+    return Path(tempfile.gettempdir()) / "watcher_plugins-gpu-leases"
+
+
 def default_lease_dir() -> Path:
-    """$WATCHER_LEASE_DIR, else a directory in the system temp dir shared by every user of the host."""
-    return Path(os.environ.get(LEASE_DIR_ENV) or Path(tempfile.gettempdir()) / "watcher_plugins-gpu-leases")
+    """$WATCHER_LEASE_DIR, else the shared directory in the system temp dir."""
+    return Path(os.environ.get(LEASE_DIR_ENV) or shared_lease_dir())
 
 
 @dataclass(frozen=True)
@@ -59,7 +65,9 @@ class GpuLease:
 
     def __init__(self, gpu: int, lease_dir: str | Path | None = None, timeout: float = 600.0, purpose: str = ""):
         self.gpu = int(gpu)
-        self.lease_dir = Path(lease_dir) if lease_dir else default_lease_dir()
+        named = lease_dir or os.environ.get(LEASE_DIR_ENV)
+        self.lease_dir = Path(named) if named else shared_lease_dir()
+        self._shared = not named  # only the built-in default is made shared; a named directory keeps its mode
         self.timeout = float(timeout)
         self.purpose = purpose or f"pid {os.getpid()}"
         self.lock_path = self.lease_dir / f"gpu-{self.gpu}.lock"
@@ -92,22 +100,54 @@ class GpuLease:
         )
 
     def _take(self, timeout: float) -> bool:
+        what = "cannot create the lease directory"  # wording the tree pool tests match
         try:
-            self.lease_dir.mkdir(parents=True, exist_ok=True)
+            self._make_dir()
+            what = "cannot use the lease directory"
+            # thread_local=False: a lease belongs to the process, whichever thread releases it. mode=0o666
+            # (filelock chmods past the umask): other users of a shared directory must open the same file.
+            lock = filelock.FileLock(str(self.lock_path), mode=0o666, thread_local=False, **_KEEP_LOCK_FILE)
+            try:
+                lock.acquire(timeout=timeout)  # 0: one attempt
+            except filelock.Timeout:
+                return False
+            try:
+                self._write_holder()
+            except BaseException:
+                lock.release(force=True)  # else nobody could have the GPU until this process exits
+                raise
         except OSError as exc:
-            raise LeaseError(f"cannot create the lease directory {self.lease_dir}: {exc}") from None
-        # thread_local=False: a lease belongs to the process, whichever thread releases it.
-        lock = filelock.FileLock(str(self.lock_path), mode=0o666, thread_local=False, **_KEEP_LOCK_FILE)
-        try:
-            lock.acquire(timeout=timeout)  # 0: one attempt
-        except filelock.Timeout:
-            return False
+            raise LeaseError(
+                f"GPU {self.gpu} lease: {what} {self.lease_dir}: {exc}; "
+                f"set ${LEASE_DIR_ENV} (or lease_dir) to a directory you can write"
+            ) from exc
         self._lock = lock
-        record = LeaseHolder(pid=os.getpid(), host=socket.gethostname(), since=time.time(), purpose=self.purpose)
-        tmp = self.holder_path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(asdict(record)), encoding="utf-8")
-        os.replace(tmp, self.holder_path)
         return True
+
+    def _make_dir(self) -> None:
+        self.lease_dir.mkdir(parents=True, exist_ok=True)
+        st = os.lstat(self.lease_dir)
+        # The shared default is for every user of the host, like /tmp: 1777 (mkdir's mode is cut by the
+        # umask). Only its owner may chmod it; lstat, so a planted symlink is never followed to chmod its target.
+        if self._shared and st.st_uid == os.geteuid() and stat.S_IMODE(st.st_mode) != 0o1777:
+            os.chmod(self.lease_dir, 0o1777)
+
+    def _write_holder(self) -> None:
+        record = LeaseHolder(pid=os.getpid(), host=socket.gethostname(), since=time.time(), purpose=self.purpose)
+        # Rewritten in place, not replaced: in a sticky directory only a file's owner may replace it, and
+        # the last holder may be another user. No O_CREAT on an existing file (fs.protected_regular refuses
+        # it on another user's file in a sticky directory); anyone may plant links or FIFOs here, hence
+        # O_NOFOLLOW and O_NONBLOCK (a FIFO fails instead of hanging).
+        flags = os.O_WRONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0)
+        created = False
+        try:
+            fd = os.open(self.holder_path, flags | os.O_TRUNC)
+        except FileNotFoundError:
+            fd, created = os.open(self.holder_path, flags | os.O_CREAT | os.O_EXCL, 0o666), True
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            if created:
+                os.fchmod(fd, 0o666)  # past the umask: the next holder may be another user
+            f.write(json.dumps(asdict(record)))
 
     def release(self) -> None:
         if self._lock is not None:
