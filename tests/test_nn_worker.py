@@ -31,8 +31,9 @@ READ_TIMEOUT_S = 120
 class WorkerUnderTest:
     """The worker started as the executor starts it, talked to line by line."""
 
-    def __init__(self, tmp_path: Path, faults: dict | None = None, args: tuple[str, ...] = ("--device", "cpu")):
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
+    def __init__(self, tmp_path: Path, faults: dict | None = None, args: tuple[str, ...] = ("--device", "cpu"),
+                 visible: str = ""):
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": visible}
         if faults:
             env["WATCHER_NN_FAULTS"] = json.dumps(faults)
         self.stderr_path = tmp_path / "worker.stderr"
@@ -77,8 +78,8 @@ class WorkerUnderTest:
 def worker_factory(tmp_path):
     started = []
 
-    def start(faults=None, args=("--device", "cpu")):
-        worker = WorkerUnderTest(tmp_path, faults, args)
+    def start(faults=None, args=("--device", "cpu"), visible=""):
+        worker = WorkerUnderTest(tmp_path, faults, args, visible)
         started.append(worker)
         return worker
 
@@ -178,6 +179,16 @@ def test_cuda_error_ends_the_worker_with_a_fatal_line(worker_factory):
     lines = worker.request({"command": "train_batch", "jobs": [job(0)]})
     assert lines[-1]["event"] == "fatal" and lines[-1]["code"] == "cuda_error"
     assert worker.process.wait(timeout=30) == 3
+
+
+def test_a_worker_started_without_gpu_holds_the_lease_of_the_gpu_it_would_train_on(worker_factory, tmp_path):
+    # CUDA_VISIBLE_DEVICES lists two GPUs: CUDA's device 0 is the first, 3, so that is the lease to hold
+    # (no GPU here, so it trains on the CPU, still holding it).
+    lease_dir = tmp_path / "leases"
+    worker = worker_factory(args=("--device", "auto", "--lease-dir", str(lease_dir)), visible="3,5")
+    assert worker.request({"command": "ping"})[0]["gpu_lease"] == 3
+    with pytest.raises(LeaseTimeout, match="nn_batch worker pid"):
+        GpuLease(3, lease_dir, timeout=0.2).acquire()
 
 
 def test_lease_held_elsewhere_is_a_fatal_line_naming_the_holder(worker_factory, tmp_path):

@@ -106,9 +106,31 @@ class Worker:
                 return EXIT_FATAL
 
 
-def _gpu_from_environment() -> int | None:
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
-    return int(visible) if visible.isdigit() else None
+def _host_has_gpu() -> bool:
+    """Whether NVML sees a GPU (without initialising CUDA, which would fix the visible devices)."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            return pynvml.nvmlDeviceGetCount() > 0
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # noqa: BLE001 - no NVML library, no driver: no GPU to hold
+        return False
+
+
+def _gpu_to_hold(device: str) -> int | None:
+    """The GPU a worker started without --gpu trains on, so the one whose lease it must hold: the first
+    GPU CUDA_VISIBLE_DEVICES lists (CUDA's device 0), or GPU 0 where it is unset and there is a GPU.
+    None for the CPU, for an empty list, and for GPUs named by UUID."""
+    if device == "cpu":
+        return None
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return 0 if device == "cuda" or _host_has_gpu() else None
+    first = visible.split(",")[0].strip()
+    return int(first) if first.isdigit() else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,8 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="where to train (auto: the GPU if CUDA is available)")
     parser.add_argument("--gpu", type=int, default=None,
-                        help="physical index of the GPU whose lease this worker holds (default: CUDA_VISIBLE_DEVICES "
-                             "when it names one GPU; none on --device cpu)")
+                        help="physical index of the GPU whose lease this worker holds (default: the first GPU "
+                             "CUDA_VISIBLE_DEVICES lists, to which the worker narrows it, or GPU 0 where it is "
+                             "unset and the host has a GPU; none on --device cpu)")
     parser.add_argument("--lease-dir", default=None)
     parser.add_argument("--lease-timeout", type=float, default=600.0)
     args = parser.parse_args(argv)
@@ -127,9 +150,13 @@ def main(argv: list[str] | None = None) -> int:
         out.write(protocol.encode(protocol.fatal_line(code, message)))
         return exit_code
 
-    gpu = args.gpu if args.gpu is not None else (None if args.device == "cpu" else _gpu_from_environment())
-    if gpu is not None and "CUDA_VISIBLE_DEVICES" not in os.environ and args.device != "cpu":
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)  # before torch is imported, so CUDA sees that GPU alone
+    gpu = args.gpu if args.gpu is not None else _gpu_to_hold(args.device)
+    if gpu is not None and args.gpu is None:
+        # Narrowed to the GPU it holds, before torch is imported: CUDA must see that GPU alone (it would
+        # otherwise train on CUDA's device 0 of several, holding no lease for it).
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
+    elif gpu is not None and "CUDA_VISIBLE_DEVICES" not in os.environ and args.device != "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
     lease = None
     if gpu is not None:
         try:
