@@ -87,3 +87,15 @@ def test_a_fit_too_big_even_alone_leaves_the_others_their_concurrency():
     assert {o.key[0]: o.status for o in got} == {0: STATUS_OOM, **dict.fromkeys(range(1, 7), STATUS_OK)}
     assert sizes == [1, 4, 2]  # the other six still share packs of up to 4
     assert report.oom_failed == 1 and report.oom_retries == 0 and report.n_concurrent_used == 4
+
+
+def test_the_streams_trainer_shows_the_pack_hook_every_fit_it_starts():
+    # Fits take the streams as others end: each start is a new set of fits training together, which the
+    # hook (fault injection, OOM at a concurrency) must see, not only the first n_concurrent.
+    seen = []
+    tasks = make_tasks(5)
+    StreamsTrainer(SETTINGS, CPU, lambda pack: seen.append(sorted(t.key[0] for t in pack))).train(
+        tasks, 2, lambda outcome: None)
+    assert seen[0] == [0, 1]
+    assert sorted({trial for pack in seen for trial in pack}) == [0, 1, 2, 3, 4]
+    assert all(len(pack) <= 2 for pack in seen)

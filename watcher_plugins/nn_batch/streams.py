@@ -43,12 +43,14 @@ class StreamsTrainer(Trainer):
             waiting = deque(bucket)
             free_streams = deque(streams)  # round-robin within the bucket; a finished fit's stream goes last
             active: list[tuple[ModuleFit, object]] = []
-            self._starting(list(waiting)[:n_slots])
             while waiting or active:
-                while waiting and free_streams:
+                starting = [waiting.popleft() for _ in range(min(len(waiting), len(free_streams)))]
+                if starting:  # the pack hook sees every fit that trains with the ones starting now
+                    self._starting([fit.task for fit, _ in active] + starting)
+                for task in starting:
                     stream = free_streams.popleft()
                     with self._stream_context(stream):
-                        active.append((ModuleFit(waiting.popleft(), self.settings, self.device), stream))
+                        active.append((ModuleFit(task, self.settings, self.device), stream))
                 self.running = [fit.task.key for fit, _ in active]
                 for _ in range(HOST_CHECK_EVERY):
                     for fit, stream in active:
