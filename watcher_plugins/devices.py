@@ -23,20 +23,31 @@ def physical_gpu_count() -> int:
         pynvml.nvmlShutdown()
 
 
+def pin_environment(env: dict[str, str], gpu: int | None) -> dict[str, str]:
+    """``env`` for a child process that may use GPU ``gpu`` alone (None: no GPU). CUDA is told to number
+    the GPUs in PCI bus order, as NVML does: the run's devices, the leases and the GPU monitor all count
+    that way, while CUDA's own default order (fastest first) may differ on a host with mixed GPUs."""
+    env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+    env["CUDA_VISIBLE_DEVICES"] = "" if gpu is None else str(gpu)
+    return env
+
+
 def _visible_from_env(count: int) -> list[int] | None:
-    """GPU indices allowed by CUDA_VISIBLE_DEVICES, when it is set to plain indices."""
+    """The GPUs CUDA_VISIBLE_DEVICES lets CUDA see, read as CUDA reads it: the list ends at its first
+    entry that is not a GPU of this host (so "-1" hides them all). None where it is unset."""
     raw = os.environ.get("CUDA_VISIBLE_DEVICES")
     if raw is None:
         return None
-    indices = []
-    for part in raw.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        if not part.isdigit():
-            return None  # UUIDs or MIG names: we cannot map them to lease indices, so ignore the mask
-        if int(part) < count:
-            indices.append(int(part))
+    indices: list[int] = []
+    for part in (p.strip() for p in raw.split(",")):
+        if part.upper().startswith(("GPU-", "MIG-")):
+            raise ManifestError([f"CUDA_VISIBLE_DEVICES={raw}: GPUs named by UUID cannot be leased by index; "
+                                 "name them by index there, or list them in params.devices"])
+        if not part.isdigit() or int(part) >= count:
+            break
+        if int(part) in indices:
+            raise ManifestError([f"CUDA_VISIBLE_DEVICES={raw}: GPU {part} is listed twice"])
+        indices.append(int(part))
     return indices
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import IO
 
 import watcher_plugins
+from watcher_plugins.devices import pin_environment
 from watcher_plugins.errors import WorkerCrashed
 from watcher_plugins.nn_batch import protocol
 
@@ -52,11 +53,10 @@ class WorkerProcess:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
         env["PYTHONUNBUFFERED"] = "1"
         command = [sys.executable, "-m", "watcher_plugins.nn_batch.worker", "--lease-timeout", str(self.lease_timeout)]
+        pin_environment(env, self.gpu)  # a CPU worker must not touch any GPU
         if self.gpu is not None:
-            env["CUDA_VISIBLE_DEVICES"] = str(self.gpu)
             command += ["--device", "cuda", "--gpu", str(self.gpu)]
         else:
-            env["CUDA_VISIBLE_DEVICES"] = ""  # a CPU worker must not touch any GPU
             command += ["--device", "cpu"]
         if self.lease_dir is not None:
             command += ["--lease-dir", str(self.lease_dir)]

@@ -15,6 +15,7 @@ import os
 import sys
 from typing import BinaryIO
 
+from watcher_plugins.devices import pin_environment
 from watcher_plugins.errors import LeaseError, ProtocolError
 from watcher_plugins.lease import GpuLease
 from watcher_plugins.nn_batch import protocol
@@ -154,9 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     if gpu is not None and args.gpu is None:
         # Narrowed to the GPU it holds, before torch is imported: CUDA must see that GPU alone (it would
         # otherwise train on CUDA's device 0 of several, holding no lease for it).
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
+        pin_environment(os.environ, gpu)
     elif gpu is not None and "CUDA_VISIBLE_DEVICES" not in os.environ and args.device != "cpu":
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
+        pin_environment(os.environ, gpu)
     lease = None
     if gpu is not None:
         try:

@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import watcher_plugins
+from watcher_plugins.devices import pin_environment
 from watcher_plugins.errors import ExecutorError, LeaseError
 from watcher_plugins.lease import GpuLease
 from watcher_plugins.records import STATUS_FAIL, FoldResult, TrialJob
@@ -197,9 +198,8 @@ class _WorkerProcess:
 
 
 def _worker_env(placement: WorkerPlacement) -> dict[str, str]:
-    env = dict(os.environ)
     # The one GPU this worker may see, set before it starts; an empty value hides every GPU from a CPU worker.
-    env["CUDA_VISIBLE_DEVICES"] = "" if placement.gpu is None else str(placement.gpu)
+    env = pin_environment(dict(os.environ), placement.gpu)
     threads = str(placement.threads)
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         env[var] = threads  # sized before the OpenMP runtime loads

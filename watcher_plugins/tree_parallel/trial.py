@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
 from watcher_plugins.data import Dataset, kfold_splits, load_dataset
+from watcher_plugins.devices import pin_environment
 from watcher_plugins.errors import WatcherPluginError
 from watcher_plugins.records import STATUS_FAIL, STATUS_OK, DataRef, FoldResult, TrialJob, fold_seed
 from watcher_plugins.stdio import claim_stdout
@@ -238,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     out = claim_stdout()
     if args.gpu is not None:
         # Before any tree library is imported: the process must only ever see its one GPU.
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(args.gpu)
+        pin_environment(os.environ, args.gpu)
     from watcher_plugins.lease import GpuLease
     from watcher_plugins.tree_parallel.libraries import runs_on_gpu
 

@@ -1,0 +1,52 @@
+"""Which GPUs a run uses, and how its child processes are told which one is theirs."""
+
+from __future__ import annotations
+
+import pytest
+
+from watcher_plugins import devices
+from watcher_plugins.devices import pin_environment, resolve_devices
+from watcher_plugins.errors import ManifestError
+
+
+@pytest.mark.parametrize("visible, expected", [
+    ("-1", []),          # the usual way to hide every GPU: CUDA sees none, so the run uses none
+    ("", []),
+    ("2,3", [2, 3]),
+    ("0,5,1", [0]),      # CUDA's list ends at its first entry that is not a GPU of this host
+    ("1, 0", [1, 0]),
+])
+def test_devices_auto_reads_cuda_visible_devices_as_cuda_does(monkeypatch, visible, expected):
+    monkeypatch.setattr(devices, "physical_gpu_count", lambda: 4)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    assert resolve_devices("auto") == expected
+
+
+@pytest.mark.parametrize("visible, message", [
+    ("0,0", "CUDA_VISIBLE_DEVICES=0,0: GPU 0 is listed twice"),
+    ("GPU-5d2c9f1e-aaaa", "GPUs named by UUID cannot be leased by index"),
+    ("MIG-1", "GPUs named by UUID cannot be leased by index"),
+])
+def test_a_cuda_visible_devices_the_run_cannot_honour_is_refused(monkeypatch, visible, message):
+    # Widening it to every GPU (as before) would put the run on GPUs the user had hidden.
+    monkeypatch.setattr(devices, "physical_gpu_count", lambda: 4)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    with pytest.raises(ManifestError, match=message):
+        resolve_devices("auto")
+
+
+def test_devices_auto_without_cuda_visible_devices_is_every_gpu(monkeypatch):
+    monkeypatch.setattr(devices, "physical_gpu_count", lambda: 3)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert resolve_devices("auto") == [0, 1, 2]
+
+
+def test_child_processes_number_gpus_as_nvml_and_the_leases_do():
+    # CUDA's default order is fastest first; NVML's (the leases', the monitor's) is PCI bus order.
+    from watcher_plugins.tree_parallel.placement import WorkerPlacement
+    from watcher_plugins.tree_parallel.pool import _worker_env
+
+    assert pin_environment({}, 3) == {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": "3"}
+    assert pin_environment({"CUDA_VISIBLE_DEVICES": "0,1"}, None)["CUDA_VISIBLE_DEVICES"] == ""
+    env = _worker_env(WorkerPlacement(slot=0, gpu=1, cores=(0,)))
+    assert env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID" and env["CUDA_VISIBLE_DEVICES"] == "1"
