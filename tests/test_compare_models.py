@@ -17,7 +17,7 @@ import pytest
 
 from watcher_plugins import hookimpl
 from watcher_plugins.compare_models import run_compare_models
-from watcher_plugins.errors import DataError, PluginError, StorageError
+from watcher_plugins.errors import DataError, ExecutorError, ManifestError, PluginError, StorageError
 from watcher_plugins.executor import Executor
 from watcher_plugins.manifest import load_manifest
 from watcher_plugins.records import FoldResult
@@ -71,6 +71,14 @@ class ConstantExecutor(Executor):
         return [FoldResult(j.trial_number, f, j.model_type, 0.5, 0.01) for j in jobs for f in range(j.folds)]
 
 
+class PickyExecutor(ConstantExecutor):
+    """Refuses every run in check(), as tree_parallel refuses tree_device "gpu" on a run without GPUs."""
+
+    @classmethod
+    def check(cls, params, context):
+        raise ExecutorError("tree_device is 'gpu' but the run has no GPU (devices is empty)")
+
+
 class TestExecutors:
     @hookimpl
     def watcher_executors(self):
@@ -79,6 +87,7 @@ class TestExecutors:
         yield WatcherExecutor(name="in_order", model_types=("nn",), load=lambda: InOrderExecutor)
         yield WatcherExecutor(name="constant", model_types=("lightgbm",), load=lambda: ConstantExecutor,
                               result_params=("tree_rounds",))
+        yield WatcherExecutor(name="picky", model_types=("lightgbm",), load=lambda: PickyExecutor)
 
 
 @pytest.fixture
@@ -226,6 +235,23 @@ def test_an_interrupted_summary_lists_the_model_types_that_never_started(pm, tmp
     assert run_compare_models(_params(pm, tmp_path, **both), pm)["not_run"] == []
 
 
+def test_params_an_executor_refuses_stop_the_run_before_anything_trains(pm, tmp_path):
+    # The NN group would run first: it must not train (for hours) before the tree group refuses the run.
+    params = _params(pm, tmp_path, model_types=["nn", "lightgbm"], executors={"nn": "reversing", "lightgbm": "picky"})
+    with pytest.raises(ManifestError, match=r"params \(picky\): tree_device is 'gpu' but the run has no GPU"):
+        run_compare_models(params, pm)
+    assert ReversingExecutor.batches == [] and not (tmp_path / "out").exists()
+
+
+def test_tree_parallel_checks_its_params_against_the_run_without_starting_anything(tmp_path):
+    from watcher_plugins.executor import RunContext
+    from watcher_plugins.tree_parallel.executor import TreeParallelExecutor
+
+    with pytest.raises(ExecutorError, match="tree_device is 'gpu' but the run has no GPU"):
+        TreeParallelExecutor.check({"tree_device": "gpu"}, RunContext(output_dir=tmp_path, devices=[]))
+    TreeParallelExecutor.check({"tree_device": "gpu"}, RunContext(output_dir=tmp_path, devices=[0]))
+
+
 def test_a_lost_database_stops_the_clean_up_at_once(caplog):
     # Each fail_and_requeue waits out the storage's retries before StorageLost; after the first, the
     # others are left to the next run's stale check instead of delaying the stop by minutes.
@@ -253,7 +279,7 @@ def test_executor_choice_errors(pm, tmp_path):
     with pytest.raises(PluginError, match="several executors run 'nn' .*choose one with params.executors.nn"):
         run_compare_models(_params(pm, tmp_path, executors={}), pm)
     with pytest.raises(PluginError, match=r"\$.executors.nn: unknown executor 'nope'; registered executors: "
-                                          "constant, in_order, nn_batch, reversing, tree_parallel"):
+                                          "constant, in_order, nn_batch, picky, reversing, tree_parallel"):
         run_compare_models(_params(pm, tmp_path, executors={"nn": "nope"}), pm)
     with pytest.raises(PluginError, match="executor 'tree_parallel' does not run 'nn'"):
         run_compare_models(_params(pm, tmp_path, executors={"nn": "tree_parallel"}), pm)

@@ -24,7 +24,14 @@ import optuna
 
 from watcher_plugins.data import load_dataset
 from watcher_plugins.devices import resolve_devices
-from watcher_plugins.errors import DataError, OutputDirError, PluginError, StorageLost
+from watcher_plugins.errors import (
+    DataError,
+    ExecutorError,
+    ManifestError,
+    OutputDirError,
+    PluginError,
+    StorageLost,
+)
 from watcher_plugins.executor import Executor, RunContext
 from watcher_plugins.gpu_monitor import GpuMonitor
 from watcher_plugins.interrupts import interrupts_held
@@ -234,15 +241,22 @@ def run_compare_models(params: dict, pm, out: TextIO | None = None) -> dict:
             runnable[model_type] = registration
 
     output_dir = Path(params["output_dir"])
+    context = RunContext(output_dir=output_dir, devices=devices,
+                         lease_dir=Path(params["lease_dir"]) if params.get("lease_dir") else None,
+                         lease_timeout_s=params["lease_timeout_s"], trial_retries=params["trial_retries"])
+    for registration in {r.name: r for r in runnable.values()}.values():
+        # A contradiction (tree_device "gpu" on a run without GPUs) must stop the run before the NN
+        # study trains, not after; it is bad input (exit 2), and nothing is written yet.
+        try:
+            registration.load().check(params, context)
+        except ExecutorError as exc:
+            raise ManifestError([f"params ({registration.name}): {exc}"]) from None
     if params.get("storage"):
         store = StudyStore.open(params, output_dir, data)  # a bad URL or a dead database: fail before writing
         _make_output_dir(output_dir)
     else:
         _make_output_dir(output_dir)
         store = StudyStore.open(params, output_dir, data)
-    context = RunContext(output_dir=output_dir, devices=devices,
-                         lease_dir=Path(params["lease_dir"]) if params.get("lease_dir") else None,
-                         lease_timeout_s=params["lease_timeout_s"], trial_retries=params["trial_retries"])
     print(f"compare_models: {dataset.name} ({dataset.n_rows} rows x {dataset.X.shape[1]} features), "
           f"{params['folds']}-fold CV, {params['trials']} trials per model type, "
           f"devices: {', '.join(f'GPU {d}' for d in devices) or 'CPU'}", file=out)

@@ -40,6 +40,11 @@ class Executor(ABC):
         self.params = dict(params)
         self.context = context
 
+    @classmethod
+    def check(cls, params: Mapping[str, Any], context: RunContext) -> None:
+        """Raise ExecutorError if ``params`` contradict this run (its devices, say). Called for every
+        executor of a run before any of them trains, and must start nothing. The default checks nothing."""
+
     @abstractmethod
     def run_batch(self, jobs: Sequence[TrialJob], on_result: ResultCallback | None = None) -> list[FoldResult]:
         """Run every job on every fold; call ``on_result`` as each fold finishes; return all results."""

@@ -89,6 +89,10 @@ class TreeParallelExecutor(Executor):
         self._pool: TreeTrialPool | None = None
         self._pool_refusal_logged = False
 
+    @classmethod
+    def check(cls, params: Mapping[str, Any], context: RunContext) -> None:
+        cls(params, context)  # plans the workers and checks every param; the pool starts on first use only
+
     @property
     def pool(self) -> TreeTrialPool:
         """The worker pool, started on first use and kept until close()."""
