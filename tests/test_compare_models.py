@@ -224,13 +224,15 @@ def test_a_changed_param_of_a_later_group_is_refused_before_anything_trains(pm, 
     assert len(_trajectory(tmp_path / "out")) == 2
 
 
-def test_an_interrupted_summary_lists_the_model_types_that_never_started(pm, tmp_path):
+def test_an_interrupted_summary_lists_the_model_types_that_never_started(pm, tmp_path, capsys):
     ReversingExecutor.interrupt_on_batch = 1
     both = {"model_types": ["nn", "lightgbm"], "executors": {"nn": "reversing", "lightgbm": "constant"}, "trials": 2}
     with pytest.raises(KeyboardInterrupt):
         run_compare_models(_params(pm, tmp_path, **both), pm)
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["interrupted"] is True and summary["not_run"] == ["lightgbm"]
+    assert "interrupted: these are the trials that finished before the run stopped; not run: lightgbm" \
+        in capsys.readouterr().out
     ReversingExecutor.interrupt_on_batch = None
     assert run_compare_models(_params(pm, tmp_path, **both), pm)["not_run"] == []
 

@@ -202,3 +202,29 @@ def test_the_same_run_gives_the_same_page(run):
     second = write_report(output_dir, studies, summary, None).read_bytes()
     assert first == second
     assert [p.name for p in output_dir.iterdir() if p.name.startswith(".")] == []  # no temporary file left
+
+
+def test_an_interrupted_run_says_so_and_names_what_never_ran(run):
+    output_dir, studies, summary = run
+    summary.update(interrupted=True, not_run=["xgboost"], params={**summary["params"], "trials": 40})
+
+    page = write_report(output_dir, studies, summary, None).read_text(encoding="utf-8")
+
+    assert '<p class="interrupted">This run was interrupted' in page
+    board = section(page, "Leaderboard")
+    assert "Not run: the run was interrupted before they started" in board and "<b>xgboost</b>" in board
+    assert "40 per model type" in page
+    # A finished run has neither.
+    summary.update(interrupted=False, not_run=[])
+    page = write_report(output_dir, studies, summary, None).read_text(encoding="utf-8")
+    assert 'class="interrupted"' not in page and "Not run" not in page
+
+
+def test_the_leaderboard_shows_the_most_common_failure(run):
+    output_dir, studies, summary = run
+    nn = next(row for row in summary["leaderboard"] if row["model_type"] == "nn")
+    nn["reason"] = "out of memory even when trained alone"
+
+    board = section(write_report(output_dir, studies, summary, None).read_text(encoding="utf-8"), "Leaderboard")
+
+    assert "<th>most common failure</th>" in board and "out of memory even when trained alone" in board

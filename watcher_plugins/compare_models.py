@@ -393,4 +393,7 @@ def format_leaderboard(summary: dict) -> str:
             lines.append(f"{row['model_type']}: {row['trials_failed']} trial(s) failed, most often: {row['reason']}")
     for model_type, reason in summary["unavailable"].items():
         lines.append(f"{model_type}: unavailable: {reason}")
+    if summary.get("interrupted"):
+        lines.append("interrupted: these are the trials that finished before the run stopped"
+                     + (f"; not run: {', '.join(summary['not_run'])}" if summary.get("not_run") else ""))
     return "\n".join(lines)

@@ -83,17 +83,24 @@ class _ReportPage:
             facts.append(("Optuna storage", summary["storage"]))
         if summary.get("seconds") is not None:
             facts.append(("run time", f"{summary['seconds']:.1f} s"))
+        if "trials" in params:
+            facts.append(("trials asked for", f"{params['trials']} per model type"))
         rows = "\n".join(f"<tr><th>{_esc(key)}</th><td>{_esc(value)}</td></tr>" for key, value in facts)
-        self.sections.append(f'<h1>compare_models report</h1>\n<table class="facts">\n{rows}\n</table>')
+        banner = ""
+        if summary.get("interrupted"):
+            # A page mailed or archived on its own must not pass for a finished run.
+            banner = ('\n<p class="interrupted">This run was interrupted: the results are those of the trials '
+                      "that finished before it stopped.</p>")
+        self.sections.append(f'<h1>compare_models report</h1>{banner}\n<table class="facts">\n{rows}\n</table>')
 
     def add_leaderboard(self, summary: dict) -> None:
         head = ("model type", "executor", f"best {OBJECTIVE_NAME}", "best trial", "trials complete",
-                "trials failed", "seconds", "best params")
+                "trials failed", "most common failure", "seconds", "best params")
         rows = []
         for row in summary.get("leaderboard", []):
             cells = (row.get("model_type"), row.get("executor"), _fmt_r2(row.get("best_r2")),
                      _fmt_optional(row.get("best_trial")), row.get("trials_complete"),
-                     row.get("trials_failed"),
+                     row.get("trials_failed"), row.get("reason") if row.get("trials_failed") else "",
                      _fmt_seconds(row.get("seconds")),
                      json.dumps(row.get("best_params") or {}, separators=(", ", ": "), default=str))
             rows.append("<tr>" + "".join(f"<td>{_esc(cell)}</td>" for cell in cells) + "</tr>")
@@ -107,6 +114,10 @@ class _ReportPage:
             items = "\n".join(f"<li><b>{_esc(model_type)}</b>: {_esc(reason)}</li>"
                               for model_type, reason in unavailable.items())
             body += f'\n<h3>Unavailable</h3>\n<ul class="unavailable">\n{items}\n</ul>'
+        not_run = summary.get("not_run") or []
+        if not_run:
+            items = "\n".join(f"<li><b>{_esc(model_type)}</b></li>" for model_type in not_run)
+            body += f'\n<h3>Not run: the run was interrupted before they started</h3>\n<ul class="not-run">\n{items}\n</ul>'
         self.section("Leaderboard", body)
 
     def add_model_comparison(self, studies: dict[str, optuna.Study]) -> None:
@@ -279,5 +290,6 @@ th, td { border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: left; vertica
 table.leaderboard td:nth-child(n+3):nth-child(-n+7) { text-align: right; font-variant-numeric: tabular-nums; }
 table.facts th { background: #f4f4f4; }
 p.note { color: #666; font-style: italic; }
+p.interrupted { background: #fff3cd; border: 1px solid #e0c36a; padding: 0.5em 0.8em; }
 section { margin-top: 2em; }
 """
