@@ -277,6 +277,13 @@ def test_a_lost_database_stops_the_clean_up_at_once(caplog):
     assert "5 trials left RUNNING (lost the connection to the study storage)" in caplog.text
 
 
+def test_the_default_row_count_written_out_or_not_is_one_study(pm, tmp_path):
+    # {"embedded": "survivors"} is 6000 rows, the same data as {"embedded": "survivors", "rows": 6000}.
+    run_compare_models(_params(pm, tmp_path, trials=1, data={"embedded": "survivors"}), pm)
+    run_compare_models(_params(pm, tmp_path, trials=2, data={"embedded": "survivors", "rows": 6000}), pm)
+    assert len(_trajectory(tmp_path / "out")) == 2
+
+
 def test_executor_choice_errors(pm, tmp_path):
     with pytest.raises(PluginError, match="several executors run 'nn' .*choose one with params.executors.nn"):
         run_compare_models(_params(pm, tmp_path, executors={}), pm)

@@ -8,6 +8,7 @@ concurrency, the strategy or the number of GPUs.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -22,7 +23,7 @@ from typing import Any, TextIO
 
 import optuna
 
-from watcher_plugins.data import load_dataset
+from watcher_plugins.data import EMBEDDED_DEFAULT_ROWS, load_dataset
 from watcher_plugins.devices import resolve_devices
 from watcher_plugins.errors import (
     DataError,
@@ -223,6 +224,8 @@ def run_compare_models(params: dict, pm, out: TextIO | None = None) -> dict:
     started = time.monotonic()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our progress bars and leaderboard speak instead
     data = DataRef.from_param(params["data"])
+    if data.embedded and data.rows is None:  # one study whether the default row count is written out or not
+        data = dataclasses.replace(data, rows=EMBEDDED_DEFAULT_ROWS)
     dataset = load_dataset(data)  # a bad dataset must fail before anything is trained or written
     if params["folds"] > dataset.n_rows:
         raise DataError(f"{dataset.name}: {dataset.n_rows} rows cannot make {params['folds']} folds")

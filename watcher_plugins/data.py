@@ -24,6 +24,8 @@ FULL_ROWS = 98_784  # the seed's survivors count
 _SURVIVORS_SEED = 20260219
 CACHE_ENV = "WATCHER_CACHE_DIR"
 _FORMATS = {".npz": "npz", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".json": "json"}
+#: Rows of the embedded data when the data param does not say (the params schema's default too).
+EMBEDDED_DEFAULT_ROWS = 6000
 #: The values the data param's "format" may take.
 DATA_FORMATS = ("npz", "csv", "parquet", "json")
 
@@ -99,7 +101,7 @@ def embedded_survivors(rows: int = FULL_ROWS) -> Dataset:
 def load_dataset(ref: DataRef) -> Dataset:
     """Load what a DataRef names, checking it: numeric, finite, with its target column."""
     if ref.embedded:
-        return embedded_survivors(ref.rows or 6000)
+        return embedded_survivors(ref.rows or EMBEDDED_DEFAULT_ROWS)
     path = Path(ref.path)
     fmt = ref.format or _FORMATS.get(path.suffix.lower())
     if fmt is None:

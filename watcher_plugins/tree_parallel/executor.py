@@ -7,7 +7,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from watcher_plugins.data import embedded_survivors
+from watcher_plugins.data import EMBEDDED_DEFAULT_ROWS, embedded_survivors
 from watcher_plugins.errors import DataError, ExecutorError
 from watcher_plugins.executor import Executor, ResultCallback, RunContext
 from watcher_plugins.records import STATUS_FAIL, FoldResult, TrialJob
@@ -113,7 +113,7 @@ class TreeParallelExecutor(Executor):
                     for r in results[i]:
                         on_result(r)
         # Generate the embedded data once here, not in every worker at the same moment.
-        for rows in sorted({job.data.rows or 6000 for job in known if job.data.embedded}):
+        for rows in sorted({job.data.rows or EMBEDDED_DEFAULT_ROWS for job in known if job.data.embedded}):
             try:
                 embedded_survivors(rows)
             except DataError:
