@@ -216,3 +216,20 @@ def test_a_batch_returns_with_every_trial_ended_on_its_worker(tmp_path, trees):
             results = ex.run_batch(_jobs(("lightgbm",), trials=3))
             assert all(r.status == "ok" for r in results)
             assert ex.pool.busy_workers() == []
+
+
+def test_a_gpu_worker_whose_fit_failed_is_replaced_before_the_next_trial(tmp_path, trees):
+    # A failed GPU fit can leave its process's CUDA state broken (CatBoost: "State == nullptr" on every
+    # later fit). No GPU here, so every GPU fit fails: each trial gets a fresh worker, every fold its own
+    # fit's error (not a crash, and no retry: the trial was not lost, it failed).
+    jobs = _jobs(("catboost", "xgboost"), trials=2)
+    with _executor(tmp_path, devices=[0], tree_parallel_workers=1, tree_device="gpu") as ex:
+        results = ex.run_batch(jobs)
+        retirements, restarts = ex.pool.retirements, ex.pool.restarts
+    pids = [{r.info["pid"] for r in results if (r.model_type, r.trial_number) == (j.model_type, j.trial_number)}
+            for j in jobs]
+    assert all(len(p) == 1 for p in pids) and len(set.union(*pids)) == len(jobs)
+    assert retirements >= len(jobs) - 1 and restarts == 0
+    assert all(r.status == "fail" and "gave up" not in r.error for r in results), [r.error for r in results]
+    # Each CatBoost trial's first fold meets a fresh process: its error is the real cause.
+    assert all("State == nullptr" not in r.error for r in results if r.model_type == "catboost" and r.fold_idx == 0)

@@ -102,6 +102,7 @@ class _WorkerProcess:
         self.ready = False
         self.task: _Task | None = None
         self.awaiting_lease = False  # its task is a GPU trial not sent yet: the pool waits for the lease
+        self.retiring = False  # it said it exits after its trial (a GPU fit failed): it gets no more tasks
         self.task_started = 0.0
         self.kill_reason: str | None = None  # why the pool killed it, when it did
         self.stderr_tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
@@ -244,7 +245,8 @@ class TreeTrialPool:
         # Data (DataRef keys) whose CatBoost GPU fits outgrew the "auto" reserve: their CatBoost trials get
         # CatBoost's default reserve from then on (see _on_worker_death).
         self.catboost_full_reserve: set[str] = set()
-        self.restarts = 0
+        self.restarts = 0  # workers replaced after dying unannounced (crashes, kills)
+        self.retirements = 0  # workers replaced after retiring (a fit failed on their GPU)
         self.closed = False
 
     @property
@@ -370,7 +372,7 @@ class TreeTrialPool:
 
     def _dispatch(self) -> None:
         for w in self._workers:
-            if w is None or not w.ready or w.task is not None:
+            if w is None or not w.ready or w.retiring or w.task is not None:
                 continue
             task = self._next_gpu_task(w.placement.gpu) if w.placement.gpu is not None else None
             if task is None and self._cpu_queue:
@@ -497,7 +499,8 @@ class TreeTrialPool:
 
     def _fail_unplaceable(self) -> None:
         """Nothing is running: whatever is still queued has no live worker that could take it."""
-        starting = any(w is not None and not w.ready for w in self._workers)
+        # A worker starting, or retiring (its replacement starts when its exit is seen), will take them.
+        starting = any(w is not None and (not w.ready or w.retiring) for w in self._workers)
         if starting:
             return
         reason = "; ".join(e for e in self._start_errors if e) or "no live worker can run it"
@@ -537,6 +540,7 @@ class TreeTrialPool:
         elif event == "fold" and worker.task is not None:
             self._record(FoldResult.from_json(msg["result"]), worker.task)
         elif event == "done" and worker.task is not None:
+            worker.retiring = bool(msg.get("retiring"))  # its exit follows; the slot restarts then
             task, worker.task = worker.task, None
             if task.folds:  # cannot happen with a sound worker; never leave a fold without a result
                 self._fail_task(task, f"{worker.placement.describe()} ended the trial without results")
@@ -573,5 +577,8 @@ class TreeTrialPool:
                                       f"gave up after {task.attempts} attempt(s)")
         if self.closed or self._failed_starts[slot] >= MAX_FAILED_STARTS:
             return
-        self.restarts += 1
+        if worker.retiring:
+            self.retirements += 1  # it said it would exit after a failed GPU fit: not a crash
+        else:
+            self.restarts += 1
         self._spawn(slot)

@@ -15,7 +15,9 @@ Protocol: one JSON object a line.
                       {"command": "shutdown"}
     worker -> parent  {"event": "ready" | "pong", "pid": ..., "gpu": ..., "threads": ..., ...}
                       {"event": "fold", "result": {FoldResult}}     one per fold, as each finishes
-                      {"event": "done", "trial_number": n}          after the trial's last fold
+                      {"event": "done", "trial_number": n, "retiring": bool}
+                                                    after the trial's last fold; retiring: a fold failed
+                                                    on the GPU, and the worker exits now
                       {"event": "error", "message": ...}            a request it could not read
 The worker takes no GPU lease itself: the pool holds its GPU's lease on its behalf and sends it a GPU
 trial only while holding it (several workers of one pool may share a GPU; see pool.py). The worker
@@ -34,7 +36,7 @@ import time
 from collections.abc import Iterator
 from typing import TextIO
 
-from watcher_plugins.records import FoldResult, TrialJob
+from watcher_plugins.records import STATUS_OK, FoldResult, TrialJob
 from watcher_plugins.stdio import claim_stdout
 from watcher_plugins.tree_parallel.libraries import (
     FOLD_THREADS_GPU_MODEL_TYPES,
@@ -99,12 +101,18 @@ class TreeWorker:
             if command == "ping":
                 self.send(self.describe("pong"))
             elif command == "train":
-                self.train(TrialJob.from_json(request["job"]), list(request["folds"]),
-                           request.get("catboost_gpu_ram_part"))
+                failed_on_gpu = self.train(TrialJob.from_json(request["job"]), list(request["folds"]),
+                                           request.get("catboost_gpu_ram_part"))
+                if failed_on_gpu:
+                    # A failed GPU fit can leave the process's CUDA state broken (CatBoost's CUDA manager
+                    # stays set: "State == nullptr" on every later fit; a sticky CUDA error likewise).
+                    # Exit after the trial; the pool starts a fresh worker for the next one.
+                    return
             else:
                 self.send({"event": "error", "message": f"unknown command {command!r}"})
 
-    def train(self, job: TrialJob, folds: list[int], catboost_gpu_ram_part: float | None = None) -> None:
+    def train(self, job: TrialJob, folds: list[int], catboost_gpu_ram_part: float | None = None) -> bool:
+        """Train the folds, reporting each; True if a fold failed on the GPU."""
         params = dict(job.params)
         fault = params.pop(FAULT_PARAM, None)
         job = TrialJob(job.model_type, job.trial_number, params, job.data, job.folds, job.seed)
@@ -122,8 +130,10 @@ class TreeWorker:
         sys.stderr.flush()
         with _ledger(fault, self.placement.gpu, job):
             _inject(fault, settings)
-            run_trial(job, settings, self.cache, folds, on_fold=report, fold_threads=fold_threads)
-        self.send({"event": "done", "trial_number": job.trial_number})
+            results = run_trial(job, settings, self.cache, folds, on_fold=report, fold_threads=fold_threads)
+        failed_on_gpu = use_gpu and any(r.status != STATUS_OK for r in results)
+        self.send({"event": "done", "trial_number": job.trial_number, "retiring": failed_on_gpu})
+        return failed_on_gpu
 
 
 def _inject(fault: str | dict | None, settings: FitSettings) -> None:
