@@ -245,13 +245,20 @@ def test_params_an_executor_refuses_stop_the_run_before_anything_trains(pm, tmp_
     assert ReversingExecutor.batches == [] and not (tmp_path / "out").exists()
 
 
-def test_tree_parallel_checks_its_params_against_the_run_without_starting_anything(tmp_path):
+def test_tree_parallel_checks_its_params_against_the_run_without_starting_anything(tmp_path, caplog):
     from watcher_plugins.executor import RunContext
     from watcher_plugins.tree_parallel.executor import TreeParallelExecutor
 
     with pytest.raises(ExecutorError, match="tree_device is 'gpu' but the run has no GPU"):
         TreeParallelExecutor.check({"tree_device": "gpu"}, RunContext(output_dir=tmp_path, devices=[]))
-    TreeParallelExecutor.check({"tree_device": "gpu"}, RunContext(output_dir=tmp_path, devices=[0]))
+    # The check warns of nothing: the executor made for the run does, once.
+    context = RunContext(output_dir=tmp_path, devices=[0], cpu_count=2)
+    TreeParallelExecutor.check({"tree_device": "gpu", "tree_parallel_workers": 64}, context)
+    assert not caplog.records
+    ex = TreeParallelExecutor({"tree_device": "gpu", "tree_parallel_workers": 64}, context)
+    assert [r.getMessage() for r in caplog.records] == [
+        "tree_parallel_workers=64 capped to 2: one core per worker at least (2 cores)"]
+    assert ex._pool is None  # nothing started
 
 
 def test_a_lost_database_stops_the_clean_up_at_once(caplog):
@@ -281,6 +288,15 @@ def test_the_default_row_count_written_out_or_not_is_one_study(pm, tmp_path):
     # {"embedded": "survivors"} is 6000 rows, the same data as {"embedded": "survivors", "rows": 6000}.
     run_compare_models(_params(pm, tmp_path, trials=1, data={"embedded": "survivors"}), pm)
     run_compare_models(_params(pm, tmp_path, trials=2, data={"embedded": "survivors", "rows": 6000}), pm)
+    assert len(_trajectory(tmp_path / "out")) == 2
+
+
+def test_a_study_made_before_the_default_row_count_was_written_out_still_resumes(pm, tmp_path):
+    run_compare_models(_params(pm, tmp_path, trials=1, data={"embedded": "survivors"}), pm)
+    study = optuna.load_study(study_name="compare_models-nn", storage=f"sqlite:///{tmp_path}/out/optuna.db")
+    older = {**study.user_attrs["definition"], "data": {"embedded": "survivors"}}  # as earlier versions stored it
+    study.set_user_attr("definition", older)
+    run_compare_models(_params(pm, tmp_path, trials=2, data={"embedded": "survivors"}), pm)
     assert len(_trajectory(tmp_path / "out")) == 2
 
 

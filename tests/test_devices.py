@@ -24,8 +24,8 @@ def test_devices_auto_reads_cuda_visible_devices_as_cuda_does(monkeypatch, visib
 
 @pytest.mark.parametrize("visible, message", [
     ("0,0", "CUDA_VISIBLE_DEVICES=0,0: GPU 0 is listed twice"),
-    ("GPU-5d2c9f1e-aaaa", "GPUs named by UUID cannot be leased by index"),
-    ("MIG-1", "GPUs named by UUID cannot be leased by index"),
+    ("GPU-5d2c9f1e-aaaa", "no GPU of this host has the UUID GPU-5d2c9f1e-aaaa"),  # no NVML here either
+    ("MIG-1", "MIG instances cannot be leased by GPU index"),
 ])
 def test_a_cuda_visible_devices_the_run_cannot_honour_is_refused(monkeypatch, visible, message):
     # Widening it to every GPU (as before) would put the run on GPUs the user had hidden.
@@ -50,3 +50,11 @@ def test_child_processes_number_gpus_as_nvml_and_the_leases_do():
     assert pin_environment({"CUDA_VISIBLE_DEVICES": "0,1"}, None)["CUDA_VISIBLE_DEVICES"] == ""
     env = _worker_env(WorkerPlacement(slot=0, gpu=1, cores=(0,)))
     assert env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID" and env["CUDA_VISIBLE_DEVICES"] == "1"
+
+
+def test_a_gpu_named_by_uuid_is_its_nvml_index(monkeypatch):
+    # Containers often set CUDA_VISIBLE_DEVICES=GPU-<uuid>; NVML maps it to the index leases count by.
+    monkeypatch.setattr(devices, "physical_gpu_count", lambda: 4)
+    monkeypatch.setattr(devices, "_index_of_uuid", lambda uuid, raw: {"GPU-a": 2, "GPU-b": 0}[uuid])
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-a,GPU-b")
+    assert resolve_devices("auto") == [2, 0]

@@ -360,7 +360,7 @@ class _RunRecord:
                 (o for o in outcomes if o.status == "done"), key=lambda o: (o.best_r2 is None, -(o.best_r2 or 0.0)))],
             "unavailable": {o.model_type: o.reason for o in outcomes if o.status == "unavailable"},
             # Model types an interrupt stopped before their group started (none when the run completed).
-            "not_run": [mt for mt in self.params["model_types"] if mt not in self.outcomes],
+            "not_run": [mt for mt in self.params["model_types"] if mt not in self.outcomes and mt not in self.studies],
             "dataset": {"name": self.dataset.name, "rows": self.dataset.n_rows,
                         "features": int(self.dataset.X.shape[1])},
             "devices": self.devices,

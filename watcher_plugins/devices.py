@@ -40,15 +40,32 @@ def _visible_from_env(count: int) -> list[int] | None:
         return None
     indices: list[int] = []
     for part in (p.strip() for p in raw.split(",")):
-        if part.upper().startswith(("GPU-", "MIG-")):
-            raise ManifestError([f"CUDA_VISIBLE_DEVICES={raw}: GPUs named by UUID cannot be leased by index; "
-                                 "name them by index there, or list them in params.devices"])
+        if part.upper().startswith("MIG-"):
+            raise ManifestError([f"CUDA_VISIBLE_DEVICES={raw}: MIG instances cannot be leased by GPU index; "
+                                 "name whole GPUs there, or list them in params.devices"])
+        if part.upper().startswith("GPU-"):
+            part = str(_index_of_uuid(part, raw))
         if not part.isdigit() or int(part) >= count:
             break
         if int(part) in indices:
             raise ManifestError([f"CUDA_VISIBLE_DEVICES={raw}: GPU {part} is listed twice"])
         indices.append(int(part))
     return indices
+
+
+def _index_of_uuid(uuid: str, raw: str) -> int:
+    """NVML's index of the GPU with this UUID (containers often name their GPU so)."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            return int(pynvml.nvmlDeviceGetIndex(pynvml.nvmlDeviceGetHandleByUUID(uuid)))
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception as exc:  # noqa: BLE001 - no NVML, no such GPU: the mask cannot be honoured
+        raise ManifestError([f"CUDA_VISIBLE_DEVICES={raw}: no GPU of this host has the UUID {uuid} ({exc}); "
+                             "name GPUs by index there, or list them in params.devices"]) from None
 
 
 def resolve_devices(devices_param: str | list[int]) -> list[int]:

@@ -287,7 +287,8 @@ _CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
 table { border-collapse: collapse; margin: 0.5em 0 1em; }
 th, td { border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: left; vertical-align: top; }
-table.leaderboard td:nth-child(n+3):nth-child(-n+7) { text-align: right; font-variant-numeric: tabular-nums; }
+table.leaderboard td:nth-child(n+3):nth-child(-n+6), table.leaderboard td:nth-child(8) {
+  text-align: right; font-variant-numeric: tabular-nums; }
 table.facts th { background: #f4f4f4; }
 p.note { color: #666; font-style: italic; }
 p.interrupted { background: #fff3cd; border: 1px solid #e0c36a; padding: 0.5em 0.8em; }

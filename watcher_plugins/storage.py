@@ -109,7 +109,8 @@ class StudyStore:
 
         study = self.retrying(f"opening study {name!r}", load)
         study.set_user_attr("sampler_seed", seed)
-        stored = study.user_attrs.get("definition")
+        stored = _with_default_rows(study.user_attrs.get("definition"))
+        definition = _with_default_rows(definition)
         if stored is None:
             study.set_user_attr("model_type", model_type)
             study.set_user_attr("definition", definition)
@@ -285,3 +286,14 @@ def _redact(url: str) -> str:
         if ":" in creds:
             return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
     return url
+
+
+def _with_default_rows(definition: dict | None) -> dict | None:
+    """A study definition whose embedded data names its row count: studies made before the count was
+    written out (rows left to the default) are the same studies as those that name it."""
+    data = (definition or {}).get("data")
+    if isinstance(data, dict) and data.get("embedded") and data.get("rows") is None:
+        from watcher_plugins.data import EMBEDDED_DEFAULT_ROWS
+
+        return {**definition, "data": {**data, "rows": EMBEDDED_DEFAULT_ROWS}}
+    return definition

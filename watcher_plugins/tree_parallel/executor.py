@@ -91,7 +91,13 @@ class TreeParallelExecutor(Executor):
 
     @classmethod
     def check(cls, params: Mapping[str, Any], context: RunContext) -> None:
-        cls(params, context)  # plans the workers and checks every param; the pool starts on first use only
+        # Plans the workers and checks every param (the pool starts on first use only); quietly: the
+        # executor made for the run logs its warnings once.
+        disabled, log.disabled = log.disabled, True
+        try:
+            cls(params, context)
+        finally:
+            log.disabled = disabled
 
     @property
     def pool(self) -> TreeTrialPool:

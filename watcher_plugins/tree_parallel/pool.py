@@ -579,6 +579,8 @@ class TreeTrialPool:
             return
         if worker.retiring:
             self.retirements += 1  # it said it would exit after a failed GPU fit: not a crash
+            log.info("%s retired after a fit failed on its GPU; a fresh worker takes its place",
+                     worker.placement.describe())
         else:
             self.restarts += 1
         self._spawn(slot)
