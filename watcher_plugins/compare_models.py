@@ -8,7 +8,6 @@ concurrency, the strategy or the number of GPUs.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import logging
@@ -23,7 +22,7 @@ from typing import Any, TextIO
 
 import optuna
 
-from watcher_plugins.data import EMBEDDED_DEFAULT_ROWS, load_dataset
+from watcher_plugins.data import load_dataset
 from watcher_plugins.devices import resolve_devices
 from watcher_plugins.errors import (
     DataError,
@@ -224,8 +223,6 @@ def run_compare_models(params: dict, pm, out: TextIO | None = None) -> dict:
     started = time.monotonic()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our progress bars and leaderboard speak instead
     data = DataRef.from_param(params["data"])
-    if data.embedded and data.rows is None:  # one study whether the default row count is written out or not
-        data = dataclasses.replace(data, rows=EMBEDDED_DEFAULT_ROWS)
     dataset = load_dataset(data)  # a bad dataset must fail before anything is trained or written
     if params["folds"] > dataset.n_rows:
         raise DataError(f"{dataset.name}: {dataset.n_rows} rows cannot make {params['folds']} folds")
@@ -247,13 +244,16 @@ def run_compare_models(params: dict, pm, out: TextIO | None = None) -> dict:
     context = RunContext(output_dir=output_dir, devices=devices,
                          lease_dir=Path(params["lease_dir"]) if params.get("lease_dir") else None,
                          lease_timeout_s=params["lease_timeout_s"], trial_retries=params["trial_retries"])
-    for registration in {r.name: r for r in runnable.values()}.values():
+    groups: dict[str, list[str]] = defaultdict(list)
+    for model_type, registration in runnable.items():
+        groups[registration.name].append(model_type)
+    for executor_name, model_types in groups.items():
         # A contradiction (tree_device "gpu" on a run without GPUs) must stop the run before the NN
         # study trains, not after; it is bad input (exit 2), and nothing is written yet.
         try:
-            registration.load().check(params, context)
+            runnable[model_types[0]].load().check(params, context)
         except ExecutorError as exc:
-            raise ManifestError([f"params ({registration.name}): {exc}"]) from None
+            raise ManifestError([f"params ({executor_name}): {exc}"]) from None
     if params.get("storage"):
         store = StudyStore.open(params, output_dir, data)  # a bad URL or a dead database: fail before writing
         _make_output_dir(output_dir)
@@ -264,9 +264,6 @@ def run_compare_models(params: dict, pm, out: TextIO | None = None) -> dict:
           f"{params['folds']}-fold CV, {params['trials']} trials per model type, "
           f"devices: {', '.join(f'GPU {d}' for d in devices) or 'CPU'}", file=out)
 
-    groups: dict[str, list[str]] = defaultdict(list)
-    for model_type, registration in runnable.items():
-        groups[registration.name].append(model_type)
     # Every study is opened (and checked against the params it was made with) before anything trains:
     # a tree param changed since the last run must not be refused after hours of NN training.
     group_studies: dict[str, dict[str, optuna.Study]] = {}

@@ -27,7 +27,7 @@ _FORMATS = {".npz": "npz", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet
 #: Rows of the embedded data when the data param does not say (the params schema's default too).
 EMBEDDED_DEFAULT_ROWS = 6000
 #: The values the data param's "format" may take.
-DATA_FORMATS = ("npz", "csv", "parquet", "json")
+DATA_FORMATS = tuple(dict.fromkeys(_FORMATS.values()))
 
 
 @dataclass(frozen=True)

@@ -65,9 +65,8 @@ class GpuLease:
 
     def __init__(self, gpu: int, lease_dir: str | Path | None = None, timeout: float = 600.0, purpose: str = ""):
         self.gpu = int(gpu)
-        named = lease_dir or os.environ.get(LEASE_DIR_ENV)
-        self.lease_dir = Path(named) if named else shared_lease_dir()
-        self._shared = not named  # only the built-in default is made shared; a named directory keeps its mode
+        self.lease_dir = Path(lease_dir) if lease_dir else default_lease_dir()
+        self._shared = self.lease_dir == shared_lease_dir()  # made shared; a directory of the user's keeps its mode
         self.timeout = float(timeout)
         self.purpose = purpose or f"pid {os.getpid()}"
         self.lock_path = self.lease_dir / f"gpu-{self.gpu}.lock"

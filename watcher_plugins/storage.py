@@ -27,6 +27,7 @@ from typing import TypeVar
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from watcher_plugins.data import EMBEDDED_DEFAULT_ROWS
 from watcher_plugins.errors import StorageError, StorageLost
 from watcher_plugins.records import DataRef, FoldResult
 
@@ -293,7 +294,5 @@ def _with_default_rows(definition: dict | None) -> dict | None:
     written out (rows left to the default) are the same studies as those that name it."""
     data = (definition or {}).get("data")
     if isinstance(data, dict) and data.get("embedded") and data.get("rows") is None:
-        from watcher_plugins.data import EMBEDDED_DEFAULT_ROWS
-
         return {**definition, "data": {**data, "rows": EMBEDDED_DEFAULT_ROWS}}
     return definition

@@ -15,7 +15,7 @@ import os
 import sys
 from typing import BinaryIO
 
-from watcher_plugins.devices import pin_environment
+from watcher_plugins.devices import physical_gpu_count, pin_environment
 from watcher_plugins.errors import LeaseError, ProtocolError
 from watcher_plugins.lease import GpuLease
 from watcher_plugins.nn_batch import protocol
@@ -107,20 +107,6 @@ class Worker:
                 return EXIT_FATAL
 
 
-def _host_has_gpu() -> bool:
-    """Whether NVML sees a GPU (without initialising CUDA, which would fix the visible devices)."""
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        try:
-            return pynvml.nvmlDeviceGetCount() > 0
-        finally:
-            pynvml.nvmlShutdown()
-    except Exception:  # noqa: BLE001 - no NVML library, no driver: no GPU to hold
-        return False
-
-
 def _gpu_to_hold(device: str) -> int | None:
     """The GPU a worker started without --gpu trains on, so the one whose lease it must hold: the first
     GPU CUDA_VISIBLE_DEVICES lists (CUDA's device 0), or GPU 0 where it is unset and there is a GPU.
@@ -129,7 +115,8 @@ def _gpu_to_hold(device: str) -> int | None:
         return None
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is None:
-        return 0 if device == "cuda" or _host_has_gpu() else None
+        # NVML, not CUDA: initialising CUDA now would fix the visible devices before they are narrowed.
+        return 0 if device == "cuda" or physical_gpu_count() > 0 else None
     first = visible.split(",")[0].strip()
     return int(first) if first.isdigit() else None
 
@@ -152,11 +139,9 @@ def main(argv: list[str] | None = None) -> int:
         return exit_code
 
     gpu = args.gpu if args.gpu is not None else _gpu_to_hold(args.device)
-    if gpu is not None and args.gpu is None:
+    if gpu is not None and (args.gpu is None or ("CUDA_VISIBLE_DEVICES" not in os.environ and args.device != "cpu")):
         # Narrowed to the GPU it holds, before torch is imported: CUDA must see that GPU alone (it would
         # otherwise train on CUDA's device 0 of several, holding no lease for it).
-        pin_environment(os.environ, gpu)
-    elif gpu is not None and "CUDA_VISIBLE_DEVICES" not in os.environ and args.device != "cpu":
         pin_environment(os.environ, gpu)
     lease = None
     if gpu is not None:
