@@ -13,7 +13,8 @@ from watcher_plugins.executor import Executor, RunContext
 from watcher_plugins.records import DataRef, TrialJob
 from watcher_plugins.tree_parallel import executor as tree_executor
 from watcher_plugins.tree_parallel.executor import TreeParallelExecutor
-from watcher_plugins.tree_parallel.trial import sample_params
+from watcher_plugins.tree_parallel.libraries import FitSettings
+from watcher_plugins.tree_parallel.trial import run_trial, sample_params
 
 DATA = DataRef(embedded="survivors", rows=1500)
 FAST = {"tree_rounds": 30, "tree_early_stopping_rounds": 10}
@@ -52,6 +53,18 @@ def test_results_are_identical_with_one_or_two_workers(tmp_path, trees):
     # Returned in batch order (job, then fold), whatever order the folds finished in.
     assert [(m, t, f) for m, t, f, _ in by_workers[2]] == [(j.model_type, j.trial_number, f)
                                                           for j in jobs for f in range(3)]
+
+
+def test_a_cpu_trials_folds_train_at_once_on_the_free_workers_with_the_serial_results(tmp_path, trees):
+    """A batch's last CPU trial must not run its folds one after another on one worker while the
+    others idle: its folds go out one at a time, to every free worker, and still give the serial fits."""
+    job = _jobs(("lightgbm",), trials=1)[0]
+    with _executor(tmp_path, tree_parallel_workers=2) as ex:
+        results = ex.run_batch([job])
+    assert [r.fold_idx for r in results] == [0, 1, 2]
+    assert {r.info["slot"] for r in results} == {0, 1}  # both workers took folds of the one trial
+    reference = run_trial(job, FitSettings(FAST["tree_rounds"], FAST["tree_early_stopping_rounds"], threads=1))
+    assert [r.r2 for r in results] == [r.r2 for r in reference]
 
 
 def test_workers_are_fresh_interpreters_that_never_import_torch(tmp_path, trees):

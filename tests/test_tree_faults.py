@@ -59,6 +59,19 @@ def test_a_worker_that_keeps_aborting_fails_its_trial_after_the_retries_and_free
         pass
 
 
+def test_crashes_on_a_cpu_trials_several_folds_count_against_the_trial_not_each_fold(tmp_path):
+    # Its folds go out one at a time, to both workers at once; every one aborts. The bound is per trial:
+    # retries=1 allows two crashes in all, not two per fold.
+    with _executor(tmp_path, retries=1) as ex:
+        results = ex.run_batch([_job(0, "abort"), _job(1)])
+        restarts = ex.pool.restarts
+        assert len(ex.pool.worker_pids()) == 2
+    assert [r.status for r in results[:3]] == ["fail"] * 3
+    assert all("SIGABRT" in r.error and "gave up after 2 attempt(s)" in r.error for r in results[:3])
+    assert all(r.status == "ok" for r in results[3:])
+    assert restarts == 2
+
+
 def test_a_worker_that_aborts_once_is_replaced_and_the_retry_gives_the_same_result(tmp_path):
     marker = tmp_path / "aborted-once"
     with _executor(tmp_path, retries=1) as ex:
@@ -128,10 +141,11 @@ def test_a_worker_killed_mid_trial_fails_that_trial_and_the_others_finish(tmp_pa
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline and not killed:
                 for pid, _, trial in ex.pool.busy_workers():
-                    if trial == 0:
+                    if trial == 0:  # one of the workers training its folds
                         time.sleep(0.3)  # well inside the trial
                         os.kill(pid, signal.SIGKILL)
                         killed.append(pid)
+                        return
                 time.sleep(0.05)
 
         ex.pool.start()

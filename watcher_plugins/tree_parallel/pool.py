@@ -7,8 +7,12 @@ placement.py); on each GPU, a CatBoost trial starts only when no other GPU trial
 while it runs no other GPU trial starts there; XGBoost trials fill up to ``xgboost_per_gpu`` of its
 workers at once. Free GPU workers take GPU trials first (the queue's first one if their GPU is idle,
 else its first XGBoost trial, which may pass a CatBoost trial waiting for the GPU to empty), then
-LightGBM; CPU workers take only LightGBM. Where a trial runs never changes its result: the device
-follows from the model type, and the fits are bit-stable across thread counts (see libraries.py).
+LightGBM; CPU workers take only LightGBM. A GPU trial goes to one worker whole (its XGBoost folds
+train at once, in threads); a CPU trial goes out a fold at a time, so that at the end of a batch its
+last trials' folds spread over every free worker rather than each trial running its folds one after
+another on one worker (on two H200s that tail was the wall time). Where a fold runs never changes its
+result: the device follows from the model type, and the fits are bit-stable across thread counts (see
+libraries.py).
 
 Leases: the pool, not its workers, holds each GPU's lease (lease.py), on behalf of the workers it
 sends GPU trials to. It takes the lease before it sends the first GPU trial to that GPU and releases
@@ -22,8 +26,9 @@ If the host process dies, the OS frees its leases; its workers watch their paren
 within a second (worker._exit_with_parent), so none goes on using a GPU it no longer has.
 
 Faults: a worker that dies mid-trial (segfault, abort, kill) is replaced by a new process with the
-same pinning; the trial's unfinished folds are retried up to ``trial_retries`` times, then end as
-"fail" with the reason. A fold that raises is a "fail" result sent by the worker, which carries on.
+same pinning; the trial's unfinished folds are retried until the trial has crashed ``trial_retries``
+times more, then end as "fail" with the reason (a crash on any of its folds counts, and workers still
+training its other folds are stopped). A fold that raises is a "fail" result sent by the worker, which carries on.
 """
 
 from __future__ import annotations
@@ -82,16 +87,37 @@ class PoolSettings:
     catboost_gpu_ram_part: float | None = None  # None = "auto" (see libraries.CatBoostFitter)
 
 
-@dataclass
+@dataclass(eq=False)
 class _Task:
-    """A trial in flight: the folds it still owes and the attempts made so far."""
+    """A trial in flight: the folds it still owes, those not yet sent to a worker, and its crashes.
+
+    A GPU trial goes to one worker whole (its XGBoost folds train at once, in threads); a CPU trial
+    goes out a fold at a time, so that the last trials of a batch spread over every free worker
+    instead of running their folds one after another on one worker each."""
 
     index: int  # position in the batch, for the order of the returned results
     job: TrialJob
-    folds: list[int]
+    folds: list[int]  # folds without a result yet
+    pending: list[int]  # folds not sent to any worker
     on_gpu: bool
-    attempts: int = 0
+    sent: bool = False  # some fold went to a worker since the trial's last crash
     crashes: list[str] = field(default_factory=list)
+
+    @property
+    def attempts(self) -> int:
+        """Times the trial was started: once per crash, and once more if it is out again now."""
+        return len(self.crashes) + (1 if self.sent else 0)
+
+    def take(self, one_fold: bool) -> list[int]:
+        """The folds the next worker gets: the first pending one, or all of them."""
+        taken = self.pending[:1] if one_fold else self.pending
+        self.pending = self.pending[len(taken):]
+        self.sent = True
+        return taken
+
+    def give_back(self, folds: Sequence[int]) -> None:
+        """Folds a worker will not finish go back to the pending ones (those still owed)."""
+        self.pending = sorted({f for f in folds if f in self.folds} | set(self.pending))
 
 
 class _WorkerProcess:
@@ -101,6 +127,7 @@ class _WorkerProcess:
         self.placement = placement
         self.ready = False
         self.task: _Task | None = None
+        self.folds: list[int] = []  # the folds of its task sent to it
         self.awaiting_lease = False  # its task is a GPU trial not sent yet: the pool waits for the lease
         self.retiring = False  # it said it exits after its trial (a GPU fit failed): it gets no more tasks
         self.task_started = 0.0
@@ -325,7 +352,8 @@ class TreeTrialPool:
             ) -> list[FoldResult]:
         """Train every job on every fold; ``on_result`` is called (in this thread) as each fold ends."""
         self.start()
-        tasks = [_Task(i, job, list(range(job.folds)), self.has_gpu and job.model_type in GPU_MODEL_TYPES)
+        tasks = [_Task(i, job, list(range(job.folds)), list(range(job.folds)),
+                       self.has_gpu and job.model_type in GPU_MODEL_TYPES)
                  for i, job in enumerate(jobs)]
         self._gpu_queue = deque(t for t in tasks if t.on_gpu)
         self._cpu_queue = deque(t for t in tasks if not t.on_gpu)
@@ -376,11 +404,12 @@ class TreeTrialPool:
                 continue
             task = self._next_gpu_task(w.placement.gpu) if w.placement.gpu is not None else None
             if task is None and self._cpu_queue:
-                task = self._cpu_queue.popleft()
+                task = self._cpu_queue[0]
             if task is None:
                 continue
-            task.attempts += 1
-            w.task = task
+            w.task, w.folds = task, task.take(one_fold=not task.on_gpu)
+            if not task.pending and self._cpu_queue and self._cpu_queue[0] is task:
+                self._cpu_queue.popleft()
             if task.on_gpu and not self._lease_now(w.placement.gpu):
                 w.awaiting_lease = True  # sent by _poll_leases once the pool holds the lease
             else:
@@ -412,7 +441,7 @@ class TreeTrialPool:
         w.task_started = time.monotonic()
         w.task_catboost_reserve = self._catboost_reserve(w.task.job)
         w.task_stderr.clear()  # and again when its marker comes: a late line of the last trial may come first
-        w.send({"command": "train", "job": w.task.job.to_json(), "folds": list(w.task.folds),
+        w.send({"command": "train", "job": w.task.job.to_json(), "folds": list(w.folds),
                 "catboost_gpu_ram_part": w.task_catboost_reserve})
 
     def _catboost_reserve(self, job: TrialJob) -> float | None:
@@ -519,9 +548,29 @@ class TreeTrialPool:
             self._on_result(result)
 
     def _fail_task(self, task: _Task, reason: str) -> None:
-        for fold_idx in list(task.folds):
+        """Every fold the trial still owes ends as "fail"; workers training its other folds are stopped
+        (their work is for a trial given up, and would keep them from the next ones)."""
+        task.pending = []
+        for q in (self._gpu_queue, self._cpu_queue):
+            if task in q:
+                q.remove(task)
+        for w in self._workers:
+            if w is not None and w.task is task and not w.awaiting_lease:
+                w.kill(f"its {task.job.model_type} trial {task.job.trial_number} failed on another worker")
+        self._fail_folds(task, task.folds, reason)
+
+    def _fail_folds(self, task: _Task, folds: Sequence[int], reason: str) -> None:
+        for fold_idx in list(folds):
             self._record(FoldResult(task.job.trial_number, fold_idx, task.job.model_type, None, 0.0, STATUS_FAIL,
                                     error=reason, info={"attempts": task.attempts}), task)
+
+    def _requeue(self, task: _Task, folds: Sequence[int]) -> None:
+        """``folds`` of ``task`` go back to the front of its queue, not counted as an attempt."""
+        task.sent = False
+        task.give_back(folds)
+        queue = self._gpu_queue if task.on_gpu else self._cpu_queue
+        if task not in queue:
+            queue.appendleft(task)
 
     def _handle(self, worker: _WorkerProcess | None, msg: dict | None) -> None:
         if worker is None or worker not in self._workers:
@@ -541,9 +590,11 @@ class TreeTrialPool:
             self._record(FoldResult.from_json(msg["result"]), worker.task)
         elif event == "done" and worker.task is not None:
             worker.retiring = bool(msg.get("retiring"))  # its exit follows; the slot restarts then
-            task, worker.task = worker.task, None
-            if task.folds:  # cannot happen with a sound worker; never leave a fold without a result
-                self._fail_task(task, f"{worker.placement.describe()} ended the trial without results")
+            task, folds = worker.task, worker.folds
+            worker.task, worker.folds = None, []
+            owed = [f for f in folds if f in task.folds]
+            if owed:  # cannot happen with a sound worker; never leave a fold without a result
+                self._fail_folds(task, owed, f"{worker.placement.describe()} ended the trial without results")
         elif event in ("invalid", "error"):
             log.warning("%s sent %s", worker.placement.describe(), msg)
             if event == "invalid":  # its protocol stream is corrupt: replace it
@@ -551,28 +602,29 @@ class TreeTrialPool:
 
     def _on_worker_death(self, slot: int, worker: _WorkerProcess) -> None:
         reason = worker.death_reason()
-        task, worker.task = worker.task, None
+        task, folds = worker.task, worker.folds
+        worker.task, worker.folds = None, []
         self._workers[slot] = None
         if not worker.ready:
             self._failed_starts[slot] += 1
             self._start_errors[slot] = f"{reason} before it was ready"
+        lost = [f for f in folds if task is not None and f in task.folds]
         if task is not None and worker.awaiting_lease:  # never sent to it: not an attempt
-            task.attempts -= 1
-            self._gpu_queue.appendleft(task)
-        elif task is not None and task.folds and self._outgrew_auto_reserve(task, worker):
+            self._requeue(task, folds)
+        elif lost and self._outgrew_auto_reserve(task, worker):
             log.warning("%s during catboost trial %d: its GPU memory reserve (catboost_gpu_ram_part auto) was "
                         "too small; CatBoost trials on this data now reserve %s", reason, task.job.trial_number,
                         CatBoostFitter.DEFAULT_GPU_RAM_PART)
             self.catboost_full_reserve.add(task.job.data.key)
-            task.attempts -= 1
-            self._gpu_queue.appendleft(task)
-        elif task is not None and task.folds:
-            task.crashes.append(reason)
-            if task.attempts <= self.settings.trial_retries:
+            self._requeue(task, lost)
+        elif lost:
+            task.crashes.append(reason)  # a crash on any of a trial's folds counts against the trial
+            if len(task.crashes) <= self.settings.trial_retries:
                 log.warning("%s during %s trial %d; retrying (attempt %d of %d)", reason, task.job.model_type,
-                            task.job.trial_number, task.attempts + 1, self.settings.trial_retries + 1)
-                (self._gpu_queue if task.on_gpu else self._cpu_queue).appendleft(task)
+                            task.job.trial_number, len(task.crashes) + 1, self.settings.trial_retries + 1)
+                self._requeue(task, lost)
             else:
+                task.sent = False
                 self._fail_task(task, f"{reason} during {task.job.model_type} trial {task.job.trial_number}; "
                                       f"gave up after {task.attempts} attempt(s)")
         if self.closed or self._failed_starts[slot] >= MAX_FAILED_STARTS:
