@@ -4,7 +4,7 @@ Each arm trains the same batch (``--trials`` trials each of CatBoost, LightGBM a
 drawn by a seeded sampler, ``--folds``-fold CV, at most ``--rounds`` boosting rounds with early
 stopping) through TreeParallelExecutor, as compare_models sends it: one mixed batch. An arm is
 NAME:GPUS:CORES:WORKERS[:XGBOOST_PER_GPU[:FOLD_THREADS[:GPU_WORKER_CORES]]], e.g. ``serial:0:16:1``
-(GPU 0, 16 cores, tree_parallel_workers 1), ``xgb4:0:16:8:4`` (8 workers, 4 of them on GPU 0, where up
+(GPU 0, 16 cores, tree_parallel_workers 1), ``auto:0,1:32:auto`` (tree_parallel_workers auto), ``xgb4:0:16:8:4`` (8 workers, 4 of them on GPU 0, where up
 to 4 XGBoost trials run at once; xgboost_per_gpu defaults to 1) or ``folds1:0:16:8:1:1:2`` (8 workers,
 XGBoost's folds one at a time on a 2-core GPU worker; the executor params xgboost_gpu_fold_threads and
 tree_gpu_worker_cores default to auto). Worker start-up is outside the timed region;
@@ -50,16 +50,16 @@ def parse_arm(text: str) -> dict:
         if len(rest) > 3:
             raise ValueError
         arm = {"name": name, "gpus": [int(g) for g in gpus.split(",") if g != ""], "cores": int(cores),
-               "workers": int(workers), "xgboost_per_gpu": int(rest[0]) if rest else 1,
+               "workers": _count_or_auto(workers), "xgboost_per_gpu": int(rest[0]) if rest else 1,
                "xgboost_gpu_fold_threads": _count_or_auto(rest[1] if len(rest) > 1 else "auto"),
                "tree_gpu_worker_cores": _count_or_auto(rest[2] if len(rest) > 2 else "auto")}
-        if arm["workers"] < 1 or arm["xgboost_per_gpu"] < 1:
+        if arm["xgboost_per_gpu"] < 1:
             raise ValueError
         return arm
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"--arm {text!r}: expected NAME:GPUS:CORES:WORKERS[:XGBOOST_PER_GPU[:FOLD_THREADS[:GPU_WORKER_CORES]]], "
-            "integers >= 1 for WORKERS and XGBOOST_PER_GPU, 'auto' or an integer >= 1 for the last two") from None
+            "an integer >= 1 for XGBOOST_PER_GPU, 'auto' or an integer >= 1 for the others") from None
 
 
 def _count_or_auto(text: str) -> int | str:

@@ -22,7 +22,7 @@ def test_schema_errors_exit_2_one_line_each_and_write_nothing(tmp_path):
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
         'watcher-agent: error: --params::$.n_concurrent_nn: 0 is not valid: expected "auto" or an integer >= 1',
-        "watcher-agent: error: --params::$.tree_parallel_workers: -1 is less than the minimum of 1",
+        'watcher-agent: error: --params::$.tree_parallel_workers: -1 is not valid: expected "auto" or an integer >= 1',
     ]
     assert "Traceback" not in result.stderr
     assert not out_dir.exists()

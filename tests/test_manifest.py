@@ -66,7 +66,7 @@ def test_every_schema_error_is_reported_with_its_json_path(tmp_path, plugin_mana
     assert all(p.startswith(f"{path}::$.params") for p in problems)
     text = "\n".join(problems)
     assert f"{path}::$.params.n_concurrent_nn: 0 is not valid: expected \"auto\" or an integer >= 1" in text
-    assert f"{path}::$.params.tree_parallel_workers: -1 is less than the minimum of 1" in text
+    assert f"{path}::$.params.tree_parallel_workers: -1 is not valid: expected \"auto\" or an integer >= 1" in text
     assert f"{path}::$.params.trials: 'many' is not of type 'integer'" in text
     assert "unknown key 'trails' (did you mean 'trials'?)" in text
     assert f"{path}::$.params.model_types[1]: 'svm' is not one of" in text
@@ -81,7 +81,7 @@ def test_bad_params_override_is_labelled_params(plugin_manager):
         '--params::$.catboost_gpu_ram_part: 0 is not valid: expected "auto" or a number in (0, 1]',
         '--params::$.n_concurrent_nn: 0 is not valid: expected "auto" or an integer >= 1',
         '--params::$.tree_gpu_worker_cores: "lots" is not valid: expected "auto" or an integer >= 1',
-        "--params::$.tree_parallel_workers: -1 is less than the minimum of 1",
+        "--params::$.tree_parallel_workers: -1 is not valid: expected \"auto\" or an integer >= 1",
         "--params::$.xgboost_gpu_async_pool: 'yes' is not of type 'boolean'",
         '--params::$.xgboost_gpu_fold_threads: 0 is not valid: expected "auto" or an integer >= 1',
     ]

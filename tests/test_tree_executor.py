@@ -193,6 +193,25 @@ def test_the_gpu_worker_gets_a_core_per_fold_thread_and_the_cpu_workers_the_rest
         in caplog.text
 
 
+def test_auto_workers_are_the_gpu_workers_then_a_one_core_cpu_worker_on_every_core_left(tmp_path, monkeypatch,
+                                                                                        caplog):
+    monkeypatch.setattr(tree_executor, "available_cores", lambda limit=None: list(range(64))[:limit])
+
+    def plan(devices, cpu_count, **params):
+        ex = TreeParallelExecutor({**FAST, "tree_parallel_workers": "auto", **params},
+                                  RunContext(output_dir=tmp_path, devices=devices, cpu_count=cpu_count))
+        return [(p.gpu, p.threads) for p in ex.placements], ex.settings.xgboost_gpu_fold_threads
+
+    # The plans measured fastest on H200s: 11 workers on one GPU and 16 cores, 22 on two and 32.
+    assert plan([0], 16) == ([(0, 6)] + [(None, 1)] * 10, 5)
+    assert plan([0, 1], 32) == ([(0, 6), (1, 6)] + [(None, 1)] * 20, 5)
+    assert plan([0], 16, xgboost_per_gpu=2) == ([(0, 4), (0, 4)] + [(None, 1)] * 8, 5)
+    assert plan([], 4) == ([(None, 1)] * 4, 5)
+    assert plan([0], 16, tree_device="cpu") == ([(None, 1)] * 16, 5)
+    assert plan([0], 1) == ([(0, 1)], 5)
+    assert not caplog.records  # nothing was capped: auto asks for what fits
+
+
 @pytest.mark.parametrize("async_pool", [True, False])
 def test_gpu_xgboost_folds_train_at_once_on_the_gpu_worker_only(tmp_path, trees, async_pool):
     # No GPU here: XGBoost's GPU fits fail (it finds no GPU), but each fold's result says how many

@@ -34,7 +34,7 @@ class TreeParallelExecutor(Executor):
     """CatBoost / LightGBM / XGBoost trials in parallel worker processes pinned to GPUs or CPU cores.
 
     ``tree_parallel_workers`` trials run at once (1 = serial: one worker with every core and the
-    first GPU); up to ``xgboost_per_gpu`` of them are workers on each GPU, where XGBoost trials share
+    first GPU; "auto": the GPU workers, then a one-core CPU worker for every core they leave); up to ``xgboost_per_gpu`` of them are workers on each GPU, where XGBoost trials share
     the GPU and CatBoost trials have it to themselves. A GPU worker trains up to
     ``xgboost_gpu_fold_threads`` folds of an XGBoost trial at once (auto: 1 when serial, else 5) and
     gets at least ``tree_gpu_worker_cores`` cores for them (auto: one per fold thread plus one, at most
@@ -51,7 +51,7 @@ class TreeParallelExecutor(Executor):
         if device == "gpu" and not context.devices:
             raise ExecutorError("tree_device is 'gpu' but the run has no GPU (devices is empty)")
         gpus = list(context.devices) if device != "cpu" else []
-        workers = int(self.params["tree_parallel_workers"])
+        asked_workers = _count_or_auto(self.params, "tree_parallel_workers")
         per_gpu = int(self.params["xgboost_per_gpu"])
         if per_gpu < 1:
             raise ExecutorError(f"xgboost_per_gpu: {per_gpu} is less than the minimum of 1")
@@ -60,18 +60,21 @@ class TreeParallelExecutor(Executor):
         if not isinstance(async_pool, bool):
             raise ExecutorError(f"xgboost_gpu_async_pool: {async_pool!r} is not true or false")
         if fold_threads is None:
-            fold_threads = 1 if workers == 1 else AUTO_XGBOOST_GPU_FOLD_THREADS
+            fold_threads = 1 if asked_workers == 1 else AUTO_XGBOOST_GPU_FOLD_THREADS
         cores = available_cores(context.cpu_count)
+        gpu_workers = len(gpus) * per_gpu if asked_workers is None else min(asked_workers, len(gpus) * per_gpu)
         asked_gpu_cores = _count_or_auto(self.params, "tree_gpu_worker_cores")
-        gpu_cores = asked_gpu_cores or auto_gpu_worker_cores(fold_threads, len(cores),
-                                                             min(workers, len(gpus) * per_gpu))
+        gpu_cores = asked_gpu_cores or auto_gpu_worker_cores(fold_threads, len(cores), gpu_workers)
+        # "auto": one-core CPU workers (the most LightGBM work per core; DESIGN measured 16 one-thread
+        # processes at 2.8x one 16-thread process) on every core the GPU workers leave.
+        workers = asked_workers or max(1, gpu_workers + len(cores) - gpu_workers * (gpu_cores or 1))
         self.placements: list[WorkerPlacement] = plan_placements(workers, gpus, cores, per_gpu, gpu_cores)
         short = [p for p in self.placements if p.gpu is not None and asked_gpu_cores and p.threads < asked_gpu_cores]
         if short:
             log.warning("tree_gpu_worker_cores=%d: GPU workers get %d cores, so that each of the %d CPU workers "
                         "keeps one (%d cores)", asked_gpu_cores, min(p.threads for p in short),
                         sum(p.gpu is None for p in self.placements), len(cores))
-        if len(self.placements) < workers:
+        if asked_workers and len(self.placements) < workers:
             log.warning("tree_parallel_workers=%d capped to %d: one core per worker at least (%d cores)",
                         workers, len(self.placements), context.cpu_count)
         self.settings = PoolSettings(
