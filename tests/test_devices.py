@@ -1,12 +1,15 @@
-"""Which GPUs a run uses, and how its child processes are told which one is theirs."""
+"""Which GPUs and CPU cores a run uses, and how its child processes are told which GPU is theirs."""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 
 from watcher_plugins import devices
-from watcher_plugins.devices import pin_environment, resolve_devices
+from watcher_plugins.devices import available_cores, pin_environment, resolve_devices
 from watcher_plugins.errors import ManifestError
+from watcher_plugins.executor import RunContext
 
 
 @pytest.mark.parametrize("visible, expected", [
@@ -58,3 +61,19 @@ def test_a_gpu_named_by_uuid_is_its_nvml_index(monkeypatch):
     monkeypatch.setattr(devices, "_index_of_uuid", lambda uuid, raw: {"GPU-a": 2, "GPU-b": 0}[uuid])
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-a,GPU-b")
     assert resolve_devices("auto") == [2, 0]
+
+
+def test_available_cores_keep_to_the_cpu_quota(monkeypatch, tmp_path):
+    # A container's CPU quota (cgroup cpu.max) caps the cores as joblib reads it; LOKY_MAX_CPU_COUNT is
+    # the cap joblib takes from the environment, where a test cannot set a cgroup quota.
+    affinity = sorted(os.sched_getaffinity(0))
+    assert available_cores() == affinity
+    assert available_cores(limit=1) == affinity[:1]
+    monkeypatch.setenv("LOKY_MAX_CPU_COUNT", "1")
+    assert available_cores() == affinity[:1]
+    assert RunContext(output_dir=tmp_path, devices=[]).cpu_count == 1
+    # So a tree pool planned for "auto" starts one worker, not one per core of the affinity.
+    from watcher_plugins.tree_parallel.executor import TreeParallelExecutor
+
+    ex = TreeParallelExecutor({"tree_parallel_workers": "auto"}, RunContext(output_dir=tmp_path, devices=[]))
+    assert [(p.gpu, p.cores) for p in ex.placements] == [(None, tuple(affinity[:1]))]

@@ -19,13 +19,14 @@ from pathlib import Path
 
 import pytest
 
+from watcher_plugins.devices import available_cores
 from watcher_plugins.errors import ExecutorError, ManifestError
 from watcher_plugins.executor import RunContext
 from watcher_plugins.lease import GpuLease
 from watcher_plugins.manifest import load_manifest
 from watcher_plugins.records import DataRef, TrialJob
 from watcher_plugins.tree_parallel.executor import TreeParallelExecutor
-from watcher_plugins.tree_parallel.placement import WorkerPlacement, available_cores
+from watcher_plugins.tree_parallel.placement import WorkerPlacement
 from watcher_plugins.tree_parallel.pool import PoolSettings, TreeTrialPool
 from watcher_plugins.tree_parallel.trial import sample_params
 from watcher_plugins.tree_parallel.worker import FAULT_INJECTION_ENV, FAULT_PARAM

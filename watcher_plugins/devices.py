@@ -1,10 +1,24 @@
-"""Which GPUs a run may use, found through NVML (no CUDA framework in the host process)."""
+"""Which GPUs a run may use, found through NVML (no CUDA framework in the host process), and which CPU
+cores."""
 
 from __future__ import annotations
 
 import os
 
 from watcher_plugins.errors import ManifestError
+
+
+def available_cores(limit: int | None = None) -> list[int]:
+    """The CPU cores this process may use: its affinity, cut to its CPU quota, at most ``limit``.
+
+    A container given 4 CPUs of a 64-core host may be pinned to all 64 cores yet run only 4 at once;
+    threads or workers sized by the affinity alone would oversubscribe it 16 times. joblib reads the
+    quota (cgroup v1 and v2, and LOKY_MAX_CPU_COUNT)."""
+    import joblib
+
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    n = min(len(cores), joblib.cpu_count(), limit or len(cores))
+    return cores[:max(1, n)]
 
 
 def physical_gpu_count() -> int:

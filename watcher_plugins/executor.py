@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from watcher_plugins.devices import available_cores
 from watcher_plugins.records import FoldResult, TrialJob
 
 ResultCallback = Callable[[FoldResult], None]
@@ -27,8 +27,7 @@ class RunContext:
     lease_dir: Path | None = None
     lease_timeout_s: float = 600.0
     trial_retries: int = 2
-    cpu_count: int = field(default_factory=lambda: len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                           else (os.cpu_count() or 1))
+    cpu_count: int = field(default_factory=lambda: len(available_cores()))
 
 
 class Executor(ABC):

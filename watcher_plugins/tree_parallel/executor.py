@@ -8,16 +8,12 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from watcher_plugins.data import EMBEDDED_DEFAULT_ROWS, embedded_survivors
+from watcher_plugins.devices import available_cores
 from watcher_plugins.errors import DataError, ExecutorError
 from watcher_plugins.executor import Executor, ResultCallback, RunContext
 from watcher_plugins.records import STATUS_FAIL, FoldResult, TrialJob
 from watcher_plugins.tree_parallel.libraries import TREE_MODEL_TYPES
-from watcher_plugins.tree_parallel.placement import (
-    WorkerPlacement,
-    auto_gpu_worker_cores,
-    available_cores,
-    plan_placements,
-)
+from watcher_plugins.tree_parallel.placement import WorkerPlacement, auto_gpu_worker_cores, plan_placements
 from watcher_plugins.tree_parallel.pool import PoolSettings, TreeTrialPool
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,6 @@ workers split what is left; the larger share never costs a worker its place.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -42,12 +41,6 @@ class WorkerPlacement:
     @classmethod
     def from_json(cls, obj: dict) -> WorkerPlacement:
         return cls(slot=int(obj["slot"]), gpu=obj["gpu"], cores=tuple(obj["cores"]))
-
-
-def available_cores(limit: int | None = None) -> list[int]:
-    """The cores this process may run on (its affinity), the first ``limit`` of them."""
-    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
-    return cores[:limit] if limit else cores
 
 
 def auto_gpu_worker_cores(fold_threads: int, n_cores: int, n_gpus: int) -> int | None:

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
 from watcher_plugins.data import Dataset, kfold_splits, load_dataset
-from watcher_plugins.devices import pin_environment
+from watcher_plugins.devices import available_cores, pin_environment
 from watcher_plugins.errors import WatcherPluginError
 from watcher_plugins.records import STATUS_FAIL, STATUS_OK, DataRef, FoldResult, TrialJob, fold_seed
 from watcher_plugins.stdio import claim_stdout
@@ -216,8 +216,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--rounds", type=int, default=500)
     p.add_argument("--early-stopping-rounds", type=int, default=50)
-    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                   else (os.cpu_count() or 1))
+    p.add_argument("--threads", type=int, default=len(available_cores()),
+                   help="library threads (default: the cores this process may use, its CPU quota included)")
     p.add_argument("--catboost-gpu-ram-part", type=_share, default=CatBoostFitter.DEFAULT_GPU_RAM_PART,
                    help="share of the GPU's memory a CatBoost fit reserves (default %(default)s, CatBoost's own; "
                         "0.05 saves about 0.4 s per fit on an H200 where the data fit in it, and a fit that "
