@@ -208,8 +208,13 @@ def test_auto_workers_are_the_gpu_workers_then_a_one_core_cpu_worker_on_every_co
     assert plan([0], 16, xgboost_per_gpu=2) == ([(0, 4), (0, 4)] + [(None, 1)] * 8, 5)
     assert plan([], 4) == ([(None, 1)] * 4, 5)
     assert plan([0], 16, tree_device="cpu") == ([(None, 1)] * 16, 5)
-    assert plan([0], 1) == ([(0, 1)], 5)
+    assert plan([0], 1) == ([(0, 1)], 1)  # room for one worker: serial, folds one at a time
+    # Every GPU keeps its worker, however few the cores or however many each GPU worker asks for.
+    assert plan([0, 1], 1) == ([(0, 1), (1, 1)], 5)
+    assert plan([0, 1, 2, 3], 2) == ([(0, 1), (1, 1), (2, 1), (3, 1)], 5)
     assert not caplog.records  # nothing was capped: auto asks for what fits
+    assert plan([0, 1], 16, tree_gpu_worker_cores=9) == ([(0, 8), (1, 8)], 5)
+    assert "tree_gpu_worker_cores=9: GPU workers get 8 cores, their share of the 16 cores" in caplog.text
 
 
 @pytest.mark.parametrize("async_pool", [True, False])

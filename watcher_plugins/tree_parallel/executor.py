@@ -63,13 +63,19 @@ class TreeParallelExecutor(Executor):
         gpu_cores = asked_gpu_cores or auto_gpu_worker_cores(fold_threads, len(cores), gpu_workers)
         # "auto": one-core CPU workers (the most LightGBM work per core; DESIGN measured 16 one-thread
         # processes at 2.8x one 16-thread process) on every core the GPU workers leave.
-        workers = asked_workers or max(1, gpu_workers + len(cores) - gpu_workers * (gpu_cores or 1))
+        workers = asked_workers or max(1, gpu_workers + max(0, len(cores) - gpu_workers * (gpu_cores or 1)))
+        if workers == 1 and self.params["xgboost_gpu_fold_threads"] == "auto":
+            fold_threads = 1  # "auto" found room for one worker: serial, the reference
         self.placements: list[WorkerPlacement] = plan_placements(workers, gpus, cores, per_gpu, gpu_cores)
         short = [p for p in self.placements if p.gpu is not None and asked_gpu_cores and p.threads < asked_gpu_cores]
-        if short:
+        n_cpu_workers = sum(p.gpu is None for p in self.placements)
+        if short and n_cpu_workers:
             log.warning("tree_gpu_worker_cores=%d: GPU workers get %d cores, so that each of the %d CPU workers "
-                        "keeps one (%d cores)", asked_gpu_cores, min(p.threads for p in short),
-                        sum(p.gpu is None for p in self.placements), len(cores))
+                        "keeps one (%d cores)", asked_gpu_cores, min(p.threads for p in short), n_cpu_workers,
+                        len(cores))
+        elif short:
+            log.warning("tree_gpu_worker_cores=%d: GPU workers get %d cores, their share of the %d cores",
+                        asked_gpu_cores, min(p.threads for p in short), len(cores))
         if asked_workers and len(self.placements) < workers:
             log.warning("tree_parallel_workers=%d capped to %d: one core per worker at least (%d cores)",
                         workers, len(self.placements), context.cpu_count)

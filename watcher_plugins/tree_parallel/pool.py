@@ -26,9 +26,9 @@ If the host process dies, the OS frees its leases; its workers watch their paren
 within a second (worker._exit_with_parent), so none goes on using a GPU it no longer has.
 
 Faults: a worker that dies mid-trial (segfault, abort, kill) is replaced by a new process with the
-same pinning; the trial's unfinished folds are retried until the trial has crashed ``trial_retries``
-times more, then end as "fail" with the reason (a crash on any of its folds counts, and workers still
-training its other folds are stopped). A fold that raises is a "fail" result sent by the worker, which carries on.
+same pinning and the folds it owed are retried; the trial's crash number ``trial_retries`` + 1 (on
+any of its folds) ends every fold it still owes as "fail" with the reason, and stops the workers still
+training its other folds. A fold that raises is a "fail" result sent by the worker, which carries on.
 """
 
 from __future__ import annotations
@@ -515,7 +515,8 @@ class TreeTrialPool:
                 lease.release()
 
     def _kill_overdue(self) -> None:
-        """Kill workers that hang: a trial past trial_timeout_s, or a start past READY_TIMEOUT_S."""
+        """Kill workers that hang: a trial (a CPU trial's fold) past trial_timeout_s, or a start past
+        READY_TIMEOUT_S."""
         now = time.monotonic()
         for w in self._workers:
             if w is None or w.kill_reason:
@@ -555,7 +556,7 @@ class TreeTrialPool:
             if task in q:
                 q.remove(task)
         for w in self._workers:
-            if w is not None and w.task is task and not w.awaiting_lease:
+            if w is not None and w.task is task and not w.awaiting_lease and not w.kill_reason:
                 w.kill(f"its {task.job.model_type} trial {task.job.trial_number} failed on another worker")
         self._fail_folds(task, task.folds, reason)
 

@@ -138,7 +138,7 @@ class TreeWorker:
 
 def _inject(fault: str | dict | None, settings: FitSettings) -> None:
     """Make the fault a test asked for: "abort" (dies as from a segfault), "abort_once:PATH" (dies
-    unless PATH exists, creating it first), "sleep:SECONDS" (a long trial, to be killed mid-way),
+    unless PATH exists, creating it first, atomically), "sleep:SECONDS" (a long trial, to be killed mid-way),
     "stderr:TEXT" (writes TEXT to stderr and trains on),
     "catboost_gpu_oom" (dies as CatBoost does when a GPU fit outgrows its memory reserve, unless the
     reserve is CatBoost's default: a fold that needs it all)."""
@@ -154,8 +154,11 @@ def _inject(fault: str | dict | None, settings: FitSettings) -> None:
                          " of type NCudaLib::TOutOfMemoryError\n")
         sys.stderr.flush()
         os.abort()
-    elif kind == "abort_once" and not os.path.exists(arg):
-        open(arg, "w").close()
+    elif kind == "abort_once":
+        try:  # created atomically: of the workers training this trial's folds at once, one aborts
+            os.close(os.open(arg, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return
         os.abort()
     elif kind == "stderr":
         sys.stderr.write(arg + "\n")
