@@ -163,6 +163,24 @@ def test_a_worker_killed_mid_trial_fails_that_trial_and_the_others_finish(tmp_pa
     assert all(r.status == "ok" for r in results[3:])
 
 
+def test_a_worker_that_dies_while_a_child_it_forked_holds_its_pipes_is_still_seen_dead(tmp_path):
+    # The pool learns of a death from the end of the worker's stdout; a forked child that outlives the
+    # worker keeps that pipe open. The pool must notice the exit itself rather than wait for the child.
+    gate = tmp_path / "children-may-exit"
+    started = time.monotonic()
+    try:
+        with _executor(tmp_path, retries=0) as ex:
+            results = ex.run_batch([_job(0, f"orphan_pipes:{gate}"), _job(1)])
+            assert ex.pool.restarts >= 1
+            assert [r.status for r in ex.run_batch([_job(2)])] == ["ok"] * 3  # the replacements serve
+        assert time.monotonic() - started < 60  # the children hold the pipes for up to 120 s
+    finally:
+        gate.touch()
+    assert [r.status for r in results[:3]] == ["fail"] * 3
+    assert all("SIGABRT" in r.error and "lightgbm trial 0" in r.error for r in results[:3])
+    assert all(r.status == "ok" for r in results[3:])
+
+
 def test_a_trial_that_hangs_is_killed_after_the_timeout_retried_then_failed(tmp_path):
     started = time.monotonic()
     with _executor(tmp_path, retries=1, tree_trial_timeout_s=3) as ex:

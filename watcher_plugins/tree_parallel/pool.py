@@ -69,6 +69,7 @@ MAX_FAILED_STARTS = 3  # a slot whose process dies this many times before becomi
 STDERR_TAIL_LINES = 20
 LEASE_POLL_S = 0.1  # how often a GPU trial waiting for its lease checks it again
 DONE_WAIT_S = 10.0  # at the end of a batch, how long to wait for the workers' "done" after their last fold
+SILENT_DEATH_S = 10.0  # a worker exited (or SIGKILLed) this long without its end of stream is handled as dead
 
 
 @dataclass(frozen=True)
@@ -132,6 +133,8 @@ class _WorkerProcess:
         self.retiring = False  # it said it exits after its trial (a GPU fit failed): it gets no more tasks
         self.task_started = 0.0
         self.kill_reason: str | None = None  # why the pool killed it, when it did
+        self.killed_at: float | None = None
+        self.exited_at: float | None = None  # when the pool first saw its process gone
         self.stderr_tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
         # stderr since the worker began its current trial (it writes TASK_STDERR_MARKER first), and the
         # CatBoost reserve that trial was sent with: what decides a free retry after out-of-memory.
@@ -189,9 +192,14 @@ class _WorkerProcess:
             code = self.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            code = self.proc.wait()
+            try:
+                code = self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                code = None
         self._stderr_reader.join(timeout=5)  # its last words, before the tail is read
-        if code < 0:
+        if code is None:
+            how = "did not die of SIGKILL (stuck in the kernel, as in a hung GPU driver call); left behind"
+        elif code < 0:
             try:
                 name = signal.Signals(-code).name
             except ValueError:
@@ -209,6 +217,7 @@ class _WorkerProcess:
         """Kill it on purpose; its end-of-stream event then takes the usual worker-death path."""
         if self.proc.poll() is None:
             self.kill_reason = reason
+            self.killed_at = time.monotonic()
             self.proc.kill()
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -373,6 +382,7 @@ class TreeTrialPool:
                 waiting = any(w is not None and w.awaiting_lease for w in self._workers)
                 self._handle(*self._next_event(time.monotonic() + (LEASE_POLL_S if waiting else 1.0)))
                 self._kill_overdue()
+                self._notice_silent_deaths()
             # Every fold has its result. A worker sends "done" right after its last fold: take those in,
             # so that no trial of this batch still counts as on its GPU when the next batch starts.
             deadline = time.monotonic() + DONE_WAIT_S
@@ -526,6 +536,23 @@ class TreeTrialPool:
                        f"tree_trial_timeout_s={self.settings.trial_timeout_s:g}")
             elif not w.ready and now - w.started > READY_TIMEOUT_S:
                 w.kill(f"not ready within {READY_TIMEOUT_S:g}s of starting")
+
+    def _notice_silent_deaths(self) -> None:
+        """Handle as dead the workers whose end of stream does not come, which would hang the batch: one
+        that exited while a process it forked still holds its pipes, or one that outlived SIGKILL."""
+        now = time.monotonic()
+        for slot, w in enumerate(self._workers):
+            if w is None:
+                continue
+            if w.exited_at is None and w.proc.poll() is not None:
+                w.exited_at = now
+            exited = w.exited_at is not None and now - w.exited_at > SILENT_DEATH_S
+            undead = w.exited_at is None and w.killed_at is not None and now - w.killed_at > SILENT_DEATH_S
+            if exited or undead:
+                log.warning("%s (pid %d) %s %gs ago, and its stdout is still open; handling it as dead",
+                            w.placement.describe(), w.pid, "exited" if exited else "was sent SIGKILL",
+                            SILENT_DEATH_S)
+                self._on_worker_death(slot, w)
 
     def _fail_unplaceable(self) -> None:
         """Nothing is running: whatever is still queued has no live worker that could take it."""

@@ -139,7 +139,8 @@ class TreeWorker:
 def _inject(fault: str | dict | None, settings: FitSettings) -> None:
     """Make the fault a test asked for: "abort" (dies as from a segfault), "abort_once:PATH" (dies
     unless PATH exists, creating it first, atomically), "sleep:SECONDS" (a long trial, to be killed mid-way),
-    "stderr:TEXT" (writes TEXT to stderr and trains on),
+    "stderr:TEXT" (writes TEXT to stderr and trains on), "orphan_pipes:PATH" (dies, leaving a forked
+    child that holds its pipes open until PATH exists),
     "catboost_gpu_oom" (dies as CatBoost does when a GPU fit outgrows its memory reserve, unless the
     reserve is CatBoost's default: a fold that needs it all)."""
     if not isinstance(fault, str) or os.environ.get(FAULT_INJECTION_ENV) != "1":
@@ -159,6 +160,15 @@ def _inject(fault: str | dict | None, settings: FitSettings) -> None:
             os.close(os.open(arg, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
         except FileExistsError:
             return
+        os.abort()
+    elif kind == "orphan_pipes":
+        # Fork a child that keeps this worker's pipes open until the file ARG exists (at most 120 s), then
+        # die: the pool gets no end of stream from this worker.
+        if os.fork() == 0:
+            deadline = time.monotonic() + 120
+            while not os.path.exists(arg) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            os._exit(0)
         os.abort()
     elif kind == "stderr":
         sys.stderr.write(arg + "\n")
