@@ -32,8 +32,9 @@ class WorkerUnderTest:
     """The worker started as the executor starts it, talked to line by line."""
 
     def __init__(self, tmp_path: Path, faults: dict | None = None, args: tuple[str, ...] = ("--device", "cpu"),
-                 visible: str = ""):
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": visible}
+                 visible: str = "", env: dict | None = None):
+        env = {k: v for k, v in {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": visible,
+                                 **(env or {})}.items() if v is not None}  # None: left out
         if faults:
             env["WATCHER_NN_FAULTS"] = json.dumps(faults)
         self.stderr_path = tmp_path / "worker.stderr"
@@ -199,3 +200,21 @@ def test_lease_held_elsewhere_is_a_fatal_line_naming_the_holder(worker_factory, 
         reply = worker.read()
     assert reply["event"] == "fatal" and reply["code"] == "lease_unavailable" and "another run" in reply["message"]
     assert worker.process.wait(timeout=30) == 4
+
+
+def test_the_worker_sizes_torchs_threads_to_the_cpu_quota(tmp_path):
+    # LOKY_MAX_CPU_COUNT stands in for a container's CPU quota (joblib reads both); torch alone would
+    # size its pool by the cores it sees.
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs two cores to tell the quota from the machine")
+    unset = {"OMP_NUM_THREADS": None, "MKL_NUM_THREADS": None}  # tox sets them to 1
+    worker = WorkerUnderTest(tmp_path, env={"LOKY_MAX_CPU_COUNT": "1", **unset})
+    try:
+        assert worker.request({"command": "ping"})[0]["threads"] == 1
+    finally:
+        worker.close()
+    worker = WorkerUnderTest(tmp_path, env=unset)  # no quota: every core it may run on
+    try:
+        assert worker.request({"command": "ping"})[0]["threads"] == len(os.sched_getaffinity(0))
+    finally:
+        worker.close()

@@ -15,7 +15,7 @@ import os
 import sys
 from typing import BinaryIO
 
-from watcher_plugins.devices import physical_gpu_count, pin_environment
+from watcher_plugins.devices import available_cores, physical_gpu_count, pin_environment
 from watcher_plugins.errors import LeaseError, ProtocolError
 from watcher_plugins.lease import GpuLease
 from watcher_plugins.nn_batch import protocol
@@ -42,6 +42,7 @@ class Worker:
 
         return {"event": "pong", "status": "ok", "device": self.device_name, "gpu_lease": self.gpu,
                 "pid": os.getpid(), "torch": torch.__version__, "datasets_cached": len(self.runner.cache),
+                "threads": torch.get_num_threads(),
                 "tree_libraries_loaded": sorted(name for name in TREE_LIBRARIES if name in sys.modules)}
 
     def _result(self, outcome) -> dict:
@@ -156,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
 
             from watcher_plugins.nn_batch.batch import BatchRunner
             from watcher_plugins.nn_batch.faults import Faults
+
+            # torch sizes its CPU thread pool by the cores it sees, blind to a container's CPU quota.
+            torch.set_num_threads(len(available_cores()))
 
             use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
             if use_cuda and not torch.cuda.is_available():
