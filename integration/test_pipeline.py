@@ -99,7 +99,7 @@ def test_params_override_with_a_users_csv(tmp_path):
     data = tmp_path / "mine.csv"
     data.write_text("a,b,c,d,e,quality\n" + "\n".join(",".join(f"{v:.6f}" for v in (*row, t))
                                                        for row, t in zip(X, y)))
-    params = {"trials": 2, "model_types": ["nn", "lightgbm"], "folds": 2, "tree_parallel_workers": 2,
+    params = {"trials": 2, "model_types": ["nn", "lightgbm"], "folds": 2, "tree_parallel_workers": "auto",
               "n_concurrent_nn": 2, "data": {"path": str(data), "target": "quality"},
               "output_dir": str(tmp_path / "out"), "nn_max_epochs": 30}
     result = run_agent("--run-pipeline", "--start-step", "5", "--end-step", "5", "--params", json.dumps(params),
