@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -77,3 +79,11 @@ def test_available_cores_keep_to_the_cpu_quota(monkeypatch, tmp_path):
 
     ex = TreeParallelExecutor({"tree_parallel_workers": "auto"}, RunContext(output_dir=tmp_path, devices=[]))
     assert [(p.gpu, p.cores) for p in ex.placements] == [(None, tuple(affinity[:1]))]
+
+
+def test_available_cores_do_not_depend_on_joblib_running_processes():
+    # joblib.cpu_count() says 1 whenever joblib's own multiprocessing is off; the cores are not fewer.
+    code = "from watcher_plugins.devices import available_cores; print(len(available_cores()))"
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "JOBLIB_MULTIPROCESSING": "0"},
+                         capture_output=True, text=True, check=True).stdout
+    assert int(out) == len(os.sched_getaffinity(0))

@@ -218,3 +218,8 @@ def test_the_worker_sizes_torchs_threads_to_the_cpu_quota(tmp_path):
         assert worker.request({"command": "ping"})[0]["threads"] == len(os.sched_getaffinity(0))
     finally:
         worker.close()
+    worker = WorkerUnderTest(tmp_path, env={**unset, "OMP_NUM_THREADS": "1"})  # the user's own setting stands
+    try:
+        assert worker.request({"command": "ping"})[0]["threads"] == 1
+    finally:
+        worker.close()

@@ -14,6 +14,7 @@ import pytest
 from watcher_plugins.executor import RunContext
 from watcher_plugins.lease import GpuLease
 from watcher_plugins.records import DataRef, TrialJob
+from watcher_plugins.tree_parallel import pool as pool_module
 from watcher_plugins.tree_parallel.executor import TreeParallelExecutor
 from watcher_plugins.tree_parallel.libraries import FitSettings
 from watcher_plugins.tree_parallel.trial import run_trial
@@ -179,6 +180,18 @@ def test_a_worker_that_dies_while_a_child_it_forked_holds_its_pipes_is_still_see
     assert [r.status for r in results[:3]] == ["fail"] * 3
     assert all("SIGABRT" in r.error and "lightgbm trial 0" in r.error for r in results[:3])
     assert all(r.status == "ok" for r in results[3:])
+
+
+def test_a_worker_whose_end_of_stream_waits_in_the_queue_is_not_taken_for_silently_dead(tmp_path, monkeypatch):
+    # A GPU worker whose fit failed retires: fold results, "done", exit. With a slow result callback
+    # the pool sees the exit long before it reaches those queued lines; they must still count.
+    pytest.importorskip("xgboost")
+    monkeypatch.setattr(pool_module, "SILENT_DEATH_S", 0.5)
+    job = _job(0, model_type="xgboost", params={"max_depth": 3})  # no GPU here: each GPU fit fails
+    with _executor(tmp_path, devices=[0], retries=0, tree_device="gpu", tree_parallel_workers=1) as ex:
+        results = ex.run_batch([job], on_result=lambda result: time.sleep(1.5))
+        assert ex.pool.restarts == 0  # its exit was a retirement, not a crash
+    assert all(r.status == "fail" and "gave up" not in r.error for r in results), [r.error for r in results]
 
 
 def test_a_trial_that_hangs_is_killed_after_the_timeout_retried_then_failed(tmp_path):

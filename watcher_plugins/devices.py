@@ -13,11 +13,12 @@ def available_cores(limit: int | None = None) -> list[int]:
 
     A container given 4 CPUs of a 64-core host may be pinned to all 64 cores yet run only 4 at once;
     threads or workers sized by the affinity alone would oversubscribe it 16 times. joblib reads the
-    quota (cgroup v1 and v2, and LOKY_MAX_CPU_COUNT)."""
-    import joblib
+    quota (cgroup v1 and v2, and LOKY_MAX_CPU_COUNT) through loky's cpu_count; joblib's own answers 1
+    whenever joblib cannot run processes (JOBLIB_MULTIPROCESSING=0, no usable /dev/shm)."""
+    from joblib.externals.loky import cpu_count
 
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
-    n = min(len(cores), joblib.cpu_count(), limit or len(cores))
+    n = min(len(cores), cpu_count(), limit or len(cores))
     return cores[:max(1, n)]
 
 

@@ -158,8 +158,10 @@ def main(argv: list[str] | None = None) -> int:
             from watcher_plugins.nn_batch.batch import BatchRunner
             from watcher_plugins.nn_batch.faults import Faults
 
-            # torch sizes its CPU thread pool by the cores it sees, blind to a container's CPU quota.
-            torch.set_num_threads(len(available_cores()))
+            # torch sizes its CPU thread pool by the cores it sees, blind to a container's CPU quota; a
+            # thread count the user set in the environment stands.
+            if not any(os.environ.get(var) for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")):
+                torch.set_num_threads(len(available_cores()))
 
             use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
             if use_cuda and not torch.cuda.is_available():

@@ -135,6 +135,7 @@ class _WorkerProcess:
         self.kill_reason: str | None = None  # why the pool killed it, when it did
         self.killed_at: float | None = None
         self.exited_at: float | None = None  # when the pool first saw its process gone
+        self.stdout_closed = False  # its end-of-stream event is queued: its death will be handled from it
         self.stderr_tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
         # stderr since the worker began its current trial (it writes TASK_STDERR_MARKER first), and the
         # CatBoost reserve that trial was sent with: what decides a free retry after out-of-memory.
@@ -167,6 +168,7 @@ class _WorkerProcess:
                 events.put((self, json.loads(line)))
             except ValueError:
                 events.put((self, {"event": "invalid", "line": line.strip()[:200]}))
+        self.stdout_closed = True
         events.put((self, None))  # end of stream: the process is gone or going
 
     def _read_stderr(self) -> None:
@@ -199,6 +201,10 @@ class _WorkerProcess:
         self._stderr_reader.join(timeout=5)  # its last words, before the tail is read
         if code is None:
             how = "did not die of SIGKILL (stuck in the kernel, as in a hung GPU driver call); left behind"
+            if self.kill_reason:
+                how = f"was killed ({self.kill_reason}) but {how}"
+        elif self.kill_reason:
+            how = f"was killed: {self.kill_reason}"
         elif code < 0:
             try:
                 name = signal.Signals(-code).name
@@ -207,8 +213,6 @@ class _WorkerProcess:
             how = f"was killed by {name}"
         else:
             how = f"exited with status {code}"
-        if self.kill_reason:
-            how = f"was killed: {self.kill_reason}"
         tail = next((line for line in reversed(self.stderr_tail) if line.strip()), "")
         return (f"tree worker pid {self.pid} ({self.placement.describe()}) {how}"
                 + (f"; its last stderr line: {tail}" if tail else ""))
@@ -268,6 +272,7 @@ class TreeTrialPool:
                         for gpu in gpus}
         self._lease_wait_since: dict[int, float] = {}  # GPU -> when its first waiting trial began to wait
         self._lease_lost: dict[int, str] = {}  # GPU -> why its lease was not had: out for the rest of the batch
+        self._stuck_gpus: set[int | None] = set()  # a worker there outlived SIGKILL: lease held until close()
         self._events: queue.Queue = queue.Queue()
         self._workers: list[_WorkerProcess | None] = [None] * len(self.placements)
         self._failed_starts = [0] * len(self.placements)
@@ -403,9 +408,10 @@ class TreeTrialPool:
                                 "until the pool closes", w.placement.describe(), w.pid)
                     undead.add(w.placement.gpu)
             self._workers = [None] * len(self.placements)
-            self._release_leases(keep=undead)
+            self._stuck_gpus |= undead
+            self._release_leases(keep=self._stuck_gpus)
             raise
-        self._release_leases()
+        self._release_leases(keep=self._stuck_gpus)
         return [self._results[(t.index, f)] for t in tasks for f in range(t.job.folds)]
 
     def _dispatch(self) -> None:
@@ -515,7 +521,7 @@ class TreeTrialPool:
 
     def _release_idle_leases(self) -> None:
         for gpu, lease in self._leases.items():
-            if lease.is_held and not self._gpu_tasks(gpu):
+            if lease.is_held and not self._gpu_tasks(gpu) and gpu not in self._stuck_gpus:
                 lease.release()
 
     def _release_leases(self, keep: set[int | None] = frozenset()) -> None:
@@ -540,18 +546,21 @@ class TreeTrialPool:
     def _notice_silent_deaths(self) -> None:
         """Handle as dead the workers whose end of stream does not come, which would hang the batch: one
         that exited while a process it forked still holds its pipes, or one that outlived SIGKILL."""
-        now = time.monotonic()
         for slot, w in enumerate(self._workers):
-            if w is None:
+            if w is None or w.stdout_closed:
                 continue
+            now = time.monotonic()
             if w.exited_at is None and w.proc.poll() is not None:
                 w.exited_at = now
             exited = w.exited_at is not None and now - w.exited_at > SILENT_DEATH_S
             undead = w.exited_at is None and w.killed_at is not None and now - w.killed_at > SILENT_DEATH_S
             if exited or undead:
-                log.warning("%s (pid %d) %s %gs ago, and its stdout is still open; handling it as dead",
+                log.warning("%s (pid %d) %s over %gs ago, and its stdout is still open; handling it as dead%s",
                             w.placement.describe(), w.pid, "exited" if exited else "was sent SIGKILL",
-                            SILENT_DEATH_S)
+                            SILENT_DEATH_S, "" if exited or w.placement.gpu is None else
+                            f"; GPU {w.placement.gpu}'s lease stays held until the pool closes")
+                if undead:
+                    self._stuck_gpus.add(w.placement.gpu)
                 self._on_worker_death(slot, w)
 
     def _fail_unplaceable(self) -> None:
