@@ -45,6 +45,9 @@ def test_placement_round_trips_through_json():
     p = WorkerPlacement(slot=2, gpu=1, cores=(4, 5, 6, 9))
     assert WorkerPlacement.from_json(p.to_json()) == p
     assert p.describe() == "worker 2 (GPU 1, cores 4-6,9)"
+    unpinned = WorkerPlacement(slot=0, gpu=None, cores=(0, 1), pinned=False)
+    assert WorkerPlacement.from_json(unpinned.to_json()) == unpinned
+    assert unpinned.describe() == "worker 0 (CPU, 2 threads, unpinned)"
 
 
 def test_zero_workers_is_refused():

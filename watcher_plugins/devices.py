@@ -8,6 +8,11 @@ import os
 from watcher_plugins.errors import ManifestError
 
 
+def affinity_cores() -> list[int]:
+    """The CPU cores this process may run on (its affinity)."""
+    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+
+
 def available_cores(limit: int | None = None) -> list[int]:
     """The CPU cores this process may use: its affinity, cut to its CPU quota, at most ``limit``.
 
@@ -17,7 +22,7 @@ def available_cores(limit: int | None = None) -> list[int]:
     whenever joblib cannot run processes (JOBLIB_MULTIPROCESSING=0, no usable /dev/shm)."""
     from joblib.externals.loky import cpu_count
 
-    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    cores = affinity_cores()
     n = min(len(cores), cpu_count(), limit or len(cores))
     return cores[:max(1, n)]
 

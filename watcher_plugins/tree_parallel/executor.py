@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from watcher_plugins.data import EMBEDDED_DEFAULT_ROWS, embedded_survivors
-from watcher_plugins.devices import available_cores
+from watcher_plugins.devices import affinity_cores, available_cores
 from watcher_plugins.errors import DataError, ExecutorError
 from watcher_plugins.executor import Executor, ResultCallback, RunContext
 from watcher_plugins.records import STATUS_FAIL, FoldResult, TrialJob
@@ -66,7 +66,12 @@ class TreeParallelExecutor(Executor):
         workers = asked_workers or max(1, gpu_workers + max(0, len(cores) - gpu_workers * (gpu_cores or 1)))
         if workers == 1 and self.params["xgboost_gpu_fold_threads"] == "auto":
             fold_threads = 1  # "auto" found room for one worker: serial, the reference
-        self.placements: list[WorkerPlacement] = plan_placements(workers, gpus, cores, per_gpu, gpu_cores)
+        # Pinned unless a CPU quota cuts the cores (containers on a shared host): then the first cores of
+        # the affinity are no more ours than the others, and the pools of several containers pinned there
+        # would crowd onto them; the thread counts keep to the quota. (A run's own cpu_count limit pins.)
+        pinned = len(available_cores()) == len(affinity_cores())
+        self.placements: list[WorkerPlacement] = plan_placements(workers, gpus, cores, per_gpu, gpu_cores,
+                                                                 pinned)
         short = [p for p in self.placements if p.gpu is not None and asked_gpu_cores and p.threads < asked_gpu_cores]
         n_cpu_workers = sum(p.gpu is None for p in self.placements)
         if short and n_cpu_workers:

@@ -21,11 +21,13 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class WorkerPlacement:
     """Where one worker process runs: a GPU (its index as CUDA_VISIBLE_DEVICES counts) or none, and
-    the CPU cores it is pinned to."""
+    the CPU cores it is pinned to. Unpinned (``pinned`` false, where a CPU quota leaves the pool fewer
+    cores than its affinity holds), ``cores`` only counts its threads and the OS places them."""
 
     slot: int
     gpu: int | None
     cores: tuple[int, ...]
+    pinned: bool = True
 
     @property
     def threads(self) -> int:
@@ -33,14 +35,16 @@ class WorkerPlacement:
 
     def describe(self) -> str:
         where = f"GPU {self.gpu}" if self.gpu is not None else "CPU"
-        return f"worker {self.slot} ({where}, cores {_ranges(self.cores)})"
+        cores = f"cores {_ranges(self.cores)}" if self.pinned else f"{self.threads} threads, unpinned"
+        return f"worker {self.slot} ({where}, {cores})"
 
     def to_json(self) -> dict:
-        return {"slot": self.slot, "gpu": self.gpu, "cores": list(self.cores)}
+        return {"slot": self.slot, "gpu": self.gpu, "cores": list(self.cores), "pinned": self.pinned}
 
     @classmethod
     def from_json(cls, obj: dict) -> WorkerPlacement:
-        return cls(slot=int(obj["slot"]), gpu=obj["gpu"], cores=tuple(obj["cores"]))
+        return cls(slot=int(obj["slot"]), gpu=obj["gpu"], cores=tuple(obj["cores"]),
+                   pinned=bool(obj.get("pinned", True)))
 
 
 def auto_gpu_worker_cores(fold_threads: int, n_cores: int, n_gpus: int) -> int | None:
@@ -58,7 +62,8 @@ def auto_gpu_worker_cores(fold_threads: int, n_cores: int, n_gpus: int) -> int |
 
 
 def plan_placements(workers: int, gpus: Sequence[int], cores: Sequence[int],
-                    xgboost_per_gpu: int = 1, gpu_worker_cores: int | None = None) -> list[WorkerPlacement]:
+                    xgboost_per_gpu: int = 1, gpu_worker_cores: int | None = None,
+                    pinned: bool = True) -> list[WorkerPlacement]:
     """``workers`` placements: GPU workers first (slot i on ``gpus[i % len(gpus)]``, at most
     ``xgboost_per_gpu`` per GPU), the rest CPU workers.
 
@@ -91,7 +96,7 @@ def plan_placements(workers: int, gpus: Sequence[int], cores: Sequence[int],
                 rest = cores[n_gpu * size:]
                 shares = [tuple(cores[i * size:(i + 1) * size]) for i in range(n_gpu)] + _equal_shares(rest, n_cpu)
     total = len(shares)
-    return [WorkerPlacement(slot=i, gpu=gpus[i % len(gpus)] if i < n_gpu else None, cores=shares[i])
+    return [WorkerPlacement(slot=i, gpu=gpus[i % len(gpus)] if i < n_gpu else None, cores=shares[i], pinned=pinned)
             for i in range(total)]
 
 

@@ -218,7 +218,7 @@ def _ledger(fault: str | dict | None, gpu: int | None, job: TrialJob) -> Iterato
 
 
 def _pin(placement: WorkerPlacement) -> None:
-    if hasattr(os, "sched_setaffinity") and placement.cores:
+    if hasattr(os, "sched_setaffinity") and placement.cores and placement.pinned:
         try:
             os.sched_setaffinity(0, placement.cores)
         except OSError:
