@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from watcher_plugins import gpu_monitor
 from watcher_plugins.devices import physical_gpu_count
 from watcher_plugins.gpu_monitor import GpuMonitor, GpuReading, GpuSample
 
@@ -152,3 +153,37 @@ def test_importing_the_monitor_does_not_import_torch():
     # The host process samples while workers own CUDA; importing a CUDA framework here would break that.
     code = "import sys, watcher_plugins.gpu_monitor; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_a_long_run_keeps_a_bounded_chart_of_the_whole_run(monkeypatch):
+    # A run of days at 0.5 s would keep millions of samples: past the cap, pairs merge and the interval
+    # doubles. What a chart must not lose stays: the time span, the mean use, the memory peak.
+    monkeypatch.setattr(gpu_monitor, "MAX_SAMPLES_PER_GPU", 8)
+    clock = {"t": 0.0}
+
+    class Counters:  # 40% busy throughout; memory grows by 1 MiB a second, so its peak is the last reading
+        def open(self): pass
+        def close(self): pass
+        def read(self, gpu):
+            return GpuReading(40.0, int((1024 + clock["t"]) * MIB), 4096 * MIB)
+
+    monitor = GpuMonitor([0, 1], interval_s=0.5, reader=Counters())
+    while clock["t"] <= 600:  # as the sampling thread's schedule goes: every interval_s, as it now is
+        last = clock["t"]
+        monitor.sample_once(last)
+        clock["t"] += monitor.interval_s
+    for gpu in (0, 1):
+        kept = [s for s in monitor.samples if s.gpu == gpu]
+        assert 4 <= len(kept) <= 8
+        times = [s.t_s for s in kept]
+        assert times == sorted(times) and times[0] == 0.0
+        assert all(s.utilization_pct == 40.0 for s in kept)
+        assert max(s.memory_used_mib for s in kept) == 1024 + last
+    assert 600 / 8 <= monitor.interval_s <= 600 / 2  # from 0.5 s: the chart's resolution follows the run
+
+
+def test_merged_samples_take_the_mean_utilisation_and_the_peak_memory():
+    pair = [GpuSample(1.0, 0, 0.0, 900.0, 2000.0), GpuSample(1.5, 0, 100.0, 700.0, 2000.0),
+            GpuSample(1.0, 1, 30.0, 10.0, 80.0)]
+    assert gpu_monitor._merged_in_pairs(pair) == [GpuSample(1.0, 0, 50.0, 900.0, 2000.0),
+                                                  GpuSample(1.0, 1, 30.0, 10.0, 80.0)]

@@ -21,6 +21,9 @@ from typing import Protocol
 logger = logging.getLogger(__name__)
 
 _MIB = 1024 * 1024
+# Samples kept per GPU. Past it, each GPU's samples are merged in pairs and the interval doubles, so a run
+# of days keeps a chart of the whole run in bounded memory (two hours at 0.5 s before the first merge).
+MAX_SAMPLES_PER_GPU = 14_400
 
 
 @dataclass(frozen=True)
@@ -89,7 +92,8 @@ class GpuMonitor:
     """Samples each listed GPU every ``interval_s`` seconds between start() and stop(), or inside ``with``.
 
     ``samples`` are in time order; ``available`` says whether NVML could be used at all and, when it
-    could not, ``unavailable_reason`` says why.
+    could not, ``unavailable_reason`` says why. Past ``MAX_SAMPLES_PER_GPU`` samples of a GPU, pairs of
+    consecutive samples merge into one (mean utilisation, peak memory) and ``interval_s`` doubles.
     """
 
     def __init__(self, devices: list[int], interval_s: float = 0.5, reader: GpuCounterReader | None = None):
@@ -166,6 +170,9 @@ class GpuMonitor:
                 memory_total_mib=round(reading.memory_total_bytes / _MIB, 1)))
         with self._lock:
             self._samples.extend(taken)
+            if len(self._samples) > MAX_SAMPLES_PER_GPU * len(self.devices):
+                self._samples = _merged_in_pairs(self._samples)
+                self.interval_s *= 2
         return taken
 
     def _run(self) -> None:
@@ -180,7 +187,8 @@ class GpuMonitor:
                 return
 
     def to_json(self) -> dict:
-        """The settings and every sample, JSON-ready (e.g. for output_dir/gpu_samples.json)."""
+        """The settings (``interval_s`` as it is now) and every sample, JSON-ready (e.g. for
+        output_dir/gpu_samples.json)."""
         return {
             "devices": self.devices,
             "interval_s": self.interval_s,
@@ -189,3 +197,21 @@ class GpuMonitor:
             "failed_reads": self.failed_reads,
             "samples": [asdict(sample) for sample in self.samples],
         }
+
+
+def _merged_in_pairs(samples: list[GpuSample]) -> list[GpuSample]:
+    """Each GPU's consecutive samples merged in pairs: the first one's time, the mean utilisation (a busy
+    share of the doubled period) and the peak memory (what a chart of memory must not lose)."""
+    by_gpu: dict[int, list[GpuSample]] = {}
+    for sample in samples:
+        by_gpu.setdefault(sample.gpu, []).append(sample)
+    merged = []
+    for gpu_samples in by_gpu.values():
+        for first, *rest in (gpu_samples[i:i + 2] for i in range(0, len(gpu_samples), 2)):
+            pair = [first, *rest]
+            merged.append(GpuSample(
+                t_s=first.t_s, gpu=first.gpu,
+                utilization_pct=round(sum(s.utilization_pct for s in pair) / len(pair), 1),
+                memory_used_mib=max(s.memory_used_mib for s in pair),
+                memory_total_mib=max(s.memory_total_mib for s in pair)))
+    return sorted(merged, key=lambda sample: (sample.t_s, sample.gpu))
