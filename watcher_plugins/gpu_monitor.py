@@ -207,10 +207,10 @@ def _merged_in_pairs(samples: list[GpuSample]) -> list[GpuSample]:
         by_gpu.setdefault(sample.gpu, []).append(sample)
     merged = []
     for gpu_samples in by_gpu.values():
-        for first, *rest in (gpu_samples[i:i + 2] for i in range(0, len(gpu_samples), 2)):
-            pair = [first, *rest]
+        for i in range(0, len(gpu_samples), 2):
+            pair = gpu_samples[i:i + 2]
             merged.append(GpuSample(
-                t_s=first.t_s, gpu=first.gpu,
+                t_s=pair[0].t_s, gpu=pair[0].gpu,
                 utilization_pct=round(sum(s.utilization_pct for s in pair) / len(pair), 1),
                 memory_used_mib=max(s.memory_used_mib for s in pair),
                 memory_total_mib=max(s.memory_total_mib for s in pair)))

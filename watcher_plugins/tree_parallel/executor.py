@@ -30,8 +30,9 @@ class TreeParallelExecutor(Executor):
     """CatBoost / LightGBM / XGBoost trials in parallel worker processes pinned to GPUs or CPU cores.
 
     ``tree_parallel_workers`` trials run at once (1 = serial: one worker with every core and the
-    first GPU; "auto": the GPU workers, then a one-core CPU worker for every core they leave); up to ``xgboost_per_gpu`` of them are workers on each GPU, where XGBoost trials share
-    the GPU and CatBoost trials have it to themselves. A GPU worker trains up to
+    first GPU; "auto": the GPU workers, then a one-core CPU worker for every core they leave); up to
+    ``xgboost_per_gpu`` of them are workers on each GPU, where XGBoost trials share the GPU and
+    CatBoost trials have it to themselves. A GPU worker trains up to
     ``xgboost_gpu_fold_threads`` folds of an XGBoost trial at once (auto: 1 when serial, else 5) and
     gets at least ``tree_gpu_worker_cores`` cores for them (auto: one per fold thread plus one, at most
     half the cores). GPU XGBoost allocates from CUDA's stream-ordered pool unless

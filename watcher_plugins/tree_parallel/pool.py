@@ -162,6 +162,12 @@ class _WorkerProcess:
     def pid(self) -> int:
         return self.proc.pid
 
+    def release_task(self) -> tuple[_Task | None, list[int]]:
+        """Free it of its task: the task, and the folds sent to it that still owe a result."""
+        task, folds = self.task, self.folds
+        self.task, self.folds, self.awaiting_lease = None, [], False
+        return task, [f for f in folds if task is not None and f in task.folds]
+
     def _read_stdout(self, events: queue.Queue) -> None:
         for line in self.proc.stdout:
             try:
@@ -508,7 +514,7 @@ class TreeTrialPool:
                     error = str(exc)
             if error is not None:
                 for w in waiting:  # never sent: the worker is free again
-                    task, w.task, w.awaiting_lease = w.task, None, False
+                    task, _ = w.release_task()
                     self._fail_task(task, error)
                 # The GPU is out for the rest of the batch: its queued trials go to the other GPUs, or
                 # fail now with the same reason, rather than each waiting lease_timeout_s again.
@@ -602,7 +608,8 @@ class TreeTrialPool:
                                     error=reason, info={"attempts": task.attempts}), task)
 
     def _requeue(self, task: _Task, folds: Sequence[int]) -> None:
-        """``folds`` of ``task`` go back to the front of its queue, not counted as an attempt."""
+        """``folds`` of ``task`` go back to the front of its queue; the trial counts as out again only
+        when a worker takes them (a crash that sent them back is counted by the caller)."""
         task.sent = False
         task.give_back(folds)
         queue = self._gpu_queue if task.on_gpu else self._cpu_queue
@@ -627,9 +634,7 @@ class TreeTrialPool:
             self._record(FoldResult.from_json(msg["result"]), worker.task)
         elif event == "done" and worker.task is not None:
             worker.retiring = bool(msg.get("retiring"))  # its exit follows; the slot restarts then
-            task, folds = worker.task, worker.folds
-            worker.task, worker.folds = None, []
-            owed = [f for f in folds if f in task.folds]
+            task, owed = worker.release_task()
             if owed:  # cannot happen with a sound worker; never leave a fold without a result
                 self._fail_folds(task, owed, f"{worker.placement.describe()} ended the trial without results")
         elif event in ("invalid", "error"):
@@ -639,15 +644,14 @@ class TreeTrialPool:
 
     def _on_worker_death(self, slot: int, worker: _WorkerProcess) -> None:
         reason = worker.death_reason()
-        task, folds = worker.task, worker.folds
-        worker.task, worker.folds = None, []
+        never_sent = worker.awaiting_lease
+        task, lost = worker.release_task()
         self._workers[slot] = None
         if not worker.ready:
             self._failed_starts[slot] += 1
             self._start_errors[slot] = f"{reason} before it was ready"
-        lost = [f for f in folds if task is not None and f in task.folds]
-        if task is not None and worker.awaiting_lease:  # never sent to it: not an attempt
-            self._requeue(task, folds)
+        if task is not None and never_sent:  # not an attempt
+            self._requeue(task, lost)
         elif lost and self._outgrew_auto_reserve(task, worker):
             log.warning("%s during catboost trial %d: its GPU memory reserve (catboost_gpu_ram_part auto) was "
                         "too small; CatBoost trials on this data now reserve %s", reason, task.job.trial_number,

@@ -216,7 +216,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--rounds", type=int, default=500)
     p.add_argument("--early-stopping-rounds", type=int, default=50)
-    p.add_argument("--threads", type=int, default=len(available_cores()),
+    p.add_argument("--threads", type=int, default=None,
                    help="library threads (default: the cores this process may use, its CPU quota included)")
     p.add_argument("--catboost-gpu-ram-part", type=_share, default=CatBoostFitter.DEFAULT_GPU_RAM_PART,
                    help="share of the GPU's memory a CatBoost fit reserves (default %(default)s, CatBoost's own; "
@@ -255,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"--fold-threads: {args.model} trains one fold at a time on a GPU (only "
               f"{', '.join(sorted(FOLD_THREADS_GPU_MODEL_TYPES))} may train folds at once there)", file=sys.stderr)
         return 2
-    settings = FitSettings(args.rounds, args.early_stopping_rounds, max(1, args.threads), use_gpu,
+    threads = len(available_cores()) if args.threads is None else max(1, args.threads)
+    settings = FitSettings(args.rounds, args.early_stopping_rounds, threads, use_gpu,
                            args.catboost_gpu_ram_part, args.xgboost_async_pool)
     try:
         if use_gpu:
