@@ -96,8 +96,9 @@ def run_arm(arm: dict, jobs: list[TrialJob], args, workdir: Path) -> dict:
               "tree_device": "gpu" if arm["gpus"] else "cpu",
               "tree_rounds": args.rounds, "tree_early_stopping_rounds": args.early_stopping_rounds,
               "catboost_gpu_ram_part": args.catboost_gpu_ram_part,
-              "xgboost_gpu_async_pool": args.xgboost_gpu_async_pool}
-    context = RunContext(output_dir=workdir, devices=arm["gpus"], cpu_count=arm["cores"], trial_retries=0)
+              "xgboost_gpu_async_pool": args.xgboost_gpu_async_pool, "folds": args.folds}
+    context = RunContext(output_dir=workdir, devices=arm["gpus"], cpu_count=arm["cores"], trial_retries=0,
+                         data_shape=(args.rows, 62))
     with TreeParallelExecutor(params, context) as ex:
         ex.pool.start()
         started = time.perf_counter()

@@ -35,9 +35,11 @@ class ReversingExecutor(Executor):
 
     batches: list[list[int]] = []
     interrupt_on_batch: int | None = None
+    data_shape: tuple[int, int] | None = None
 
     def run_batch(self, jobs, on_result=None):
         type(self).batches.append([job.trial_number for job in jobs])
+        type(self).data_shape = self.context.data_shape
         if type(self).interrupt_on_batch == len(type(self).batches):
             raise KeyboardInterrupt
         results = []
@@ -58,6 +60,7 @@ class InOrderExecutor(ReversingExecutor):
 
     def run_batch(self, jobs, on_result=None):
         type(self).batches.append([job.trial_number for job in jobs])
+        type(self).data_shape = self.context.data_shape
         return [FoldResult(j.trial_number, f, j.model_type, None, 0.01, "oom", "does not fit")
                 if j.trial_number % 3 == 2 and f == 1 else
                 FoldResult(j.trial_number, f, j.model_type, score(j.params, f), 0.01)
@@ -136,6 +139,7 @@ def test_outputs_trial_lines_summary_and_leaderboard(pm, tmp_path, capsys):
     best = max(complete, key=lambda t: t[3])
     assert row["best_r2"] == pytest.approx(best[3]) and row["best_trial"] == best[0]
     assert set(row["best_params"]) == {"hidden_layers", "lr", "weight_decay", "dropout"}
+    assert ReversingExecutor.data_shape == (300, 62)  # executors may plan by it (tree auto: host memory)
     printed = capsys.readouterr().out
     assert "compare_models leaderboard" in printed and f"{best[3]:.4f}" in printed
     report = (out_dir / "report.html").read_text()

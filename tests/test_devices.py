@@ -92,3 +92,50 @@ def test_available_cores_do_not_depend_on_joblib_running_processes():
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "JOBLIB_MULTIPROCESSING": "0"},
                          capture_output=True, text=True, check=True).stdout
     assert int(out) == len(os.sched_getaffinity(0))
+
+
+def _fake_host(root, cgroup: str, files: dict[str, str], available_kb: int | None = 20_000_000):
+    """A /proc and /sys/fs/cgroup under ``root`` with this process's cgroup lines and the given files."""
+    (root / "proc/self").mkdir(parents=True)
+    (root / "proc/self/cgroup").write_text(cgroup)
+    if available_kb is not None:
+        (root / "proc/meminfo").write_text(f"MemTotal: 32000000 kB\nMemAvailable: {available_kb} kB\n")
+    for path, text in files.items():
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).write_text(text)
+    return root
+
+
+GB = 10 ** 9
+
+
+def test_available_memory_is_memavailable_cut_to_every_cgroup_limit_above_the_process(tmp_path):
+    # No limit anywhere (v2 "max", v1's 2**63 rounded to a page): the kernel's MemAvailable.
+    host = _fake_host(tmp_path / "a", "0::/user.slice/run\n", {"sys/fs/cgroup/user.slice/run/memory.max": "max\n"})
+    assert devices.available_memory(host) == 20_000_000 * 1024
+    unlimited = _fake_host(tmp_path / "b", "4:memory:/docker/c1\n", {
+        "sys/fs/cgroup/memory/docker/c1/memory.limit_in_bytes": "9223372036854771712\n",
+        "sys/fs/cgroup/memory/docker/c1/memory.usage_in_bytes": str(5 * GB)})
+    assert devices.available_memory(unlimited) == 20_000_000 * 1024
+    # A container's --memory 4g with 1 GB used (cgroup v2): 3 GB left, however much the host has free.
+    v2 = _fake_host(tmp_path / "c", "0::/docker/c1\n", {"sys/fs/cgroup/docker/c1/memory.max": str(4 * GB),
+                                                         "sys/fs/cgroup/docker/c1/memory.current": str(GB)})
+    assert devices.available_memory(v2) == 3 * GB
+    # cgroup v1, the limit on a parent (a pod) and none on the process's own cgroup: the parent's counts.
+    v1 = _fake_host(tmp_path / "d", "7:cpu,cpuacct:/x\n4:memory:/kubepods/pod1/c1\n", {
+        "sys/fs/cgroup/memory/kubepods/pod1/c1/memory.limit_in_bytes": "9223372036854771712",
+        "sys/fs/cgroup/memory/kubepods/pod1/c1/memory.usage_in_bytes": str(GB),
+        "sys/fs/cgroup/memory/kubepods/pod1/memory.limit_in_bytes": str(2 * GB),
+        "sys/fs/cgroup/memory/kubepods/pod1/memory.usage_in_bytes": str(GB // 2)})
+    assert devices.available_memory(v1) == 3 * GB // 2
+    # Inside a cgroup namespace the listed path is not under the mount: the mount's own limit is the one.
+    namespaced = _fake_host(tmp_path / "e", "0::/../../outside\n", {"sys/fs/cgroup/memory.max": str(6 * GB),
+                                                                      "sys/fs/cgroup/memory.current": str(GB)})
+    assert devices.available_memory(namespaced) == 5 * GB
+    # Nothing readable: unknown, not zero.
+    assert devices.available_memory(_fake_host(tmp_path / "f", "", {}, available_kb=None)) is None
+
+
+def test_available_memory_reads_this_host():
+    room = devices.available_memory()
+    assert room is not None and 0 < room <= os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

@@ -18,6 +18,7 @@ from watcher_plugins.tree_parallel.trial import run_trial, sample_params
 
 DATA = DataRef(embedded="survivors", rows=1500)
 FAST = {"tree_rounds": 30, "tree_early_stopping_rounds": 10}
+GB = 10 ** 9
 
 
 @pytest.fixture
@@ -215,6 +216,56 @@ def test_auto_workers_are_the_gpu_workers_then_a_one_core_cpu_worker_on_every_co
     assert not caplog.records  # nothing was capped: auto asks for what fits
     assert plan([0, 1], 16, tree_gpu_worker_cores=9) == ([(0, 8), (1, 8)], 5)
     assert "tree_gpu_worker_cores=9: GPU workers get 8 cores, their share of the 16 cores" in caplog.text
+
+
+def test_auto_plans_no_more_workers_than_host_memory_holds(tmp_path, monkeypatch, caplog):
+    # Each worker keeps its own copy of the data and its per-fold datasets: on a many-core host with a
+    # large dataset, one worker per core would run the host out of memory.
+    from watcher_plugins.tree_parallel.placement import worker_memory_bytes
+
+    monkeypatch.setattr(tree_executor, "available_cores", lambda limit=None: list(range(16))[:limit])
+    rows, features = 2_000_000, 62
+    gpu_each = worker_memory_bytes(rows, features, 5, lightgbm_only=False)
+    lightgbm_each = worker_memory_bytes(rows, features, 5, lightgbm_only=True)
+
+    def plan(room, devices=(), **params):
+        monkeypatch.setattr(tree_executor, "available_memory", lambda: room)
+        ex = TreeParallelExecutor({**FAST, "tree_parallel_workers": "auto", **params},
+                                  RunContext(output_dir=tmp_path, devices=list(devices), cpu_count=16,
+                                             data_shape=(rows, features)))
+        return [(p.gpu, p.threads) for p in ex.placements], ex.settings.xgboost_gpu_fold_threads
+
+    share = tree_executor.MEMORY_SHARE
+    # Room for the GPU worker and two and a half LightGBM-only CPU workers: two, on the cores left.
+    assert plan((gpu_each + 2.5 * lightgbm_each) / share, [0]) == ([(0, 6), (None, 5), (None, 5)], 5)
+    assert "tree_parallel_workers auto: 3 workers, not 11, so that they fit in host memory" in caplog.text
+    assert f"{lightgbm_each / 1e9:.1f} GB for 2000000 rows x 62 features" in caplog.text
+    # Without GPUs every worker may train all three libraries.
+    assert plan(3.5 * gpu_each / share) == ([(None, 6), (None, 5), (None, 5)], 5)
+    # Room for one: serial, the reference (all the cores, folds one at a time).
+    assert plan(gpu_each) == ([(None, 16)], 1)
+    # Every GPU keeps its worker, whatever the memory says; results need them (GPU fits differ from CPU).
+    assert plan(GB, [0, 1]) == ([(0, 8), (1, 8)], 5)
+    # Enough room, or data the host did not describe: auto's plan is the cores'.
+    caplog.clear()
+    assert plan(12 * lightgbm_each / share, [0])[0] == [(0, 6)] + [(None, 1)] * 10
+    monkeypatch.setattr(tree_executor, "available_memory", lambda: GB)
+    ex = TreeParallelExecutor({"tree_parallel_workers": "auto"}, RunContext(output_dir=tmp_path, devices=[],
+                                                                            cpu_count=16))
+    assert len(ex.placements) == 16 and not caplog.records
+
+
+def test_an_explicit_worker_count_past_host_memory_is_kept_with_a_warning(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(tree_executor, "available_cores", lambda limit=None: list(range(16))[:limit])
+    monkeypatch.setattr(tree_executor, "available_memory", lambda: 4 * GB)
+    context = RunContext(output_dir=tmp_path, devices=[], cpu_count=16, data_shape=(2_000_000, 62))
+    assert len(TreeParallelExecutor({**FAST, "tree_parallel_workers": 2}, context).placements) == 2
+    assert "tree_parallel_workers=2: the workers may need about" in caplog.text
+    assert "more than 80% of the 4.0 GB available" in caplog.text
+    caplog.clear()
+    small = RunContext(output_dir=tmp_path, devices=[], cpu_count=16, data_shape=(1500, 62))
+    assert len(TreeParallelExecutor({**FAST, "tree_parallel_workers": 4}, small).placements) == 4
+    assert not caplog.records
 
 
 @pytest.mark.parametrize("async_pool", [True, False])

@@ -243,7 +243,8 @@ def run_compare_models(params: dict, pm, out: TextIO | None = None) -> dict:
     output_dir = Path(params["output_dir"])
     context = RunContext(output_dir=output_dir, devices=devices,
                          lease_dir=Path(params["lease_dir"]) if params.get("lease_dir") else None,
-                         lease_timeout_s=params["lease_timeout_s"], trial_retries=params["trial_retries"])
+                         lease_timeout_s=params["lease_timeout_s"], trial_retries=params["trial_retries"],
+                         data_shape=(dataset.n_rows, dataset.X.shape[1]))
     groups: dict[str, list[str]] = defaultdict(list)
     for model_type, registration in runnable.items():
         groups[registration.name].append(model_type)

@@ -1,9 +1,10 @@
-"""Which GPUs a run may use, found through NVML (no CUDA framework in the host process), and which CPU
-cores."""
+"""Which GPUs a run may use, found through NVML (no CUDA framework in the host process), which CPU
+cores, and how much host memory."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from watcher_plugins.errors import ManifestError
 
@@ -25,6 +26,54 @@ def available_cores(limit: int | None = None) -> list[int]:
     cores = affinity_cores()
     n = min(len(cores), cpu_count(), limit or len(cores))
     return cores[:max(1, n)]
+
+
+# A cgroup memory limit at or above this is "no limit" (cgroup v1 writes 2**63 rounded down to a page).
+_NO_LIMIT = 2 ** 60
+
+
+def available_memory(root: Path = Path("/")) -> int | None:
+    """Bytes of memory this process may still take: the kernel's MemAvailable, cut to what the memory
+    limits of its cgroup and the cgroups above it leave (a container's ``--memory``, a pod's limit);
+    None where none of them can be read. ``root`` is for tests."""
+    room = []
+    try:
+        for line in (root / "proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                room.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    for directory, limit_file, usage_file in _memory_cgroups(root):
+        try:
+            limit = (directory / limit_file).read_text().strip()
+            if limit != "max" and int(limit) < _NO_LIMIT:
+                room.append(max(0, int(limit) - int((directory / usage_file).read_text())))
+        except (OSError, ValueError):
+            continue
+    return min(room) if room else None
+
+
+def _memory_cgroups(root: Path) -> list[tuple[Path, str, str]]:
+    """This process's memory cgroup directories, its own and each one above it (cgroup v2 and v1), with
+    the names of their limit and usage files."""
+    try:
+        lines = (root / "proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return []
+    found = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # cgroup v2
+            mount, files = root / "sys/fs/cgroup", ("memory.max", "memory.current")
+        elif "memory" in controllers.split(","):
+            mount, files = root / "sys/fs/cgroup/memory", ("memory.limit_in_bytes", "memory.usage_in_bytes")
+        else:
+            continue
+        parts = [p for p in path.split("/") if p]
+        # Inside a cgroup namespace the path may not exist under the mount (it is then the mount itself).
+        for depth in range(len(parts), -1, -1):
+            found.append((mount.joinpath(*parts[:depth]), *files))
+    return found
 
 
 def physical_gpu_count() -> int:

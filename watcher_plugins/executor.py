@@ -20,6 +20,8 @@ class RunContext:
 
     :param devices: GPU indices this run may use (empty: CPU only). Resolved by the host from the
         ``devices`` param; an executor takes each GPU's lease before using it.
+    :param data_shape: rows and features of the run's dataset, where the host has loaded it (plans that
+        depend on its size, such as how many tree workers host memory holds, use it).
     """
 
     output_dir: Path
@@ -28,6 +30,7 @@ class RunContext:
     lease_timeout_s: float = 600.0
     trial_retries: int = 2
     cpu_count: int = field(default_factory=lambda: len(available_cores()))
+    data_shape: tuple[int, int] | None = None
 
 
 class Executor(ABC):

@@ -8,12 +8,17 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from watcher_plugins.data import EMBEDDED_DEFAULT_ROWS, embedded_survivors
-from watcher_plugins.devices import affinity_cores, available_cores
+from watcher_plugins.devices import affinity_cores, available_cores, available_memory
 from watcher_plugins.errors import DataError, ExecutorError
 from watcher_plugins.executor import Executor, ResultCallback, RunContext
 from watcher_plugins.records import STATUS_FAIL, FoldResult, TrialJob
 from watcher_plugins.tree_parallel.libraries import TREE_MODEL_TYPES
-from watcher_plugins.tree_parallel.placement import WorkerPlacement, auto_gpu_worker_cores, plan_placements
+from watcher_plugins.tree_parallel.placement import (
+    WorkerPlacement,
+    auto_gpu_worker_cores,
+    plan_placements,
+    worker_memory_bytes,
+)
 from watcher_plugins.tree_parallel.pool import PoolSettings, TreeTrialPool
 
 log = logging.getLogger(__name__)
@@ -24,6 +29,9 @@ DEFAULTS = {"tree_parallel_workers": 1, "xgboost_per_gpu": 1, "tree_device": "au
 # xgboost_gpu_fold_threads "auto" with more than one worker: the folds of a 5-fold trial all at once
 # (on an H200 10 threads were slower than 5: bench/results/h200_session4/).
 AUTO_XGBOOST_GPU_FOLD_THREADS = 5
+# "auto" plans workers into this share of the host memory available; the rest is for the host process
+# (its own copy of the data, the studies), an NN worker, and the page cache.
+MEMORY_SHARE = 0.8
 
 
 class TreeParallelExecutor(Executor):
@@ -65,6 +73,8 @@ class TreeParallelExecutor(Executor):
         # "auto": one-core CPU workers (the most LightGBM work per core; DESIGN measured 16 one-thread
         # processes at 2.8x one 16-thread process) on every core the GPU workers leave.
         workers = asked_workers or max(1, gpu_workers + max(0, len(cores) - gpu_workers * (gpu_cores or 1)))
+        if asked_workers is None:
+            workers = self._workers_memory_holds(workers, gpu_workers, bool(gpus))
         if workers == 1 and self.params["xgboost_gpu_fold_threads"] == "auto":
             fold_threads = 1  # "auto" found room for one worker: serial, the reference
         # Pinned unless a CPU quota cuts the cores (containers on a shared host): then the first cores of
@@ -85,6 +95,8 @@ class TreeParallelExecutor(Executor):
         if asked_workers and len(self.placements) < workers:
             log.warning("tree_parallel_workers=%d capped to %d: one core per worker at least (%d cores)",
                         workers, len(self.placements), context.cpu_count)
+        if asked_workers:
+            self._warn_if_memory_short(bool(gpus))
         self.settings = PoolSettings(
             rounds=int(self.params["tree_rounds"]),
             early_stopping_rounds=int(self.params["tree_early_stopping_rounds"]),
@@ -99,6 +111,45 @@ class TreeParallelExecutor(Executor):
         )
         self._pool: TreeTrialPool | None = None
         self._pool_refusal_logged = False
+
+    def _memory_each(self, has_gpus: bool) -> tuple[float, float] | None:
+        """Host memory one GPU worker and one CPU worker hold for the run's data (None where its shape
+        is not known): each keeps its own copy of the data and its per-fold datasets."""
+        if self.context.data_shape is None:
+            return None
+        rows, features = self.context.data_shape
+        folds = int(self.params.get("folds", 5))
+        return (worker_memory_bytes(rows, features, folds, lightgbm_only=False),
+                worker_memory_bytes(rows, features, folds, lightgbm_only=has_gpus))
+
+    def _workers_memory_holds(self, workers: int, gpu_workers: int, has_gpus: bool) -> int:
+        """``auto``'s worker count cut to what host memory holds; every GPU keeps its worker."""
+        each, room = self._memory_each(has_gpus), available_memory()
+        if each is None or room is None:
+            return workers
+        gpu_each, cpu_each = each
+        spare = MEMORY_SHARE * room - gpu_workers * gpu_each
+        held = max(1, gpu_workers, gpu_workers + int(max(0.0, spare) // cpu_each))
+        if held >= workers:
+            return workers
+        rows, features = self.context.data_shape
+        log.warning("tree_parallel_workers auto: %d workers, not %d, so that they fit in host memory: each "
+                    "holds about %.1f GB for %d rows x %d features (its copy of the data and per-fold "
+                    "datasets), and %.1f GB is available", held, workers, cpu_each / 1e9, rows, features,
+                    room / 1e9)
+        return held
+
+    def _warn_if_memory_short(self, has_gpus: bool) -> None:
+        """An explicit worker count is the operator's to choose; say when it may outgrow host memory."""
+        each, room = self._memory_each(has_gpus), available_memory()
+        if each is None or room is None:
+            return
+        need = sum(each[0] if p.gpu is not None else each[1] for p in self.placements)
+        if need > MEMORY_SHARE * room:
+            log.warning("tree_parallel_workers=%d: the workers may need about %.1f GB of host memory (each its "
+                        "own copy of the data and per-fold datasets), more than %.0f%% of the %.1f GB "
+                        "available; \"auto\" plans as many as it holds", len(self.placements), need / 1e9,
+                        MEMORY_SHARE * 100, room / 1e9)
 
     @classmethod
     def check(cls, params: Mapping[str, Any], context: RunContext) -> None:

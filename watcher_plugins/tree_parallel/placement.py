@@ -47,6 +47,21 @@ class WorkerPlacement:
                    pinned=bool(obj.get("pinned", True)))
 
 
+# One tree worker's host memory: the interpreter and libraries, then per cell (row x feature) of the data its
+# copy and fold splits, and per cell and fold each library's per-fold datasets (kept for the pool's
+# life). Peaks measured on CPU workers for 98,784 and 400,000 rows x 62 at 5 and 10 folds, rounded up
+# (bench/results/tree_worker_memory_cpu/): all three libraries, as a GPU worker or a worker of a pool
+# without GPUs trains them; LightGBM only, as a CPU worker of a pool with GPUs does.
+WORKER_MEMORY = {"all": (290e6, 18.0, 9.0), "lightgbm": (200e6, 10.0, 5.5)}  # base, per cell, per cell-fold
+
+
+def worker_memory_bytes(rows: int, features: int, folds: int, lightgbm_only: bool) -> float:
+    """About the most host memory one tree worker holds for data of ``rows`` x ``features`` in
+    ``folds``-fold CV."""
+    base, per_cell, per_cell_fold = WORKER_MEMORY["lightgbm" if lightgbm_only else "all"]
+    return base + rows * features * (per_cell + per_cell_fold * folds)
+
+
 def auto_gpu_worker_cores(fold_threads: int, n_cores: int, n_gpus: int) -> int | None:
     """The least cores a GPU worker gets when it trains ``fold_threads`` XGBoost folds at once: one per
     fold thread plus one for the worker itself, but never more than half the cores (split between the
