@@ -67,3 +67,35 @@ def test_auto_packs_follow_the_budget_and_results_do_not_change():
     assert results["roomy"][0] == [6] and results["tight"][0] == [2, 2, 2]
     for key, outcome in results["roomy"][1].items():
         assert outcome.status == STATUS_OK and abs(outcome.r2 - results["tight"][1][key].r2) < 1e-4
+
+
+def test_a_pack_abandoned_at_calibration_is_not_counted():
+    # The first pack's measured peak is three times its estimate: after its 2 measured epochs it is
+    # abandoned and its fits are planned again. The batch's pack sizes and model epochs are those of the
+    # packs that trained, as with a budget calibrated beforehand.
+    cpu = torch.device("cpu")
+    data_ref = DataRef(embedded="survivors", rows=300)
+    data = DeviceDatasetCache(cpu).get(data_ref)
+    jobs = [FitJob(t, 0, 2, 1, (32, 16), 1e-2, 0.0, 0.0, data_ref) for t in range(6)]
+    settings = TrainSettings(max_epochs=10, patience=3)
+    per_model = estimate_vram_bytes([32, 16], data.n_rows, data.n_features)
+
+    class MeasuredOnCpu(FusedTrainer):
+        """The trainer's CUDA peak measurement, on the CPU."""
+
+        def _peak_meter(self):
+            if self.budget.is_calibrated(self.settings.precision):
+                return None
+            return lambda: 3 * 6 * per_model
+
+    def trained(trainer: FusedTrainer) -> FusedTrainer:
+        trainer.train([FitTask.build(job, data) for job in jobs], 6, lambda outcome: None)
+        return trainer
+
+    measured = trained(MeasuredOnCpu(settings, cpu, budget=VramBudget(6.3 * per_model)))
+    known = VramBudget(6.3 * per_model)
+    known.calibrate("fp32", estimated_bytes=1, measured_bytes=3)
+    calibrated = trained(FusedTrainer(settings, cpu, budget=known))
+    assert calibrated.pack_sizes == [2, 2, 2]
+    assert measured.pack_sizes == [2, 2, 2]
+    assert measured.model_epochs == calibrated.model_epochs

@@ -4,10 +4,12 @@ workers replaced and their fits retried, persistent or per-batch workers, and no
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -210,3 +212,178 @@ def test_a_batch_too_long_for_one_request_line_goes_in_several(tmp_path, monkeyp
     assert len(requests) > 1
     assert [(r.trial_number, r.fold_idx) for r in results] == [(t, f) for t in range(4) for f in range(2)]
     assert all(r.status == STATUS_OK for r in results)
+
+
+def test_a_number_too_big_for_a_float_fails_that_trial_only(tmp_path):
+    jobs = trials(2)
+    jobs[0] = TrialJob("nn", 0, {"hidden_layers": [8], "lr": 10**400}, DATA, 2, 3)
+    with NNBatchExecutor(PARAMS, context(tmp_path)) as executor:
+        results = executor.run_batch(jobs)
+    assert [r.status for r in results] == [STATUS_FAIL, STATUS_FAIL, STATUS_OK, STATUS_OK]
+    assert results[0].error.startswith("invalid trial: $.params.lr: expected a number > 0"), results[0].error
+
+
+def test_hidden_layers_may_be_a_tuple_from_python(tmp_path):
+    jobs = [TrialJob("nn", 0, {"hidden_layers": (8, 4), "lr": 1e-2}, DATA, 2, 3),
+            TrialJob("nn", 1, {"hidden_layers": (8, 0), "lr": 1e-2}, DATA, 2, 3)]
+    with NNBatchExecutor(PARAMS, context(tmp_path)) as executor:
+        results = executor.run_batch(jobs)
+    assert [r.status for r in results] == [STATUS_OK, STATUS_OK, STATUS_FAIL, STATUS_FAIL]
+    assert results[2].error == ("invalid trial: $.params.hidden_layers: expected a list of 1 to 16 integers in "
+                                "1..65536, got [8, 0]")
+
+
+def test_an_internal_error_after_some_results_is_not_called_a_refusal(tmp_path):
+    # Trial 0's file is missing: its folds fail with results of their own. Trial 1's file makes the data
+    # reader raise what is no DataError (JSON nested too deep), which ends the worker's batch with an
+    # internal_error line: trial 2, valid, fails with it.
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000)
+    params = {"hidden_layers": [8], "lr": 1e-2}
+    jobs = [TrialJob("nn", 0, params, DataRef(path=str(tmp_path / "missing.csv"), target="y"), 2, 3),
+            TrialJob("nn", 1, params, DataRef(path=str(deep), target="y"), 2, 3),
+            TrialJob("nn", 2, params, DATA, 2, 3)]
+    with NNBatchExecutor(PARAMS, context(tmp_path)) as executor:
+        results = executor.run_batch(jobs)
+    assert all(r.status == STATUS_FAIL for r in results)
+    assert "data file not found" in results[0].error
+    for result in results[2:]:
+        assert "refused" not in result.error, result.error
+        assert result.error.startswith("the NN worker's batch failed after 2 of its 6 fits had a result: "
+                                       "internal_error: RecursionError"), result.error
+
+
+@pytest.mark.parametrize("huge", [{"nn_worker_silence_timeout_s": 1e10}, {"lease_timeout_s": 1e10}],
+                         ids=["silence", "lease"])
+def test_a_huge_timeout_means_no_timeout(tmp_path, huge):
+    # The schema allows any positive number; queue.get refuses one above threading.TIMEOUT_MAX.
+    params = {**PARAMS, **{k: v for k, v in huge.items() if k.startswith("nn_")}}
+    run_context = context(tmp_path, **{k: v for k, v in huge.items() if not k.startswith("nn_")})
+    with NNBatchExecutor(params, run_context) as executor:
+        results = executor.run_batch(trials(1))
+    assert [r.status for r in results] == [STATUS_OK, STATUS_OK], [r.error for r in results]
+
+
+def test_a_worker_that_does_not_die_of_sigkill_is_left_behind_with_a_warning(tmp_path, monkeypatch, caplog):
+    # A worker stuck in the GPU driver (uninterruptible) outlives SIGKILL. No such process can be made on
+    # the CPU: here, once killed, a worker's wait never sees it end (it really is killed).
+    from watcher_plugins.nn_batch import client
+
+    monkeypatch.setattr(client, "KILL_WAIT_S", 0.5)
+    killed: set[int] = set()
+    test_over = threading.Event()
+    real_kill, real_wait = subprocess.Popen.kill, subprocess.Popen.wait
+
+    def kill(process):
+        killed.add(process.pid)
+        real_kill(process)
+
+    def wait(process, timeout=None):
+        if process.pid not in killed:
+            return real_wait(process, timeout)
+        test_over.wait(timeout)  # no timeout: as long as the test lasts, for "forever"
+        raise subprocess.TimeoutExpired(process.args, timeout)
+
+    monkeypatch.setattr(subprocess.Popen, "kill", kill)
+    monkeypatch.setattr(subprocess.Popen, "wait", wait)
+    monkeypatch.setenv("WATCHER_NN_FAULTS", json.dumps({"hang_on_trial": 0}))
+    params = {**PARAMS, "nn_worker_silence_timeout_s": 3}
+    executor = NNBatchExecutor(params, context(tmp_path, trial_retries=0))
+    done = {}
+    batch = threading.Thread(target=lambda: done.update(results=executor.run_batch(trials(1))), daemon=True)
+    try:
+        with caplog.at_level(logging.WARNING, logger="watcher_plugins.nn_batch.client"):
+            batch.start()
+            batch.join(timeout=60)  # a hang, not a slow batch: this one takes seconds
+            assert not batch.is_alive(), "the batch hangs on a worker that does not die"
+            executor.close()
+    finally:
+        test_over.set()
+    assert [r.status for r in done["results"]] == [STATUS_FAIL, STATUS_FAIL]
+    assert "sent nothing for 3s" in done["results"][0].error
+    assert any("did not exit within 0.5s of SIGKILL" in record.getMessage() for record in caplog.records)
+
+
+def test_close_while_a_worker_starts_leaves_none_behind(tmp_path, monkeypatch):
+    # close() between the slot's taking the worker in and its process starting: widened here by a slow
+    # step just before Popen (normally a millisecond).
+    from watcher_plugins.nn_batch import client
+
+    marker = uuid.uuid4().hex
+    monkeypatch.setenv("WATCHER_TEST_MARKER", marker)
+    real_pin = client.pin_environment
+
+    def slow_pin(env, gpu):
+        time.sleep(2)
+        return real_pin(env, gpu)
+
+    monkeypatch.setattr(client, "pin_environment", slow_pin)
+    executor = NNBatchExecutor(PARAMS, context(tmp_path))
+    done = {}
+    batch = threading.Thread(target=lambda: done.update(results=executor.run_batch(trials(1))), daemon=True)
+    batch.start()
+    try:
+        while not executor._slots[0].starting:
+            time.sleep(0.01)
+        executor.close()
+        batch.join(timeout=120)
+        assert not batch.is_alive()
+        assert [r.status for r in done["results"]] == [STATUS_FAIL, STATUS_FAIL]
+        assert _processes_with_marker(marker) == []
+    finally:
+        for pid in _processes_with_marker(marker):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_a_silent_crash_is_not_reported_with_an_older_workers_log(tmp_path, monkeypatch):
+    log = tmp_path / "logs" / "nn_worker-cpu.log"  # shared by every worker on the CPU, in every run
+    log.parent.mkdir()
+    log.write_text("Traceback (most recent call last):\nRuntimeError: an earlier run's error\n")
+    monkeypatch.setenv("WATCHER_NN_FAULTS", json.dumps({"crash_on_trial": 0}))  # os._exit: no last words
+    with NNBatchExecutor(PARAMS, context(tmp_path, trial_retries=0)) as executor:
+        results = executor.run_batch(trials(1))
+    assert [r.status for r in results] == [STATUS_FAIL, STATUS_FAIL]
+    assert "exited with code 17" in results[0].error
+    assert "an earlier run's error" not in results[0].error, results[0].error
+    assert "an earlier run's error" in log.read_text()  # appended to, not replaced
+
+
+def test_busy_workers_are_shut_down_together(tmp_path, monkeypatch):
+    # Two workers (as on two GPUs; the executor makes one slot on the CPU, so the slots are made here),
+    # each busy with a batch that would train for hours: each is given SHUTDOWN_WAIT_S to finish, at once.
+    # One after another, the second would be asked only after the first had been waited for and killed.
+    from watcher_plugins.nn_batch import client
+    from watcher_plugins.nn_batch.client import WorkerProcess, train_batch_request
+    from watcher_plugins.nn_batch.executor import _WorkerSlot, fit_jobs, shutdown_slots
+    from watcher_plugins.nn_batch.protocol import BatchSettings
+
+    monkeypatch.setattr(client, "SHUTDOWN_WAIT_S", 2.0)
+    events = []
+    send, kill = WorkerProcess.send, WorkerProcess.kill
+
+    def recording_send(self, obj):
+        if obj.get("command") == "shutdown":
+            events.append("asked")
+        return send(self, obj)
+
+    def recording_kill(self):
+        if self.alive:
+            events.append("killed")
+        return kill(self)
+
+    monkeypatch.setattr(WorkerProcess, "send", recording_send)
+    monkeypatch.setattr(WorkerProcess, "kill", recording_kill)
+    slots = [_WorkerSlot(None, context(tmp_path), threading.Event()) for _ in range(2)]
+    long_batch = train_batch_request(fit_jobs(trials(1)[0]), BatchSettings(1, "serial", max_epochs=10**6,
+                                                                           patience=10**6))
+    workers = []
+    try:
+        for slot in slots:
+            workers.append(slot.ensure_started())
+            workers[-1].send(long_batch)
+        shutdown_slots(slots)
+    finally:
+        for worker in workers:
+            kill(worker)
+    assert not any(worker.alive for worker in workers)
+    assert events == ["asked", "asked", "killed", "killed"]

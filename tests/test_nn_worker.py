@@ -7,9 +7,11 @@ from __future__ import annotations
 import json
 import os
 import queue
+import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import jsonschema
@@ -99,11 +101,14 @@ def test_bad_input_gets_an_error_line_with_a_code_and_the_worker_keeps_serving(w
     worker = worker_factory()
     bad_job = job(0)
     bad_job["params"]["hidden_layers"] = [16, "wide"]
+    huge_lr = job(0)
+    huge_lr["params"]["lr"] = 10**400  # valid JSON, but too big for a float
     cases = [
         (b"{not json\n", "malformed_json"),
         (b'{"command": "fly"}\n', "unknown_command"),
         (b'["ping"]\n', "invalid_request"),
         (json.dumps({"command": "train_batch", "jobs": [bad_job]}).encode() + b"\n", "invalid_job"),
+        (json.dumps({"command": "train_batch", "jobs": [huge_lr]}).encode() + b"\n", "invalid_job"),
         (b'{"command": "ping", "x": "\xff\xfe"}\n', "invalid_utf8"),
         (b'{"command": "ping", "pad": "' + b"a" * (MAX_LINE_BYTES + 10) + b'"}\n', "line_too_long"),
         # JSON that Python's decoder gives up on with other errors than JSONDecodeError.
@@ -223,3 +228,54 @@ def test_the_worker_sizes_torchs_threads_to_the_cpu_quota(tmp_path):
         assert worker.request({"command": "ping"})[0]["threads"] == 1
     finally:
         worker.close()
+
+
+# A host that starts a worker, sends it a batch that would train for hours and reports the worker's pid.
+_HOST = """
+import json, subprocess, sys, time
+worker = subprocess.Popen([sys.executable, "-m", "watcher_plugins.nn_batch.worker", *sys.argv[2:]],
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+def send(obj):
+    worker.stdin.write(json.dumps(obj).encode() + b"\\n")
+    worker.stdin.flush()
+send({"command": "ping"})
+assert json.loads(worker.stdout.readline())["event"] == "pong"
+send(json.loads(sys.argv[1]))
+time.sleep(1)  # training
+print(worker.pid, flush=True)
+time.sleep(3600)
+"""
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")  # a zombie has ended; only its parent's reaping is left
+
+
+def test_a_worker_whose_host_dies_mid_batch_ends_and_frees_its_lease(tmp_path):
+    lease_dir = tmp_path / "leases"
+    batch = {"command": "train_batch", "jobs": [job(0, hidden=(64, 32))], "n_concurrent": 1,
+             "max_epochs": 10**6, "patience": 10**6}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
+    host = subprocess.Popen([sys.executable, "-c", _HOST, json.dumps(batch), "--device", "cpu", "--gpu", "0",
+                             "--lease-dir", str(lease_dir)], stdout=subprocess.PIPE, env=env)
+    line = host.stdout.readline()
+    assert line, "the host could not start its worker"
+    worker_pid = int(line)
+    try:
+        assert _running(worker_pid)
+        host.kill()  # as the OOM killer would: the host has no chance to stop its worker
+        host.wait()
+        deadline = time.monotonic() + 30  # the worker sees its new parent within a second
+        while _running(worker_pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _running(worker_pid), "the orphaned worker trains on"
+        with GpuLease(0, lease_dir, timeout=5):
+            pass
+    finally:
+        host.stdout.close()
+        if _running(worker_pid):
+            os.kill(worker_pid, signal.SIGKILL)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import queue
 import subprocess
@@ -16,22 +17,37 @@ from watcher_plugins.devices import pin_environment
 from watcher_plugins.errors import WorkerCrashed
 from watcher_plugins.nn_batch import protocol
 
+log = logging.getLogger(__name__)
+
 _PACKAGE_ROOT = str(Path(watcher_plugins.__file__).resolve().parent.parent)
+#: How long a worker asked to shut down may take to finish what it is doing.
+SHUTDOWN_WAIT_S = 15.0
+#: How long a SIGKILLed worker may take to exit: longer, it is stuck in the kernel (a hung GPU driver call).
+KILL_WAIT_S = 10.0
 
 
-def _tail(path: Path | None, lines: int = 15) -> str:
+def _tail(path: Path | None, start: int, lines: int = 15) -> str:
+    """The last lines of ``path`` written after byte ``start``."""
     if path is None:
         return ""
     try:
-        text = path.read_text(encoding="utf-8", errors="replace")
+        with path.open("rb") as fh:
+            fh.seek(start)
+            text = fh.read().decode("utf-8", errors="replace")
     except OSError:
         return ""
     return "\n".join(text.strip().splitlines()[-lines:])
 
 
+def _wait_limit(timeout: float | None) -> float | None:
+    """A timeout queue.get accepts: a huge one (a user's "no timeout") is capped at threading.TIMEOUT_MAX."""
+    return None if timeout is None else min(timeout, threading.TIMEOUT_MAX)
+
+
 class WorkerProcess:
     """``python -m watcher_plugins.nn_batch.worker`` for one GPU (or the CPU), with CUDA_VISIBLE_DEVICES
-    set before the child starts. Its stderr goes to ``log_path``; a crash's reason quotes the log's tail."""
+    set before the child starts. Its stderr goes to ``log_path``; a crash's reason quotes the tail of what
+    this process wrote there (the log is appended to by every worker of its GPU, in every run)."""
 
     def __init__(self, gpu: int | None, lease_dir: Path | None = None, lease_timeout: float = 600.0,
                  log_path: Path | None = None):
@@ -42,6 +58,11 @@ class WorkerProcess:
         self.process: subprocess.Popen | None = None
         self._replies: queue.Queue = queue.Queue()
         self.info: dict = {}
+        self._log_start = 0
+        # kill() may come from another thread (the executor closing) before the process exists: then it
+        # is never started. The lock orders that against Popen.
+        self._lock = threading.Lock()
+        self._killed = False
 
     @property
     def label(self) -> str:
@@ -64,9 +85,13 @@ class WorkerProcess:
         if self.log_path is not None:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             stderr = self.log_path.open("ab")
+            self._log_start = stderr.seek(0, os.SEEK_END)
         try:
-            self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr,
-                                            env=env, close_fds=True)
+            with self._lock:
+                if self._killed:
+                    raise WorkerCrashed(f"NN worker on {self.label} was stopped before it started")
+                self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                                stderr=stderr, env=env, close_fds=True)
         finally:
             if not isinstance(stderr, int):
                 stderr.close()
@@ -99,7 +124,7 @@ class WorkerProcess:
     def next_reply(self, timeout: float | None = None) -> dict:
         """The next reply line; WorkerCrashed if the worker died or sent a fatal line."""
         try:
-            reply = self._replies.get(timeout=timeout)
+            reply = self._replies.get(timeout=_wait_limit(timeout))
         except queue.Empty:
             self.kill()
             raise WorkerCrashed(f"NN worker on {self.label} sent nothing for {timeout:g}s") from None
@@ -119,31 +144,40 @@ class WorkerProcess:
             except subprocess.TimeoutExpired:
                 self.kill()
                 code = self.process.returncode
-        tail = _tail(self.log_path)
+        tail = _tail(self.log_path, self._log_start)
         return f"NN worker on {self.label} exited with code {code}" + (f"; its log ends:\n{tail}" if tail else "")
 
     @property
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
-    def shutdown(self, timeout: float = 15.0) -> None:
-        if self.process is None:
-            return
+    def shutdown(self) -> None:
+        """Ask it to stop, wait up to SHUTDOWN_WAIT_S for it to finish its batch, then kill it."""
         if self.alive:
             try:
                 self.send({"command": "shutdown"})
                 self.process.stdin.close()
-                self.process.wait(timeout=timeout)
+                self.process.wait(timeout=SHUTDOWN_WAIT_S)
             except (WorkerCrashed, OSError, subprocess.TimeoutExpired):
                 pass
         self.kill()
 
     def kill(self) -> None:
+        """SIGKILL it and wait up to KILL_WAIT_S; one not started yet never starts."""
+        with self._lock:
+            self._killed = True
         if self.process is None:
             return
         if self.process.poll() is None:
             self.process.kill()
-            self.process.wait()
+            try:
+                self.process.wait(timeout=KILL_WAIT_S)
+            except subprocess.TimeoutExpired:
+                # Uninterruptible in the kernel, as in a hung GPU driver call: it dies when that call
+                # returns. Its fits are handled as a dead worker's; waiting on would hang the batch.
+                log.warning("NN worker on %s (pid %d) did not exit within %gs of SIGKILL (stuck in the "
+                            "kernel, as in a hung GPU driver call); left behind",
+                            self.label, self.process.pid, KILL_WAIT_S)
         try:
             self.process.stdin.close()
         except OSError:

@@ -63,15 +63,19 @@ class _WorkerSlot:
             logs = Path(self.context.output_dir) / "logs"
             name = f"nn_worker-gpu{self.gpu}.log" if self.gpu is not None else "nn_worker-cpu.log"
             # Kept in the slot while it starts, so that close() can kill it there: a worker still
-            # waiting for its lease must not go on to train once the executor is closed.
-            self.worker = WorkerProcess(self.gpu, self.context.lease_dir, self.context.lease_timeout_s, logs / name)
+            # waiting for its lease must not go on to train once the executor is closed. One killed
+            # before its process exists never starts (WorkerProcess.kill).
+            worker = WorkerProcess(self.gpu, self.context.lease_dir, self.context.lease_timeout_s, logs / name)
+            self.worker = worker
             self.starting = True
             try:
-                self.worker.start()
+                worker.start()
             finally:
                 self.starting = False
             if self.closing.is_set():
-                self.discard()
+                # close() may have cleared self.worker already: the one to kill is the one started here.
+                worker.kill()
+                self.worker = None
                 raise WorkerCrashed("the nn_batch executor closed while its worker started")
         return self.worker
 
@@ -88,6 +92,17 @@ class _WorkerSlot:
         worker, self.worker = self.worker, None
         if worker is not None:
             worker.shutdown()
+
+
+def shutdown_slots(slots: Sequence[_WorkerSlot]) -> None:
+    """Stop every slot's worker at once: each may take SHUTDOWN_WAIT_S to finish a busy batch, and one
+    after another that would be minutes on eight GPUs, after a Ctrl-C."""
+    threads = [threading.Thread(target=slot.shutdown, name=f"nn-shutdown-{slot.gpu}", daemon=True)
+               for slot in slots]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
 
 
 class NNBatchExecutor(Executor):
@@ -195,10 +210,12 @@ class NNBatchExecutor(Executor):
                 return
             try:
                 worker.send(train_batch_request(batch, self.settings))
+                reported = 0
                 while True:
                     reply = worker.next_reply(timeout=self.silence_timeout_s)
                     event = reply.get("event")
                     if event == "result":
+                        reported += 1
                         key = (reply["trial_number"], reply["fold_idx"])
                         if key in pending:
                             pending.pop(key)
@@ -206,10 +223,15 @@ class NNBatchExecutor(Executor):
                     elif event == "batch_done":
                         replies.put({**reply, "worker": worker.label})
                         break
-                    elif event == "error":  # the worker refused the request: nothing of it will run
+                    elif event == "error":  # nothing more of this request will run
+                        if reply.get("code") == protocol.E_INTERNAL:  # it broke, perhaps after some results
+                            reason = (f"the NN worker's batch failed after {reported} of its {len(batch)} fits "
+                                      f"had a result: {reply.get('code')}: {reply.get('message')}")
+                        else:  # it was refused before any fit ran
+                            reason = f"NN worker refused the batch: {reply.get('code')}: {reply.get('message')}"
                         for fit in batch:
                             if fit.key in pending:
-                                finish(fit.key, STATUS_FAIL, f"NN worker refused the batch: {reply.get('message')}")
+                                finish(fit.key, STATUS_FAIL, reason)
                         break
                 for fit in batch:  # a closing line without a fit's result is a worker bug, never a hang
                     if fit.key in pending:
@@ -237,12 +259,10 @@ class NNBatchExecutor(Executor):
         with ``_closing`` set, fails its fits instead of starting a new worker; we wait for it."""
         self._closing.set()
         try:
-            for slot in self._slots:
-                slot.shutdown()
+            shutdown_slots(self._slots)
             for thread in self._threads:
                 thread.join(timeout=60)
-            for slot in self._slots:  # anything a thread started before it saw _closing
-                slot.shutdown()
+            shutdown_slots(self._slots)  # anything a thread started before it saw _closing
         finally:
             self._threads = []
             self._closing.clear()  # with persistent_workers false, the next batch starts workers again

@@ -22,7 +22,7 @@ on a CUDA device one Triton kernel per hidden layer applies ReLU and the masks, 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -341,22 +341,31 @@ class FusedTrainer(Trainer):
                 queue = queue[size:]
         self.running = []
 
+    def _peak_meter(self) -> Callable[[], int] | None:
+        """Where the budget still wants its correction for this precision (on CUDA), start measuring the
+        device's peak memory and return what reads the bytes allocated above this point; else None."""
+        if self.budget is None or self.device.type != "cuda" \
+                or self.budget.is_calibrated(self.settings.precision):
+            return None
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        return lambda: torch.cuda.max_memory_allocated(self.device) - base
+
     def _train_pack(self, tasks: Sequence[FitTask], on_done: OutcomeCallback) -> None:
         self._starting(tasks)
-        measure = self.budget is not None and self.device.type == "cuda" \
-            and not self.budget.is_calibrated(self.settings.precision)
-        if measure:
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            base = torch.cuda.memory_allocated(self.device)
+        peak = self._peak_meter() if self.settings.max_epochs >= 2 else None
         pack = FusedPack(tasks, self.settings, self.device)
+        if peak is not None:
+            for _ in range(2):  # the first step and the evaluation after it
+                pack.run_epoch()
+            # _RepackNeeded abandons the pack here: it is not counted in pack_sizes nor model_epochs.
+            self._calibrate(pack, peak())
         self.pack_sizes.append(pack.size)
+        self.model_epochs += pack.epoch * pack.size
         while pack.epoch < self.settings.max_epochs:
             pack.run_epoch()
             self.model_epochs += pack.size
-            if measure and pack.epoch == 2:  # the first step and the evaluation after it have both run
-                self._calibrate(pack, torch.cuda.max_memory_allocated(self.device) - base)
-                measure = False
             if pack.epoch % HOST_CHECK_EVERY == 0 and pack.epoch < self.settings.max_epochs:
                 left = pack.leave_stopped(on_done)
                 if left == pack.size:

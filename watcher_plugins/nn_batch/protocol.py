@@ -96,11 +96,20 @@ def _is_int(value: Any) -> bool:
 
 
 def _is_number(value: Any) -> bool:
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)) and math.isfinite(value)
+    """A finite number a float can hold (JSON allows integers of any size: 10**400 is none)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _fail(code: str, path: str, expected: str, got: Any) -> ProtocolError:
-    shown = json.dumps(got) if not isinstance(got, _Missing) else "nothing"
+    try:
+        shown = json.dumps(got) if not isinstance(got, _Missing) else "nothing"
+    except (TypeError, ValueError):  # from a Python caller: not JSON (a set), or an int too long to print
+        shown = f"a value of type {type(got).__name__}"
     if len(shown) > 80:
         shown = shown[:77] + "..."
     return ProtocolError(code, f"{path}: expected {expected}, got {shown}")
@@ -133,7 +142,8 @@ def parse_job(obj: Any, path: str = "$.job") -> FitJob:
     if not isinstance(params, dict):
         raise _fail(code, f"{path}.params", "an object with hidden_layers, lr, weight_decay, dropout", params)
     hidden = params.get("hidden_layers", _MISSING)
-    if not isinstance(hidden, list) or not 1 <= len(hidden) <= MAX_LAYERS \
+    # A tuple is a list to a Python caller (the executor's trial params); JSON has no tuples.
+    if not isinstance(hidden, (list, tuple)) or not 1 <= len(hidden) <= MAX_LAYERS \
             or not all(_is_int(w) and 1 <= w <= 65536 for w in hidden):
         raise _fail(code, f"{path}.params.hidden_layers",
                     f"a list of 1 to {MAX_LAYERS} integers in 1..65536", hidden)

@@ -3,7 +3,8 @@
     echo '{"command": "ping"}' | CUDA_VISIBLE_DEVICES=0 python -m watcher_plugins.nn_batch.worker
 
 It holds its GPU's lease for its whole life (the OS frees it if the process dies), initialises CUDA
-once, and keeps datasets on the device between batches. It never imports a tree library. stdout
+once, and keeps datasets on the device between batches; it ends within a second of its host process
+(orphans.exit_with_parent), mid-batch too. It never imports a tree library. stdout
 carries protocol lines only: the protocol writes to a private copy of file descriptor 1, and fd 1
 itself is pointed at stderr, so whatever a library prints lands on stderr.
 """
@@ -20,6 +21,7 @@ from watcher_plugins.errors import LeaseError, ProtocolError
 from watcher_plugins.lease import GpuLease
 from watcher_plugins.nn_batch import protocol
 from watcher_plugins.nn_batch.protocol import BatchSettings, Request
+from watcher_plugins.orphans import exit_with_parent
 from watcher_plugins.stdio import claim_stdout
 
 TREE_LIBRARIES = ("catboost", "lightgbm", "xgboost")
@@ -134,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lease-timeout", type=float, default=600.0)
     args = parser.parse_args(argv)
     out = claim_stdout(binary=True)
+    # Before the lease: an orphan must neither train on, nor wait for, a GPU.
+    exit_with_parent()
 
     def fatal(code: str, message: str, exit_code: int) -> int:
         out.write(protocol.encode(protocol.fatal_line(code, message)))
