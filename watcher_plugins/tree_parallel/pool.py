@@ -23,12 +23,13 @@ blocking the pool (which polls the lease), and fails, naming the holder, after `
 that GPU then takes no GPU trial for the rest of the batch (the others, or a failure with the same
 reason once every GPU is out, take the queued ones).
 If the host process dies, the OS frees its leases; its workers watch their parent pid and exit
-within a second (worker._exit_with_parent), so none goes on using a GPU it no longer has.
+within a second (orphans.exit_with_parent), so none goes on using a GPU it no longer has.
 
 Faults: a worker that dies mid-trial (segfault, abort, kill) is replaced by a new process with the
 same pinning and the folds it owed are retried; the trial's crash number ``trial_retries`` + 1 (on
 any of its folds) ends every fold it still owes as "fail" with the reason, and stops the workers still
-training its other folds. A fold that raises is a "fail" result sent by the worker, which carries on.
+training its other folds. Crashes count by try: folds of one try that die together (a trial that
+crashes its library on every fold, the OOM killer taking several workers) cost the trial one retry. A fold that raises is a "fail" result sent by the worker, which carries on.
 """
 
 from __future__ import annotations
@@ -106,7 +107,7 @@ class _Task:
 
     @property
     def attempts(self) -> int:
-        """Times the trial was started: once per crash, and once more if it is out again now."""
+        """Tries of the trial: one per counted crash, and one more if it is out again since the last."""
         return len(self.crashes) + (1 if self.sent else 0)
 
     def take(self, one_fold: bool) -> list[int]:
@@ -129,6 +130,7 @@ class _WorkerProcess:
         self.ready = False
         self.task: _Task | None = None
         self.folds: list[int] = []  # the folds of its task sent to it
+        self.task_try = 0  # its task's crashes counted when it took the folds: which try of the trial it runs
         self.awaiting_lease = False  # its task is a GPU trial not sent yet: the pool waits for the lease
         self.retiring = False  # it said it exits after its trial (a GPU fit failed): it gets no more tasks
         self.task_started = 0.0
@@ -429,7 +431,7 @@ class TreeTrialPool:
                 task = self._cpu_queue[0]
             if task is None:
                 continue
-            w.task, w.folds = task, task.take(one_fold=not task.on_gpu)
+            w.task, w.folds, w.task_try = task, task.take(one_fold=not task.on_gpu), len(task.crashes)
             if not task.pending and self._cpu_queue and self._cpu_queue[0] is task:
                 self._cpu_queue.popleft()
             if task.on_gpu and not self._lease_now(w.placement.gpu):
@@ -607,10 +609,12 @@ class TreeTrialPool:
             self._record(FoldResult(task.job.trial_number, fold_idx, task.job.model_type, None, 0.0, STATUS_FAIL,
                                     error=reason, info={"attempts": task.attempts}), task)
 
-    def _requeue(self, task: _Task, folds: Sequence[int]) -> None:
-        """``folds`` of ``task`` go back to the front of its queue; the trial counts as out again only
-        when a worker takes them (a crash that sent them back is counted by the caller)."""
-        task.sent = False
+    def _requeue(self, task: _Task, folds: Sequence[int], same_try: bool = False) -> None:
+        """``folds`` of ``task`` go back to the front of its queue. Unless they go back within the same
+        try, the trial counts as out again only when a worker takes them (a crash that sent them back is
+        counted by the caller)."""
+        if not same_try:
+            task.sent = False
         task.give_back(folds)
         queue = self._gpu_queue if task.on_gpu else self._cpu_queue
         if task not in queue:
@@ -658,6 +662,10 @@ class TreeTrialPool:
                         CatBoostFitter.DEFAULT_GPU_RAM_PART)
             self.catboost_full_reserve.add(task.job.data.key)
             self._requeue(task, lost)
+        elif lost and worker.task_try < len(task.crashes):
+            # A fold of a try already counted as crashed: several of its folds died at once (a trial that
+            # crashes its library on every fold, the OOM killer taking several workers). One try, one crash.
+            self._requeue(task, lost, same_try=True)
         elif lost:
             task.crashes.append(reason)  # a crash on any of a trial's folds counts against the trial
             if len(task.crashes) <= self.settings.trial_retries:

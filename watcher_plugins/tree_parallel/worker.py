@@ -31,11 +31,11 @@ import contextlib
 import json
 import os
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from typing import TextIO
 
+from watcher_plugins.orphans import exit_with_parent
 from watcher_plugins.records import STATUS_OK, FoldResult, TrialJob
 from watcher_plugins.stdio import claim_stdout
 from watcher_plugins.tree_parallel.libraries import (
@@ -129,16 +129,17 @@ class TreeWorker:
         sys.stderr.write(f"{TASK_STDERR_MARKER} {job.model_type} {job.trial_number}\n")
         sys.stderr.flush()
         with _ledger(fault, self.placement.gpu, job):
-            _inject(fault, settings)
+            _inject(fault, settings, folds)
             results = run_trial(job, settings, self.cache, folds, on_fold=report, fold_threads=fold_threads)
         failed_on_gpu = use_gpu and any(r.status != STATUS_OK for r in results)
         self.send({"event": "done", "trial_number": job.trial_number, "retiring": failed_on_gpu})
         return failed_on_gpu
 
 
-def _inject(fault: str | dict | None, settings: FitSettings) -> None:
+def _inject(fault: str | dict | None, settings: FitSettings, folds: list[int]) -> None:
     """Make the fault a test asked for: "abort" (dies as from a segfault), "abort_once:PATH" (dies
-    unless PATH exists, creating it first, atomically), "sleep:SECONDS" (a long trial, to be killed mid-way),
+    unless PATH exists, creating it first, atomically), "abort_once_per_fold:DIR" (the same, with a
+    file in DIR for each set of folds sent: every fold crashes on its first try), "sleep:SECONDS" (a long trial, to be killed mid-way),
     "stderr:TEXT" (writes TEXT to stderr and trains on), "orphan_pipes:PATH" (dies, leaving a forked
     child that holds its pipes open until PATH exists),
     "catboost_gpu_oom" (dies as CatBoost does when a GPU fit outgrows its memory reserve, unless the
@@ -155,9 +156,10 @@ def _inject(fault: str | dict | None, settings: FitSettings) -> None:
                          " of type NCudaLib::TOutOfMemoryError\n")
         sys.stderr.flush()
         os.abort()
-    elif kind == "abort_once":
+    elif kind in ("abort_once", "abort_once_per_fold"):
+        marker = arg if kind == "abort_once" else os.path.join(arg, "folds-" + "-".join(map(str, folds)))
         try:  # created atomically: of the workers training this trial's folds at once, one aborts
-            os.close(os.open(arg, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
         except FileExistsError:
             return
         os.abort()
@@ -231,20 +233,6 @@ def _pin(placement: WorkerPlacement) -> None:
         pass
 
 
-def _exit_with_parent(poll_s: float = 1.0) -> None:
-    """End this worker when the pool's process dies. The pool holds the GPU's lease for its workers, and
-    the OS frees that lease with the pool: an orphan must not go on using the GPU. A daemon thread
-    watches the parent pid (PR_SET_PDEATHSIG would fire when the spawning *thread* ends, too early)."""
-    parent = os.getppid()
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(poll_s)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m watcher_plugins.tree_parallel.worker")
     parser.add_argument("--config", required=True, help="the worker's config as JSON")
@@ -252,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     out = claim_stdout()
     worker = TreeWorker(config, out)
     _pin(worker.placement)
-    _exit_with_parent()
+    exit_with_parent()
     worker.serve(sys.stdin)
     return 0
 
