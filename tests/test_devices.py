@@ -136,6 +136,28 @@ def test_available_memory_is_memavailable_cut_to_every_cgroup_limit_above_the_pr
     assert devices.available_memory(_fake_host(tmp_path / "f", "", {}, available_kb=None)) is None
 
 
+def test_a_cgroups_reclaimable_file_cache_is_not_counted_as_used(tmp_path):
+    # A long-lived container fills its cgroup with page cache (the data it read) up to its limit; the
+    # kernel reclaims the inactive part before it refuses memory. 16 GB limit, 15.5 GB "used", 12 GB of
+    # it inactive file cache: 12.5 GB left, not 0.5 GB.
+    v2 = _fake_host(tmp_path / "v2", "0::/pod\n", {
+        "sys/fs/cgroup/pod/memory.max": str(16 * GB), "sys/fs/cgroup/pod/memory.current": str(31 * GB // 2),
+        "sys/fs/cgroup/pod/memory.stat": f"anon 1000\nactive_file 5\ninactive_file {12 * GB}\n"})
+    assert devices.available_memory(v2) == 25 * GB // 2
+    v1 = _fake_host(tmp_path / "v1", "4:memory:/pod\n", {
+        "sys/fs/cgroup/memory/pod/memory.limit_in_bytes": str(16 * GB),
+        "sys/fs/cgroup/memory/pod/memory.usage_in_bytes": str(31 * GB // 2),
+        "sys/fs/cgroup/memory/pod/memory.stat": f"cache 1\ninactive_file 7\ntotal_inactive_file {12 * GB}\n"})
+    assert devices.available_memory(v1) == 25 * GB // 2
+
+
+@pytest.mark.parametrize("cgroup", ["0::/\n\n", "garbage\n", "0:/\n", "\x00\xff:memory\n"])
+def test_odd_cgroup_lines_are_skipped_not_fatal(tmp_path, cgroup):
+    # Every tree run reads the memory, the serial one included: an odd line must not stop it.
+    host = _fake_host(tmp_path, cgroup, {})
+    assert devices.available_memory(host) == 20_000_000 * 1024
+
+
 def test_available_memory_reads_this_host():
     room = devices.available_memory()
     assert room is not None and 0 < room <= os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

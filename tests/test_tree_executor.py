@@ -238,14 +238,25 @@ def test_auto_plans_no_more_workers_than_host_memory_holds(tmp_path, monkeypatch
     share = tree_executor.MEMORY_SHARE
     # Room for the GPU worker and two and a half LightGBM-only CPU workers: two, on the cores left.
     assert plan((gpu_each + 2.5 * lightgbm_each) / share, [0]) == ([(0, 6), (None, 5), (None, 5)], 5)
-    assert "tree_parallel_workers auto: 3 workers, not 11, so that they fit in host memory" in caplog.text
-    assert f"{lightgbm_each / 1e9:.1f} GB for 2000000 rows x 62 features" in caplog.text
+    assert "tree_parallel_workers auto: 3 worker(s), not 11, so that they fit in 80% of the" in caplog.text
+    assert (f"2000000 rows x 62 features, and per-fold datasets: about {gpu_each / 1e9:.1f} GB a GPU worker, "
+            f"{lightgbm_each / 1e9:.1f} GB a CPU worker") in caplog.text
     # Without GPUs every worker may train all three libraries.
     assert plan(3.5 * gpu_each / share) == ([(None, 6), (None, 5), (None, 5)], 5)
     # Room for one: serial, the reference (all the cores, folds one at a time).
-    assert plan(gpu_each) == ([(None, 16)], 1)
-    # Every GPU keeps its worker, whatever the memory says; results need them (GPU fits differ from CPU).
+    caplog.clear()
+    assert plan(1.5 * gpu_each / share) == ([(None, 16)], 1)
+    assert "1 worker(s), not 16" in caplog.text and "even its" not in caplog.text
+    # A GPU's extra XGBoost workers (xgboost_per_gpu) are no more needed than CPU workers: room for two.
+    assert plan(2.5 * gpu_each / share, [0], xgboost_per_gpu=4)[0] == [(0, 8), (0, 8)]
+    assert "2 worker(s), not 12" in caplog.text
+    # Every GPU keeps its worker, whatever the memory says (GPU fits differ from CPU ones); so does the
+    # serial worker. A warning says they may not fit.
+    caplog.clear()
     assert plan(GB, [0, 1]) == ([(0, 8), (1, 8)], 5)
+    assert "even its 2 worker(s) that no plan does without may need about" in caplog.text
+    assert plan(GB) == ([(None, 16)], 1)
+    assert "even its 1 worker(s)" in caplog.text
     # Enough room, or data the host did not describe: auto's plan is the cores'.
     caplog.clear()
     assert plan(12 * lightgbm_each / share, [0])[0] == [(0, 6)] + [(None, 1)] * 10
@@ -263,6 +274,9 @@ def test_an_explicit_worker_count_past_host_memory_is_kept_with_a_warning(tmp_pa
     assert "tree_parallel_workers=2: the workers may need about" in caplog.text
     assert "more than 80% of the 4.0 GB available" in caplog.text
     caplog.clear()
+    # One worker (the default, serial) is the least there is: no advice to give.
+    assert len(TreeParallelExecutor({**FAST, "tree_parallel_workers": 1}, context).placements) == 1
+    assert not caplog.records
     small = RunContext(output_dir=tmp_path, devices=[], cpu_count=16, data_shape=(1500, 62))
     assert len(TreeParallelExecutor({**FAST, "tree_parallel_workers": 4}, small).placements) == 4
     assert not caplog.records

@@ -76,7 +76,7 @@ def test_crashes_on_a_cpu_trials_several_folds_count_against_the_trial_not_each_
     assert restarts in (3, 4)
 
 
-def test_folds_of_one_try_that_crash_together_cost_the_trial_one_retry(tmp_path):
+def test_folds_of_one_try_that_crash_together_cost_the_trial_one_retry(tmp_path, caplog):
     # The two workers take the trial's two folds at once; each dies on its first try of its fold (as
     # when the OOM killer takes several workers). retries=1: that is one crashed try, and the retry
     # trains the trial, with the result it has when nothing crashes.
@@ -85,6 +85,8 @@ def test_folds_of_one_try_that_crash_together_cost_the_trial_one_retry(tmp_path)
         results = ex.run_batch([crashing])
         assert ex.pool.restarts == 2
     assert sorted(p.name for p in tmp_path.glob("folds-*")) == ["folds-0", "folds-1"]
+    # Both deaths are in the log: the one counted, and the one of the same try.
+    assert "retrying (attempt 2 of 2)" in caplog.text and "in a try already counted as crashed" in caplog.text
     assert all(r.status == "ok" for r in results), [r.error for r in results]
     reference = run_trial(TrialJob("lightgbm", 0, LGB, DATA, 2, seed=5),
                           FitSettings(FAST["tree_rounds"], FAST["tree_early_stopping_rounds"], threads=1))

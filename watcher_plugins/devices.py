@@ -4,6 +4,7 @@ cores, and how much host memory."""
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from watcher_plugins.errors import ManifestError
@@ -35,7 +36,10 @@ _NO_LIMIT = 2 ** 60
 def available_memory(root: Path = Path("/")) -> int | None:
     """Bytes of memory this process may still take: the kernel's MemAvailable, cut to what the memory
     limits of its cgroup and the cgroups above it leave (a container's ``--memory``, a pod's limit);
-    None where none of them can be read. ``root`` is for tests."""
+    None where none of them can be read. ``root`` is for tests.
+
+    A cgroup's usage counts the page cache it has filled, which the kernel reclaims before it refuses
+    memory; as kubelet's working set does, the inactive file cache is not counted as used."""
     room = []
     try:
         for line in (root / "proc/meminfo").read_text().splitlines():
@@ -43,37 +47,65 @@ def available_memory(root: Path = Path("/")) -> int | None:
                 room.append(int(line.split()[1]) * 1024)
     except (OSError, ValueError, IndexError):
         pass
-    for directory, limit_file, usage_file in _memory_cgroups(root):
+    for group in _memory_cgroups(root):
         try:
-            limit = (directory / limit_file).read_text().strip()
-            if limit != "max" and int(limit) < _NO_LIMIT:
-                room.append(max(0, int(limit) - int((directory / usage_file).read_text())))
+            limit = (group.directory / group.limit).read_text().strip()
+            if limit == "max" or int(limit) >= _NO_LIMIT:
+                continue
+            used = int((group.directory / group.usage).read_text()) - _stat(group.directory, group.inactive_file)
+            room.append(max(0, int(limit) - max(0, used)))
         except (OSError, ValueError):
             continue
     return min(room) if room else None
 
 
-def _memory_cgroups(root: Path) -> list[tuple[Path, str, str]]:
-    """This process's memory cgroup directories, its own and each one above it (cgroup v2 and v1), with
-    the names of their limit and usage files."""
+@dataclass(frozen=True)
+class _MemoryCgroup:
+    directory: Path
+    limit: str  # the file names, which differ between cgroup v2 and v1
+    usage: str
+    inactive_file: str  # the key in memory.stat
+
+
+_CGROUP_V2 = ("memory.max", "memory.current", "inactive_file")
+_CGROUP_V1 = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+
+
+def _memory_cgroups(root: Path) -> list[_MemoryCgroup]:
+    """This process's memory cgroups, its own and each one above it (cgroup v2 and v1)."""
     try:
         lines = (root / "proc/self/cgroup").read_text().splitlines()
-    except OSError:
+    except (OSError, ValueError):
         return []
     found = []
     for line in lines:
-        _, controllers, path = line.split(":", 2)
-        if controllers == "":  # cgroup v2
-            mount, files = root / "sys/fs/cgroup", ("memory.max", "memory.current")
+        fields = line.split(":", 2)
+        if len(fields) != 3:
+            continue  # not a cgroup line: no limit to read from it
+        _, controllers, path = fields
+        if controllers == "":
+            mount, names = root / "sys/fs/cgroup", _CGROUP_V2
         elif "memory" in controllers.split(","):
-            mount, files = root / "sys/fs/cgroup/memory", ("memory.limit_in_bytes", "memory.usage_in_bytes")
+            mount, names = root / "sys/fs/cgroup/memory", _CGROUP_V1
         else:
             continue
         parts = [p for p in path.split("/") if p]
         # Inside a cgroup namespace the path may not exist under the mount (it is then the mount itself).
         for depth in range(len(parts), -1, -1):
-            found.append((mount.joinpath(*parts[:depth]), *files))
+            found.append(_MemoryCgroup(mount.joinpath(*parts[:depth]), *names))
     return found
+
+
+def _stat(directory: Path, key: str) -> int:
+    """A value of the cgroup's memory.stat; 0 where it cannot be read."""
+    try:
+        for line in (directory / "memory.stat").read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key:
+                return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 def physical_gpu_count() -> int:

@@ -74,7 +74,7 @@ class TreeParallelExecutor(Executor):
         # processes at 2.8x one 16-thread process) on every core the GPU workers leave.
         workers = asked_workers or max(1, gpu_workers + max(0, len(cores) - gpu_workers * (gpu_cores or 1)))
         if asked_workers is None:
-            workers = self._workers_memory_holds(workers, gpu_workers, bool(gpus))
+            workers = self._workers_memory_holds(workers, gpu_workers, len(gpus))
         if workers == 1 and self.params["xgboost_gpu_fold_threads"] == "auto":
             fold_threads = 1  # "auto" found room for one worker: serial, the reference
         # Pinned unless a CPU quota cuts the cores (containers on a shared host): then the first cores of
@@ -122,34 +122,49 @@ class TreeParallelExecutor(Executor):
         return (worker_memory_bytes(rows, features, folds, lightgbm_only=False),
                 worker_memory_bytes(rows, features, folds, lightgbm_only=has_gpus))
 
-    def _workers_memory_holds(self, workers: int, gpu_workers: int, has_gpus: bool) -> int:
-        """``auto``'s worker count cut to what host memory holds; every GPU keeps its worker."""
-        each, room = self._memory_each(has_gpus), available_memory()
+    def _workers_memory_holds(self, workers: int, gpu_workers: int, n_gpus: int) -> int:
+        """``auto``'s worker count cut to what host memory holds. The workers no plan does without stay
+        (one per GPU, as GPU fits differ from CPU ones; else the one serial worker), with a warning where
+        even they may not fit; the GPUs' extra XGBoost workers, then the CPU workers, come as it allows."""
+        each, room = self._memory_each(n_gpus > 0), available_memory()
         if each is None or room is None:
             return workers
         gpu_each, cpu_each = each
-        spare = MEMORY_SHARE * room - gpu_workers * gpu_each
-        held = max(1, gpu_workers, gpu_workers + int(max(0.0, spare) // cpu_each))
-        if held >= workers:
-            return workers
-        rows, features = self.context.data_shape
-        log.warning("tree_parallel_workers auto: %d workers, not %d, so that they fit in host memory: each "
-                    "holds about %.1f GB for %d rows x %d features (its copy of the data and per-fold "
-                    "datasets), and %.1f GB is available", held, workers, cpu_each / 1e9, rows, features,
-                    room / 1e9)
+        kept = max(1, min(n_gpus, gpu_workers))
+        spare = MEMORY_SHARE * room - kept * gpu_each
+        if spare < 0:
+            log.warning("tree_parallel_workers auto: even its %d worker(s) that no plan does without may need "
+                        "about %.1f GB of host memory, more than %.0f%% of the %.1f GB available (%s)", kept,
+                        kept * gpu_each / 1e9, MEMORY_SHARE * 100, room / 1e9, self._memory_basis(n_gpus > 0))
+            return kept
+        extra_gpu = min(gpu_workers - kept, int(spare // gpu_each)) if gpu_workers > kept else 0
+        spare -= extra_gpu * gpu_each
+        held = min(workers, kept + extra_gpu + int(spare // cpu_each))
+        if held < workers:
+            log.warning("tree_parallel_workers auto: %d worker(s), not %d, so that they fit in %.0f%% of the %.1f GB "
+                        "of host memory available (%s)", held, workers, MEMORY_SHARE * 100, room / 1e9,
+                        self._memory_basis(n_gpus > 0))
         return held
 
+    def _memory_basis(self, has_gpus: bool) -> str:
+        """What a worker's memory estimate is, for the warnings."""
+        gpu_each, cpu_each = self._memory_each(has_gpus)
+        rows, features = self.context.data_shape
+        sizes = (f"about {gpu_each / 1e9:.1f} GB a GPU worker, {cpu_each / 1e9:.1f} GB a CPU worker" if has_gpus
+                 else f"about {cpu_each / 1e9:.1f} GB each")
+        return f"each worker holds its copy of the data, {rows} rows x {features} features, and per-fold datasets: {sizes}"
+
     def _warn_if_memory_short(self, has_gpus: bool) -> None:
-        """An explicit worker count is the operator's to choose; say when it may outgrow host memory."""
+        """An explicit worker count is the operator's to choose; say when several may outgrow host memory."""
         each, room = self._memory_each(has_gpus), available_memory()
-        if each is None or room is None:
+        if each is None or room is None or len(self.placements) < 2:
             return
         need = sum(each[0] if p.gpu is not None else each[1] for p in self.placements)
         if need > MEMORY_SHARE * room:
-            log.warning("tree_parallel_workers=%d: the workers may need about %.1f GB of host memory (each its "
-                        "own copy of the data and per-fold datasets), more than %.0f%% of the %.1f GB "
-                        "available; \"auto\" plans as many as it holds", len(self.placements), need / 1e9,
-                        MEMORY_SHARE * 100, room / 1e9)
+            log.warning("tree_parallel_workers=%d: the workers may need about %.1f GB of host memory, more than "
+                        "%.0f%% of the %.1f GB available (%s); \"auto\" plans as many as it holds",
+                        len(self.placements), need / 1e9, MEMORY_SHARE * 100, room / 1e9,
+                        self._memory_basis(has_gpus))
 
     @classmethod
     def check(cls, params: Mapping[str, Any], context: RunContext) -> None:

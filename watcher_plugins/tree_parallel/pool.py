@@ -665,6 +665,8 @@ class TreeTrialPool:
         elif lost and worker.task_try < len(task.crashes):
             # A fold of a try already counted as crashed: several of its folds died at once (a trial that
             # crashes its library on every fold, the OOM killer taking several workers). One try, one crash.
+            log.warning("%s during %s trial %d, in a try already counted as crashed; its folds %s go back",
+                        reason, task.job.model_type, task.job.trial_number, lost)
             self._requeue(task, lost, same_try=True)
         elif lost:
             task.crashes.append(reason)  # a crash on any of a trial's folds counts against the trial
