@@ -51,13 +51,18 @@ def test_pack_size_counts_padding_to_the_widest_model():
     assert budget.pack_size([[512, 256]] + [[64, 32]] * 7, 50_000, 62, "fp32", False, cap=8) == 1
 
 
-def test_auto_packs_follow_the_budget_and_results_do_not_change():
+def _six_small_fits():
+    """Six [32, 16] fits on 300 rows, on the CPU: the device, data, jobs, settings, and one's estimate."""
     cpu = torch.device("cpu")
     data_ref = DataRef(embedded="survivors", rows=300)
     data = DeviceDatasetCache(cpu).get(data_ref)
     jobs = [FitJob(t, 0, 2, 1, (32, 16), 1e-2, 0.0, 0.0, data_ref) for t in range(6)]
-    settings = TrainSettings(max_epochs=10, patience=3)
-    per_model = estimate_vram_bytes([32, 16], data.n_rows, data.n_features)
+    return cpu, data, jobs, TrainSettings(max_epochs=10, patience=3), estimate_vram_bytes([32, 16], data.n_rows,
+                                                                                         data.n_features)
+
+
+def test_auto_packs_follow_the_budget_and_results_do_not_change():
+    cpu, data, jobs, settings, per_model = _six_small_fits()
     results = {}
     for name, budget in (("roomy", VramBudget(100 * per_model)), ("tight", VramBudget(2.5 * per_model))):
         trainer = FusedTrainer(settings, cpu, budget=budget)
@@ -73,12 +78,7 @@ def test_a_pack_abandoned_at_calibration_is_not_counted():
     # The first pack's measured peak is three times its estimate: after its 2 measured epochs it is
     # abandoned and its fits are planned again. The batch's pack sizes and model epochs are those of the
     # packs that trained, as with a budget calibrated beforehand.
-    cpu = torch.device("cpu")
-    data_ref = DataRef(embedded="survivors", rows=300)
-    data = DeviceDatasetCache(cpu).get(data_ref)
-    jobs = [FitJob(t, 0, 2, 1, (32, 16), 1e-2, 0.0, 0.0, data_ref) for t in range(6)]
-    settings = TrainSettings(max_epochs=10, patience=3)
-    per_model = estimate_vram_bytes([32, 16], data.n_rows, data.n_features)
+    cpu, data, jobs, settings, per_model = _six_small_fits()
 
     class MeasuredOnCpu(FusedTrainer):
         """The trainer's CUDA peak measurement, on the CPU."""
