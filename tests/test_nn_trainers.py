@@ -224,3 +224,21 @@ def test_fused_plans_exact_architecture_packs_and_pads_only_leftovers(cache):
     for key in ref:
         assert got[key].status == STATUS_OK
         assert abs(got[key].r2 - ref[key].r2) < 1e-4 and got[key].best_epoch == ref[key].best_epoch, key
+
+
+def test_the_nets_r2_does_not_depend_on_the_targets_units(tmp_path):
+    # The same data with the target in other units (a price: 300,000 + 100,000 y). The trees do not mind;
+    # an unscaled target left the net's R² near -9 here, since it starts near 0 and Adam moves it by about
+    # lr a step.
+    from watcher_plugins.data import load_dataset
+
+    survivors = load_dataset(DATA)
+    np.savez(tmp_path / "price.npz", X=survivors.X, y=(3e5 + 1e5 * survivors.y.astype(np.float64)).astype(np.float32))
+    price = DataRef(path=str(tmp_path / "price.npz"))
+    r2 = {}
+    for ref in (DATA, price):
+        data = DeviceDatasetCache(CPU).get(ref)
+        task = FitTask.build(FitJob(0, 0, 3, 11, (64, 32), 3e-3, 0.0, 0.0, ref), data)
+        (r2[ref.key],) = [o.r2 for o in outcomes(SerialTrainer(SETTINGS, CPU), [task], 1).values()]
+    assert r2[DATA.key] > 0.3
+    assert abs(r2[price.key] - r2[DATA.key]) < 1e-3

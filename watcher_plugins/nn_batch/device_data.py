@@ -1,8 +1,12 @@
 """Datasets kept on the worker's device: loaded once, standardised once, with their k-fold row sets.
 
-Standardisation is a whole-dataset z-score of every feature (mean and standard deviation over all
-rows, in float64; a constant feature is centred only). It is a property of the dataset, not of a fold
-or of a batch, so every trainer and every fold sees the same numbers. The target is left as it is.
+Standardisation is a whole-dataset z-score of every feature and of the target (mean and standard
+deviation over all rows, in float64; a constant feature is centred only). It is a property of the
+dataset, not of a fold or of a batch, so every trainer and every fold sees the same numbers. The target
+is standardised because the net starts near 0 and Adam moves it by about lr a step: a target in the
+hundreds of thousands (a price) would never be reached, and the NN's R² would depend on the target's
+units where the trees' does not. R² and the best epoch do not change under this map: R² is computed
+from the standardised held-out targets and predictions, and an affine map of both leaves it as it is.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from watcher_plugins.records import DataRef
 
 
 def standardise(X: np.ndarray) -> np.ndarray:
-    """Whole-dataset z-score per feature, computed in float64, returned as float32."""
+    """Whole-dataset z-score per column, computed in float64, returned as float32."""
     X64 = X.astype(np.float64)
     mean = X64.mean(axis=0)
     std = X64.std(axis=0)
@@ -39,7 +43,7 @@ class FoldRows:
 class DeviceDataset:
     key: str
     X: torch.Tensor  # [n_rows, n_features] float32, standardised
-    y: torch.Tensor  # [n_rows] float32
+    y: torch.Tensor  # [n_rows] float32, standardised
     y_host: np.ndarray
     _folds: dict[tuple[int, int], list[FoldRows]] = field(default_factory=dict, repr=False)
 
@@ -69,8 +73,8 @@ class DeviceDataset:
     @classmethod
     def from_dataset(cls, key: str, dataset: Dataset, device: torch.device) -> DeviceDataset:
         X = torch.from_numpy(standardise(dataset.X)).to(device)
-        y = torch.from_numpy(np.ascontiguousarray(dataset.y, dtype=np.float32)).to(device)
-        return cls(key=key, X=X, y=y, y_host=np.asarray(dataset.y, dtype=np.float32))
+        y_host = np.ascontiguousarray(standardise(np.asarray(dataset.y).reshape(-1, 1))[:, 0])
+        return cls(key=key, X=X, y=torch.from_numpy(y_host).to(device), y_host=y_host)
 
 
 class DeviceDatasetCache:
