@@ -35,12 +35,19 @@ class ReversingExecutor(Executor):
 
     batches: list[list[int]] = []
     interrupt_on_batch: int | None = None
+    stop_mid_batch: int | None = None
     data_shape: tuple[int, int] | None = None
 
     def run_batch(self, jobs, on_result=None):
         type(self).batches.append([job.trial_number for job in jobs])
         type(self).data_shape = self.context.data_shape
         if type(self).interrupt_on_batch == len(type(self).batches):
+            raise KeyboardInterrupt
+        if type(self).stop_mid_batch == len(type(self).batches):  # the first trial done, the second begun
+            first, second = jobs[0], jobs[1]
+            for fold in range(first.folds):
+                on_result(FoldResult(first.trial_number, fold, first.model_type, score(first.params, fold), 0.01))
+            on_result(FoldResult(second.trial_number, 0, second.model_type, score(second.params, 0), 0.01))
             raise KeyboardInterrupt
         results = []
         for job in reversed(jobs):
@@ -98,6 +105,7 @@ def pm(plugin_manager):
     plugin_manager.register(TestExecutors())
     ReversingExecutor.batches = []
     ReversingExecutor.interrupt_on_batch = None
+    ReversingExecutor.stop_mid_batch = None
     InOrderExecutor.batches = []
     return plugin_manager
 
@@ -183,6 +191,24 @@ def test_an_interrupted_batch_leaves_nothing_running_and_is_asked_again(pm, tmp_
     assert ReversingExecutor.batches == [[6, 7, 8], [9]]
 
 
+def test_trials_that_finished_before_a_stop_are_told_and_only_the_rest_asked_again(pm, tmp_path, capsys):
+    ReversingExecutor.stop_mid_batch = 2  # batch 2 is trials 3, 4, 5: trial 3 finishes, 4 has one fold
+    with pytest.raises(KeyboardInterrupt):
+        run_compare_models(_params(pm, tmp_path), pm)
+    trials = _trajectory(tmp_path / "out")
+    # Trial 2 failed on its own (the executor's OOM fold); 4 and 5 were stopped, failed and asked again.
+    assert [t[1] for t in trials] == ["COMPLETE", "COMPLETE", "FAIL", "COMPLETE", "FAIL", "FAIL", "WAITING", "WAITING"]
+    lines = [json.loads(line) for line in (tmp_path / "out" / "trials.jsonl").read_text().splitlines()]
+    assert trials[3][3] == pytest.approx(sum(r["r2"] for r in lines if r["trial_number"] == 3) / 3)
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["interrupted"] is True and summary["leaderboard"][0]["trials_complete"] == 3
+    ReversingExecutor.stop_mid_batch = None
+    ReversingExecutor.batches = []
+    run_compare_models(_params(pm, tmp_path), pm)
+    assert ReversingExecutor.batches == [[6, 7, 8]]  # trials 4 and 5 again, then the last one
+    assert [t[2] for t in _trajectory(tmp_path / "out")[6:8]] == [t[2] for t in trials[4:6]]
+
+
 def test_ctrl_c_while_a_trial_is_being_asked_leaves_nothing_running(pm, tmp_path, monkeypatch):
     """The signal lands inside ``study.ask``, after the trial is written (seen once in CI): the trial
     must still end FAIL and be re-queued, not stay RUNNING."""
@@ -214,6 +240,21 @@ def test_resuming_with_other_defining_params_is_refused(pm, tmp_path):
         run_compare_models(_params(pm, tmp_path, trials=2, nn_max_epochs=50), pm)
     # params that only change speed are not: a different concurrency resumes the same study
     run_compare_models(_params(pm, tmp_path, trials=3, n_concurrent_nn=5), pm)
+
+
+def test_a_refused_resume_of_a_named_storage_writes_nothing_and_says_what_to_change(pm, tmp_path):
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    run_compare_models(_params(pm, tmp_path, trials=2, storage=url), pm)
+    elsewhere = tmp_path / "fresh_out"
+    with pytest.raises(StorageError, match=r"folds: stored 3, now 4\); resume it with the same params, or "
+                                           r"choose another study_name$"):
+        run_compare_models(_params(pm, tmp_path, trials=2, folds=4, storage=url, output_dir=str(elsewhere)), pm)
+    assert not elsewhere.exists()  # another output_dir is no way out: the study is in the named storage
+    # With the default storage in output_dir, another output_dir is another storage, and says so.
+    own = str(tmp_path / "own")
+    run_compare_models(_params(pm, tmp_path, trials=2, output_dir=own), pm)
+    with pytest.raises(StorageError, match=r"choose another study_name or output_dir$"):
+        run_compare_models(_params(pm, tmp_path, trials=2, folds=4, output_dir=own), pm)
 
 
 def test_a_changed_param_of_a_later_group_is_refused_before_anything_trains(pm, tmp_path):
@@ -312,6 +353,16 @@ def test_executor_choice_errors(pm, tmp_path):
         run_compare_models(_params(pm, tmp_path, executors={"nn": "nope"}), pm)
     with pytest.raises(PluginError, match="executor 'tree_parallel' does not run 'nn'"):
         run_compare_models(_params(pm, tmp_path, executors={"nn": "tree_parallel"}), pm)
+    assert not (tmp_path / "out").exists()
+
+
+def test_folds_of_one_held_out_row_are_refused_before_anything_is_written(pm, tmp_path, capsys):
+    # R² of one held-out row is undefined (every model would score 0.0 as "ok").
+    data = tmp_path / "five.csv"
+    data.write_text("a,y\n" + "".join(f"{i},{i * i}\n" for i in range(5)))
+    with pytest.raises(DataError, match=r"five.csv: 5 rows cannot make 3 folds: R² needs at least 2 held-out "
+                                        r"rows a fold \(at most 2 folds\)"):
+        run_compare_models(_params(pm, tmp_path, data={"path": str(data), "target": "y"}), pm)
     assert not (tmp_path / "out").exists()
 
 

@@ -195,8 +195,14 @@ class StudyRunner:
         by_trial: dict[tuple[str, int], list[FoldResult]] = defaultdict(list)
         on_result = functools.partial(self._record, by_trial)
         trials = [trial for batch in asked.values() for trial, _ in batch]
-        with self.store.heartbeat(trials, self.params["heartbeat_interval_s"]):
-            returned = executor.run_batch(jobs, on_result=on_result)
+        try:
+            with self.store.heartbeat(trials, self.params["heartbeat_interval_s"]):
+                returned = executor.run_batch(jobs, on_result=on_result)
+        except BaseException:
+            # Stopped mid-batch (Ctrl-C, a lost worker pool): the trials whose every fold finished are
+            # results like any other. Tell them; only the rest are failed and asked again (run()).
+            self._tell_finished(asked, by_trial)
+            raise
         # Results the executor returned without calling back still count, once.
         for result in returned:
             key = (result.model_type, result.trial_number)
@@ -209,9 +215,23 @@ class StudyRunner:
                     results = results + [FoldResult(trial.number, k, model_type, None, 0.0, "fail",
                                                      "the executor returned no result for this fold")
                                          for k in range(job.folds) if k not in {r.fold_idx for r in results}]
-                value, reason = _trial_value(results)
-                self.store.tell(self.studies[model_type], trial, job.params, value, reason, results)
-                self.board.trial_done(model_type, value)
+                self._tell(model_type, trial, job, results)
+
+    def _tell(self, model_type: str, trial: optuna.Trial, job: TrialJob, results: list[FoldResult]) -> None:
+        value, reason = _trial_value(results)
+        self.store.tell(self.studies[model_type], trial, job.params, value, reason, results)
+        self.board.trial_done(model_type, value)
+
+    def _tell_finished(self, asked: dict[str, list], by_trial: dict) -> None:
+        """Tell, in trial-number order, the asked trials that have a result for every fold."""
+        try:
+            for model_type, batch in asked.items():
+                for trial, job in sorted(batch, key=lambda pair: pair[0].number):
+                    results = sorted(by_trial[(model_type, trial.number)], key=lambda r: r.fold_idx)
+                    if job is not None and {r.fold_idx for r in results} == set(range(job.folds)):
+                        self._tell(model_type, trial, job, results)
+        except Exception as exc:  # the stop is what the caller reports; the rest are failed and asked again
+            logger.warning("could not record the trials that finished before the stop: %s", exc)
 
 
 def run_compare_models(params: dict, pm, out: TextIO | None = None) -> dict:
@@ -224,8 +244,9 @@ def run_compare_models(params: dict, pm, out: TextIO | None = None) -> dict:
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our progress bars and leaderboard speak instead
     data = DataRef.from_param(params["data"])
     dataset = load_dataset(data)  # a bad dataset must fail before anything is trained or written
-    if params["folds"] > dataset.n_rows:
-        raise DataError(f"{dataset.name}: {dataset.n_rows} rows cannot make {params['folds']} folds")
+    if params["folds"] > dataset.n_rows // 2:
+        raise DataError(f"{dataset.name}: {dataset.n_rows} rows cannot make {params['folds']} folds: R² needs at "
+                        f"least 2 held-out rows a fold (at most {dataset.n_rows // 2} folds)")
     devices = resolve_devices(params["devices"])
     chosen = _choose_executors(pm, params["model_types"], params.get("executors") or {})
 
@@ -256,24 +277,17 @@ def run_compare_models(params: dict, pm, out: TextIO | None = None) -> dict:
         except ExecutorError as exc:
             raise ManifestError([f"params ({executor_name}): {exc}"]) from None
     if params.get("storage"):
-        store = StudyStore.open(params, output_dir, data)  # a bad URL or a dead database: fail before writing
+        # A bad URL, a dead database or a study made with other params: fail before writing anything.
+        store = StudyStore.open(params, output_dir, data)
+        group_studies = _open_studies(store, groups, runnable, params, devices)
         _make_output_dir(output_dir)
-    else:
+    else:  # the database lives in output_dir; a new one holds no study to refuse
         _make_output_dir(output_dir)
         store = StudyStore.open(params, output_dir, data)
+        group_studies = _open_studies(store, groups, runnable, params, devices)
     print(f"compare_models: {dataset.name} ({dataset.n_rows} rows x {dataset.X.shape[1]} features), "
           f"{params['folds']}-fold CV, {params['trials']} trials per model type, "
           f"devices: {', '.join(f'GPU {d}' for d in devices) or 'CPU'}", file=out)
-
-    # Every study is opened (and checked against the params it was made with) before anything trains:
-    # a tree param changed since the last run must not be refused after hours of NN training.
-    group_studies: dict[str, dict[str, optuna.Study]] = {}
-    for executor_name, model_types in groups.items():
-        # GPU and CPU fits of one model differ (algorithms, rounding), so where it ran defines a study too.
-        result_params = {key: params[key] for key in runnable[model_types[0]].result_params}
-        result_params["compute"] = "gpu" if devices else "cpu"
-        group_studies[executor_name] = {mt: store.study(mt, seed=params["seed"] + _SAMPLER_SEED_OFFSET.get(mt, 0),
-                                                        result_params=result_params) for mt in model_types}
 
     log = TrialLog(output_dir / TRIALS_FILE)
     board = ProgressBoard(list(runnable), params["trials"], enabled=params["progress"])
@@ -311,6 +325,20 @@ def run_compare_models(params: dict, pm, out: TextIO | None = None) -> dict:
         monitor.stop()
         log.close()
     return run.write()
+
+
+def _open_studies(store: StudyStore, groups: dict[str, list[str]], runnable: dict[str, WatcherExecutor],
+                  params: dict, devices: list[int]) -> dict[str, dict[str, optuna.Study]]:
+    """Every study, opened (and checked against the params it was made with) before anything trains: a
+    tree param changed since the last run must not be refused after hours of NN training."""
+    group_studies = {}
+    for executor_name, model_types in groups.items():
+        # GPU and CPU fits of one model differ (algorithms, rounding), so where it ran defines a study too.
+        result_params = {key: params[key] for key in runnable[model_types[0]].result_params}
+        result_params["compute"] = "gpu" if devices else "cpu"
+        group_studies[executor_name] = {mt: store.study(mt, seed=params["seed"] + _SAMPLER_SEED_OFFSET.get(mt, 0),
+                                                        result_params=result_params) for mt in model_types}
+    return group_studies
 
 
 def _make_output_dir(output_dir: Path) -> None:

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import zipfile
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,6 +104,8 @@ def load_dataset(ref: DataRef) -> Dataset:
     if ref.embedded:
         return embedded_survivors(ref.rows or EMBEDDED_DEFAULT_ROWS)
     path = Path(ref.path)
+    if path.is_dir():  # before the suffix check: a directory's name says nothing about a format
+        raise DataError(f"{path}: is a directory: expected a data file")
     fmt = ref.format or _FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise DataError(f"{path}: unknown file type {path.suffix!r}: expected one of {', '.join(sorted(_FORMATS))}"
@@ -110,7 +113,7 @@ def load_dataset(ref: DataRef) -> Dataset:
     if fmt not in DATA_FORMATS:
         raise DataError(f"{path}: the data param's format {fmt!r} is not one of {', '.join(DATA_FORMATS)}")
     if not path.is_file():
-        raise DataError(f"{path}: data file not found")
+        raise DataError(_not_a_file(path))
     if fmt != "npz" and not ref.target:
         raise DataError(f"{path}: a {fmt} file needs the data param's 'target': the name of the target column")
     try:
@@ -136,6 +139,15 @@ def load_dataset(ref: DataRef) -> Dataset:
     return Dataset(name=path.name, X=np.ascontiguousarray(X), y=np.ascontiguousarray(y), feature_names=names)
 
 
+def _not_a_file(path: Path) -> str:
+    if path.exists():  # a FIFO, a socket, a device
+        return f"{path}: not a regular file: expected a data file"
+    if path.is_absolute():
+        return f"{path}: data file not found"
+    # A relative path depends on where the run was started; say where that was.
+    return f"{path}: data file not found (a relative path, resolved against the current directory {Path.cwd()})"
+
+
 def _read_npz(path: Path) -> tuple[dict[str, np.ndarray], np.ndarray]:
     with np.load(path, allow_pickle=False) as archive:
         missing = [key for key in ("X", "y") if key not in archive.files]
@@ -156,10 +168,20 @@ def _numeric_column(path: Path, name: str, values: list) -> np.ndarray:
     out = np.empty(len(values), dtype=np.float64)
     for row, value in enumerate(values):
         try:
+            # float() also takes "1_000" and non-ASCII digits ("１２３"), which are not numbers in a data file.
+            if isinstance(value, str) and ("_" in value or not value.isascii()):
+                raise ValueError(value)
             out[row] = float(value)
         except (TypeError, ValueError):
             raise DataError(f"{path}: column {name!r} is not numeric: data row {row + 1} holds {value!r}") from None
     return out
+
+
+def _check_unique_names(path: Path, names: list[str], where: str) -> None:
+    counts = Counter(names)  # linear: files with 100,000 columns exist
+    duplicates = sorted(name for name, count in counts.items() if count > 1)
+    if duplicates:
+        raise DataError(f"{path}: column name(s) {', '.join(map(repr, duplicates))} appear more than once in {where}")
 
 
 def _read_csv(path: Path) -> dict[str, np.ndarray]:
@@ -167,26 +189,36 @@ def _read_csv(path: Path) -> dict[str, np.ndarray]:
     # the first column's name.
     with path.open(newline="", encoding="utf-8-sig") as fh:
         reader = csv.reader(fh)
-        # Blank lines (a trailing one is common) carry no data; skip them wherever they are.
-        lines = (row for row in reader if any(field.strip() for field in row))
-        header = next(lines, None)
-        if not header:
-            raise DataError(f"{path}: empty CSV file: expected a header row and data rows")
-        for j, name in enumerate(header):
-            if not name.strip():
-                raise DataError(f"{path}: column {j + 1} has no name in the header")
-        duplicates = sorted({name for name in header if header.count(name) > 1})
-        if duplicates:
-            raise DataError(f"{path}: column name(s) {', '.join(map(repr, duplicates))} appear more than once in the header")
-        rows = []
-        for row in lines:
-            if len(row) != len(header):  # reader.line_num: the file's line, counting skipped blank lines
-                raise DataError(f"{path}: line {reader.line_num} has {len(row)} fields: "
-                                f"expected {len(header)} as in the header")
-            rows.append(row)
+        try:
+            header, rows = _csv_rows(path, reader)
+        except csv.Error as exc:
+            # The csv module's own errors (a field over its size limit, ...) name no file or line.
+            if "field limit" in str(exc):
+                raise DataError(f"{path}: line {reader.line_num} has a field longer than "
+                                f"{csv.field_size_limit()} characters: expected column names and numbers") from None
+            raise DataError(f"{path}: line {reader.line_num} is not valid CSV: {exc}") from None
     if not rows:
         raise DataError(f"{path}: no data rows below the header")
     return {name: _numeric_column(path, name, [row[j] for row in rows]) for j, name in enumerate(header)}
+
+
+def _csv_rows(path: Path, reader) -> tuple[list[str], list[list[str]]]:
+    # Blank lines (a trailing one is common) carry no data; skip them wherever they are.
+    lines = (row for row in reader if any(field.strip() for field in row))
+    header = next(lines, None)
+    if not header:
+        raise DataError(f"{path}: empty CSV file: expected a header row and data rows")
+    for j, name in enumerate(header):
+        if not name.strip():
+            raise DataError(f"{path}: column {j + 1} has no name in the header")
+    _check_unique_names(path, header, "the header")
+    rows = []
+    for row in lines:
+        if len(row) != len(header):  # reader.line_num: the file's line, counting skipped blank lines
+            raise DataError(f"{path}: line {reader.line_num} has {len(row)} fields: "
+                            f"expected {len(header)} as in the header")
+        rows.append(row)
+    return header, rows
 
 
 def _read_parquet(path: Path) -> dict[str, np.ndarray]:
@@ -194,6 +226,8 @@ def _read_parquet(path: Path) -> dict[str, np.ndarray]:
         import pyarrow.parquet as pq
     except ImportError:
         raise DataError(f"{path}: reading .parquet needs pyarrow: pip install 'watcher_plugins[parquet]'") from None
+    # Checked on the schema first: pyarrow's own error for duplicate names is a multi-line schema dump.
+    _check_unique_names(path, pq.read_schema(path).names, "the parquet schema")
     table = pq.read_table(path)
     return {name: _numeric_column(path, name, table.column(name).to_pylist()) for name in table.column_names}
 
@@ -230,7 +264,7 @@ def _to_float32(path: Path, values: np.ndarray, label: str) -> np.ndarray:
 
 
 def _check_finite(path: Path, X: np.ndarray, y: np.ndarray, names: tuple[str, ...], target: str) -> None:
-    """Rows are data rows, counted from 1 and not counting a CSV header."""
+    """At least 2 rows, all finite, and a target that varies. Rows are data rows, counted from 1, no CSV header."""
     if X.shape[0] < 2:
         raise DataError(f"{path}: {X.shape[0]} rows: expected at least 2")
     if not np.isfinite(y).all():
@@ -240,12 +274,18 @@ def _check_finite(path: Path, X: np.ndarray, y: np.ndarray, names: tuple[str, ..
     if bad.any():
         row, col = (int(v) for v in np.argwhere(bad)[0])
         raise DataError(f"{path}: column {names[col]!r} has a non-finite value (NaN or inf) at data row {row + 1}")
+    # Checked on the float32 values the models see. Every model would score R² = 0.0 on a constant target,
+    # which looks like a result; R² is undefined there.
+    if (y == y[0]).all():
+        raise DataError(f"{path}: target column {target!r} is constant: R² is undefined; expected at least two "
+                        f"different values, found only {float(y[0]):g}")
 
 
 def kfold_splits(n_rows: int, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """Seeded k-fold split: a permutation cut into k near-equal held-out parts. (train_idx, val_idx), sorted."""
-    if not 2 <= folds <= n_rows:
-        raise DataError(f"cannot make {folds} folds from {n_rows} rows: expected 2 <= folds <= rows")
+    if not 2 <= folds <= n_rows // 2:
+        raise DataError(f"cannot make {folds} folds from {n_rows} rows: expected 2 <= folds <= rows / 2 (R² needs "
+                        "at least 2 held-out rows a fold)")
     order = np.random.default_rng(seed).permutation(n_rows)
     parts = np.array_split(order, folds)
     splits = []

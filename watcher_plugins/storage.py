@@ -53,13 +53,14 @@ class StudyStore:
     """Creates, resumes and updates the studies of one compare_models run."""
 
     def __init__(self, storage: optuna.storages.RDBStorage, url: str, prefix: str, definition: dict,
-                 retries: int = 3, retry_wait_s: float = 1.0):
+                 retries: int = 3, retry_wait_s: float = 1.0, in_output_dir: bool = True):
         self.storage = storage
         self.url = url
         self.prefix = prefix
         self.definition = definition
         self.retries = retries
         self.retry_wait_s = retry_wait_s
+        self.in_output_dir = in_output_dir  # the default SQLite file: another output_dir is another storage
 
     @classmethod
     def open(cls, params: dict, output_dir: Path, data: DataRef) -> StudyStore:
@@ -74,7 +75,8 @@ class StudyStore:
             raise StorageError(f"params::$.storage: cannot open Optuna storage {_redact(url)}: "
                                f"{type(exc).__name__}: {_first_line(exc)}") from None
         definition = {key: params[key] for key in _DEFINING_PARAMS} | {"data": data.to_json()}
-        return cls(storage, url, params["study_name"], definition, retries=params["storage_retries"])
+        return cls(storage, url, params["study_name"], definition, retries=params["storage_retries"],
+                   in_output_dir=not params.get("storage"))
 
     @property
     def url_for_display(self) -> str:
@@ -120,7 +122,7 @@ class StudyStore:
                      for key in sorted(set(stored) | set(definition)) if stored.get(key) != definition.get(key)]
             raise StorageError(f"study {name!r} in {self.url_for_display} was made with other params "
                                f"({'; '.join(diffs)}); resume it with the same params, or choose another "
-                               "study_name or output_dir")
+                               + ("study_name or output_dir" if self.in_output_dir else "study_name"))
         self.fail_stale(study)
         return study
 
