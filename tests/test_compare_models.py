@@ -257,6 +257,23 @@ def test_a_refused_resume_of_a_named_storage_writes_nothing_and_says_what_to_cha
         run_compare_models(_params(pm, tmp_path, trials=2, folds=4, output_dir=own), pm)
 
 
+def test_a_data_file_whose_contents_changed_is_other_data(pm, tmp_path):
+    # Same path, other rows: resuming would mix trials of two datasets in one study and one leaderboard.
+    data = tmp_path / "d.csv"
+    rows = [(i, (i * 7) % 11) for i in range(40)]
+    data.write_text("a,y\n" + "".join(f"{a},{y}\n" for a, y in rows))
+    params = {"data": {"path": str(data), "target": "y"}, "trials": 2}
+    run_compare_models(_params(pm, tmp_path, **params), pm)
+    data.write_text("a,y\n" + "".join(f"{a},{y + 1}\n" for a, y in rows))
+    with pytest.raises(StorageError, match=r"data_sha256: stored '[0-9a-f]{64}', now '[0-9a-f]{64}'"):
+        run_compare_models(_params(pm, tmp_path, **{**params, "trials": 3}), pm)
+    # A study made before data files were fingerprinted resumes as it did (by path).
+    study = optuna.load_study(study_name="compare_models-nn", storage=f"sqlite:///{tmp_path}/out/optuna.db")
+    study.set_user_attr("definition", {k: v for k, v in study.user_attrs["definition"].items() if k != "data_sha256"})
+    run_compare_models(_params(pm, tmp_path, **{**params, "trials": 3}), pm)
+    assert len(_trajectory(tmp_path / "out")) == 3
+
+
 def test_a_changed_param_of_a_later_group_is_refused_before_anything_trains(pm, tmp_path):
     # The NN group runs first; its trials must not be trained (for hours, on a GPU) and then thrown
     # away because the tree group's study was made with another tree_rounds.

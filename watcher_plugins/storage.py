@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 import time
@@ -75,6 +76,8 @@ class StudyStore:
             raise StorageError(f"params::$.storage: cannot open Optuna storage {_redact(url)}: "
                                f"{type(exc).__name__}: {_first_line(exc)}") from None
         definition = {key: params[key] for key in _DEFINING_PARAMS} | {"data": data.to_json()}
+        if data.path:  # the same path with other contents is other data: a resumed study must not mix them
+            definition["data_sha256"] = _file_sha256(Path(data.path))
         return cls(storage, url, params["study_name"], definition, retries=params["storage_retries"],
                    in_output_dir=not params.get("storage"))
 
@@ -114,6 +117,8 @@ class StudyStore:
         study.set_user_attr("sampler_seed", seed)
         stored = _with_default_rows(study.user_attrs.get("definition"))
         definition = _with_default_rows(definition)
+        if stored is not None and "data_sha256" not in stored:
+            definition.pop("data_sha256", None)  # a study made before data files were fingerprinted
         if stored is None:
             study.set_user_attr("model_type", model_type)
             study.set_user_attr("definition", definition)
@@ -289,6 +294,15 @@ def _redact(url: str) -> str:
         if ":" in creds:
             return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
     return url
+
+
+def _file_sha256(path: Path) -> str:
+    """The file's SHA-256, read in 1 MiB blocks (hashing a GB file takes a few seconds)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _with_default_rows(definition: dict | None) -> dict | None:
