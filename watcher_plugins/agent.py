@@ -97,8 +97,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; unfinished trials were marked FAIL and will be asked again on the next run",
-              file=sys.stderr)
+        # True however early the interrupt came: finished trials are kept, unfinished ones asked again.
+        print(f"{PROG}: interrupted; running it again resumes: only what did not finish runs", file=sys.stderr)
         return 130
 
 
