@@ -137,7 +137,8 @@ def test_outputs_trial_lines_summary_and_leaderboard(pm, tmp_path, capsys):
     out_dir = tmp_path / "out"
     lines = [json.loads(line) for line in (out_dir / "trials.jsonl").read_text().splitlines()]
     assert len(lines) == 7 * 3
-    assert set(lines[0]) >= {"trial_number", "fold_idx", "model_type", "r2", "seconds", "status"}
+    assert set(lines[0]) >= {"study", "trial_number", "fold_idx", "model_type", "r2", "seconds", "status"}
+    assert {line["study"] for line in lines} == {"compare_models-nn"}  # what tells studies sharing the file apart
     assert json.loads((out_dir / "summary.json").read_text()) == json.loads(json.dumps(summary))
     (row,) = summary["leaderboard"]
     trials = _trajectory(out_dir)

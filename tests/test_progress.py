@@ -61,3 +61,15 @@ def test_bar_postfix_follows_the_trial_count():
     board.resume("nn", done=3, best=0.5)
     assert "3/20 trials, best R2 0.5000  [" in str(board.bars["nn"])
     board.close()
+
+
+def test_a_finished_bar_stops_its_clock():
+    board = ProgressBoard(["nn", "xgboost"], trials=2, stream=_Terminal())
+    board.resume("nn", done=0, best=None)
+    board.trial_done("nn", 0.5)
+    board.trial_done("nn", 0.6)
+    time.sleep(1.1)  # later groups run meanwhile; the NN's line must still say how long the NN took
+    board.close()
+    out = board.stream.getvalue()
+    last_drawn = out[out.rindex("2/2 trials"):][:40]
+    assert "2/2 trials, best R2 0.6000  [00:00<" in last_drawn, last_drawn

@@ -73,8 +73,9 @@ class TrialLog:
     def __init__(self, path: Path):
         self._fh: TextIO = path.open("a", encoding="utf-8")
 
-    def write(self, result: FoldResult) -> None:
+    def write(self, result: FoldResult, study: str) -> None:
         line = {
+            "study": study,  # several studies may share output_dir (study_name), each with a trial 0
             "trial_number": result.trial_number,
             "fold_idx": result.fold_idx,
             "model_type": result.model_type,
@@ -157,7 +158,7 @@ class StudyRunner:
             into[-1] = (trial, job)
 
     def _record(self, by_trial: dict, result: FoldResult) -> None:
-        self.log.write(result)
+        self.log.write(result, self.studies[result.model_type].study_name)
         by_trial[(result.model_type, result.trial_number)].append(result)
 
     def run(self, executor: Executor) -> None:

@@ -60,6 +60,9 @@ class ProgressBoard:
         if model_type in self.bars:
             self._show_bar(model_type)
             self.bars[model_type].update(1)
+            if self.done[model_type] >= self.total:
+                # Its last drawing keeps the time it took; open, it would show the run's time when closed.
+                self.bars[model_type].close()
         elif self.enabled:
             self._print_line(model_type)
 
