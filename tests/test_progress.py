@@ -66,10 +66,12 @@ def test_bar_postfix_follows_the_trial_count():
 def test_a_finished_bar_stops_its_clock():
     board = ProgressBoard(["nn", "xgboost"], trials=2, stream=_Terminal())
     board.resume("nn", done=0, best=None)
+    board.resume("xgboost", done=2, best=0.4)  # already complete: nothing of it runs
     board.trial_done("nn", 0.5)
     board.trial_done("nn", 0.6)
-    time.sleep(1.1)  # later groups run meanwhile; the NN's line must still say how long the NN took
+    time.sleep(1.1)  # later groups run meanwhile; each line must still say how long its model took
+    board.bars["nn"].refresh()  # as the other bars' updates and the final close redraw it
+    shown = {m: str(bar) for m, bar in board.bars.items()}
     board.close()
-    out = board.stream.getvalue()
-    last_drawn = out[out.rindex("2/2 trials"):][:40]
-    assert "2/2 trials, best R2 0.6000  [00:00<" in last_drawn, last_drawn
+    assert "2/2 trials, best R2 0.6000  [00:00<" in shown["nn"], shown
+    assert "2/2 trials, best R2 0.4000  [00:00<" in shown["xgboost"], shown

@@ -13,6 +13,24 @@ from typing import TextIO
 from tqdm import tqdm
 
 
+class _Bar(tqdm):
+    """A bar whose clock can stop: a model type's bar stays on screen while later groups run, and should
+    keep the time it took. (Closing it early would draw it at the cursor and shift the other bars.)"""
+
+    _stopped_at: float | None = None
+
+    def stop_clock(self) -> None:
+        self._stopped_at = self.format_dict["elapsed"]
+        self.refresh()
+
+    @property
+    def format_dict(self):
+        d = super().format_dict
+        if self._stopped_at is not None:
+            d["elapsed"] = self._stopped_at
+        return d
+
+
 class ProgressBoard:
     def __init__(self, model_types: list[str], trials: int, enabled: bool = True, stream: TextIO | None = None):
         self.stream = stream or sys.stderr
@@ -26,7 +44,7 @@ class ProgressBoard:
         self.bars: dict[str, tqdm] = {}
         if enabled and self.stream.isatty():
             for position, model_type in enumerate(model_types):
-                self.bars[model_type] = tqdm(
+                self.bars[model_type] = _Bar(
                     total=trials, desc=model_type.ljust(self.width), unit="trial", position=position,
                     file=self.stream, dynamic_ncols=True, leave=True, mininterval=0.5,
                     # tqdm puts ", " before the postfix itself
@@ -52,6 +70,8 @@ class ProgressBoard:
             # Resumed trials are the starting count, not progress: the rate and time left count new trials only.
             bar.initial = bar.n = bar.last_print_n = self.done[model_type]
             self._show_bar(model_type)
+            if self.done[model_type] >= self.total:  # nothing left to run: no time passes for it
+                bar.stop_clock()
 
     def trial_done(self, model_type: str, value: float | None) -> None:
         if value is not None and (self.best[model_type] is None or value > self.best[model_type]):
@@ -61,8 +81,7 @@ class ProgressBoard:
             self._show_bar(model_type)
             self.bars[model_type].update(1)
             if self.done[model_type] >= self.total:
-                # Its last drawing keeps the time it took; open, it would show the run's time when closed.
-                self.bars[model_type].close()
+                self.bars[model_type].stop_clock()
         elif self.enabled:
             self._print_line(model_type)
 
