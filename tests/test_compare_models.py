@@ -210,6 +210,24 @@ def test_trials_that_finished_before_a_stop_are_told_and_only_the_rest_asked_aga
     assert [t[2] for t in _trajectory(tmp_path / "out")[6:8]] == [t[2] for t in trials[4:6]]
 
 
+def test_a_ctrl_c_while_a_finished_batch_is_told_still_tells_it(pm, tmp_path, monkeypatch):
+    from watcher_plugins.storage import StudyStore
+
+    tell = StudyStore.tell
+
+    def interrupted_once(self, study, trial, *args, **kwargs):
+        if trial.number == 3 and not getattr(interrupted_once, "done", False):
+            interrupted_once.done = True
+            raise KeyboardInterrupt  # as batch 2 (trials 3, 4, 5, every fold finished) is being told
+        return tell(self, study, trial, *args, **kwargs)
+
+    monkeypatch.setattr(StudyStore, "tell", interrupted_once)
+    with pytest.raises(KeyboardInterrupt):
+        run_compare_models(_params(pm, tmp_path), pm)
+    # Trial 2 and 5 failed on their own (the executor's OOM fold): finished too, and not asked again.
+    assert [t[1] for t in _trajectory(tmp_path / "out")] == ["COMPLETE", "COMPLETE", "FAIL"] * 2
+
+
 def test_ctrl_c_while_a_trial_is_being_asked_leaves_nothing_running(pm, tmp_path, monkeypatch):
     """The signal lands inside ``study.ask``, after the trial is written (seen once in CI): the trial
     must still end FAIL and be re-queued, not stay RUNNING."""

@@ -196,43 +196,54 @@ class StudyRunner:
         by_trial: dict[tuple[str, int], list[FoldResult]] = defaultdict(list)
         on_result = functools.partial(self._record, by_trial)
         trials = [trial for batch in asked.values() for trial, _ in batch]
+        told: set[tuple[str, int]] = set()
         try:
             with self.store.heartbeat(trials, self.params["heartbeat_interval_s"]):
                 returned = executor.run_batch(jobs, on_result=on_result)
+            # Results the executor returned without calling back still count, once.
+            for result in returned:
+                key = (result.model_type, result.trial_number)
+                if not any(r.fold_idx == result.fold_idx for r in by_trial[key]):
+                    on_result(result)
+            self._tell_batch(asked, by_trial, told)
         except BaseException:
-            # Stopped mid-batch (Ctrl-C, a lost worker pool): the trials whose every fold finished are
-            # results like any other. Tell them; only the rest are failed and asked again (run()).
-            self._tell_finished(asked, by_trial)
+            # Stopped (Ctrl-C while training or while telling, a lost worker pool): the trials whose every
+            # fold finished are results like any other. Tell them; only the rest are failed and asked
+            # again (run()).
+            try:
+                self._tell_batch(asked, by_trial, told, finished_only=True)
+            except StorageLost as exc:  # the stop is what the caller reports; the stale check recovers them
+                logger.warning("could not record the trials that finished before the stop: %s", exc)
             raise
-        # Results the executor returned without calling back still count, once.
-        for result in returned:
-            key = (result.model_type, result.trial_number)
-            if not any(r.fold_idx == result.fold_idx for r in by_trial[key]):
-                on_result(result)
+
+    def _tell_batch(self, asked: dict[str, list], by_trial: dict, told: set[tuple[str, int]],
+                    finished_only: bool = False) -> None:
+        """Tell the batch's trials not told yet, in trial-number order. A fold without a result fails its
+        trial; with ``finished_only`` (after a stop) such trials are left, and an error telling one
+        trial does not keep the others from being told."""
         for model_type, batch in asked.items():
-            for trial, job in sorted(batch, key=lambda pair: pair[0].number):  # tell in trial-number order
-                results = sorted(by_trial[(model_type, trial.number)], key=lambda r: r.fold_idx)
-                if len(results) != job.folds:
-                    results = results + [FoldResult(trial.number, k, model_type, None, 0.0, "fail",
-                                                     "the executor returned no result for this fold")
-                                         for k in range(job.folds) if k not in {r.fold_idx for r in results}]
-                self._tell(model_type, trial, job, results)
-
-    def _tell(self, model_type: str, trial: optuna.Trial, job: TrialJob, results: list[FoldResult]) -> None:
-        value, reason = _trial_value(results)
-        self.store.tell(self.studies[model_type], trial, job.params, value, reason, results)
-        self.board.trial_done(model_type, value)
-
-    def _tell_finished(self, asked: dict[str, list], by_trial: dict) -> None:
-        """Tell, in trial-number order, the asked trials that have a result for every fold."""
-        try:
-            for model_type, batch in asked.items():
-                for trial, job in sorted(batch, key=lambda pair: pair[0].number):
-                    results = sorted(by_trial[(model_type, trial.number)], key=lambda r: r.fold_idx)
-                    if job is not None and {r.fold_idx for r in results} == set(range(job.folds)):
-                        self._tell(model_type, trial, job, results)
-        except Exception as exc:  # the stop is what the caller reports; the rest are failed and asked again
-            logger.warning("could not record the trials that finished before the stop: %s", exc)
+            for trial, job in sorted(batch, key=lambda pair: pair[0].number):
+                key = (model_type, trial.number)
+                results = sorted(by_trial[key], key=lambda r: r.fold_idx)
+                missing = [k for k in range(job.folds) if k not in {r.fold_idx for r in results}] if job else []
+                if key in told or job is None or (finished_only and missing):
+                    continue
+                results += [FoldResult(trial.number, k, model_type, None, 0.0, "fail",
+                                       "the executor returned no result for this fold") for k in missing]
+                value, reason = _trial_value(results)
+                try:
+                    self.store.tell(self.studies[model_type], trial, job.params, value, reason, results)
+                except StorageLost:
+                    raise
+                except Exception as exc:
+                    if not finished_only:
+                        raise
+                    # Another agent may have failed it as stale meanwhile: it is asked again either way.
+                    logger.warning("could not record %s trial %d, which finished before the stop: %s",
+                                   model_type, trial.number, exc)
+                    continue
+                told.add(key)
+                self.board.trial_done(model_type, value)
 
 
 def run_compare_models(params: dict, pm, out: TextIO | None = None) -> dict:
