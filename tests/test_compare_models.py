@@ -17,7 +17,14 @@ import pytest
 
 from watcher_plugins import hookimpl
 from watcher_plugins.compare_models import run_compare_models
-from watcher_plugins.errors import DataError, ExecutorError, ManifestError, PluginError, StorageError
+from watcher_plugins.errors import (
+    DataError,
+    ExecutorError,
+    ManifestError,
+    OutputDirError,
+    PluginError,
+    StorageError,
+)
 from watcher_plugins.executor import Executor
 from watcher_plugins.manifest import load_manifest
 from watcher_plugins.records import FoldResult
@@ -284,13 +291,31 @@ def test_a_data_file_whose_contents_changed_is_other_data(pm, tmp_path):
     params = {"data": {"path": str(data), "target": "y"}, "trials": 2}
     run_compare_models(_params(pm, tmp_path, **params), pm)
     data.write_text("a,y\n" + "".join(f"{a},{y + 1}\n" for a, y in rows))
-    with pytest.raises(StorageError, match=r"data_sha256: stored '[0-9a-f]{64}', now '[0-9a-f]{64}'"):
+    with pytest.raises(StorageError, match=r"was made with other data under the same name .*d.csv.*: the numbers "
+                                           r"read from it differ .*; restore that data, or choose another "
+                                           r"study_name or output_dir$"):
         run_compare_models(_params(pm, tmp_path, **{**params, "trials": 3}), pm)
+    # The same numbers written again (other line endings, "2.0" for "2") are the same data.
+    data.write_text("a,y\r\n" + "".join(f"{a}.0,{y}\r\n" for a, y in rows))
+    run_compare_models(_params(pm, tmp_path, **{**params, "trials": 3}), pm)
     # A study made before data files were fingerprinted resumes as it did (by path).
     study = optuna.load_study(study_name="compare_models-nn", storage=f"sqlite:///{tmp_path}/out/optuna.db")
     study.set_user_attr("definition", {k: v for k, v in study.user_attrs["definition"].items() if k != "data_sha256"})
-    run_compare_models(_params(pm, tmp_path, **{**params, "trials": 3}), pm)
-    assert len(_trajectory(tmp_path / "out")) == 3
+    data.write_text("a,y\n" + "".join(f"{a},{y + 1}\n" for a, y in rows))
+    run_compare_models(_params(pm, tmp_path, **{**params, "trials": 4}), pm)
+    assert len(_trajectory(tmp_path / "out")) == 4
+
+
+def test_a_study_nothing_was_trained_in_takes_the_params_of_the_run_that_uses_it(pm, tmp_path):
+    # A run that stopped before its first trial (here: its output_dir could not be made) leaves an empty
+    # study in the named storage; it must not refuse the next run's params.
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(OutputDirError):
+        run_compare_models(_params(pm, tmp_path, trials=2, storage=url, output_dir=str(tmp_path / "afile" / "out")), pm)
+    run_compare_models(_params(pm, tmp_path, trials=2, folds=4, storage=url), pm)
+    with pytest.raises(StorageError, match=r"folds: stored 4, now 3"):  # trained in now: protected
+        run_compare_models(_params(pm, tmp_path, trials=3, storage=url), pm)
 
 
 def test_a_changed_param_of_a_later_group_is_refused_before_anything_trains(pm, tmp_path):

@@ -259,6 +259,7 @@ def run_compare_models(params: dict, pm, out: TextIO | None = None) -> dict:
     if params["folds"] > dataset.n_rows // 2:
         raise DataError(f"{dataset.name}: {dataset.n_rows} rows cannot make {params['folds']} folds: R² needs at "
                         f"least 2 held-out rows a fold (at most {dataset.n_rows // 2} folds)")
+    fingerprint = dataset.sha256() if data.path else None  # the embedded data is fixed by its version
     devices = resolve_devices(params["devices"])
     chosen = _choose_executors(pm, params["model_types"], params.get("executors") or {})
 
@@ -290,12 +291,12 @@ def run_compare_models(params: dict, pm, out: TextIO | None = None) -> dict:
             raise ManifestError([f"params ({executor_name}): {exc}"]) from None
     if params.get("storage"):
         # A bad URL, a dead database or a study made with other params: fail before writing anything.
-        store = StudyStore.open(params, output_dir, data)
+        store = StudyStore.open(params, output_dir, data, fingerprint)
         group_studies = _open_studies(store, groups, runnable, params, devices)
         _make_output_dir(output_dir)
     else:  # the database lives in output_dir; a new one holds no study to refuse
         _make_output_dir(output_dir)
-        store = StudyStore.open(params, output_dir, data)
+        store = StudyStore.open(params, output_dir, data, fingerprint)
         group_studies = _open_studies(store, groups, runnable, params, devices)
     print(f"compare_models: {dataset.name} ({dataset.n_rows} rows x {dataset.X.shape[1]} features), "
           f"{params['folds']}-fold CV, {params['trials']} trials per model type, "

@@ -7,6 +7,7 @@ without pulling in a CUDA framework.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import os
@@ -43,6 +44,16 @@ class Dataset:
     @property
     def n_rows(self) -> int:
         return int(self.X.shape[0])
+
+    def sha256(self) -> str:
+        """A fingerprint of what the models see (names, features, target), not of the file's bytes: the
+        same numbers written again (other line endings, "1.0" for "1") are the same data."""
+        digest = hashlib.sha256()
+        digest.update(json.dumps(self.feature_names).encode())
+        for array in (self.X, self.y):
+            digest.update(str(array.shape).encode())
+            digest.update(np.ascontiguousarray(array, dtype=np.float32).tobytes())
+        return digest.hexdigest()
 
 
 def cache_dir() -> Path:

@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import threading
 import time
@@ -64,8 +63,9 @@ class StudyStore:
         self.in_output_dir = in_output_dir  # the default SQLite file: another output_dir is another storage
 
     @classmethod
-    def open(cls, params: dict, output_dir: Path, data: DataRef) -> StudyStore:
-        """Connect (and create the schema if needed); a bad URL or a database that is down fails here."""
+    def open(cls, params: dict, output_dir: Path, data: DataRef, data_sha256: str | None = None) -> StudyStore:
+        """Connect (and create the schema if needed); a bad URL or a database that is down fails here.
+        ``data_sha256``: the loaded data file's fingerprint (Dataset.sha256), which joins the definition."""
         url = params.get("storage") or f"sqlite:///{(output_dir / DEFAULT_DB).resolve()}"
         try:
             storage = _connect(url, params["heartbeat_interval_s"])
@@ -76,8 +76,8 @@ class StudyStore:
             raise StorageError(f"params::$.storage: cannot open Optuna storage {_redact(url)}: "
                                f"{type(exc).__name__}: {_first_line(exc)}") from None
         definition = {key: params[key] for key in _DEFINING_PARAMS} | {"data": data.to_json()}
-        if data.path:  # the same path with other contents is other data: a resumed study must not mix them
-            definition["data_sha256"] = _file_sha256(Path(data.path))
+        if data_sha256:  # the same path with other contents is other data: a resumed study must not mix them
+            definition["data_sha256"] = data_sha256
         return cls(storage, url, params["study_name"], definition, retries=params["storage_retries"],
                    in_output_dir=not params.get("storage"))
 
@@ -123,13 +123,25 @@ class StudyStore:
             study.set_user_attr("model_type", model_type)
             study.set_user_attr("definition", definition)
         elif stored != definition:
-            diffs = [f"{key}: stored {stored.get(key)!r}, now {definition.get(key)!r}"
-                     for key in sorted(set(stored) | set(definition)) if stored.get(key) != definition.get(key)]
-            raise StorageError(f"study {name!r} in {self.url_for_display} was made with other params "
-                               f"({'; '.join(diffs)}); resume it with the same params, or choose another "
-                               + ("study_name or output_dir" if self.in_output_dir else "study_name"))
+            if not self.retrying("reading trials", lambda: study.get_trials(deepcopy=False)):
+                # Nothing was trained under the old definition (a run that stopped before its first
+                # trial, say): nothing to protect, and the study is this run's.
+                study.set_user_attr("definition", definition)
+            else:
+                raise StorageError(self._refusal(name, stored, definition))
         self.fail_stale(study)
         return study
+
+    def _refusal(self, name: str, stored: dict, definition: dict) -> str:
+        way_out = "choose another study_name or output_dir" if self.in_output_dir else "choose another study_name"
+        diffs = [key for key in sorted(set(stored) | set(definition)) if stored.get(key) != definition.get(key)]
+        if diffs == ["data_sha256"]:
+            return (f"study {name!r} in {self.url_for_display} was made with other data under the same name "
+                    f"({definition['data']}): the numbers read from it differ (SHA-256 {stored['data_sha256'][:12]}... "
+                    f"then, {definition['data_sha256'][:12]}... now); restore that data, or {way_out}")
+        shown = "; ".join(f"{key}: stored {stored.get(key)!r}, now {definition.get(key)!r}" for key in diffs)
+        return (f"study {name!r} in {self.url_for_display} was made with other params ({shown}); resume it with "
+                f"the same params, or {way_out}")
 
     def fail_stale(self, study: optuna.Study) -> None:
         """Mark trials whose agent stopped sending heartbeats FAIL, and enqueue their params again."""
@@ -294,15 +306,6 @@ def _redact(url: str) -> str:
         if ":" in creds:
             return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
     return url
-
-
-def _file_sha256(path: Path) -> str:
-    """The file's SHA-256, read in 1 MiB blocks (hashing a GB file takes a few seconds)."""
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _with_default_rows(definition: dict | None) -> dict | None:
