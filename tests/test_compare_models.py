@@ -100,7 +100,7 @@ class TestExecutors:
     @hookimpl
     def watcher_executors(self):
         yield WatcherExecutor(name="reversing", model_types=("nn",), load=lambda: ReversingExecutor,
-                              result_params=("nn_max_epochs",))
+                              result_params=("nn_max_epochs",), result_tags={"scoring": "v2"})
         yield WatcherExecutor(name="in_order", model_types=("nn",), load=lambda: InOrderExecutor)
         yield WatcherExecutor(name="constant", model_types=("lightgbm",), load=lambda: ConstantExecutor,
                               result_params=("tree_rounds",))
@@ -316,6 +316,20 @@ def test_a_study_nothing_was_trained_in_takes_the_params_of_the_run_that_uses_it
     run_compare_models(_params(pm, tmp_path, trials=2, folds=4, storage=url), pm)
     with pytest.raises(StorageError, match=r"folds: stored 4, now 3"):  # trained in now: protected
         run_compare_models(_params(pm, tmp_path, trials=3, storage=url), pm)
+
+
+def test_a_study_an_older_release_computed_differently_is_refused(pm, tmp_path):
+    # An executor's result_tags change when a release changes how its trials are computed (nn_batch:
+    # the target's scaling): trials of before and after must not share a study.
+    run_compare_models(_params(pm, tmp_path, trials=2), pm)
+    study = optuna.load_study(study_name="compare_models-nn", storage=f"sqlite:///{tmp_path}/out/optuna.db")
+    study.set_user_attr("definition", {k: v for k, v in study.user_attrs["definition"].items() if k != "scoring"})
+    with pytest.raises(StorageError, match=r"scoring: stored None, now 'v2'"):
+        run_compare_models(_params(pm, tmp_path, trials=3), pm)
+    from watcher_plugins import builtin
+
+    (nn_batch,) = [e for e in builtin.watcher_executors() if e.name == "nn_batch"]
+    assert nn_batch.result_tags == {"nn_target_scaling": "z-score"}
 
 
 def test_a_changed_param_of_a_later_group_is_refused_before_anything_trains(pm, tmp_path):

@@ -39,6 +39,7 @@ def watcher_executors():
         requires={"nn": "torch"},
         install_hint="pip install torch",
         result_params=("nn_max_epochs", "nn_patience", "precision"),
+        result_tags={"nn_target_scaling": "z-score"},  # the target was left unscaled before (21be4da)
     )
     yield WatcherExecutor(
         name="tree_parallel",

@@ -347,7 +347,8 @@ def _open_studies(store: StudyStore, groups: dict[str, list[str]], runnable: dic
     group_studies = {}
     for executor_name, model_types in groups.items():
         # GPU and CPU fits of one model differ (algorithms, rounding), so where it ran defines a study too.
-        result_params = {key: params[key] for key in runnable[model_types[0]].result_params}
+        registration = runnable[model_types[0]]
+        result_params = {key: params[key] for key in registration.result_params} | registration.result_tags
         result_params["compute"] = "gpu" if devices else "cpu"
         group_studies[executor_name] = {mt: store.study(mt, seed=params["seed"] + _SAMPLER_SEED_OFFSET.get(mt, 0),
                                                         result_params=result_params) for mt in model_types}

@@ -65,6 +65,9 @@ class WatcherExecutor(WatcherPlugin):
     #: the executor's params that change a trial's result; they are part of a study's definition, so a
     #: study cannot be resumed with other values (params that only change speed are left out)
     result_params: tuple[str, ...] = ()
+    #: what else defines the executor's results, as constants: bump one when a release changes how trials
+    #: are computed, so that a study made before is refused rather than mixed with the new results
+    result_tags: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         super().__post_init__()
