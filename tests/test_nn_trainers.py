@@ -106,7 +106,7 @@ def _plain_reference_r2(cache, hidden, lr, wd, seed, fold, folds, settings):
         loss = ((model(X_train).squeeze(-1) - y_train) ** 2).mean()
         loss.backward()
         optimizer.step()
-    return r2_score(data.y_host[rows.val_idx_host], best_pred.numpy()), best_epoch
+    return r2_score(data.y_host[rows.val_idx_host], data.in_target_units(best_pred.numpy())), best_epoch
 
 
 @pytest.mark.parametrize("hidden,lr,wd", [([256, 128, 64], 3e-3, 1e-4), ([128, 64], 1e-2, 0.0)])
@@ -242,3 +242,26 @@ def test_the_nets_r2_does_not_depend_on_the_targets_units(tmp_path):
         (r2[ref.key],) = [o.r2 for o in outcomes(SerialTrainer(SETTINGS, CPU), [task], 1).values()]
     assert r2[DATA.key] > 0.3
     assert abs(r2[price.key] - r2[DATA.key]) < 1e-3
+
+
+def test_r2_is_computed_in_the_targets_own_units(tmp_path):
+    # A heavy tail: 999 values in [0, 1] and one of 1e12. Standardised in float32, the bulk's values are
+    # all one number: an R² computed against them would be 0.0 ("no better than the mean") whatever the
+    # net predicts. Against the target as loaded it is the R² of the net's predictions, as the trees'.
+    from watcher_plugins.data import r2_score
+    from watcher_plugins.nn_batch.training import outcome_from_best
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(1000, 4)).astype(np.float32)
+    y = rng.uniform(size=1000)
+    y[0] = 1e12
+    np.savez(tmp_path / "tail.npz", X=X, y=y.astype(np.float32))
+    ref = DataRef(path=str(tmp_path / "tail.npz"))
+    data = DeviceDatasetCache(CPU).get(ref)
+    task = FitTask.build(FitJob(0, 0, 2, 11, (8,), 1e-3, 0.0, 0.0, ref), data)
+    val = task.rows.val_idx_host
+    assert 0 not in val and len(set(data.y.numpy()[val])) == 1  # the bulk, one value once standardised
+    net_output = torch.linspace(-0.04, -0.02, len(val))
+    outcome = outcome_from_best(task, net_output, best_epoch=3, stop_epoch=5, seconds=0.1)
+    expected = r2_score(data.y_host[val], data.in_target_units(net_output.numpy()))
+    assert outcome.r2 == pytest.approx(expected) and outcome.r2 < -1.0

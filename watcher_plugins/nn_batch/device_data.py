@@ -5,8 +5,8 @@ deviation over all rows, in float64; a constant feature is centred only). It is 
 dataset, not of a fold or of a batch, so every trainer and every fold sees the same numbers. The target
 is standardised because the net starts near 0 and Adam moves it by about lr a step: a target in the
 hundreds of thousands (a price) would never be reached, and the NN's R² would depend on the target's
-units where the trees' does not. R² and the best epoch do not change under this map: R² is computed
-from the standardised held-out targets and predictions, and an affine map of both leaves it as it is.
+units where the trees' does not. R² is computed in the target's own units, in float64 (predictions
+are mapped back), as the trees' is; the best epoch does not change under the map.
 """
 
 from __future__ import annotations
@@ -43,8 +43,10 @@ class FoldRows:
 class DeviceDataset:
     key: str
     X: torch.Tensor  # [n_rows, n_features] float32, standardised
-    y: torch.Tensor  # [n_rows] float32, standardised
-    y_host: np.ndarray
+    y: torch.Tensor  # [n_rows] float32, standardised: what the nets are trained on
+    y_host: np.ndarray  # [n_rows] the target as loaded, in its own units: what R² is computed against
+    y_mean: float = 0.0  # the standardisation of y, to bring predictions back to its units
+    y_std: float = 1.0
     _folds: dict[tuple[int, int], list[FoldRows]] = field(default_factory=dict, repr=False)
 
     @property
@@ -54,6 +56,10 @@ class DeviceDataset:
     @property
     def n_features(self) -> int:
         return int(self.X.shape[1])
+
+    def in_target_units(self, pred: np.ndarray) -> np.ndarray:
+        """Predictions of the standardised target, in the target's own units (float64)."""
+        return np.asarray(pred, dtype=np.float64) * self.y_std + self.y_mean
 
     def fold(self, folds: int, seed: int, fold_idx: int) -> FoldRows:
         """data.kfold_splits(n_rows, folds, seed)[fold_idx], on the device, cached."""
@@ -73,8 +79,10 @@ class DeviceDataset:
     @classmethod
     def from_dataset(cls, key: str, dataset: Dataset, device: torch.device) -> DeviceDataset:
         X = torch.from_numpy(standardise(dataset.X)).to(device)
-        y_host = np.ascontiguousarray(standardise(np.asarray(dataset.y).reshape(-1, 1))[:, 0])
-        return cls(key=key, X=X, y=torch.from_numpy(y_host).to(device), y_host=y_host)
+        y64 = np.asarray(dataset.y, dtype=np.float64)
+        y_mean, y_std = float(y64.mean()), float(y64.std()) or 1.0
+        y = torch.from_numpy(((y64 - y_mean) / y_std).astype(np.float32)).to(device)
+        return cls(key=key, X=X, y=y, y_host=np.asarray(dataset.y, dtype=np.float32), y_mean=y_mean, y_std=y_std)
 
 
 class DeviceDatasetCache:

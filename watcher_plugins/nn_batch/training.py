@@ -89,7 +89,7 @@ def outcome_from_best(task: FitTask, best_val_pred: torch.Tensor, best_epoch: in
         return FitOutcome(task.key, STATUS_FAIL, None, seconds, stop_epoch + 1, best_epoch,
                           error="the held-out loss was never finite (the fit diverged)")
     y_val = task.data.y_host[task.rows.val_idx_host]
-    r2 = r2_score(y_val, best_val_pred.detach().float().cpu().numpy())
+    r2 = r2_score(y_val, task.data.in_target_units(best_val_pred.detach().float().cpu().numpy()))
     if not math.isfinite(r2):
         return FitOutcome(task.key, STATUS_FAIL, None, seconds, stop_epoch + 1, best_epoch,
                           error=f"R^2 is not finite ({r2})")
