@@ -22,7 +22,7 @@ from typing import Any, TextIO
 
 import optuna
 
-from watcher_plugins.data import load_dataset
+from watcher_plugins.data import kfold_splits, load_dataset
 from watcher_plugins.devices import resolve_devices
 from watcher_plugins.errors import (
     DataError,
@@ -259,6 +259,11 @@ def run_compare_models(params: dict, pm, out: TextIO | None = None) -> dict:
     if params["folds"] > dataset.n_rows // 2:
         raise DataError(f"{dataset.name}: {dataset.n_rows} rows cannot make {params['folds']} folds: R² needs at "
                         f"least 2 held-out rows a fold (at most {dataset.n_rows // 2} folds)")
+    for k, (_, held_out) in enumerate(kfold_splits(dataset.n_rows, params["folds"], params["seed"])):
+        if (dataset.y[held_out] == dataset.y[held_out[0]]).all():  # every model would score 0.0 there
+            raise DataError(f"{dataset.name}: the {len(held_out)} held-out rows of fold {k} all have the target "
+                            f"value {float(dataset.y[held_out[0]]):g}, so R² is undefined there: use fewer "
+                            f"folds or another seed")
     fingerprint = dataset.sha256() if data.path else None  # the embedded data is fixed by its version
     devices = resolve_devices(params["devices"])
     chosen = _choose_executors(pm, params["model_types"], params.get("executors") or {})
