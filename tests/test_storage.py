@@ -39,8 +39,9 @@ def test_trials_of_a_killed_run_go_stale_and_their_params_are_asked_again(pm, tm
     params = _params(pm, tmp_path)
     (tmp_path / "out").mkdir()
     store = StudyStore.open(params, tmp_path / "out", DataRef.from_param(params["data"]))
+    # The definition compare_models gives it: the test executor's result param and tag, and the compute.
     study = store.study("nn", seed=params["seed"],
-                        result_params={"nn_max_epochs": params["nn_max_epochs"], "compute": "cpu"})
+                        result_params={"nn_max_epochs": params["nn_max_epochs"], "scoring": "v2", "compute": "cpu"})
     orphan = store.ask(study)  # asked, heartbeat recorded, then its agent "dies": never told
     orphan_params = {"lr": orphan.suggest_float("lr", 1e-4, 3e-2, log=True)}
     time.sleep(3.5)  # past the grace period (2 x heartbeat_interval_s; SQLite clocks tick in whole seconds)
@@ -168,7 +169,7 @@ def test_a_study_made_on_gpus_is_not_resumed_on_a_cpu_only_host(pm, tmp_path):
     (tmp_path / "out").mkdir()
     store = StudyStore.open(params, tmp_path / "out", DataRef.from_param(params["data"]))
     study = store.study("nn", seed=params["seed"], result_params={"nn_max_epochs": params["nn_max_epochs"],
-                                                                  "compute": "gpu"})
+                                                                  "scoring": "v2", "compute": "gpu"})
     study.tell(study.ask(), 0.5)  # a trial trained on the GPUs (an empty study would take the new params)
     with pytest.raises(StorageError, match="compute: stored 'gpu', now 'cpu'"):
         run_compare_models(params, pm)
