@@ -256,10 +256,11 @@ def run_compare_models(params: dict, pm, out: TextIO | None = None) -> dict:
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our progress bars and leaderboard speak instead
     data = DataRef.from_param(params["data"])
     dataset = load_dataset(data)  # a bad dataset must fail before anything is trained or written
-    if params["folds"] > dataset.n_rows // 2:
-        raise DataError(f"{dataset.name}: {dataset.n_rows} rows cannot make {params['folds']} folds: R² needs at "
-                        f"least 2 held-out rows a fold (at most {dataset.n_rows // 2} folds)")
-    for k, (_, held_out) in enumerate(kfold_splits(dataset.n_rows, params["folds"], params["seed"])):
+    try:
+        splits = kfold_splits(dataset.n_rows, params["folds"], params["seed"])
+    except DataError as exc:
+        raise DataError(f"{dataset.name}: {exc}") from None
+    for k, (_, held_out) in enumerate(splits):
         if (dataset.y[held_out] == dataset.y[held_out[0]]).all():  # every model would score 0.0 there
             raise DataError(f"{dataset.name}: the {len(held_out)} held-out rows of fold {k} all have the target "
                             f"value {float(dataset.y[held_out[0]]):g}, so R² is undefined there: use fewer "

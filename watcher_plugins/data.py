@@ -294,9 +294,11 @@ def _check_finite(path: Path, X: np.ndarray, y: np.ndarray, names: tuple[str, ..
 
 def kfold_splits(n_rows: int, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """Seeded k-fold split: a permutation cut into k near-equal held-out parts. (train_idx, val_idx), sorted."""
-    if not 2 <= folds <= n_rows // 2:
-        raise DataError(f"cannot make {folds} folds from {n_rows} rows: expected 2 <= folds <= rows / 2 (R² needs "
-                        "at least 2 held-out rows a fold)")
+    if folds < 2:
+        raise DataError(f"cannot make {folds} folds: expected at least 2")
+    if folds > n_rows // 2:
+        raise DataError(f"{n_rows} rows cannot make {folds} folds: R² needs at least 2 held-out rows a fold "
+                        f"(at most {n_rows // 2} folds)")
     order = np.random.default_rng(seed).permutation(n_rows)
     parts = np.array_split(order, folds)
     splits = []
