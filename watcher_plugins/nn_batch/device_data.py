@@ -20,13 +20,16 @@ from watcher_plugins.data import Dataset, kfold_splits, load_dataset
 from watcher_plugins.records import DataRef
 
 
-def standardise(X: np.ndarray) -> np.ndarray:
-    """Whole-dataset z-score per column, computed in float64, returned as float32."""
-    X64 = X.astype(np.float64)
-    mean = X64.mean(axis=0)
-    std = X64.std(axis=0)
+def standardise(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Whole-dataset z-score per column (of a 2-D array; of the values, of a 1-D one), computed in
+    float64, returned as float32 with the means and standard deviations it used (a constant column's
+    is 1: it is centred only)."""
+    a64 = a.astype(np.float64)
+    mean = a64.mean(axis=0)
+    std = np.atleast_1d(a64.std(axis=0))
     std[std == 0] = 1.0
-    return ((X64 - mean) / std).astype(np.float32)
+    std = std.reshape(np.shape(mean))
+    return ((a64 - mean) / std).astype(np.float32), mean, std
 
 
 @dataclass(frozen=True)
@@ -78,11 +81,10 @@ class DeviceDataset:
 
     @classmethod
     def from_dataset(cls, key: str, dataset: Dataset, device: torch.device) -> DeviceDataset:
-        X = torch.from_numpy(standardise(dataset.X)).to(device)
-        y64 = np.asarray(dataset.y, dtype=np.float64)
-        y_mean, y_std = float(y64.mean()), float(y64.std()) or 1.0
-        y = torch.from_numpy(((y64 - y_mean) / y_std).astype(np.float32)).to(device)
-        return cls(key=key, X=X, y=y, y_host=np.asarray(dataset.y, dtype=np.float32), y_mean=y_mean, y_std=y_std)
+        X, _, _ = standardise(dataset.X)
+        y, y_mean, y_std = standardise(np.asarray(dataset.y))
+        return cls(key=key, X=torch.from_numpy(X).to(device), y=torch.from_numpy(y).to(device),
+                   y_host=np.asarray(dataset.y, dtype=np.float32), y_mean=float(y_mean), y_std=float(y_std))
 
 
 class DeviceDatasetCache:
