@@ -135,7 +135,7 @@ class TreeParallelExecutor(Executor):
         if spare < 0:
             log.warning("tree_parallel_workers auto: even its %d worker(s) that no plan does without may need "
                         "about %.1f GB of host memory, more than %.0f%% of the %.1f GB available (%s)", kept,
-                        kept * gpu_each / 1e9, MEMORY_SHARE * 100, room / 1e9, self._memory_basis(n_gpus > 0))
+                        kept * gpu_each / 1e9, MEMORY_SHARE * 100, room / 1e9, self._memory_basis(each, n_gpus > 0))
             return kept
         extra_gpu = min(gpu_workers - kept, int(spare // gpu_each)) if gpu_workers > kept else 0
         spare -= extra_gpu * gpu_each
@@ -143,12 +143,12 @@ class TreeParallelExecutor(Executor):
         if held < workers:
             log.warning("tree_parallel_workers auto: %d worker(s), not %d, so that they fit in %.0f%% of the %.1f GB "
                         "of host memory available (%s)", held, workers, MEMORY_SHARE * 100, room / 1e9,
-                        self._memory_basis(n_gpus > 0))
+                        self._memory_basis(each, n_gpus > 0))
         return held
 
-    def _memory_basis(self, has_gpus: bool) -> str:
-        """What a worker's memory estimate is, for the warnings."""
-        gpu_each, cpu_each = self._memory_each(has_gpus)
+    def _memory_basis(self, each: tuple[float, float], has_gpus: bool) -> str:
+        """What a worker's memory estimate (``each``, from _memory_each) is, for the warnings."""
+        gpu_each, cpu_each = each
         rows, features = self.context.data_shape
         sizes = (f"about {gpu_each / 1e9:.1f} GB a GPU worker, {cpu_each / 1e9:.1f} GB a CPU worker" if has_gpus
                  else f"about {cpu_each / 1e9:.1f} GB each")
@@ -164,7 +164,7 @@ class TreeParallelExecutor(Executor):
             log.warning("tree_parallel_workers=%d: the workers may need about %.1f GB of host memory, more than "
                         "%.0f%% of the %.1f GB available (%s); \"auto\" plans as many as it holds",
                         len(self.placements), need / 1e9, MEMORY_SHARE * 100, room / 1e9,
-                        self._memory_basis(has_gpus))
+                        self._memory_basis(each, has_gpus))
 
     @classmethod
     def check(cls, params: Mapping[str, Any], context: RunContext) -> None:

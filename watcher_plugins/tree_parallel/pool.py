@@ -29,7 +29,8 @@ Faults: a worker that dies mid-trial (segfault, abort, kill) is replaced by a ne
 same pinning and the folds it owed are retried; the trial's crash number ``trial_retries`` + 1 (on
 any of its folds) ends every fold it still owes as "fail" with the reason, and stops the workers still
 training its other folds. Crashes count by try: folds of one try that die together (a trial that
-crashes its library on every fold, the OOM killer taking several workers) cost the trial one retry. A fold that raises is a "fail" result sent by the worker, which carries on.
+crashes its library on every fold, the OOM killer taking several workers) cost the trial one retry. A
+fold that raises is a "fail" result sent by the worker, which carries on.
 """
 
 from __future__ import annotations

@@ -139,8 +139,8 @@ class TreeWorker:
 def _inject(fault: str | dict | None, settings: FitSettings, folds: list[int]) -> None:
     """Make the fault a test asked for: "abort" (dies as from a segfault), "abort_once:PATH" (dies
     unless PATH exists, creating it first, atomically), "abort_once_per_fold:DIR" (the same, with a
-    file in DIR for each set of folds sent: every fold crashes on its first try), "sleep:SECONDS" (a long trial, to be killed mid-way),
-    "stderr:TEXT" (writes TEXT to stderr and trains on), "orphan_pipes:PATH" (dies, leaving a forked
+    file in DIR for each set of folds sent: every fold crashes on its first try), "sleep:SECONDS" (a
+    long trial, to be killed mid-way), "stderr:TEXT" (writes TEXT to stderr and trains on), "orphan_pipes:PATH" (dies, leaving a forked
     child that holds its pipes open until PATH exists),
     "catboost_gpu_oom" (dies as CatBoost does when a GPU fit outgrows its memory reserve, unless the
     reserve is CatBoost's default: a fold that needs it all)."""
