@@ -3,9 +3,13 @@
 Builds one fused pack of bench_nn.py's workload (survivors-98k, 5 folds, trials drawn as bench_nn.py
 draws them), the largest architecture by default, runs a few warm-up epochs, then profiles
 --epochs epochs with torch.profiler and prints the CUDA kernels by total time, with the epoch's
-wall milliseconds (synchronised) beside them.
+wall milliseconds (synchronised) beside them. ``--arch 64,32,16 --fits 5`` profiles the first 5 fits of
+that architecture instead (repeat --arch for several packs); ``--split-k both`` profiles each pack with
+and without the row-split weight gradients of nn_batch/affine.py.
 
     PYTHONPATH=. python bench/nn_profile.py --precision bf16 --out $OUT
+    PYTHONPATH=. python bench/nn_profile.py --precision fp32 --arch 64,32,16 --arch 256,128 --fits 5 \
+        --split-k both --out $OUT
 """
 
 from __future__ import annotations
@@ -19,16 +23,23 @@ from torch.profiler import ProfilerActivity, profile
 
 from bench.bench_nn import draw_trials, fit_jobs
 from watcher_plugins.data import FULL_ROWS
+from watcher_plugins.nn_batch import affine
 from watcher_plugins.nn_batch.device_data import DeviceDatasetCache
 from watcher_plugins.nn_batch.fused import FusedPack
 from watcher_plugins.nn_batch.training import FitTask, TrainSettings, precision_context
 from watcher_plugins.records import DataRef
+
+DEFAULT_BLOCKS_PER_SM = affine.BLOCKS_PER_SM
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--precision", default="bf16")
     parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--arch", action="append", default=[],
+                        help="hidden layers, e.g. 64,32,16 (default: the pack with the most work)")
+    parser.add_argument("--fits", type=int, default=0, help="at most this many fits per pack (0: all)")
+    parser.add_argument("--split-k", choices=["on", "off", "both"], default="on")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     device = torch.device("cuda:0")
@@ -38,8 +49,20 @@ def main() -> None:
     by_arch: dict[tuple[int, ...], list] = {}
     for job in jobs:
         by_arch.setdefault(job.hidden_layers, []).append(job)
-    arch = max(by_arch, key=lambda a: len(by_arch[a]) * FULL_ROWS * sum(a))
-    tasks = [FitTask.build(job, data) for job in by_arch[arch]]
+    archs = [tuple(int(w) for w in a.split(",")) for a in args.arch] or \
+        [max(by_arch, key=lambda a: len(by_arch[a]) * FULL_ROWS * sum(a))]
+    args.out.mkdir(parents=True, exist_ok=True)
+    for arch in archs:
+        for split in (["on", "off"] if args.split_k == "both" else [args.split_k]):
+            affine.BLOCKS_PER_SM = DEFAULT_BLOCKS_PER_SM if split == "on" else 0
+            fits = by_arch[arch][: args.fits or None]
+            text = profile_pack([FitTask.build(job, data) for job in fits], arch, args, device, split)
+            print(text)
+            name = f"nn_profile_{args.precision}_{'-'.join(map(str, arch))}_x{len(fits)}_split-{split}.txt"
+            (args.out / name).write_text(text)
+
+
+def profile_pack(tasks, arch, args, device, split) -> str:
     settings = TrainSettings(200, 10_000, args.precision)
     with precision_context(args.precision, device):
         pack = FusedPack(tasks, settings, device)
@@ -56,11 +79,8 @@ def main() -> None:
                 pack.run_epoch()
             torch.cuda.synchronize()
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
-    head = (f"pack: {len(tasks)} fits of {list(arch)} on {FULL_ROWS} rows, {args.precision}, "
-            f"{epoch_ms:.2f} ms per epoch ({len(tasks) * 1000 / epoch_ms:.0f} model-epochs/s)\n")
-    print(head + table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"nn_profile_{args.precision}.txt").write_text(head + table)
+    return (f"pack: {len(tasks)} fits of {list(arch)} on {FULL_ROWS} rows, {args.precision}, split-K {split}, "
+            f"{epoch_ms:.2f} ms per epoch ({len(tasks) * 1000 / epoch_ms:.0f} model-epochs/s)\n{table}")
 
 
 if __name__ == "__main__":

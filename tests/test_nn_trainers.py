@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from watcher_plugins.data import r2_score
+from watcher_plugins.nn_batch import affine as affine_module
 from watcher_plugins.nn_batch.device_data import DeviceDatasetCache
 from watcher_plugins.nn_batch.fused import FusedPack, FusedTrainer
 from watcher_plugins.nn_batch.model import SurvivorQualityNet, initial_parameters
@@ -69,6 +70,22 @@ def test_fused_and_streams_give_serials_r2(cache, serial_reference, trainer_cls)
     assert set(got) == set(serial_reference)
     for key, ref in serial_reference.items():
         assert ref.status == STATUS_OK and got[key].status == STATUS_OK
+        assert abs(got[key].r2 - ref.r2) < 1e-4, (key, got[key].r2, ref.r2)
+        assert got[key].best_epoch == ref.best_epoch
+
+
+def test_a_pack_with_split_weight_gradients_gives_serials_r2(monkeypatch, cache, serial_reference):
+    calls = []
+
+    def five_splits(*args):
+        calls.append(args)
+        return 5
+
+    monkeypatch.setattr(affine_module, "row_splits", five_splits)
+    got = outcomes(FusedTrainer(SETTINGS, CPU), make_tasks(cache, MIXED), 8)
+    assert calls  # every weight gradient went through the split
+    for key, ref in serial_reference.items():
+        assert got[key].status == STATUS_OK
         assert abs(got[key].r2 - ref.r2) < 1e-4, (key, got[key].r2, ref.r2)
         assert got[key].best_epoch == ref.best_epoch
 

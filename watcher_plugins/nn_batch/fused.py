@@ -29,6 +29,7 @@ import torch
 
 from watcher_plugins.nn_batch import dropout as hashing
 from watcher_plugins.nn_batch import kernels
+from watcher_plugins.nn_batch.affine import affine
 from watcher_plugins.nn_batch.budget import VramBudget
 from watcher_plugins.nn_batch.model import initial_parameters
 from watcher_plugins.nn_batch.training import (
@@ -189,14 +190,14 @@ class FusedPack:
         """Predictions [N, n_rows] of every model on every row (training-mode dropout on training rows)."""
         X, n, n_rows = self.data.X, self.size, self.data.n_rows
         w0, b0 = self.params[0].value, self.params[1].value
-        z = torch.addmm(b0.reshape(1, -1), X, w0.reshape(X.shape[1], -1))  # one wide matmul: [rows, N*width]
+        z = affine(X, w0.reshape(X.shape[1], -1), b0.reshape(1, -1))  # one wide matmul: [rows, N*width]
         h = self._activation(0, z.view(n_rows, n, self.widths[0]).transpose(0, 1))
         for layer in range(1, self.depth + 1):
             w, b = self.params[2 * layer].value, self.params[2 * layer + 1].value
             if layer < self.depth:
-                h = self._activation(layer, torch.bmm(h, w), b)  # the bias comes with the activation
+                h = self._activation(layer, affine(h, w), b)  # the bias comes with the activation
             else:
-                h = torch.baddbmm(b, h, w)
+                h = affine(h, w, b)
         return h.squeeze(-1)
 
     def run_epoch(self) -> None:
