@@ -90,8 +90,10 @@ def fit_jobs(trials: list[dict], folds: int, seed: int, data: DataRef, only: set
 
 def run_config(strategy: str, precision: str, jobs: list[FitJob], cache: DeviceDatasetCache, device, args) -> dict:
     settings = TrainSettings(args.max_epochs, args.patience, precision)
-    if strategy == "fused":  # packs sized by the calibrated VRAM budget, as n_concurrent_nn "auto" does
-        trainer = FusedTrainer(settings, device, budget=VramBudget.for_device(device, 0.85))
+    if strategy in ("fused", "fused-eager"):  # packs sized by the calibrated VRAM budget, as "auto" does;
+        # fused-eager: without CUDA graphs, to measure what replaying a captured epoch gains
+        trainer = FusedTrainer(settings, device, budget=VramBudget.for_device(device, 0.85),
+                               cuda_graphs=strategy == "fused")
     else:
         trainer = TRAINERS[strategy](settings, device)
     tasks = [FitTask.build(job, cache.get(job.data)) for job in jobs]
@@ -117,8 +119,9 @@ def run_config(strategy: str, precision: str, jobs: list[FitJob], cache: DeviceD
         "gpu_util": sampler.summary(), "oom_retries": report.oom_retries, "ok": sum(o.status == STATUS_OK for o in outcomes.values()),
         "r2": {f"{k[0]}/{k[1]}": o.r2 for k, o in sorted(outcomes.items())},
     }
-    if strategy == "fused":
+    if isinstance(trainer, FusedTrainer):
         row["pack_sizes"], row["compactions"] = trainer.pack_sizes, trainer.compactions
+        row["graph_captures"] = trainer.graph_captures
     print(f"{strategy:8s} {precision:5s} fits={len(tasks):3d} wall={wall:7.2f}s me/s={row['model_epochs_per_s']:8.1f} "
           f"peak={row['peak_mem_gib']}GiB util={row['gpu_util'].get('mean_pct')}", flush=True)
     return row
@@ -165,7 +168,8 @@ def main() -> int:
     parser.add_argument("--streams", type=int, default=5, help="concurrency of the streams trainer (the seed's N)")
     parser.add_argument("--subset-every", type=int, default=4, help="the subset: every k-th trial")
     parser.add_argument("--full-arms", default="fused:fp32,fused:tf32,fused:bf16,serial:fp32,streams:fp32",
-                        help="strategy:precision arms over all fits, in this order")
+                        help="strategy:precision arms over all fits, in this order (strategies: serial, "
+                             "streams, fused, fused-eager = fused without CUDA graphs)")
     parser.add_argument("--subset-arms", default="serial:fp32,serial:tf32,serial:bf16,fused:fp32,fused:tf32,fused:bf16",
                         help="strategy:precision arms over the subset, in this order")
     parser.add_argument("--arm-order", choices=["full-first", "interleaved"], default="full-first",
@@ -198,7 +202,8 @@ def main() -> int:
     for strategy, precision in sorted({(a[0], a[1]) for a in arms}):  # kernels, handles, autotuning out of timings
         tasks = [FitTask.build(job, cache.get(data)) for job in everything[:3]]
         with precision_context(precision, device):
-            TRAINERS[strategy](TrainSettings(warm.max_epochs, warm.patience, precision), device).train(
+            TRAINERS[strategy.removesuffix("-eager")](TrainSettings(warm.max_epochs, warm.patience, precision),
+                                                      device).train(
                 tasks, 3, lambda o: None)
 
     result = {
@@ -212,7 +217,9 @@ def main() -> int:
                         "fused_vs_serial_<p>_same_fits: fused over serial, both on the subset, both at precision p. "
                         "fused_vs_serial_<p>_full_vs_subset: fused over all fits at p over serial on the subset at p "
                         "(different fits: the subset's mix of widths moves serial's rate). "
-                        "streams_vs_serial_fp32_same_fits: both on the subset.",
+                        "streams_vs_serial_fp32_same_fits: both on the subset. "
+                        "fused_graphs_vs_eager_<p>_<fits>: fused replaying captured epochs over fused-eager "
+                        "(the same trainer without CUDA graphs), same fits, same precision.",
         "ratios": {}, "r2_shift": {}, "runs": [], "executor_end_to_end": [],
     }
     rows = result["runs"]
@@ -238,6 +245,12 @@ def main() -> int:
                     ratios[f"{strategy}_vs_serial_fp32_{tag}"] = round(
                         other["model_epochs_per_s"] / serial["model_epochs_per_s"], 2)
                     shifts[f"{strategy}_fp32_vs_serial_fp32_{tag}"] = r2_shift(other, serial)
+        for precision in ("fp32", "tf32", "bf16"):
+            for on_subset in (False, True):
+                graphed, eager = find("fused", precision, on_subset), find("fused-eager", precision, on_subset)
+                if graphed and eager:
+                    ratios[f"fused_graphs_vs_eager_{precision}_{'same_fits' if on_subset else 'all_fits'}"] = round(
+                        graphed["model_epochs_per_s"] / eager["model_epochs_per_s"], 2)
         for precision in ("tf32", "bf16"):
             for on_subset in (False, True):
                 low, ref = find("fused", precision, on_subset), find("fused", "fp32", on_subset)

@@ -5,7 +5,8 @@ draws them), the largest architecture by default, runs a few warm-up epochs, the
 --epochs epochs with torch.profiler and prints the CUDA kernels by total time, with the epoch's
 wall milliseconds (synchronised) beside them. ``--arch 64,32,16 --fits 5`` profiles the first 5 fits of
 that architecture instead (repeat --arch for several packs); ``--split-k both`` profiles each pack with
-and without the row-split weight gradients of nn_batch/affine.py.
+and without the row-split weight gradients of nn_batch/affine.py, ``--graphs both`` with and without
+replaying a captured epoch (CUDA graph).
 
     PYTHONPATH=. python bench/nn_profile.py --precision bf16 --out $OUT
     PYTHONPATH=. python bench/nn_profile.py --precision fp32 --arch 64,32,16 --arch 256,128 --fits 5 \
@@ -15,6 +16,7 @@ and without the row-split weight gradients of nn_batch/affine.py.
 from __future__ import annotations
 
 import argparse
+import itertools
 import time
 from pathlib import Path
 
@@ -40,6 +42,7 @@ def main() -> None:
                         help="hidden layers, e.g. 64,32,16 (default: the pack with the most work)")
     parser.add_argument("--fits", type=int, default=0, help="at most this many fits per pack (0: all)")
     parser.add_argument("--split-k", choices=["on", "off", "both"], default="on")
+    parser.add_argument("--graphs", choices=["on", "off", "both"], default="on")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     device = torch.device("cuda:0")
@@ -53,20 +56,28 @@ def main() -> None:
         [max(by_arch, key=lambda a: len(by_arch[a]) * FULL_ROWS * sum(a))]
     args.out.mkdir(parents=True, exist_ok=True)
     for arch in archs:
-        for split in (["on", "off"] if args.split_k == "both" else [args.split_k]):
+        for split, graphs in itertools.product(both(args.split_k), both(args.graphs)):
             affine.BLOCKS_PER_SM = DEFAULT_BLOCKS_PER_SM if split == "on" else 0
             fits = by_arch[arch][: args.fits or None]
-            text = profile_pack([FitTask.build(job, data) for job in fits], arch, args, device, split)
+            options = f"split-K {split}, graphs {graphs}"
+            text = profile_pack([FitTask.build(job, data) for job in fits], arch, args, device, options,
+                                graphs == "on")
             print(text)
-            name = f"nn_profile_{args.precision}_{'-'.join(map(str, arch))}_x{len(fits)}_split-{split}.txt"
+            name = (f"nn_profile_{args.precision}_{'-'.join(map(str, arch))}_x{len(fits)}"
+                    f"_split-{split}_graphs-{graphs}.txt")
             (args.out / name).write_text(text)
 
 
-def profile_pack(tasks, arch, args, device, split) -> str:
+def both(choice: str) -> list[str]:
+    return ["on", "off"] if choice == "both" else [choice]
+
+
+def profile_pack(tasks, arch, args, device, options, graphs) -> str:
     settings = TrainSettings(200, 10_000, args.precision)
     with precision_context(args.precision, device):
         pack = FusedPack(tasks, settings, device)
-        for _ in range(3):
+        pack.capture_graph = graphs
+        for _ in range(3):  # with graphs: the first is the capture's warm-up
             pack.run_epoch()
         torch.cuda.synchronize()
         started = time.perf_counter()
@@ -79,7 +90,7 @@ def profile_pack(tasks, arch, args, device, split) -> str:
                 pack.run_epoch()
             torch.cuda.synchronize()
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
-    return (f"pack: {len(tasks)} fits of {list(arch)} on {FULL_ROWS} rows, {args.precision}, split-K {split}, "
+    return (f"pack: {len(tasks)} fits of {list(arch)} on {FULL_ROWS} rows, {args.precision}, {options}, "
             f"{epoch_ms:.2f} ms per epoch ({len(tasks) * 1000 / epoch_ms:.0f} model-epochs/s)\n{table}")
 
 

@@ -82,6 +82,45 @@ def test_oom_recovery_frees_the_failed_packs_memory(data):
     assert torch.cuda.memory_allocated(CUDA) - before < 64 * 1024 * 1024
 
 
+def train_fused(data, precision, **trainer_args):
+    trainer = FusedTrainer(TrainSettings(80, 10, precision), CUDA, **trainer_args)
+    got = {}
+    with precision_context(precision, CUDA):
+        trainer.train(tasks(data), 8, lambda o: got.__setitem__(o.key, o))
+    return trainer, got
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_pack_replaying_its_captured_epoch_computes_what_the_eager_pack_does(data, precision):
+    eager_trainer, eager = train_fused(data, precision, cuda_graphs=False)
+    graphed_trainer, graphed = train_fused(data, precision)
+    assert eager_trainer.graph_captures == 0
+    # every pack captured once, and again after each compaction (new shapes): both paths ran
+    assert graphed_trainer.compactions >= 1
+    assert graphed_trainer.graph_captures == len(graphed_trainer.pack_sizes) + graphed_trainer.compactions
+    for key, ref in eager.items():
+        assert ref.status == STATUS_OK
+        assert (graphed[key].r2, graphed[key].best_epoch, graphed[key].epochs) == (ref.r2, ref.best_epoch, ref.epochs)
+
+
+def test_a_pack_whose_capture_fails_trains_on_without_a_graph(data, monkeypatch, caplog):
+    class RefusedCapture:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def __enter__(self):
+            raise RuntimeError("operation not permitted when stream is capturing (injected)")
+
+        def __exit__(self, *exc):
+            return False
+
+    eager_trainer, eager = train_fused(data, "fp32", cuda_graphs=False)
+    monkeypatch.setattr(torch.cuda, "graph", RefusedCapture)
+    trainer, got = train_fused(data, "fp32")
+    assert trainer.graph_captures == 0 and "could not be captured as a CUDA graph" in caplog.text
+    assert {k: (o.r2, o.best_epoch) for k, o in got.items()} == {k: (o.r2, o.best_epoch) for k, o in eager.items()}
+
+
 def test_executor_worker_holds_the_lease_and_trains_on_the_gpu(tmp_path):
     context = RunContext(output_dir=tmp_path, devices=[0], lease_dir=tmp_path / "leases")
     job = TrialJob("nn", 0, {"hidden_layers": [64, 32], "lr": 3e-3, "weight_decay": 0.0, "dropout": 0.1}, DATA, 3, 1)

@@ -103,6 +103,7 @@ class BatchRunner:
                     used = min(used, max(trainer.pack_sizes))
                     summary["pack_sizes"] = trainer.pack_sizes
                     summary["compactions"] = trainer.compactions
+                    summary["graph_captures"] = trainer.graph_captures
                 summary.update(n_concurrent_used=used, oom_retries=report.oom_retries)
             except Exception as exc:
                 if is_fatal_device_error(exc):

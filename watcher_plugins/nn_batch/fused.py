@@ -21,6 +21,7 @@ on a CUDA device one Triton kernel per hidden layer applies ReLU and the masks, 
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -46,6 +47,8 @@ from watcher_plugins.nn_batch.training import (
 
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
+log = logging.getLogger(__name__)
+
 #: Compact the pack once this share of its fits has left.
 COMPACT_FRACTION = 0.25
 #: An architecture with at least this many fits in a batch gets packs of its own (no padding); fewer
@@ -124,8 +127,19 @@ class FusedPack:
         self.val_weight = val_rows / val_rows.sum(1, keepdim=True)
         self.stopping = EarlyStopping(n, settings.patience, (self.data.n_rows,), device)
         self.left = [False] * n
-        self.step = 0
         self.epoch = 0
+        # The epoch and the Adam step count live on the device too, with the bias corrections of every
+        # step in tables, so that a captured epoch (CUDA graph) replays with the right ones.
+        self.epoch_on_device = torch.zeros(1, dtype=torch.int64, device=device)
+        self.step_on_device = torch.zeros(1, dtype=torch.int64, device=device)
+        beta1, beta2 = ADAM_BETAS
+        steps = range(settings.max_epochs + 1)  # index 0 unused: the first step is step 1
+        self._bias_correction1 = torch.tensor([1 - beta1**t for t in steps], dtype=torch.float64, device=device)
+        self._bias_correction2_sqrt = torch.tensor([math.sqrt(1 - beta2**t) for t in steps], device=device)
+        #: Set by the trainer once the pack's memory is measured: capture the epoch and replay it.
+        self.capture_graph = False
+        self.captures = 0
+        self._graph: torch.cuda.CUDAGraph | None = None
         self._update_grad_masks()
 
     def _param(self, value: torch.Tensor, model_axis: int, width_axes: dict[int, int]) -> _Param:
@@ -173,7 +187,7 @@ class FusedPack:
         """ReLU and dropout of a hidden layer's ``z + bias``; ``z`` is [N, rows, width] (a strided view
         for layer 0). On a CUDA device with Triton, one kernel that makes the masks in registers."""
         if self._kernel_dropout is not None:
-            return kernels.relu_dropout(z, self._kernel_dropout, self.epoch, layer, bias)
+            return kernels.relu_dropout(z, self._kernel_dropout, self.epoch_on_device, layer, bias)
         if bias is not None:  # as the kernel adds it: in float32, then rounded to z's dtype once
             z = (z.float() + bias).to(z.dtype)
         h = torch.relu(z)
@@ -201,36 +215,73 @@ class FusedPack:
         return h.squeeze(-1)
 
     def run_epoch(self) -> None:
-        epoch = self.epoch
+        """One epoch: evaluation, then (before the last epoch) an Adam step. With ``capture_graph`` on a
+        CUDA device, the first such epoch runs as the warm-up of a capture, and the later ones replay it."""
+        stepping = self.epoch < self.settings.max_epochs - 1
+        if stepping and self._graph is not None:
+            self._graph.replay()
+        elif stepping and self.capture_graph and self.device.type == "cuda":
+            self._warm_up_and_capture()
+        else:
+            self._epoch_work(stepping)
+        self.epoch += 1
+
+    def _epoch_work(self, stepping: bool) -> None:
+        """The device work of one epoch; no host sync, no Python state change (it may be captured)."""
         with autocast(self.settings.precision, self.device):
             pred = self.forward()
         pred = pred.float()
         sq_err = (pred - self.data.y) ** 2
         val_loss = (sq_err.detach() * self.val_weight).sum(1)
-        self.stopping.update(epoch, val_loss, pred)
-        if epoch < self.settings.max_epochs - 1:
+        self.stopping.update(self.epoch_on_device, val_loss, pred)
+        if stepping:
             loss = (sq_err * self.train_weight).sum()
             loss.backward()
             self._adam_step()
-        self.epoch += 1
+        self.epoch_on_device.add_(1)
+
+    def _warm_up_and_capture(self) -> None:
+        """Run this epoch on a side stream (CUDA graphs want their work warmed up off the capturing
+        stream), then capture the next one: replaying it launches the epoch's hundreds of kernels at once,
+        which is what bounds small packs. A pack whose capture fails trains on without a graph."""
+        current = torch.cuda.current_stream(self.device)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            self._epoch_work(stepping=True)
+        current.wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                self._epoch_work(stepping=True)
+        except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:
+            log.warning("fused pack: the epoch could not be captured as a CUDA graph (%s: %s); training on "
+                        "without one", type(exc).__name__, exc)
+            self.capture_graph = False
+            for param in self.params:
+                param.value.grad = None
+            return
+        self._graph = graph
+        self.captures += 1
 
     @torch.no_grad()
     def _adam_step(self) -> None:
-        """torch.optim.Adam's update (L2 weight decay added to the gradient), per-model lr and decay."""
+        """torch.optim.Adam's update (L2 weight decay added to the gradient), per-model lr and decay, in
+        the arithmetic of its multi-tensor (CUDA) implementation."""
         beta1, beta2 = ADAM_BETAS
-        self.step += 1
-        bias_correction1 = 1 - beta1**self.step
-        bias_correction2_sqrt = math.sqrt(1 - beta2**self.step)
+        self.step_on_device.add_(1)
+        bias_correction1 = self._bias_correction1.index_select(0, self.step_on_device)
+        bias_correction2_sqrt = self._bias_correction2_sqrt.index_select(0, self.step_on_device)
         step_size = (self.lr / bias_correction1).float()  # in float64 first, as Adam's Python-float lr
         for param in self.params:
             grad = param.value.grad
             if param.grad_mask is not None:
                 grad.mul_(param.grad_mask)
-            grad = grad.add(param.value * param.per_model(self.weight_decay))
+            grad = torch.addcmul(grad, param.value, param.per_model(self.weight_decay))
             param.exp_avg.lerp_(grad, 1 - beta1)
             param.exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
             denom = (param.exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(ADAM_EPS)
-            param.value.add_((param.exp_avg / denom) * -param.per_model(step_size))
+            param.value.addcmul_(param.exp_avg / denom, param.per_model(-step_size))
             param.value.grad = None
 
     def leave_stopped(self, on_done: OutcomeCallback) -> int:
@@ -264,6 +315,7 @@ class FusedPack:
         """Drop the fits that left and re-pad to the widest model that stays."""
         keep = [m for m in range(self.size) if not self.left[m]]
         index = torch.tensor(keep, device=self.device)
+        self._graph = None  # the shapes change: the next epoch captures again
         self.tasks = [self.tasks[m] for m in keep]
         self.dropout = [self.dropout[m] for m in keep]
         self.keys = [self.keys[m] for m in keep]
@@ -293,11 +345,13 @@ class FusedTrainer(Trainer):
     name = "fused"
 
     def __init__(self, settings: TrainSettings, device: torch.device, pack_hook=None,
-                 budget: VramBudget | None = None):
+                 budget: VramBudget | None = None, cuda_graphs: bool = True):
         super().__init__(settings, device, pack_hook)
         self.budget = budget  # None: packs of n_concurrent; else packs sized by the budget, at most that
+        self.cuda_graphs = cuda_graphs  # on a CUDA device, packs replay a captured epoch
         self.pack_sizes: list[int] = []
         self.compactions = 0
+        self.graph_captures = 0
 
     @staticmethod
     def plan_groups(tasks: Sequence[FitTask]) -> list[list[FitTask]]:
@@ -364,6 +418,13 @@ class FusedTrainer(Trainer):
             self._calibrate(pack, peak())
         self.pack_sizes.append(pack.size)
         self.model_epochs += pack.epoch * pack.size
+        pack.capture_graph = self.cuda_graphs
+        try:
+            self._train_on(pack, on_done)
+        finally:
+            self.graph_captures += pack.captures
+
+    def _train_on(self, pack: FusedPack, on_done: OutcomeCallback) -> None:
         while pack.epoch < self.settings.max_epochs:
             pack.run_epoch()
             self.model_epochs += pack.size

@@ -79,19 +79,22 @@ if triton is not None:
         tl.store(out_ptr + offs, value, mask=in_rows[:, None] & (units[None, :] < width))
 
     @triton.jit
-    def _pack_factor(keys_ptr, p_ptr, scale_ptr, train_ptr, m, rows, units, in_rows, n_rows, counter,
-                     dtype: tl.constexpr):
-        """Model m's dropout mask on these rows and units, float32 holding values of ``dtype``."""
-        lkey = _fmix32(tl.load(keys_ptr + m).to(tl.uint32) ^ _fmix32(counter.to(tl.uint32, bitcast=True)))
+    def _pack_factor(keys_ptr, p_ptr, scale_ptr, train_ptr, m, rows, units, in_rows, n_rows, epoch_ptr, layer,
+                     MAX_LAYERS: tl.constexpr, dtype: tl.constexpr):
+        """Model m's dropout mask on these rows and units, float32 holding values of ``dtype``. The epoch is
+        read from the device (a CUDA graph replays the launch with the epoch of the replay)."""
+        # dropout.epoch_salt: (epoch * MAX_LAYERS + layer) modulo 2**32
+        counter = tl.load(epoch_ptr).to(tl.uint32) * MAX_LAYERS + layer.to(tl.uint32)
+        lkey = _fmix32(tl.load(keys_ptr + m).to(tl.uint32) ^ _fmix32(counter))
         u = _draws(lkey, rows, units)
         train = tl.load(train_ptr + m * n_rows + rows, mask=in_rows, other=0)
         kept = tl.load(scale_ptr + m).to(dtype).to(tl.float32)  # the mask in the activation's dtype, as torch casts it
         factor = tl.where(u >= tl.load(p_ptr + m), kept, 0.0)
         return tl.where(train[:, None] != 0, factor, 1.0)
 
-    @triton.jit(do_not_specialize=["n_rows", "counter"])
+    @triton.jit(do_not_specialize=["n_rows", "layer"])
     def _relu_dropout_fwd(z_ptr, bias_ptr, out_ptr, keys_ptr, p_ptr, scale_ptr, train_ptr,
-                          n_rows, width, counter, zs_m, zs_r,
+                          n_rows, width, epoch_ptr, layer, zs_m, zs_r, MAX_LAYERS: tl.constexpr,
                           HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr,
                           BLOCK_W: tl.constexpr):
         m = tl.program_id(1).to(tl.int64)  # int64 offsets: a pack may hold more than 2**31 activations
@@ -108,12 +111,12 @@ if triton is not None:
         a = tl.where(zf != zf, zf, a)  # NaN stays NaN, as torch.relu keeps it
         if HAS_DROPOUT:
             a = a * _pack_factor(keys_ptr, p_ptr, scale_ptr, train_ptr, m, rows, units, in_rows, n_rows,
-                                 counter, z.dtype)
+                                 epoch_ptr, layer, MAX_LAYERS, z.dtype)
         tl.store(out_ptr + (m * n_rows + rows[:, None]) * width + units[None, :], a.to(z.dtype), mask=inside)
 
-    @triton.jit(do_not_specialize=["n_rows", "counter"])
+    @triton.jit(do_not_specialize=["n_rows", "layer"])
     def _relu_dropout_bwd(out_ptr, grad_ptr, gz_ptr, keys_ptr, p_ptr, scale_ptr, train_ptr,
-                          n_rows, width, counter, zs_m, zs_r,
+                          n_rows, width, epoch_ptr, layer, zs_m, zs_r, MAX_LAYERS: tl.constexpr,
                           HAS_DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr):
         m = tl.program_id(1).to(tl.int64)  # int64 offsets: a pack may hold more than 2**31 activations
         rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -126,7 +129,7 @@ if triton is not None:
         gf = g.to(tl.float32)
         if HAS_DROPOUT:  # the mask again, from the hash: cheaper than storing it
             factor = _pack_factor(keys_ptr, p_ptr, scale_ptr, train_ptr, m, rows, units, in_rows, n_rows,
-                                  counter, g.dtype)
+                                  epoch_ptr, layer, MAX_LAYERS, g.dtype)
             gf = (gf * factor).to(g.dtype).to(tl.float32)
         # torch's threshold_backward on relu's output: 0 where it is <= 0, the gradient elsewhere (NaN too);
         # a dropped unit's output is 0 (or NaN), and its gradient was multiplied by 0 above
@@ -172,7 +175,8 @@ class PackDropout:
 
 class _ReluDropout(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, z: torch.Tensor, bias: torch.Tensor | None, pack: PackDropout, counter: int) -> torch.Tensor:
+    def forward(ctx, z: torch.Tensor, bias: torch.Tensor | None, pack: PackDropout, epoch: torch.Tensor,
+                layer: int) -> torch.Tensor:
         n, n_rows, width = z.shape
         if z.stride(2) != 1:
             raise ValueError("relu_dropout needs unit stride 1 along the width")
@@ -182,11 +186,12 @@ class _ReluDropout(torch.autograd.Function):
         block_r, block_w, warps = _blocks(width)
         grid = (triton.cdiv(n_rows, block_r), n)  # rows on axis 0: CUDA allows 65,535 blocks on axis 1
         _relu_dropout_fwd[grid](z, bias if bias is not None else z, out, pack.keys, pack.p, pack.scale, pack.train,
-                                n_rows, width, counter, z.stride(0), z.stride(1), HAS_BIAS=bias is not None,
+                                n_rows, width, epoch, layer, z.stride(0), z.stride(1),
+                                MAX_LAYERS=hashing.MAX_LAYERS, HAS_BIAS=bias is not None,
                                 HAS_DROPOUT=pack.has_dropout, BLOCK_R=block_r, BLOCK_W=block_w, num_warps=warps)
         ctx.bias_shape = None if bias is None else bias.shape
         ctx.save_for_backward(out)
-        ctx.pack, ctx.counter = pack, counter
+        ctx.pack, ctx.epoch, ctx.layer = pack, epoch, layer
         ctx.z_layout = (z.shape, z.stride())
         return out
 
@@ -200,16 +205,22 @@ class _ReluDropout(torch.autograd.Function):
         block_r, block_w, warps = _blocks(width)
         grid = (triton.cdiv(n_rows, block_r), n)  # rows on axis 0: CUDA allows 65,535 blocks on axis 1
         _relu_dropout_bwd[grid](out, grad, grad_z, pack.keys, pack.p, pack.scale, pack.train, n_rows, width,
-                                ctx.counter, stride[0], stride[1], HAS_DROPOUT=pack.has_dropout,
+                                ctx.epoch, ctx.layer, stride[0], stride[1], MAX_LAYERS=hashing.MAX_LAYERS,
+                                HAS_DROPOUT=pack.has_dropout,
                                 BLOCK_R=block_r, BLOCK_W=block_w, num_warps=warps)
         grad_bias = None
         if ctx.bias_shape is not None and ctx.needs_input_grad[1]:
             grad_bias = grad_z.sum(dim=1, dtype=torch.float32).view(ctx.bias_shape)
-        return grad_z, grad_bias, None, None
+        return grad_z, grad_bias, None, None, None
 
 
-def relu_dropout(z: torch.Tensor, pack: PackDropout, epoch: int, layer: int,
+def relu_dropout(z: torch.Tensor, pack: PackDropout, epoch: int | torch.Tensor, layer: int,
                  bias: torch.Tensor | None = None) -> torch.Tensor:
     """relu(z + bias) * each model's mask of this epoch and layer, z viewed as [N, rows, width] (unit
-    stride 1), bias float32 with N * width values (or None); the result is contiguous [N, rows, width]."""
-    return _ReluDropout.apply(z, bias, pack, _int32_bits(hashing.epoch_salt(epoch, layer)))
+    stride 1), bias float32 with N * width values (or None); the result is contiguous [N, rows, width].
+    ``epoch``: an int, or an int64 tensor of one element on z's device that the kernels read when they
+    run (and again in the backward, so it must not change in between)."""
+    hashing.epoch_salt(0, layer)  # checks the layer index
+    if not isinstance(epoch, torch.Tensor):
+        epoch = torch.tensor([epoch], dtype=torch.int64, device=z.device)
+    return _ReluDropout.apply(z, bias, pack, epoch, layer)

@@ -110,16 +110,18 @@ class EarlyStopping:
         self.stopped = torch.zeros(n, dtype=torch.bool, device=device)
         self.best_pred = torch.zeros((n, *pred_shape), device=device)
 
-    def update(self, epoch: int, val_loss: torch.Tensor, pred: torch.Tensor) -> None:
+    def update(self, epoch: int | torch.Tensor, val_loss: torch.Tensor, pred: torch.Tensor) -> None:
+        """``epoch``: an int, or a one-element tensor on the device. The state is updated in place, so
+        that a captured epoch (CUDA graph) updates the same tensors at every replay."""
         live = ~self.stopped
         improved = live & (val_loss < self.best_loss)
-        self.best_loss = torch.where(improved, val_loss, self.best_loss)
-        self.best_epoch = torch.where(improved, epoch, self.best_epoch)
+        self.best_loss.copy_(torch.where(improved, val_loss, self.best_loss))
+        self.best_epoch.copy_(torch.where(improved, epoch, self.best_epoch))
         expand = improved.view(-1, *([1] * (pred.dim() - 1)))
-        self.best_pred = torch.where(expand, pred.detach().float(), self.best_pred)
+        self.best_pred.copy_(torch.where(expand, pred.detach().float(), self.best_pred))
         newly = live & (epoch - self.best_epoch >= self.patience)
-        self.stop_epoch = torch.where(newly, epoch, self.stop_epoch)
-        self.stopped = self.stopped | newly
+        self.stop_epoch.copy_(torch.where(newly, epoch, self.stop_epoch))
+        self.stopped |= newly
 
     def finish(self, last_epoch: int) -> None:
         """Fits still running after the last epoch stop there."""
@@ -156,7 +158,8 @@ def precision_context(precision: str, device: torch.device) -> Iterator[None]:
 
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
     if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        # no cast cache: a CUDA graph must not replay casts cached at its capture
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16, cache_enabled=False)
     return contextlib.nullcontext()
 
 
