@@ -127,6 +127,22 @@ def run_config(strategy: str, precision: str, jobs: list[FitJob], cache: DeviceD
     return row
 
 
+def launch_overhead_us(device: torch.device, count: int = 20_000) -> float:
+    """Microseconds per tiny op issued from Python (an add on one element): what bounds a host-bound
+    arm such as serial, which differs from machine to machine even with the same GPU."""
+    x = torch.zeros(1, device=device)
+    for _ in range(100):
+        x.add_(1)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(count):
+        x.add_(1)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return round((time.perf_counter() - started) * 1e6 / count, 2)
+
+
 def r2_shift(row: dict, reference: dict) -> dict:
     diffs = [abs(row["r2"][k] - reference["r2"][k]) for k in row["r2"]
              if row["r2"][k] is not None and reference["r2"].get(k) is not None]
@@ -210,6 +226,7 @@ def main() -> int:
         "command": " ".join(["python", *sys.argv]),
         "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else "none (cpu try-out)",
         "torch": torch.__version__, "python": platform.python_version(),
+        "launch_overhead_us": launch_overhead_us(device),
         "workload": {"rows": args.rows, "folds": args.folds, "trials": args.trials, "max_epochs": args.max_epochs,
                      "patience": args.patience, "seed": args.seed, "trial_params": trials,
                      "subset_trials": sorted({j.trial_number for j in subset})},
@@ -273,6 +290,7 @@ def main() -> int:
     for r in rows:
         print(f"{r['strategy']:8s} {r['precision']:5s} {r['fits']:4d}{'s' if r.get('subset') else ' '} "
               f"{r['wall_s']:7.2f} {r['model_epochs_per_s']:10.1f} {r['peak_mem_gib']}")
+    print("launch overhead (us per tiny op):", result["launch_overhead_us"])
     print("ratios:", json.dumps(result["ratios"]))
     print("r2 shift (max abs):", json.dumps({k: v["max_abs"] for k, v in result["r2_shift"].items()}))
     print("end to end:", json.dumps([{k: v for k, v in e.items() if k != "worker_summary"}

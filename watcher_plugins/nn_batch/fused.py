@@ -21,6 +21,7 @@ on a CUDA device one Triton kernel per hidden layer applies ReLU and the masks, 
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -73,6 +74,13 @@ class _Param:
         shape = [1] * self.value.dim()
         shape[self.model_axis] = -1
         return values.view(shape)
+
+
+@functools.cache
+def _warm_up_stream(device: torch.device) -> torch.cuda.Stream:
+    """One side stream per device for every capture's warm-up: each new stream would get cuBLAS
+    workspaces of its own (tens of MB each), kept for the life of the process."""
+    return torch.cuda.Stream(device)
 
 
 class _RepackNeeded(Exception):
@@ -245,7 +253,7 @@ class FusedPack:
         stream), then capture the next one: replaying it launches the epoch's hundreds of kernels at once,
         which is what bounds small packs. A pack whose capture fails trains on without a graph."""
         current = torch.cuda.current_stream(self.device)
-        side = torch.cuda.Stream(self.device)
+        side = _warm_up_stream(self.device)
         side.wait_stream(current)
         with torch.cuda.stream(side):
             self._epoch_work(stepping=True)
