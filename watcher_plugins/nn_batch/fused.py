@@ -12,6 +12,10 @@ weight decay are per-model tensors in a batched Adam that follows torch.optim.Ad
 Fits that stop early leave the pack (their result is reported, their learning rate and loss weight
 drop to zero) and the pack is compacted, re-padded to the widest model left, once a quarter has left.
 
+On a CUDA device a pack's epoch is captured once as a CUDA graph and replayed (``run_epoch``): small
+packs were bound by Python launching their kernels. The weight gradients are split along the rows
+(affine.py) so that small models' products fill the GPU.
+
 Packs are planned by exact architecture first (``plan_groups``): padding multiplies a pack's work by
 its widest model, so only architectures with fewer than ``MIN_EXACT_PACK`` fits are merged, per depth,
 into a padded pack. Dropout masks are a pure function of (fit, epoch, layer, row, unit) (dropout.py):
