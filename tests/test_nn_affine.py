@@ -45,6 +45,10 @@ def test_splits_fill_the_gpu_only_where_the_tiles_do_not(monkeypatch):
     # 5 models of 64 -> 32: 5 tiles; split into chunks that divide the rows and stay GEMM-sized
     splits = row_splits(5, rows, 64, 32, GPU_NAME_ONLY)
     assert 5 * splits >= 2 * 132 and rows % splits == 0 and rows // splits >= MIN_CHUNK_ROWS
+    # a divisor below the wanted split is taken too (4,000 rows: 2 chunks of 2,000, no remainder); a
+    # prime row count has none, and still splits (its chunks are copies)
+    assert row_splits(5, 4000, 64, 32, GPU_NAME_ONLY) == 2
+    assert row_splits(5, 100_003, 64, 32, GPU_NAME_ONLY) > 1
     # too few rows to cut: no split; a CPU never splits
     assert row_splits(5, MIN_CHUNK_ROWS + 5, 64, 32, GPU_NAME_ONLY) == 1
     assert row_splits(5, rows, 64, 32, CPU) == 1

@@ -39,10 +39,14 @@ def row_splits(batch: int, rows: int, n_in: int, n_out: int, device: torch.devic
         return 1
     tiles = batch * math.ceil(n_in / TILE) * math.ceil(n_out / TILE)
     wanted = math.ceil(BLOCKS_PER_SM * _multiprocessors(device) / tiles)
-    splits = max(1, min(wanted, rows // MIN_CHUNK_ROWS))
-    # a split that divides the rows makes the chunks views, with no copy and no remainder
-    return next((s for s in range(splits, 2 * splits + 1) if rows % s == 0 and rows // s >= MIN_CHUNK_ROWS),
-                splits)
+    splits = min(wanted, rows // MIN_CHUNK_ROWS)
+    if splits <= 1:
+        return 1
+    # A split that divides the rows makes the chunks views of the activations, with no remainder. Without
+    # one nearby (a prime row count, say), the chunks are a copy of each small activation: still far
+    # cheaper than a GEMM on a handful of multiprocessors.
+    nearby = sorted(range(max(2, splits // 2), 2 * splits + 1), key=lambda s: abs(s - splits))
+    return next((s for s in nearby if rows % s == 0 and rows // s >= MIN_CHUNK_ROWS), splits)
 
 
 def _partial_products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -54,8 +58,8 @@ def _partial_products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def weight_grad(a: torch.Tensor, b: torch.Tensor, splits: int) -> torch.Tensor:
     """``a^T @ b`` per batch entry, a [B, R, I] and b [B, R, O] -> [B, I, O], its R rows cut into
-    ``splits`` chunks whose partial products are summed in float32 (splits=1: one bmm). Float32 comes
-    back wherever the sums were float32: the weights it is the gradient of are float32."""
+    ``splits`` chunks whose partial products are summed in float32 or wider (splits=1: one bmm).
+    Float32 comes back for half-precision inputs: the weights it is the gradient of are float32."""
     if splits <= 1:
         return _partial_products(a, b)
     batch, rows, n_in = a.shape
@@ -65,7 +69,8 @@ def weight_grad(a: torch.Tensor, b: torch.Tensor, splits: int) -> torch.Tensor:
     # [B, S*chunk, X] -> [B*S, chunk, X]: a view where S*chunk == R and the rows are contiguous
     a_main = a[:, :main].reshape(batch * splits, chunk, n_in)
     b_main = b[:, :main].reshape(batch * splits, chunk, n_out)
-    grad = _partial_products(a_main, b_main).view(batch, splits, n_in, n_out).sum(1, dtype=torch.float32)
+    partials = _partial_products(a_main, b_main).view(batch, splits, n_in, n_out)
+    grad = partials.sum(1, dtype=torch.promote_types(partials.dtype, torch.float32))
     if main < rows:
         grad += _partial_products(a[:, main:], b[:, main:])
     return grad

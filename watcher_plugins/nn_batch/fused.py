@@ -25,7 +25,6 @@ on a CUDA device one Triton kernel per hidden layer applies ReLU and the masks, 
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -78,13 +77,6 @@ class _Param:
         shape = [1] * self.value.dim()
         shape[self.model_axis] = -1
         return values.view(shape)
-
-
-@functools.cache
-def _warm_up_stream(device: torch.device) -> torch.cuda.Stream:
-    """One side stream per device for every capture's warm-up: each new stream would get cuBLAS
-    workspaces of its own (tens of MB each), kept for the life of the process."""
-    return torch.cuda.Stream(device)
 
 
 class _RepackNeeded(Exception):
@@ -229,13 +221,19 @@ class FusedPack:
     def run_epoch(self) -> None:
         """One epoch: evaluation, then (before the last epoch) an Adam step. With ``capture_graph`` on a
         CUDA device, the first such epoch runs as the warm-up of a capture, and the later ones replay it."""
-        stepping = self.epoch < self.settings.max_epochs - 1
-        if stepping and self._graph is not None:
-            self._graph.replay()
-        elif stepping and self.capture_graph and self.device.type == "cuda":
+        last = self.settings.max_epochs - 1
+        if self.epoch < last and self._graph is not None:
+            with torch.cuda.device(self.device):
+                self._graph.replay()
+        # a capture pays off only if it is replayed: the warm-up must leave an epoch before the last
+        elif self.epoch < last - 1 and self.capture_graph and self.device.type == "cuda":
             self._warm_up_and_capture()
+        elif self.epoch < last:
+            self._epoch_work(stepping=True)
         else:
-            self._epoch_work(stepping)
+            self._drop_graph()  # its memory goes back before the last (eager) epoch
+            with torch.no_grad():
+                self._epoch_work(stepping=False)
         self.epoch += 1
 
     def _epoch_work(self, stepping: bool) -> None:
@@ -253,18 +251,15 @@ class FusedPack:
         self.epoch_on_device.add_(1)
 
     def _warm_up_and_capture(self) -> None:
-        """Run this epoch on a side stream (CUDA graphs want their work warmed up off the capturing
-        stream), then capture the next one: replaying it launches the epoch's hundreds of kernels at once,
-        which is what bounds small packs. A pack whose capture fails trains on without a graph."""
-        current = torch.cuda.current_stream(self.device)
-        side = _warm_up_stream(self.device)
-        side.wait_stream(current)
-        with torch.cuda.stream(side):
-            self._epoch_work(stepping=True)
-        current.wait_stream(side)
+        """Run this epoch eagerly (so that what is new to these shapes, Triton's compilations and
+        cuBLAS's choices, happens outside the capture), then capture the next one: replaying it launches
+        the epoch's hundreds of kernels at once, which is what bounds small packs. The warm-up runs on the
+        current stream, whose freed blocks torch.cuda.graph returns to the device before the capture
+        fills its own pool: the pack never holds both. A pack whose capture fails trains on without one."""
+        self._epoch_work(stepping=True)
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph):
+            with torch.cuda.device(self.device), torch.cuda.graph(graph):
                 self._epoch_work(stepping=True)
         except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:
             log.warning("fused pack: the epoch could not be captured as a CUDA graph (%s: %s); training on "
@@ -275,6 +270,13 @@ class FusedPack:
             return
         self._graph = graph
         self.captures += 1
+
+    def _drop_graph(self) -> None:
+        """Free the captured epoch and give its memory pool back to the device at once (the caching
+        allocator would otherwise keep a released pool until memory runs short)."""
+        if self._graph is not None:
+            self._graph = None
+            torch.cuda.empty_cache()
 
     @torch.no_grad()
     def _adam_step(self) -> None:
@@ -327,7 +329,7 @@ class FusedPack:
         """Drop the fits that left and re-pad to the widest model that stays."""
         keep = [m for m in range(self.size) if not self.left[m]]
         index = torch.tensor(keep, device=self.device)
-        self._graph = None  # the shapes change: the next epoch captures again
+        self._drop_graph()  # the shapes change: the next epoch captures again
         self.tasks = [self.tasks[m] for m in keep]
         self.dropout = [self.dropout[m] for m in keep]
         self.keys = [self.keys[m] for m in keep]
