@@ -25,6 +25,7 @@ on a CUDA device one Triton kernel per hidden layer applies ReLU and the masks, 
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -265,8 +266,12 @@ class FusedPack:
             log.warning("fused pack: the epoch could not be captured as a CUDA graph (%s: %s); training on "
                         "without one", type(exc).__name__, exc)
             self.capture_graph = False
+        if not self.capture_graph:
             for param in self.params:
                 param.value.grad = None
+            # the failed capture's autograd nodes live on in the exception's frames until collected, and
+            # the next backward would meet them (torch warns of an AccumulateGrad stream mismatch)
+            gc.collect()
             return
         self._graph = graph
         self.captures += 1
