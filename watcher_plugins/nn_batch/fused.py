@@ -263,15 +263,15 @@ class FusedPack:
             with torch.cuda.device(self.device), torch.cuda.graph(graph):
                 self._epoch_work(stepping=True)
         except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:
-            log.warning("fused pack: the epoch could not be captured as a CUDA graph (%s: %s); training on "
-                        "without one", type(exc).__name__, exc)
+            # the message as text: a log record that kept the exception would keep its frames, and with
+            # them the failed capture's autograd nodes, which the next backward would meet
+            log.warning("fused pack: the epoch could not be captured as a CUDA graph (%s); training on "
+                        "without one", f"{type(exc).__name__}: {exc}")
             self.capture_graph = False
         if not self.capture_graph:
             for param in self.params:
                 param.value.grad = None
-            # the failed capture's autograd nodes live on in the exception's frames until collected, and
-            # the next backward would meet them (torch warns of an AccumulateGrad stream mismatch)
-            gc.collect()
+            gc.collect()  # those autograd nodes may sit in reference cycles of the exception's frames
             return
         self._graph = graph
         self.captures += 1
