@@ -25,6 +25,15 @@ def test_a_split_weight_gradient_is_the_plain_product(rows, splits):
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-4)
 
 
+def test_float64_partial_sums_stay_float64():
+    generator = torch.Generator().manual_seed(3)
+    a = torch.randn(2, 999, 7, generator=generator, dtype=torch.float64)
+    b = torch.randn(2, 999, 4, generator=generator, dtype=torch.float64)
+    got = weight_grad(a, b, 3)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, torch.bmm(a.transpose(1, 2), b), rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("batched", [True, False])
 def test_affine_gradients_pass_gradcheck_with_split_rows(monkeypatch, batched):
     monkeypatch.setattr(affine_module, "row_splits", lambda *args: 3)
@@ -46,9 +55,11 @@ def test_splits_fill_the_gpu_only_where_the_tiles_do_not(monkeypatch):
     splits = row_splits(5, rows, 64, 32, GPU_NAME_ONLY)
     assert 5 * splits >= 2 * 132 and rows % splits == 0 and rows // splits >= MIN_CHUNK_ROWS
     # a divisor below the wanted split is taken too (4,000 rows: 2 chunks of 2,000, no remainder); a
-    # prime row count has none, and still splits (its chunks are copies)
+    # prime row count has none: a batch is not split (its chunks would be copies of the activations),
+    # a batch of one (layer 0) is, since its chunks are views anyway
     assert row_splits(5, 4000, 64, 32, GPU_NAME_ONLY) == 2
-    assert row_splits(5, 100_003, 64, 32, GPU_NAME_ONLY) > 1
+    assert row_splits(5, 100_003, 64, 32, GPU_NAME_ONLY) == 1
+    assert row_splits(1, 100_003, 62, 320, GPU_NAME_ONLY) > 1
     # too few rows to cut: no split; a CPU never splits
     assert row_splits(5, MIN_CHUNK_ROWS + 5, 64, 32, GPU_NAME_ONLY) == 1
     assert row_splits(5, rows, 64, 32, CPU) == 1

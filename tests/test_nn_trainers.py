@@ -85,11 +85,31 @@ def test_a_pack_with_split_weight_gradients_gives_serials_r2(monkeypatch, cache,
     monkeypatch.setattr(affine_module, "row_splits", lambda *args: 5)
     monkeypatch.setattr(affine_module, "weight_grad", recorded)
     got = outcomes(FusedTrainer(SETTINGS, CPU), make_tasks(cache, MIXED), 8)
-    assert splits_used and set(splits_used) == {5}  # every weight gradient went through the split
+    assert splits_used and set(splits_used) == {5}  # the split was used (each layer's: the test below)
     for key, ref in serial_reference.items():
         assert got[key].status == STATUS_OK
         assert abs(got[key].r2 - ref.r2) < 1e-4, (key, got[key].r2, ref.r2)
         assert got[key].best_epoch == ref.best_epoch
+
+
+
+def test_every_layers_weight_gradient_goes_through_the_split(monkeypatch, cache):
+    calls = []
+    weight_grad = affine_module.weight_grad
+
+    def recorded(a, b, splits):
+        calls.append((a.shape[-1], b.shape[-1], splits))
+        return weight_grad(a, b, splits)
+
+    monkeypatch.setattr(affine_module, "row_splits", lambda *args: 5)
+    monkeypatch.setattr(affine_module, "weight_grad", recorded)
+    tasks = make_tasks(cache, [(0, 0, [64, 32, 16], 1e-3, 0.0, 0.0), (0, 1, [64, 32, 16], 1e-3, 0.0, 0.0)])
+    pack = FusedPack(tasks, TrainSettings(max_epochs=10, patience=10), CPU)
+    for _ in range(3):
+        pack.run_epoch()
+    # 3 Adam steps x 4 weights: layer 0's one wide matmul (62 -> 2 x 64), then 64 -> 32, 32 -> 16, 16 -> 1
+    assert len(calls) == 12
+    assert set(calls) == {(62, 128, 5), (64, 32, 5), (32, 16, 5), (16, 1, 5)}
 
 
 def _plain_reference_r2(cache, hidden, lr, wd, seed, fold, folds, settings):

@@ -128,7 +128,7 @@ def test_capturing_packs_again_and_again_keeps_no_memory(data):
     assert after[0] - allocated < 1024 * 1024 and after[1] - reserved < 1024 * 1024
 
 
-def test_a_graphed_pack_needs_no_more_device_memory_than_the_eager_pack():
+def test_a_graphed_packs_peak_reserved_memory_stays_near_the_eager_packs():
     # the VRAM budget is calibrated on eager epochs: a captured pack must fit in what they measured
     full = DataRef(embedded="survivors", rows=98_784)
     big = DeviceDatasetCache(CUDA).get(full)
@@ -148,21 +148,25 @@ def test_a_graphed_pack_needs_no_more_device_memory_than_the_eager_pack():
     assert peak_reserved(True) <= 1.15 * eager
 
 
-def test_no_capture_where_no_epoch_would_replay_it(data):
-    trainer, got = train_fused_settings(data, TrainSettings(2, 10))
-    assert trainer.graph_captures == 0 and all(o.status == STATUS_OK for o in got.values())
+@pytest.mark.parametrize("max_epochs", [2, 3])
+def test_a_capture_is_made_only_where_an_epoch_replays_it(data, max_epochs):
+    # 2 epochs: the first is the warm-up, the last takes no step: nothing to replay. 3: one replay each.
+    trainer, got = train_fused_settings(data, TrainSettings(max_epochs, 10))
+    assert trainer.graph_captures == (0 if max_epochs == 2 else len(trainer.pack_sizes))
+    assert all(o.status == STATUS_OK for o in got.values())
 
 
-def test_a_pack_whose_capture_fails_trains_on_without_a_graph(data, monkeypatch, caplog, recwarn):
-    # Without the Triton kernels, the torch reference builds the dropout masks, copying each fit's p
-    # from host memory: not allowed while a stream is captured, so the capture fails midway.
+def test_a_pack_whose_capture_fails_trains_on_without_a_graph(data, monkeypatch, caplog):
+    # Without the Triton kernels, the torch reference builds the dropout masks, copying rows to the host
+    # (dropout.draws): not allowed while a stream is captured, so the capture fails midway.
     monkeypatch.setattr(kernels, "available", lambda: False)
     eager_trainer, eager = train_fused(data, "fp32", cuda_graphs=False)
     trainer, got = train_fused(data, "fp32")
     assert trainer.graph_captures == 0 and "could not be captured as a CUDA graph" in caplog.text
     assert torch.cuda.current_stream(CUDA) == torch.cuda.default_stream(CUDA)
-    # nothing of the failed capture is left for the eager epochs to meet
-    assert not [w for w in recwarn if "AccumulateGrad" in str(w.message)]
+    # the log keeps no exception (with it, the failed capture's frames and autograd nodes, which the next
+    # backward would meet: torch warns of an AccumulateGrad stream mismatch, once per process)
+    assert not [arg for record in caplog.records for arg in record.args or () if isinstance(arg, BaseException)]
     assert {k: (o.r2, o.best_epoch) for k, o in got.items()} == {k: (o.r2, o.best_epoch) for k, o in eager.items()}
 
 

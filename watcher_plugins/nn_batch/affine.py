@@ -42,11 +42,16 @@ def row_splits(batch: int, rows: int, n_in: int, n_out: int, device: torch.devic
     splits = min(wanted, rows // MIN_CHUNK_ROWS)
     if splits <= 1:
         return 1
-    # A split that divides the rows makes the chunks views of the activations, with no remainder. Without
-    # one nearby (a prime row count, say), the chunks are a copy of each small activation: still far
-    # cheaper than a GEMM on a handful of multiprocessors.
-    nearby = sorted(range(max(2, splits // 2), 2 * splits + 1), key=lambda s: abs(s - splits))
-    return next((s for s in nearby if rows % s == 0 and rows // s >= MIN_CHUNK_ROWS), splits)
+    # Only a split that divides the rows makes the chunks of a batch of activations views, with no
+    # remainder; any other would copy the activation and its gradient (gigabytes for a wide pack) on every
+    # step, outside what the VRAM budget measured. So: the divisor nearest the wanted split, from a
+    # quarter of it to four times it; without one (a prime row count, say) no split, except for a batch
+    # of one (layer 0's wide matmul), whose rows slice as views whatever the split.
+    nearby = sorted(range(max(2, splits // 4), 4 * splits + 1), key=lambda s: abs(s - splits))
+    divisor = next((s for s in nearby if rows % s == 0 and rows // s >= MIN_CHUNK_ROWS), None)
+    if divisor is not None:
+        return divisor
+    return splits if batch == 1 else 1
 
 
 def _partial_products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -66,7 +71,7 @@ def weight_grad(a: torch.Tensor, b: torch.Tensor, splits: int) -> torch.Tensor:
     n_out = b.shape[2]
     chunk = rows // splits
     main = chunk * splits
-    # [B, S*chunk, X] -> [B*S, chunk, X]: a view where S*chunk == R and the rows are contiguous
+    # [B, S*chunk, X] -> [B*S, chunk, X]: a view where S*chunk == R or B == 1 (row_splits sees to it)
     a_main = a[:, :main].reshape(batch * splits, chunk, n_in)
     b_main = b[:, :main].reshape(batch * splits, chunk, n_out)
     partials = _partial_products(a_main, b_main).view(batch, splits, n_in, n_out)

@@ -442,6 +442,7 @@ class FusedTrainer(Trainer):
             self._train_on(pack, on_done)
         finally:
             self.graph_captures += pack.captures
+            pack._drop_graph()  # a pack whose fits all stopped early returns with its graph
 
     def _train_on(self, pack: FusedPack, on_done: OutcomeCallback) -> None:
         while pack.epoch < self.settings.max_epochs:
