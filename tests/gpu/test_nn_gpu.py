@@ -44,7 +44,7 @@ def tasks(data, specs=MIXED):
 
 def run(trainer, fits, k):
     got = {}
-    with precision_context("fp32", CUDA):
+    with precision_context(trainer.settings.precision, CUDA):
         trainer.train(fits, k, lambda o: got.__setitem__(o.key, o))
     return got
 
@@ -55,10 +55,7 @@ def train_fused(data, precision, **trainer_args):
 
 def train_fused_settings(data, settings, **trainer_args):
     trainer = FusedTrainer(settings, CUDA, **trainer_args)
-    got = {}
-    with precision_context(settings.precision, CUDA):
-        trainer.train(tasks(data), 8, lambda o: got.__setitem__(o.key, o))
-    return trainer, got
+    return trainer, run(trainer, tasks(data), 8)
 
 
 @pytest.mark.parametrize("trainer_cls", [FusedTrainer, StreamsTrainer])

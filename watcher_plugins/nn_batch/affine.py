@@ -20,7 +20,7 @@ import math
 import torch
 
 #: Split until the output tiles times the chunks give this many thread blocks per multiprocessor; 0
-#: turns splitting off (bench/nn_profile.py's --no-split-k compares both).
+#: turns splitting off (bench/nn_profile.py's --split-k both compares the two).
 BLOCKS_PER_SM = 2
 #: A chunk keeps at least this many rows, so that each partial product stays a real GEMM.
 MIN_CHUNK_ROWS = 1024
@@ -101,7 +101,8 @@ class _Affine(torch.autograd.Function):
         h, w = ctx.saved_tensors
         dtype = ctx.compute_dtype
         h, w, grad = h.to(dtype), w.to(dtype), grad.to(dtype)
-        if h.dim() == 2:  # as a batch of one
+        wide = h.dim() == 2  # layer 0's one wide matmul, computed as a batch of one
+        if wide:
             h, w, grad = h.unsqueeze(0), w.unsqueeze(0), grad.unsqueeze(0)
         grad_h = grad_w = grad_bias = None
         if ctx.needs_input_grad[0]:
@@ -112,7 +113,7 @@ class _Affine(torch.autograd.Function):
             grad_w = weight_grad(h, grad.contiguous(), splits)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad.sum(1, keepdim=True, dtype=torch.float32)
-        if ctx.saved_tensors[0].dim() == 2:
+        if wide:
             grad_h = None if grad_h is None else grad_h.squeeze(0)
             grad_w = None if grad_w is None else grad_w.squeeze(0)
             grad_bias = None if grad_bias is None else grad_bias.squeeze(0)
