@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from nn_cases import DATA, MIXED, SETTINGS, fit_tasks, outcomes, with_reversed_training_rows
 from torch import nn
 
 from watcher_plugins.data import r2_score
@@ -21,37 +22,10 @@ from watcher_plugins.nn_batch.training import FitTask, TrainSettings
 from watcher_plugins.records import STATUS_OK, DataRef
 
 CPU = torch.device("cpu")
-DATA = DataRef(embedded="survivors", rows=600)
-SETTINGS = TrainSettings(max_epochs=40, patience=6)
 
 
-def make_tasks(cache: DeviceDatasetCache, specs, folds: int = 3, seed: int = 11) -> list[FitTask]:
-    """specs: (trial, fold, hidden_layers, lr, weight_decay, dropout)."""
-    tasks = []
-    for trial, fold, hidden, lr, wd, dropout in specs:
-        job = FitJob(trial, fold, folds, seed, tuple(hidden), lr, wd, dropout, DATA)
-        tasks.append(FitTask.build(job, cache.get(DATA)))
-    return tasks
-
-
-# The issue's mixed batch: widths [256,128,64] / [128,64,32] / [512,256,128], depths 2, 3 and 4,
-# several folds and learning rates; dropout and weight decay on some.
-MIXED = [
-    (0, 0, [256, 128, 64], 3e-3, 1e-4, 0.0),
-    (0, 1, [256, 128, 64], 3e-3, 1e-4, 0.0),
-    (1, 2, [128, 64, 32], 1e-2, 0.0, 0.2),
-    (2, 0, [512, 256, 128], 1e-3, 1e-5, 0.1),
-    (3, 1, [128, 64], 5e-3, 0.0, 0.0),
-    (4, 2, [256, 128], 2e-2, 1e-3, 0.15),
-    (5, 0, [64, 32, 16, 8], 1e-2, 0.0, 0.0),
-    (6, 1, [256, 128, 64, 32], 2e-3, 1e-6, 0.25),
-]
-
-
-def outcomes(trainer, tasks, n_concurrent):
-    got = {}
-    trainer.train(tasks, n_concurrent, lambda outcome: got.__setitem__(outcome.key, outcome))
-    return got
+def make_tasks(cache: DeviceDatasetCache, specs) -> list[FitTask]:
+    return fit_tasks(cache.get(DATA), DATA, specs)
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +46,17 @@ def test_fused_and_streams_give_serials_r2(cache, serial_reference, trainer_cls)
         assert ref.status == STATUS_OK and got[key].status == STATUS_OK
         assert abs(got[key].r2 - ref.r2) < 1e-4, (key, got[key].r2, ref.r2)
         assert got[key].best_epoch == ref.best_epoch
+
+
+def test_serial_agrees_with_itself_far_inside_the_tolerance_when_only_its_sums_are_reordered(cache,
+                                                                                         serial_reference):
+    # What makes the 1e-4 contract above a test of the trainers: on this batch, rounding alone (the
+    # same sums in another order) moves serial far less than 1e-4. On a longer batch it does not
+    # (nn_cases' docstring), and no trainer could be held to 1e-4 there.
+    reordered = outcomes(SerialTrainer(SETTINGS, CPU), with_reversed_training_rows(make_tasks(cache, MIXED)), 1)
+    for key, ref in serial_reference.items():
+        assert abs(reordered[key].r2 - ref.r2) < 1e-4 / 4, (key, reordered[key].r2, ref.r2)
+        assert reordered[key].best_epoch == ref.best_epoch
 
 
 def test_a_pack_with_split_weight_gradients_gives_serials_r2(monkeypatch, cache, serial_reference):

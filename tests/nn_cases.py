@@ -1,0 +1,54 @@
+"""The issue's mixed batch of fits, shared by the CPU trainer tests, their GPU twins and
+bench/nn_gpu_agreement.py.
+
+The batch mixes widths ([256,128,64], [128,64,32], [512,256,128]), depths (2, 3 and 4 hidden layers),
+folds, learning rates, weight decay and dropout. At 600 rows and at most 40 epochs serial agrees with
+itself to ~1e-5 when only the order of its sums changes (`with_reversed_training_rows`), so a 1e-4
+contract measures the trainers there. At 4,000 rows and 80 epochs it does not: serial moves by up to
+1.4e-3 from the reversal alone, on a CPU as on a GPU (bench/results/nn_agreement_session9).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+from watcher_plugins.nn_batch.device_data import DeviceDataset
+from watcher_plugins.nn_batch.protocol import FitJob
+from watcher_plugins.nn_batch.training import FitTask, TrainSettings
+from watcher_plugins.records import DataRef
+
+DATA = DataRef(embedded="survivors", rows=600)
+SETTINGS = TrainSettings(max_epochs=40, patience=6)
+FOLDS, SEED = 3, 11
+#: (trial, fold, hidden_layers, lr, weight_decay, dropout)
+MIXED = [
+    (0, 0, [256, 128, 64], 3e-3, 1e-4, 0.0),
+    (0, 1, [256, 128, 64], 3e-3, 1e-4, 0.0),
+    (1, 2, [128, 64, 32], 1e-2, 0.0, 0.2),
+    (2, 0, [512, 256, 128], 1e-3, 1e-5, 0.1),
+    (3, 1, [128, 64], 5e-3, 0.0, 0.0),
+    (4, 2, [256, 128], 2e-2, 1e-3, 0.15),
+    (5, 0, [64, 32, 16, 8], 1e-2, 0.0, 0.0),
+    (6, 1, [256, 128, 64, 32], 2e-3, 1e-6, 0.25),
+]
+
+
+def fit_tasks(data: DeviceDataset, ref: DataRef, specs: Sequence[tuple] = MIXED) -> list[FitTask]:
+    """The fits of `specs` on `data` (loaded from `ref`), with FOLDS folds and SEED."""
+    return [FitTask.build(FitJob(trial, fold, FOLDS, SEED, tuple(hidden), lr, wd, dropout, ref), data)
+            for trial, fold, hidden, lr, wd, dropout in specs]
+
+
+def with_reversed_training_rows(tasks: Sequence[FitTask]) -> list[FitTask]:
+    """The same fits with their training rows in reverse order: every loss and gradient is the same sum,
+    added in another order (dropout masks follow the row, not its position)."""
+    return [dataclasses.replace(task, rows=dataclasses.replace(task.rows, train_idx=task.rows.train_idx.flip(0)))
+            for task in tasks]
+
+
+def outcomes(trainer, tasks: Sequence[FitTask], n_concurrent: int) -> dict:
+    """Each fit's outcome by key, trained by `trainer` with up to `n_concurrent` at once."""
+    got = {}
+    trainer.train(tasks, n_concurrent, lambda outcome: got.__setitem__(outcome.key, outcome))
+    return got
