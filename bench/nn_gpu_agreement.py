@@ -5,7 +5,9 @@ several ways, and prints each fit's R^2 and best epoch against serial's:
 - serial_rows_reversed: serial again with each fit's training rows in reverse order, so every loss
   and gradient is the same sum added in another order;
 - serial_cublaslt (GPU only): serial again with cuBLASLt preferred, so only the GEMM kernels change;
-- fused and streams, 8 fits at once.
+- fused and streams, 8 fits at once; fused_one_at_a_time, packs of one;
+- on a GPU, fused_eager (no CUDA graphs) and fused_unsplit (weight gradients not split along the rows):
+  if fused differs from serial by more than the floor, these say whether one of its GPU paths is why.
 The two serial columns are the floor: no trainer can be expected to agree with serial more closely
 than serial agrees with itself once its rounding changes. Writes agreement_<device>_<rows>x<epochs>.json.
 
@@ -25,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from nn_cases import DATA, MIXED, SETTINGS, fit_tasks, outcomes, with_reversed_training_rows  # noqa: E402
 
+from watcher_plugins.nn_batch import affine  # noqa: E402
 from watcher_plugins.nn_batch.device_data import DeviceDatasetCache  # noqa: E402
 from watcher_plugins.nn_batch.fused import FusedTrainer  # noqa: E402
 from watcher_plugins.nn_batch.serial import SerialTrainer  # noqa: E402
@@ -59,6 +62,12 @@ def main() -> None:
         arms["serial_cublaslt"] = run(SerialTrainer(settings, device), 1)
         torch.backends.cuda.preferred_blas_library(default_blas)
     arms["fused"] = run(FusedTrainer(settings, device), 8)
+    arms["fused_one_at_a_time"] = run(FusedTrainer(settings, device), 1)
+    if device.type == "cuda":
+        arms["fused_eager"] = run(FusedTrainer(settings, device, cuda_graphs=False), 8)
+        blocks_per_sm, affine.BLOCKS_PER_SM = affine.BLOCKS_PER_SM, 0
+        arms["fused_unsplit"] = run(FusedTrainer(settings, device), 8)
+        affine.BLOCKS_PER_SM = blocks_per_sm
     arms["streams"] = run(StreamsTrainer(settings, device), 8)
 
     rows, worst = [], {name: 0.0 for name in arms if name != "serial"}

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
+from watcher_plugins.nn_batch import affine
 from watcher_plugins.nn_batch.device_data import DeviceDataset
 from watcher_plugins.nn_batch.protocol import FitJob
 from watcher_plugins.nn_batch.training import FitTask, TrainSettings
@@ -45,6 +46,19 @@ def with_reversed_training_rows(tasks: Sequence[FitTask]) -> list[FitTask]:
     added in another order (dropout masks follow the row, not its position)."""
     return [dataclasses.replace(task, rows=dataclasses.replace(task.rows, train_idx=task.rows.train_idx.flip(0)))
             for task in tasks]
+
+
+def record_weight_grad_calls(monkeypatch) -> list[tuple[int, int, int]]:
+    """Records (n_in, n_out, splits) of every weight gradient a fused pack computes from here on."""
+    calls = []
+    weight_grad = affine.weight_grad
+
+    def recorded(a, b, splits):
+        calls.append((a.shape[-1], b.shape[-1], splits))
+        return weight_grad(a, b, splits)
+
+    monkeypatch.setattr(affine, "weight_grad", recorded)
+    return calls
 
 
 def outcomes(trainer, tasks: Sequence[FitTask], n_concurrent: int) -> dict:

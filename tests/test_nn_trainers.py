@@ -7,7 +7,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from nn_cases import DATA, MIXED, SETTINGS, fit_tasks, outcomes, with_reversed_training_rows
+from nn_cases import (
+    DATA,
+    MIXED,
+    SETTINGS,
+    fit_tasks,
+    outcomes,
+    record_weight_grad_calls,
+    with_reversed_training_rows,
+)
 from torch import nn
 
 from watcher_plugins.data import r2_score
@@ -60,34 +68,19 @@ def test_serial_agrees_with_itself_far_inside_the_tolerance_when_only_its_sums_a
 
 
 def test_a_pack_with_split_weight_gradients_gives_serials_r2(monkeypatch, cache, serial_reference):
-    splits_used = []
-    weight_grad = affine_module.weight_grad
-
-    def recorded(a, b, splits):
-        splits_used.append(splits)
-        return weight_grad(a, b, splits)
-
+    calls = record_weight_grad_calls(monkeypatch)
     monkeypatch.setattr(affine_module, "row_splits", lambda *args: 5)
-    monkeypatch.setattr(affine_module, "weight_grad", recorded)
     got = outcomes(FusedTrainer(SETTINGS, CPU), make_tasks(cache, MIXED), 8)
-    assert splits_used and set(splits_used) == {5}  # the split was used (each layer's: the test below)
+    assert calls and {splits for _, _, splits in calls} == {5}  # the split was used (each layer's: below)
     for key, ref in serial_reference.items():
         assert got[key].status == STATUS_OK
         assert abs(got[key].r2 - ref.r2) < 1e-4, (key, got[key].r2, ref.r2)
         assert got[key].best_epoch == ref.best_epoch
 
 
-
 def test_every_layers_weight_gradient_goes_through_the_split(monkeypatch, cache):
-    calls = []
-    weight_grad = affine_module.weight_grad
-
-    def recorded(a, b, splits):
-        calls.append((a.shape[-1], b.shape[-1], splits))
-        return weight_grad(a, b, splits)
-
+    calls = record_weight_grad_calls(monkeypatch)
     monkeypatch.setattr(affine_module, "row_splits", lambda *args: 5)
-    monkeypatch.setattr(affine_module, "weight_grad", recorded)
     tasks = make_tasks(cache, [(0, 0, [64, 32, 16], 1e-3, 0.0, 0.0), (0, 1, [64, 32, 16], 1e-3, 0.0, 0.0)])
     pack = FusedPack(tasks, TrainSettings(max_epochs=10, patience=10), CPU)
     for _ in range(3):

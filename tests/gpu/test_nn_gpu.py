@@ -9,12 +9,13 @@ torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 from nn_cases import DATA as CASES_DATA  # noqa: E402
-from nn_cases import MIXED, fit_tasks, with_reversed_training_rows  # noqa: E402
+from nn_cases import MIXED, fit_tasks, record_weight_grad_calls, with_reversed_training_rows  # noqa: E402
 from nn_cases import SETTINGS as CASES_SETTINGS  # noqa: E402
 
 from watcher_plugins.errors import LeaseTimeout  # noqa: E402
 from watcher_plugins.executor import RunContext  # noqa: E402
 from watcher_plugins.lease import GpuLease  # noqa: E402
+from watcher_plugins.nn_batch import affine as affine_module  # noqa: E402
 from watcher_plugins.nn_batch import kernels  # noqa: E402
 from watcher_plugins.nn_batch.device_data import DeviceDatasetCache  # noqa: E402
 from watcher_plugins.nn_batch.faults import Faults  # noqa: E402
@@ -69,9 +70,24 @@ def serial_reference(cases_data):
 @pytest.mark.parametrize("trainer_cls", [FusedTrainer, StreamsTrainer])
 def test_fused_and_streams_give_serials_r2_on_the_gpu(cases_data, serial_reference, trainer_cls):
     # test_nn_trainers.py's contract and batch, on the GPU's kernels (cuBLAS, Triton, CUDA graphs)
-    got = run(trainer_cls(CASES_SETTINGS, CUDA), fit_tasks(cases_data, CASES_DATA), 8)
+    trainer = trainer_cls(CASES_SETTINGS, CUDA)
+    got = run(trainer, fit_tasks(cases_data, CASES_DATA), 8)
+    if trainer_cls is FusedTrainer:
+        assert trainer.graph_captures >= 1  # its packs replayed captured epochs
     for key, ref in serial_reference.items():
         assert ref.status == STATUS_OK and got[key].status == STATUS_OK
+        assert abs(got[key].r2 - ref.r2) < 1e-4, (key, got[key].r2, ref.r2)
+        assert got[key].best_epoch == ref.best_epoch
+
+
+def test_a_pack_with_split_weight_gradients_gives_serials_r2_on_the_gpu(monkeypatch, cases_data, serial_reference):
+    # 600 rows are under the split's minimum chunk: lowered, row_splits picks its own splits on this GPU
+    calls = record_weight_grad_calls(monkeypatch)
+    monkeypatch.setattr(affine_module, "MIN_CHUNK_ROWS", 50)
+    got = run(FusedTrainer(CASES_SETTINGS, CUDA), fit_tasks(cases_data, CASES_DATA), 8)
+    assert max(splits for _, _, splits in calls) > 1
+    for key, ref in serial_reference.items():
+        assert got[key].status == STATUS_OK
         assert abs(got[key].r2 - ref.r2) < 1e-4, (key, got[key].r2, ref.r2)
         assert got[key].best_epoch == ref.best_epoch
 
