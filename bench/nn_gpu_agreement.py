@@ -2,17 +2,19 @@
 
 Trains tests/nn_cases.py's mixed batch (embedded survivors, 3 folds, TF32 off) at the given size in
 several ways, and prints each fit's R^2 and best epoch against serial's:
-- serial_rows_reversed: serial again with each fit's training rows in reverse order, so every loss
-  and gradient is the same sum added in another order;
+- serial_rows_reversed (and serial_rows_permuted_<seed>, --permutations): serial again with each fit's
+  training rows in reverse (random) order, so every loss and gradient is the same sum added in another
+  order;
 - serial_cublaslt (GPU only): serial again with cuBLASLt preferred, so only the GEMM kernels change;
 - fused and streams, 8 fits at once; fused_one_at_a_time, packs of one;
 - on a GPU, fused_eager (no CUDA graphs) and fused_unsplit (weight gradients not split along the rows):
   if fused differs from serial by more than the floor, these say whether one of its GPU paths is why.
-The two serial columns are the floor: no trainer can be expected to agree with serial more closely
+The serial_* columns are the floor: no trainer can be expected to agree with serial more closely
 than serial agrees with itself once its rounding changes. Writes agreement_<device>_<rows>x<epochs>.json.
 
     PYTHONPATH=. python bench/nn_gpu_agreement.py --out $OUT                          # the GPU test's batch
-    PYTHONPATH=. python bench/nn_gpu_agreement.py --out $OUT --rows 4000 --max-epochs 80 --patience 10
+    PYTHONPATH=. python bench/nn_gpu_agreement.py --out $OUT --rows 4000 --max-epochs 80 --patience 10 \
+      --permutations 6
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from nn_cases import DATA, MIXED, SETTINGS, fit_tasks, outcomes, with_reversed_training_rows  # noqa: E402
+from nn_cases import DATA, MIXED, SETTINGS, fit_tasks, outcomes, with_reordered_training_rows  # noqa: E402
 
 from watcher_plugins.nn_batch import affine  # noqa: E402
 from watcher_plugins.nn_batch.device_data import DeviceDatasetCache  # noqa: E402
@@ -43,19 +45,23 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=DATA.rows)
     parser.add_argument("--max-epochs", type=int, default=SETTINGS.max_epochs)
     parser.add_argument("--patience", type=int, default=SETTINGS.patience)
+    parser.add_argument("--permutations", type=int, default=0,
+                        help="serial again with each fit's training rows in this many random orders")
     args = parser.parse_args()
     device = torch.device(args.device)
     ref = DataRef(embedded="survivors", rows=args.rows)
     settings = TrainSettings(max_epochs=args.max_epochs, patience=args.patience)
     data = DeviceDatasetCache(device).get(ref)
 
-    def run(trainer, k: int, reorder: bool = False) -> dict:
+    def run(trainer, k: int, reorder: bool = False, seed: int | None = None) -> dict:
         tasks = fit_tasks(data, ref)
         with precision_context("fp32", device):
-            return outcomes(trainer, with_reversed_training_rows(tasks) if reorder else tasks, k)
+            return outcomes(trainer, with_reordered_training_rows(tasks, seed) if reorder else tasks, k)
 
     arms = {"serial": run(SerialTrainer(settings, device), 1),
             "serial_rows_reversed": run(SerialTrainer(settings, device), 1, reorder=True)}
+    for seed in range(args.permutations):
+        arms[f"serial_rows_permuted_{seed}"] = run(SerialTrainer(settings, device), 1, reorder=True, seed=seed)
     if device.type == "cuda":
         default_blas = torch.backends.cuda.preferred_blas_library()
         torch.backends.cuda.preferred_blas_library("cublaslt")

@@ -14,7 +14,7 @@ from nn_cases import (
     fit_tasks,
     outcomes,
     record_weight_grad_calls,
-    with_reversed_training_rows,
+    with_reordered_training_rows,
 )
 from torch import nn
 
@@ -61,7 +61,7 @@ def test_serial_agrees_with_itself_far_inside_the_tolerance_when_only_its_sums_a
     # What makes the 1e-4 contract above a test of the trainers: on this batch, rounding alone (the
     # same sums in another order) moves serial far less than 1e-4. On a longer batch it does not
     # (nn_cases' docstring), and no trainer could be held to 1e-4 there.
-    reordered = outcomes(SerialTrainer(SETTINGS, CPU), with_reversed_training_rows(make_tasks(cache, MIXED)), 1)
+    reordered = outcomes(SerialTrainer(SETTINGS, CPU), with_reordered_training_rows(make_tasks(cache, MIXED)), 1)
     for key, ref in serial_reference.items():
         assert abs(reordered[key].r2 - ref.r2) < 1e-4 / 4, (key, reordered[key].r2, ref.r2)
         assert reordered[key].best_epoch == ref.best_epoch

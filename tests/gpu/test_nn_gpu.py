@@ -9,7 +9,7 @@ torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 from nn_cases import DATA as CASES_DATA  # noqa: E402
-from nn_cases import MIXED, fit_tasks, record_weight_grad_calls, with_reversed_training_rows  # noqa: E402
+from nn_cases import MIXED, fit_tasks, record_weight_grad_calls, with_reordered_training_rows  # noqa: E402
 from nn_cases import SETTINGS as CASES_SETTINGS  # noqa: E402
 
 from watcher_plugins.errors import LeaseTimeout  # noqa: E402
@@ -96,7 +96,7 @@ def test_serial_agrees_with_itself_far_inside_the_tolerance_when_only_its_sums_a
         cases_data, serial_reference):
     # as on the CPU: the batch above is one where rounding alone cannot reach 1e-4 (nn_cases' docstring)
     reordered = run(SerialTrainer(CASES_SETTINGS, CUDA),
-                    with_reversed_training_rows(fit_tasks(cases_data, CASES_DATA)), 1)
+                    with_reordered_training_rows(fit_tasks(cases_data, CASES_DATA)), 1)
     for key, ref in serial_reference.items():
         assert abs(reordered[key].r2 - ref.r2) < 1e-4 / 4, (key, reordered[key].r2, ref.r2)
         assert reordered[key].best_epoch == ref.best_epoch
