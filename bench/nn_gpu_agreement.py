@@ -7,8 +7,9 @@ several ways, and prints each fit's R^2 and best epoch against serial's:
   order;
 - serial_cublaslt (GPU only): serial again with cuBLASLt preferred, so only the GEMM kernels change;
 - fused and streams, 8 fits at once; fused_one_at_a_time, packs of one;
-- on a GPU, fused_eager (no CUDA graphs) and fused_unsplit (weight gradients not split along the rows):
-  if fused differs from serial by more than the floor, these say whether one of its GPU paths is why.
+- on a GPU, fused_eager (no CUDA graphs) and fused_unsplit (weight gradients not split along the rows),
+  and on any device fused_splits_<n> (--fused-splits: the weight gradients cut into n row chunks): if
+  fused differs from serial by more than the floor, these say whether one of its paths is why.
 The serial_* columns are the floor: no trainer can be expected to agree with serial more closely
 than serial agrees with itself once its rounding changes. Writes agreement_<device>_<rows>x<epochs>.json.
 
@@ -20,9 +21,12 @@ than serial agrees with itself once its rounding changes. Writes agreement_<devi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -38,6 +42,25 @@ from watcher_plugins.nn_batch.training import TrainSettings, precision_context  
 from watcher_plugins.records import DataRef  # noqa: E402
 
 
+@contextlib.contextmanager
+def preferred_blas_library(name: str):
+    """cuBLAS or cuBLASLt for torch's CUDA matmuls inside the block."""
+    before = torch.backends.cuda.preferred_blas_library()
+    torch.backends.cuda.preferred_blas_library(name)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.preferred_blas_library(before)
+
+
+def git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -47,14 +70,16 @@ def main() -> None:
     parser.add_argument("--patience", type=int, default=SETTINGS.patience)
     parser.add_argument("--permutations", type=int, default=0,
                         help="serial again with each fit's training rows in this many random orders")
+    parser.add_argument("--fused-splits", type=lambda text: [int(n) for n in text.split(",") if n], default=[],
+                        help="fused again with its weight gradients cut into each of these numbers of row chunks")
     args = parser.parse_args()
     device = torch.device(args.device)
     ref = DataRef(embedded="survivors", rows=args.rows)
     settings = TrainSettings(max_epochs=args.max_epochs, patience=args.patience)
-    data = DeviceDatasetCache(device).get(ref)
+    cache = DeviceDatasetCache(device)
 
     def run(trainer, k: int, reorder: bool = False, seed: int | None = None) -> dict:
-        tasks = fit_tasks(data, ref)
+        tasks = fit_tasks(cache, ref)
         with precision_context("fp32", device):
             return outcomes(trainer, with_reordered_training_rows(tasks, seed) if reorder else tasks, k)
 
@@ -63,17 +88,17 @@ def main() -> None:
     for seed in range(args.permutations):
         arms[f"serial_rows_permuted_{seed}"] = run(SerialTrainer(settings, device), 1, reorder=True, seed=seed)
     if device.type == "cuda":
-        default_blas = torch.backends.cuda.preferred_blas_library()
-        torch.backends.cuda.preferred_blas_library("cublaslt")
-        arms["serial_cublaslt"] = run(SerialTrainer(settings, device), 1)
-        torch.backends.cuda.preferred_blas_library(default_blas)
+        with preferred_blas_library("cublaslt"):
+            arms["serial_cublaslt"] = run(SerialTrainer(settings, device), 1)
     arms["fused"] = run(FusedTrainer(settings, device), 8)
     arms["fused_one_at_a_time"] = run(FusedTrainer(settings, device), 1)
     if device.type == "cuda":
         arms["fused_eager"] = run(FusedTrainer(settings, device, cuda_graphs=False), 8)
-        blocks_per_sm, affine.BLOCKS_PER_SM = affine.BLOCKS_PER_SM, 0
-        arms["fused_unsplit"] = run(FusedTrainer(settings, device), 8)
-        affine.BLOCKS_PER_SM = blocks_per_sm
+        with mock.patch.object(affine, "BLOCKS_PER_SM", 0):
+            arms["fused_unsplit"] = run(FusedTrainer(settings, device), 8)
+    for splits in args.fused_splits:
+        with mock.patch.object(affine, "row_splits", lambda *_, n=splits: n):
+            arms[f"fused_splits_{splits}"] = run(FusedTrainer(settings, device), 8)
     arms["streams"] = run(StreamsTrainer(settings, device), 8)
 
     rows, worst = [], {name: 0.0 for name in arms if name != "serial"}
@@ -95,8 +120,9 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     path = args.out / f"agreement_{device.type}_{args.rows}x{args.max_epochs}.json"
     path.write_text(json.dumps({
-        "device": name, "torch": torch.__version__, "rows": args.rows, "max_epochs": args.max_epochs,
-        "patience": args.patience, "fits": rows, "max_abs_diff_vs_serial": worst}, indent=1))
+        "device": name, "torch": torch.__version__, "commit": git_commit(), "argv": sys.argv[1:],
+        "rows": args.rows, "max_epochs": args.max_epochs, "patience": args.patience, "fits": rows,
+        "max_abs_diff_vs_serial": worst}, indent=1))
 
 
 if __name__ == "__main__":

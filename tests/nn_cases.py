@@ -3,9 +3,10 @@ bench/nn_gpu_agreement.py.
 
 The batch mixes widths ([256,128,64], [128,64,32], [512,256,128]), depths (2, 3 and 4 hidden layers),
 folds, learning rates, weight decay and dropout. At 600 rows and at most 40 epochs serial agrees with
-itself to ~1e-5 when only the order of its sums changes (`with_reordered_training_rows`), so a 1e-4
-contract measures the trainers there. At 4,000 rows and 80 epochs it does not: serial moves by up to
-1.4e-3 from the reversal alone, on a CPU as on a GPU (bench/results/nn_agreement_session9).
+itself to 1.3e-5 (CPU) and 5e-8 (H200) when only the order of its sums changes
+(`with_reordered_training_rows`), so a 1e-4 contract measures the trainers there. At 4,000 rows and 80
+epochs it does not: reordered, serial moves by up to 3.5e-3 on a CPU and 1.4e-3 on an H200
+(bench/results/nn_agreement_session9).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from collections.abc import Sequence
 import torch
 
 from watcher_plugins.nn_batch import affine
-from watcher_plugins.nn_batch.device_data import DeviceDataset
+from watcher_plugins.nn_batch.device_data import DeviceDatasetCache
 from watcher_plugins.nn_batch.protocol import FitJob
 from watcher_plugins.nn_batch.training import FitTask, TrainSettings
 from watcher_plugins.records import DataRef
@@ -37,16 +38,18 @@ MIXED = [
 ]
 
 
-def fit_tasks(data: DeviceDataset, ref: DataRef, specs: Sequence[tuple] = MIXED) -> list[FitTask]:
-    """The fits of `specs` on `data` (loaded from `ref`), with FOLDS folds and SEED."""
+def fit_tasks(cache: DeviceDatasetCache, ref: DataRef = DATA, specs: Sequence[tuple] = MIXED) -> list[FitTask]:
+    """The fits of `specs` on the dataset `ref` (loaded once into `cache`), with FOLDS folds and SEED."""
+    data = cache.get(ref)
     return [FitTask.build(FitJob(trial, fold, FOLDS, SEED, tuple(hidden), lr, wd, dropout, ref), data)
             for trial, fold, hidden, lr, wd, dropout in specs]
 
 
 def with_reordered_training_rows(tasks: Sequence[FitTask], seed: int | None = None) -> list[FitTask]:
     """The same fits with their training rows in another order (reversed, or a random permutation drawn
-    with `seed`): every loss and gradient is the same sum, added in another order (dropout masks follow
-    the row, not its position)."""
+    with `seed`): for serial and streams, which index the rows, every loss and gradient is the same sum
+    added in another order (dropout masks follow the row, not its position). FoldRows' indices are no
+    longer sorted, on purpose. Fused reads the fold's row mask, not these indices: nothing changes for it."""
 
     def reordered(idx: torch.Tensor) -> torch.Tensor:
         if seed is None:

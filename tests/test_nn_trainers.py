@@ -32,10 +32,6 @@ from watcher_plugins.records import STATUS_OK, DataRef
 CPU = torch.device("cpu")
 
 
-def make_tasks(cache: DeviceDatasetCache, specs) -> list[FitTask]:
-    return fit_tasks(cache.get(DATA), DATA, specs)
-
-
 @pytest.fixture(scope="module")
 def cache():
     return DeviceDatasetCache(CPU)
@@ -43,12 +39,12 @@ def cache():
 
 @pytest.fixture(scope="module")
 def serial_reference(cache):
-    return outcomes(SerialTrainer(SETTINGS, CPU), make_tasks(cache, MIXED), 1)
+    return outcomes(SerialTrainer(SETTINGS, CPU), fit_tasks(cache, DATA, MIXED), 1)
 
 
 @pytest.mark.parametrize("trainer_cls", [FusedTrainer, StreamsTrainer])
 def test_fused_and_streams_give_serials_r2(cache, serial_reference, trainer_cls):
-    got = outcomes(trainer_cls(SETTINGS, CPU), make_tasks(cache, MIXED), 8)
+    got = outcomes(trainer_cls(SETTINGS, CPU), fit_tasks(cache, DATA, MIXED), 8)
     assert set(got) == set(serial_reference)
     for key, ref in serial_reference.items():
         assert ref.status == STATUS_OK and got[key].status == STATUS_OK
@@ -61,7 +57,7 @@ def test_serial_agrees_with_itself_far_inside_the_tolerance_when_only_its_sums_a
     # What makes the 1e-4 contract above a test of the trainers: on this batch, rounding alone (the
     # same sums in another order) moves serial far less than 1e-4. On a longer batch it does not
     # (nn_cases' docstring), and no trainer could be held to 1e-4 there.
-    reordered = outcomes(SerialTrainer(SETTINGS, CPU), with_reordered_training_rows(make_tasks(cache, MIXED)), 1)
+    reordered = outcomes(SerialTrainer(SETTINGS, CPU), with_reordered_training_rows(fit_tasks(cache, DATA, MIXED)), 1)
     for key, ref in serial_reference.items():
         assert abs(reordered[key].r2 - ref.r2) < 1e-4 / 4, (key, reordered[key].r2, ref.r2)
         assert reordered[key].best_epoch == ref.best_epoch
@@ -70,7 +66,7 @@ def test_serial_agrees_with_itself_far_inside_the_tolerance_when_only_its_sums_a
 def test_a_pack_with_split_weight_gradients_gives_serials_r2(monkeypatch, cache, serial_reference):
     calls = record_weight_grad_calls(monkeypatch)
     monkeypatch.setattr(affine_module, "row_splits", lambda *args: 5)
-    got = outcomes(FusedTrainer(SETTINGS, CPU), make_tasks(cache, MIXED), 8)
+    got = outcomes(FusedTrainer(SETTINGS, CPU), fit_tasks(cache, DATA, MIXED), 8)
     assert calls and {splits for _, _, splits in calls} == {5}  # the split was used (each layer's: below)
     for key, ref in serial_reference.items():
         assert got[key].status == STATUS_OK
@@ -81,7 +77,7 @@ def test_a_pack_with_split_weight_gradients_gives_serials_r2(monkeypatch, cache,
 def test_every_layers_weight_gradient_goes_through_the_split(monkeypatch, cache):
     calls = record_weight_grad_calls(monkeypatch)
     monkeypatch.setattr(affine_module, "row_splits", lambda *args: 5)
-    tasks = make_tasks(cache, [(0, 0, [64, 32, 16], 1e-3, 0.0, 0.0), (0, 1, [64, 32, 16], 1e-3, 0.0, 0.0)])
+    tasks = fit_tasks(cache, DATA, [(0, 0, [64, 32, 16], 1e-3, 0.0, 0.0), (0, 1, [64, 32, 16], 1e-3, 0.0, 0.0)])
     pack = FusedPack(tasks, TrainSettings(max_epochs=10, patience=10), CPU)
     for _ in range(3):
         pack.run_epoch()
@@ -129,7 +125,7 @@ def _plain_reference_r2(cache, hidden, lr, wd, seed, fold, folds, settings):
 @pytest.mark.parametrize("hidden,lr,wd", [([256, 128, 64], 3e-3, 1e-4), ([128, 64], 1e-2, 0.0)])
 def test_serial_agrees_with_plain_sequential_and_adam(cache, hidden, lr, wd):
     settings = TrainSettings(max_epochs=60, patience=5)
-    task = make_tasks(cache, [(0, 1, hidden, lr, wd, 0.0)])
+    task = fit_tasks(cache, DATA, [(0, 1, hidden, lr, wd, 0.0)])
     got = outcomes(SerialTrainer(settings, CPU), task, 1)[(0, 1)]
     r2, best_epoch = _plain_reference_r2(cache, hidden, lr, wd, 11, 1, 3, settings)
     assert got.best_epoch == best_epoch
@@ -138,7 +134,7 @@ def test_serial_agrees_with_plain_sequential_and_adam(cache, hidden, lr, wd):
 
 def test_padded_model_outputs_equal_the_unpadded_model(cache):
     specs = [(0, 0, [64, 32], 1e-2, 0.0, 0.0), (1, 0, [16, 8], 1e-2, 0.0, 0.0), (2, 1, [64, 8], 1e-2, 0.0, 0.0)]
-    tasks = make_tasks(cache, specs)
+    tasks = fit_tasks(cache, DATA, specs)
     pack = FusedPack(tasks, SETTINGS, CPU)
     assert pack.widths == [64, 32]
     X = cache.get(DATA).X
@@ -161,8 +157,8 @@ def test_early_stopped_fits_leave_the_pack_and_it_is_compacted(cache):
     specs = [(t, t % 3, [128, 64] if t % 2 else [32, 16], lr, 0.0, 0.0)
              for t, lr in enumerate([3e-2, 2e-2, 1e-2, 5e-3, 2e-3, 1e-3, 3e-4, 1e-4])]
     fused = FusedTrainer(settings, CPU)
-    got = outcomes(fused, make_tasks(cache, specs), 8)
-    ref = outcomes(SerialTrainer(settings, CPU), make_tasks(cache, specs), 1)
+    got = outcomes(fused, fit_tasks(cache, DATA, specs), 8)
+    ref = outcomes(SerialTrainer(settings, CPU), fit_tasks(cache, DATA, specs), 1)
     assert fused.compactions >= 1
     assert len({o.epochs for o in got.values()}) > 1  # fits really stopped at different epochs
     for key in ref:
@@ -170,22 +166,22 @@ def test_early_stopped_fits_leave_the_pack_and_it_is_compacted(cache):
 
 
 def test_streams_buckets_by_architecture_signature(cache):
-    tasks = make_tasks(cache, MIXED)
+    tasks = fit_tasks(cache, DATA, MIXED)
     buckets = bucket_by_architecture(tasks)
     assert [len(b) for b in buckets] == [2, 1, 1, 1, 1, 1, 1]
     assert all(len({t.job.hidden_layers for t in bucket}) == 1 for bucket in buckets)
 
 
 def test_fused_packs_one_depth_and_dataset_together(cache):
-    groups = FusedTrainer.plan_groups(make_tasks(cache, MIXED))
+    groups = FusedTrainer.plan_groups(fit_tasks(cache, DATA, MIXED))
     depths = [{len(t.job.hidden_layers) for t in group} for group in groups]
     assert depths == [{3}, {2}, {4}]
 
 
 def test_bf16_moves_r2_little(cache):
     specs = MIXED[:2] + MIXED[4:5]
-    fp32 = outcomes(FusedTrainer(SETTINGS, CPU), make_tasks(cache, specs), 8)
-    bf16 = outcomes(FusedTrainer(TrainSettings(40, 6, "bf16"), CPU), make_tasks(cache, specs), 8)
+    fp32 = outcomes(FusedTrainer(SETTINGS, CPU), fit_tasks(cache, DATA, specs), 8)
+    bf16 = outcomes(FusedTrainer(TrainSettings(40, 6, "bf16"), CPU), fit_tasks(cache, DATA, specs), 8)
     for key in fp32:
         assert bf16[key].status == STATUS_OK and abs(bf16[key].r2 - fp32[key].r2) < 0.05
 
@@ -198,7 +194,7 @@ def test_fused_dropout_masks_are_each_fits_own_masks(cache):
 
     specs = [(0, 0, [64, 32], 1e-2, 0.0, 0.2), (1, 1, [16, 8], 1e-2, 0.0, 0.3), (2, 2, [64, 8], 1e-2, 0.0, 0.0),
              (3, 0, [32, 32], 1e-2, 0.0, 0.05)]
-    tasks = make_tasks(cache, specs)
+    tasks = fit_tasks(cache, DATA, specs)
     pack = FusedPack(tasks, SETTINGS, CPU)
     previous = None
     for epoch in range(2):
@@ -230,14 +226,14 @@ def test_fused_plans_exact_architecture_packs_and_pads_only_leftovers(cache):
     specs += [(n + t, t % 3, [32, 16], 5e-3, 1e-4, 0.2) for t in range(n)]
     specs += [(2 * n, 0, [128, 64], 1e-2, 0.0, 0.15), (2 * n + 1, 1, [16, 8], 2e-2, 0.0, 0.0),
               (2 * n + 2, 2, [64, 32, 16], 1e-2, 0.0, 0.1)]
-    groups = FusedTrainer.plan_groups(make_tasks(cache, specs))
+    groups = FusedTrainer.plan_groups(fit_tasks(cache, DATA, specs))
     archs = [sorted({t.job.hidden_layers for t in g}) for g in groups]
     assert archs == [[(64, 32)], [(32, 16)], [(16, 8), (128, 64)], [(64, 32, 16)]]
     assert [t.job.dropout for t in groups[0]][0] == 0.0  # fits without dropout first
     fused = FusedTrainer(SETTINGS, CPU)
-    got = outcomes(fused, make_tasks(cache, specs), 16)
+    got = outcomes(fused, fit_tasks(cache, DATA, specs), 16)
     assert sorted(fused.pack_sizes) == [1, 2, MIN_EXACT_PACK, MIN_EXACT_PACK]
-    ref = outcomes(SerialTrainer(SETTINGS, CPU), make_tasks(cache, specs), 1)
+    ref = outcomes(SerialTrainer(SETTINGS, CPU), fit_tasks(cache, DATA, specs), 1)
     for key in ref:
         assert got[key].status == STATUS_OK
         assert abs(got[key].r2 - ref[key].r2) < 1e-4 and got[key].best_epoch == ref[key].best_epoch, key
