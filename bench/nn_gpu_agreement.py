@@ -70,6 +70,8 @@ def main() -> None:
     parser.add_argument("--patience", type=int, default=SETTINGS.patience)
     parser.add_argument("--permutations", type=int, default=0,
                         help="serial again with each fit's training rows in this many random orders")
+    parser.add_argument("--commit", default=None,
+                        help="the code's commit, for the record (default: this checkout's HEAD)")
     parser.add_argument("--fused-splits", type=lambda text: [int(n) for n in text.split(",") if n], default=[],
                         help="fused again with its weight gradients cut into each of these numbers of row chunks")
     args = parser.parse_args()
@@ -120,7 +122,7 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     path = args.out / f"agreement_{device.type}_{args.rows}x{args.max_epochs}.json"
     path.write_text(json.dumps({
-        "device": name, "torch": torch.__version__, "commit": git_commit(), "argv": sys.argv[1:],
+        "device": name, "torch": torch.__version__, "commit": args.commit or git_commit(), "argv": sys.argv[1:],
         "rows": args.rows, "max_epochs": args.max_epochs, "patience": args.patience, "fits": rows,
         "max_abs_diff_vs_serial": worst}, indent=1))
 
