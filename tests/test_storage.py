@@ -170,7 +170,7 @@ def test_a_study_made_on_gpus_is_not_resumed_on_a_cpu_only_host(pm, tmp_path):
     store = StudyStore.open(params, tmp_path / "out", DataRef.from_param(params["data"]))
     study = store.study("nn", seed=params["seed"], result_params={"nn_max_epochs": params["nn_max_epochs"],
                                                                   "scoring": "v2", "compute": "gpu"})
-    study.tell(study.ask(), 0.5)  # a trial trained on the GPUs (an empty study would take the new params)
+    study.tell(store.ask(study), 0.5)  # a trial trained on the GPUs (an empty study would take the new params)
     with pytest.raises(StorageError, match="compute: stored 'gpu', now 'cpu'"):
         run_compare_models(params, pm)
 
