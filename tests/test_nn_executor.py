@@ -195,6 +195,84 @@ def test_an_interrupted_batch_leaves_no_worker_behind(tmp_path, monkeypatch):
     assert _processes_with_marker(marker) == []
 
 
+def test_an_interrupted_batch_kills_its_busy_worker_instead_of_letting_it_finish(tmp_path, monkeypatch):
+    # After Ctrl-C or SIGTERM nothing reads what the worker would still train: asking it to shut down
+    # waits SHUTDOWN_WAIT_S (15 s) for its batch first, longer than docker stop's grace period (10 s).
+    from watcher_plugins.nn_batch.client import WorkerProcess
+
+    events = []
+    send, kill = WorkerProcess.send, WorkerProcess.kill
+
+    def recording_send(self, obj):
+        if obj.get("command") == "shutdown":
+            events.append("asked")
+        return send(self, obj)
+
+    def recording_kill(self):
+        if self.alive:
+            events.append("killed")
+        return kill(self)
+
+    monkeypatch.setattr(WorkerProcess, "send", recording_send)
+    monkeypatch.setattr(WorkerProcess, "kill", recording_kill)
+
+    def interrupt(signum, frame):
+        raise _Interrupt
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    signal.alarm(4)
+    try:
+        with pytest.raises(_Interrupt):
+            with NNBatchExecutor({**PARAMS, "nn_max_epochs": 10**6, "nn_patience": 10**6, "n_concurrent_nn": 1},
+                                 context(tmp_path)) as executor:
+                executor.run_batch(trials(2))
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert events == ["killed"]
+    assert executor._slots[0].worker is None
+
+
+def test_an_idle_worker_is_asked_to_shut_down(tmp_path, monkeypatch):
+    from watcher_plugins.nn_batch.client import WorkerProcess
+
+    asked = []
+    send = WorkerProcess.send
+    monkeypatch.setattr(WorkerProcess, "send",
+                        lambda self, obj: (asked.append(obj["command"]) if obj.get("command") == "shutdown" else None,
+                                           send(self, obj))[1])
+    with NNBatchExecutor(PARAMS, context(tmp_path)) as executor:
+        executor.run_batch(trials(1))
+        worker = executor._slots[0].worker
+    assert asked == ["shutdown"] and worker.process.returncode == 0  # it said bye and exited by itself
+
+
+def test_a_trial_number_given_twice_fails_the_second_job_and_the_batch_ends(tmp_path):
+    jobs = trials(2) + [trials(1)[0]]  # trial 0 again
+    done = {}
+    with NNBatchExecutor(PARAMS, context(tmp_path)) as executor:
+        batch = threading.Thread(target=lambda: done.update(results=executor.run_batch(jobs)), daemon=True)
+        batch.start()
+        batch.join(timeout=120)  # a hang, not a slow batch: this one takes seconds
+        assert not batch.is_alive(), "the batch waits for results that never come"
+    results = done["results"]
+    assert [(r.trial_number, r.fold_idx, r.status) for r in results] == [
+        (0, 0, STATUS_OK), (0, 1, STATUS_OK), (1, 0, STATUS_OK), (1, 1, STATUS_OK),
+        (0, 0, STATUS_FAIL), (0, 1, STATUS_FAIL)]
+    assert results[4].error == "invalid trial: trial 0 appears more than once in this batch"
+
+
+def test_with_no_retries_a_trial_that_kills_its_worker_fails_alone(tmp_path, monkeypatch):
+    # One architecture, so that trials 0 and 1 start in one pack: the crash ends a request of three
+    # trials, none finished. Which one caused it is not known, so none fails for it: each runs again
+    # alone, and only trial 1's own crash fails it.
+    monkeypatch.setenv("WATCHER_NN_FAULTS", json.dumps({"crash_on_trial": 1}))
+    jobs = [TrialJob("nn", t, {"hidden_layers": [8], "lr": 1e-2}, DATA, 2, 3) for t in range(3)]
+    with NNBatchExecutor(PARAMS, context(tmp_path, trial_retries=0)) as executor:
+        results = executor.run_batch(jobs)
+    assert_only_trial_1_failed(results, "exited with code 17", "trial_retries=0")
+
+
 def test_a_batch_too_long_for_one_request_line_goes_in_several(tmp_path, monkeypatch):
     # The worker refuses a line over its limit (4 MiB: thousands of trials). Here the host believes
     # the limit is half of what the 4 trials' request takes, so they go in 2 or more requests of whole

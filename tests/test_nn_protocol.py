@@ -30,6 +30,11 @@ VALID = [
     {"command": "train_batch", "jobs": [JOB], "n_concurrent": "auto", "strategy": "fused", "precision": "bf16",
      "max_epochs": 50, "patience": 5, "vram_budget_fraction": 0.5},
     {"command": "train", "job": {**JOB, "data": {"path": "/data/x.csv", "target": "y", "format": "csv"}}},
+    # JSON Schema's "integer" takes a number with a zero fraction; so does the worker.
+    {"command": "train_batch", "jobs": [{**JOB, "fold_idx": 1.0, "trial_number": 3.0,
+                                         "params": {**JOB["params"], "hidden_layers": [64.0, 32]},
+                                         "data": {"embedded": "survivors", "rows": 1000.0}}],
+     "n_concurrent": 2.0, "max_epochs": 50.0},
 ]
 INVALID = [
     ({"command": "fly"}, "unknown_command", "$.command"),
@@ -59,6 +64,16 @@ INVALID = [
      "$.job.data.target"),
     ({"command": "train", "job": {**JOB, "data": {"path": "/data/x.dat", "target": "y", "format": "xyz"}}},
      "invalid_job", "$.job.data.format"),
+    # A key of the other data form would be ignored: refused, as the schema refuses it.
+    ({"command": "train", "job": {**JOB, "data": {"path": "/data/x.csv", "rows": 100}}}, "invalid_job", "$.job.data"),
+    ({"command": "train", "job": {**JOB, "data": {"embedded": "survivors", "target": "y"}}}, "invalid_job",
+     "$.job.data"),
+    ({"command": "train", "job": {**JOB, "data": {"embedded": "survivors", "rows": None}}}, "invalid_job",
+     "$.job.data.rows"),
+    ({"command": "train", "job": {**JOB, "data": {"embedded": "iris"}}}, "invalid_job", "$.job.data.embedded"),
+    ({"command": "train", "job": {**JOB, "fold_idx": 1.5}}, "invalid_job", "$.job.fold_idx"),
+    ({"command": "train", "job": with_params(hidden_layers=[64, 32.5])}, "invalid_job", "$.job.params.hidden_layers"),
+    ({"command": "train_batch", "jobs": [JOB], "n_concurrent": 2.5}, "invalid_request", "$.n_concurrent"),
 ]
 
 
@@ -75,6 +90,21 @@ def test_invalid_requests_are_refused_by_schema_and_worker_with_code_and_path(re
         parse_request(json.dumps(request_obj).encode())
     assert caught.value.code == code
     assert str(caught.value).startswith(path), str(caught.value)
+
+
+def test_parsed_integers_are_ints():
+    request = parse_request(json.dumps(VALID[-1]).encode())
+    job = request.jobs[0]
+    assert (job.trial_number, job.fold_idx, job.hidden_layers, job.data.rows) == (3, 1, (64, 32), 1000)
+    assert all(type(v) is int for v in (job.trial_number, job.fold_idx, *job.hidden_layers, job.data.rows,
+                                        request.settings.n_concurrent, request.settings.max_epochs))
+
+
+@pytest.mark.parametrize("raw", [b"", b"   ", b"\t"])
+def test_a_blank_line_is_refused_as_no_json(raw):
+    with pytest.raises(ProtocolError, match="request line is empty") as caught:
+        parse_request(raw)
+    assert caught.value.code == "malformed_json"
 
 
 def test_fold_index_beyond_folds_is_refused():

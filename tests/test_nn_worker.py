@@ -105,6 +105,8 @@ def test_bad_input_gets_an_error_line_with_a_code_and_the_worker_keeps_serving(w
     huge_lr["params"]["lr"] = 10**400  # valid JSON, but too big for a float
     cases = [
         (b"{not json\n", "malformed_json"),
+        (b"\n", "malformed_json"),  # a blank line is no request either: a client waiting for its reply gets one
+        (b"  \r\n", "malformed_json"),
         (b'{"command": "fly"}\n', "unknown_command"),
         (b'["ping"]\n', "invalid_request"),
         (json.dumps({"command": "train_batch", "jobs": [bad_job]}).encode() + b"\n", "invalid_job"),
@@ -195,6 +197,15 @@ def test_a_worker_started_without_gpu_holds_the_lease_of_the_gpu_it_would_train_
     assert worker.request({"command": "ping"})[0]["gpu_lease"] == 3
     with pytest.raises(LeaseTimeout, match="nn_batch worker pid"):
         GpuLease(3, lease_dir, timeout=0.2).acquire()
+
+
+def test_a_worker_given_a_gpu_sees_that_gpu_alone(worker_factory, tmp_path):
+    # --gpu 1 under a CUDA_VISIBLE_DEVICES=0,1 set by hand: CUDA's device 0 would be GPU 0, so the
+    # worker would train there holding GPU 1's lease. It narrows the list to the GPU it holds.
+    lease_dir = tmp_path / "leases"
+    worker = worker_factory(args=("--device", "auto", "--gpu", "1", "--lease-dir", str(lease_dir)), visible="0,1")
+    pong = worker.request({"command": "ping"})[0]
+    assert (pong["gpu_lease"], pong["cuda_visible_devices"]) == (1, "1")
 
 
 def test_lease_held_elsewhere_is_a_fatal_line_naming_the_holder(worker_factory, tmp_path):

@@ -106,12 +106,13 @@ class WorkerProcess:
         return reply
 
     def _read_replies(self, stream) -> None:
-        for raw in stream:
-            try:
-                self._replies.put(json.loads(raw))
-            except ValueError:
-                self._replies.put({"event": "fatal", "code": "bad_reply",
-                                   "message": f"the worker wrote a line that is not JSON: {raw[:200]!r}"})
+        with stream:  # at the worker's end, its pipe is closed here, not whenever it is collected
+            for raw in stream:
+                try:
+                    self._replies.put(json.loads(raw))
+                except ValueError:
+                    self._replies.put({"event": "fatal", "code": "bad_reply",
+                                       "message": f"the worker wrote a line that is not JSON: {raw[:200]!r}"})
         self._replies.put(None)
 
     def send(self, request: dict) -> None:

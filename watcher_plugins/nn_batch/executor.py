@@ -127,20 +127,26 @@ class NNBatchExecutor(Executor):
         self.last_batch_summaries: list[dict] = []
 
     def run_batch(self, jobs: Sequence[TrialJob], on_result: ResultCallback | None = None) -> list[FoldResult]:
+        # Results are keyed by (trial number, fold): a worker reports them so. A second job with a trial
+        # number already in the batch fails rather than sharing (and so losing) the first one's results.
         results: dict[Key, FoldResult] = {}
-        order: list[Key] = []
+        refused: dict[tuple[int, int], FoldResult] = {}  # (job index, fold) of jobs that never reach a worker
         shares: list[list[FitJob]] = [[] for _ in self._slots]
+        seen: set[int] = set()
         for i, job in enumerate(jobs):
-            order += [(job.trial_number, fold) for fold in range(job.folds)]
             try:
                 if job.model_type != "nn":
                     raise ProtocolError("invalid_job", f"model type {job.model_type!r}: nn_batch runs 'nn' trials only")
-                shares[i % len(self._slots)] += fit_jobs(job)  # whole trials, dealt round-robin to the GPUs
+                if job.trial_number in seen:
+                    raise ProtocolError("invalid_job", f"trial {job.trial_number} appears more than once in this batch")
+                fits = fit_jobs(job)
+                shares[len(seen) % len(self._slots)] += fits  # whole trials, dealt round-robin to the GPUs
+                seen.add(job.trial_number)
             except ProtocolError as exc:
                 for fold in range(job.folds):
-                    results[(job.trial_number, fold)] = FoldResult(job.trial_number, fold, job.model_type, None, 0.0,
-                                                                   STATUS_FAIL, f"invalid trial: {exc}")
-        for result in results.values():
+                    refused[(i, fold)] = FoldResult(job.trial_number, fold, job.model_type, None, 0.0,
+                                                    STATUS_FAIL, f"invalid trial: {exc}")
+        for result in refused.values():
             if on_result is not None:
                 on_result(result)
 
@@ -167,7 +173,8 @@ class NNBatchExecutor(Executor):
             self.last_batch_summaries.append(replies.get())
         if not self.persistent:
             self.close()
-        return [results[key] for key in order]
+        return [refused.get((i, fold)) or results[(job.trial_number, fold)]
+                for i, job in enumerate(jobs) for fold in range(job.folds)]
 
     def _serve_slot_safely(self, slot: _WorkerSlot, fits: list[FitJob], replies: queue.Queue) -> None:
         """_serve_slot, and if it breaks (a bug), every fit it had not reported fails rather than hangs the batch."""
@@ -192,16 +199,21 @@ class NNBatchExecutor(Executor):
         """Run ``fits`` on one slot's worker until each has a result; put results on ``replies``."""
         pending: dict[Key, FitJob] = {fit.key: fit for fit in fits}
         attempts: dict[Key, int] = dict.fromkeys(pending, 0)
-        isolate = False  # after a crash, one trial per request, so that a fit that kills workers fails alone
+        # The trials of a request whose worker crashed: any of them may have caused it, so each then runs
+        # alone, and a fit fails (its retries used) only after a crash of a request of its trial alone. One
+        # trial that kills workers thus fails alone, with trial_retries 0 too.
+        suspects: set[int] = set()
 
         def finish(key: Key, status: str, error: str) -> None:
             fit = pending.pop(key)
             replies.put(FoldResult(fit.trial_number, fit.fold_idx, "nn", None, 0.0, status, error))
 
         while pending:
-            batch = within_line_limit(list(pending.values()), self.settings)
-            if isolate:
-                batch = [fit for fit in batch if fit.trial_number == batch[0].trial_number]
+            suspect = next((fit.trial_number for fit in pending.values() if fit.trial_number in suspects), None)
+            if suspect is not None:
+                batch = [fit for fit in pending.values() if fit.trial_number == suspect]
+            else:
+                batch = within_line_limit(list(pending.values()), self.settings)
             try:
                 worker = slot.ensure_started()
             except WorkerCrashed as exc:
@@ -238,11 +250,14 @@ class NNBatchExecutor(Executor):
                         finish(fit.key, STATUS_FAIL, "the NN worker closed the batch without a result for this fold")
             except WorkerCrashed as exc:
                 slot.discard()
-                isolate = True
-                for fit in batch:
-                    if fit.key not in pending:
-                        continue
+                unfinished = [fit for fit in batch if fit.key in pending]
+                trials = {fit.trial_number for fit in unfinished}
+                for fit in unfinished:
                     attempts[fit.key] += 1
+                if len(trials) > 1:
+                    suspects |= trials
+                    continue
+                for fit in unfinished:
                     if attempts[fit.key] > self.context.trial_retries:
                         finish(fit.key, STATUS_FAIL,
                                f"{exc} (tried {attempts[fit.key]} times, trial_retries={self.context.trial_retries})")
@@ -259,6 +274,11 @@ class NNBatchExecutor(Executor):
         with ``_closing`` set, fails its fits instead of starting a new worker; we wait for it."""
         self._closing.set()
         try:
+            if any(thread.is_alive() for thread in self._threads):
+                # A batch was cut off (Ctrl-C, SIGTERM): nothing reads what its workers would still train,
+                # and letting them finish (SHUTDOWN_WAIT_S) would outlast a container's stop grace period.
+                for slot in self._slots:
+                    slot.discard()
             shutdown_slots(self._slots)
             for thread in self._threads:
                 thread.join(timeout=60)

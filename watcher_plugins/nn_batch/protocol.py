@@ -95,6 +95,16 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _as_int(value: Any) -> int | None:
+    """``value`` as an integer where JSON Schema's "integer" takes it (2, and 2.0 as the schema allows;
+    not true, 2.5 or an infinity), else None."""
+    if _is_int(value):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return None
+
+
 def _is_number(value: Any) -> bool:
     """A finite number a float can hold (JSON allows integers of any size: 10**400 is none)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -124,9 +134,10 @@ _MISSING = _Missing()
 
 def _int(obj: dict, key: str, path: str, code: str, minimum: int = 0) -> int:
     value = obj.get(key, _MISSING)
-    if not _is_int(value) or value < minimum:
+    number = _as_int(value)
+    if number is None or number < minimum:
         raise _fail(code, f"{path}.{key}", f"an integer >= {minimum}", value)
-    return value
+    return number
 
 
 def parse_job(obj: Any, path: str = "$.job") -> FitJob:
@@ -143,8 +154,8 @@ def parse_job(obj: Any, path: str = "$.job") -> FitJob:
         raise _fail(code, f"{path}.params", "an object with hidden_layers, lr, weight_decay, dropout", params)
     hidden = params.get("hidden_layers", _MISSING)
     # A tuple is a list to a Python caller (the executor's trial params); JSON has no tuples.
-    if not isinstance(hidden, (list, tuple)) or not 1 <= len(hidden) <= MAX_LAYERS \
-            or not all(_is_int(w) and 1 <= w <= 65536 for w in hidden):
+    widths = [_as_int(w) for w in hidden] if isinstance(hidden, (list, tuple)) else []
+    if not 1 <= len(widths) <= MAX_LAYERS or not all(w is not None and 1 <= w <= 65536 for w in widths):
         raise _fail(code, f"{path}.params.hidden_layers",
                     f"a list of 1 to {MAX_LAYERS} integers in 1..65536", hidden)
     lr = params.get("lr", _MISSING)
@@ -156,35 +167,52 @@ def parse_job(obj: Any, path: str = "$.job") -> FitJob:
     dropout = params.get("dropout", 0.0)
     if not _is_number(dropout) or not 0 <= dropout < 1:
         raise _fail(code, f"{path}.params.dropout", "a number in [0, 1)", dropout)
-    data = obj.get("data", _MISSING)
-    if not isinstance(data, dict):
-        raise _fail(code, f"{path}.data", '{"embedded": "survivors", "rows": N} or {"path": FILE, ...}', data)
-    try:
-        ref = DataRef.from_param(data)
-    except TypeError:
-        raise _fail(code, f"{path}.data", "only the keys embedded, rows, path, target, format", data) from None
-    if (ref.embedded is None) == (ref.path is None) or ref.embedded not in (None, "survivors") \
-            or not (ref.path is None or (isinstance(ref.path, str) and ref.path)):
-        raise _fail(code, f"{path}.data", '{"embedded": "survivors", ...} or {"path": FILE, ...}, not both', data)
-    if ref.target is not None and not (isinstance(ref.target, str) and ref.target):
-        raise _fail(code, f"{path}.data.target", "a column name", ref.target)
-    if ref.format is not None and ref.format not in DATA_FORMATS:
-        raise _fail(code, f"{path}.data.format", f"one of {', '.join(DATA_FORMATS)}", ref.format)
-    if ref.rows is not None and not (_is_int(ref.rows) and ref.rows >= 2):
-        raise _fail(code, f"{path}.data.rows", "an integer >= 2", ref.rows)
     return FitJob(
         trial_number=_int(obj, "trial_number", path, code), fold_idx=fold_idx, folds=folds,
-        seed=_int(obj, "seed", path, code), hidden_layers=tuple(hidden), lr=float(lr),
-        weight_decay=float(weight_decay), dropout=float(dropout), data=ref,
+        seed=_int(obj, "seed", path, code), hidden_layers=tuple(widths), lr=float(lr),
+        weight_decay=float(weight_decay), dropout=float(dropout), data=_parse_data(obj, f"{path}.data"),
     )
+
+
+def _parse_data(job: dict, path: str) -> DataRef:
+    """A job's data: {"embedded": "survivors"[, "rows": N]} or {"path": FILE[, "target": COLUMN][,
+    "format": F]}, as the schema has them: a key of the other form is refused, never ignored."""
+    code = E_INVALID_JOB
+    data = job.get("data", _MISSING)
+    if not isinstance(data, dict):
+        raise _fail(code, path, '{"embedded": "survivors", "rows": N} or {"path": FILE, ...}', data)
+    if ("embedded" in data) == ("path" in data):
+        raise _fail(code, path, '{"embedded": "survivors", ...} or {"path": FILE, ...}, one of the two', data)
+    if "embedded" in data:
+        allowed, form = ("embedded", "rows"), '{"embedded": "survivors", "rows": N}'
+    else:
+        allowed, form = ("path", "target", "format"), '{"path": FILE, "target": COLUMN, "format": F}'
+    unknown = [key for key in data if key not in allowed]
+    if unknown:
+        raise _fail(code, path, f"only the keys of {form}", data)
+    if "embedded" in data and data["embedded"] != "survivors":
+        raise _fail(code, f"{path}.embedded", '"survivors"', data["embedded"])
+    if "path" in data and not (isinstance(data["path"], str) and data["path"]):
+        raise _fail(code, f"{path}.path", "a file's path", data["path"])
+    if "target" in data and not (isinstance(data["target"], str) and data["target"]):
+        raise _fail(code, f"{path}.target", "a column name", data["target"])
+    if "format" in data and data["format"] not in DATA_FORMATS:
+        raise _fail(code, f"{path}.format", f"one of {', '.join(DATA_FORMATS)}", data["format"])
+    rows = None
+    if "rows" in data:
+        rows = _int(data, "rows", path, code, minimum=2)
+    return DataRef.from_param({**data, "rows": rows} if "embedded" in data else data)
 
 
 def _parse_settings(obj: dict) -> BatchSettings:
     code = E_INVALID_REQUEST
     defaults = BatchSettings()
     n_concurrent = obj.get("n_concurrent", defaults.n_concurrent)
-    if n_concurrent != "auto" and not (_is_int(n_concurrent) and n_concurrent >= 1):
-        raise _fail(code, "$.n_concurrent", '"auto" or an integer >= 1', n_concurrent)
+    if n_concurrent != "auto":
+        number = _as_int(n_concurrent)
+        if number is None or number < 1:
+            raise _fail(code, "$.n_concurrent", '"auto" or an integer >= 1', n_concurrent)
+        n_concurrent = number
     strategy = obj.get("strategy", defaults.strategy)
     if strategy not in STRATEGIES:
         raise _fail(code, "$.strategy", f"one of {', '.join(STRATEGIES)}", strategy)
@@ -210,6 +238,8 @@ def parse_request(raw: bytes) -> Request:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ProtocolError(E_INVALID_UTF8, f"request line is not UTF-8: byte {exc.start} is invalid") from None
+    if not text.strip():
+        raise ProtocolError(E_MALFORMED_JSON, "request line is empty: expected a JSON object with a \"command\"")
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as exc:

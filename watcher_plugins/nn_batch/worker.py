@@ -43,6 +43,7 @@ class Worker:
         import torch
 
         return {"event": "pong", "status": "ok", "device": self.device_name, "gpu_lease": self.gpu,
+                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
                 "pid": os.getpid(), "torch": torch.__version__, "datasets_cached": len(self.runner.cache),
                 "threads": torch.get_num_threads(),
                 "tree_libraries_loaded": sorted(name for name in TREE_LIBRARIES if name in sys.modules)}
@@ -91,9 +92,7 @@ class Worker:
                                                                         f"the limit is {protocol.MAX_LINE_BYTES}"))
                 continue
             line = raw.rstrip(b"\r\n")
-            if not line.strip():
-                continue
-            try:
+            try:  # a blank line too is no request: it gets an error line, as DESIGN.md's protocol says
                 request = protocol.parse_request(line)
             except ProtocolError as exc:
                 self.send(protocol.error_line(exc.code, str(exc)))
@@ -129,9 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="where to train (auto: the GPU if CUDA is available)")
     parser.add_argument("--gpu", type=int, default=None,
-                        help="physical index of the GPU whose lease this worker holds (default: the first GPU "
-                             "CUDA_VISIBLE_DEVICES lists, to which the worker narrows it, or GPU 0 where it is "
-                             "unset and the host has a GPU; none on --device cpu)")
+                        help="physical index (in PCI bus order) of the GPU whose lease this worker holds and "
+                             "that it trains on: CUDA_VISIBLE_DEVICES is narrowed to it (default: the first GPU "
+                             "CUDA_VISIBLE_DEVICES lists, or GPU 0 where it is unset and the host has a GPU; "
+                             "none on --device cpu)")
     parser.add_argument("--lease-dir", default=None)
     parser.add_argument("--lease-timeout", type=float, default=600.0)
     args = parser.parse_args(argv)
@@ -144,9 +144,10 @@ def main(argv: list[str] | None = None) -> int:
         return exit_code
 
     gpu = args.gpu if args.gpu is not None else _gpu_to_hold(args.device)
-    if gpu is not None and (args.gpu is None or ("CUDA_VISIBLE_DEVICES" not in os.environ and args.device != "cpu")):
+    if gpu is not None and args.device != "cpu":
         # Narrowed to the GPU it holds, before torch is imported: CUDA must see that GPU alone (it would
-        # otherwise train on CUDA's device 0 of several, holding no lease for it).
+        # otherwise train on CUDA's device 0 of several, holding no lease for it: --gpu 1 under a
+        # CUDA_VISIBLE_DEVICES=0,1 set by hand, say).
         pin_environment(os.environ, gpu)
     lease = None
     if gpu is not None:
