@@ -93,5 +93,50 @@ def test_an_output_dir_that_cannot_be_created_exits_2(tmp_path):
                    cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (
-        f"watcher-agent: error: params::$.output_dir: cannot write to {blocker / 'out'}: Not a directory")
+        f"watcher-agent: error: --params::$.output_dir: cannot write to {blocker / 'out'}: Not a directory")
     assert "Traceback" not in result.stderr
+
+
+W = ("--run-pipeline", "--start-step", "5", "--end-step", "5")
+SMALL = {"trials": 1, "folds": 2, "nn_max_epochs": 3, "tree_rounds": 5, "data": {"embedded": "survivors", "rows": 300}}
+
+
+def test_an_unwritable_output_dir_creates_no_study_in_a_named_storage(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    db = tmp_path / "shared.db"
+    params = {**SMALL, "storage": f"sqlite:///{db}", "output_dir": str(blocker / "out")}
+    result = agent(*W, "--params", json.dumps(params), cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"watcher-agent: error: --params::$.output_dir: cannot write to {blocker / 'out'}: Not a directory")
+    assert not db.exists()  # no study, not even the database file
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
+def test_a_nul_character_in_output_dir_exits_2_naming_its_json_path(tmp_path):
+    result = agent(*W, "--params", json.dumps({**SMALL, "output_dir": "/tmp/x\u0000y"}), cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == ['watcher-agent: error: --params::$.output_dir: "/tmp/x\\u0000y" is not '
+                                          'valid: expected a path without NUL characters']
+
+
+def test_manifest_and_params_problems_are_reported_together(tmp_path):
+    manifest = tmp_path / "m.json"
+    manifest.write_text(json.dumps({"params": {"trials": 0}}))
+    result = agent(*W, "--manifest", str(manifest), "--params", '{"folds": 1}', cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"watcher-agent: error: {manifest}::$.params.trials: 0 is less than the minimum of 1",
+        "watcher-agent: error: --params::$.folds: 1 is less than the minimum of 2",
+    ]
+
+
+def test_an_unknown_gpu_set_in_the_manifest_names_the_manifest(tmp_path):
+    manifest = tmp_path / "m.json"
+    manifest.write_text(json.dumps({"params": {**SMALL, "devices": [7], "output_dir": str(tmp_path / "out")}}))
+    result = agent(*W, "--manifest", str(manifest), "--params", '{"trials": 2}', cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        f"watcher-agent: error: {manifest}::$.params.devices: GPU 7 not found")
+    assert not (tmp_path / "out").exists()

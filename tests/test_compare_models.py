@@ -104,7 +104,8 @@ class TestExecutors:
         yield WatcherExecutor(name="in_order", model_types=("nn",), load=lambda: InOrderExecutor)
         yield WatcherExecutor(name="constant", model_types=("lightgbm",), load=lambda: ConstantExecutor,
                               result_params=("tree_rounds",))
-        yield WatcherExecutor(name="picky", model_types=("lightgbm",), load=lambda: PickyExecutor)
+        yield WatcherExecutor(name="picky", model_types=("lightgbm",), load=lambda: PickyExecutor,
+                              params_schema={"properties": {"picky_knob": {"type": "integer", "default": 1}}})
 
 
 @pytest.fixture
@@ -283,36 +284,78 @@ def test_a_refused_resume_of_a_named_storage_writes_nothing_and_says_what_to_cha
         run_compare_models(_params(pm, tmp_path, trials=2, folds=4, output_dir=own), pm)
 
 
+def _write_rows(path, rows, offset=0, newline="\n", spelling="{}"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"a,y{newline}" + "".join(f"{spelling.format(a)},{y + offset}{newline}" for a, y in rows))
+
+
+ROWS = [(i, (i * 7) % 11) for i in range(40)]
+
+
 def test_a_data_file_whose_contents_changed_is_other_data(pm, tmp_path):
     # Same path, other rows: resuming would mix trials of two datasets in one study and one leaderboard.
     data = tmp_path / "d.csv"
-    rows = [(i, (i * 7) % 11) for i in range(40)]
-    data.write_text("a,y\n" + "".join(f"{a},{y}\n" for a, y in rows))
+    _write_rows(data, ROWS)
     params = {"data": {"path": str(data), "target": "y"}, "trials": 2}
     run_compare_models(_params(pm, tmp_path, **params), pm)
-    data.write_text("a,y\n" + "".join(f"{a},{y + 1}\n" for a, y in rows))
-    with pytest.raises(StorageError, match=r"was made with other data under the same name .*d.csv.*: the numbers "
-                                           r"read from it differ .*; restore that data, or choose another "
-                                           r"study_name or output_dir$"):
+    _write_rows(data, ROWS, offset=1)
+    with pytest.raises(StorageError, match=rf"was made with other data: the numbers read from {data} differ from "
+                                           r"those it was made with \(SHA-256 \w{12}\.\.\. then, \w{12}\.\.\. now\); "
+                                           r"restore that data, or choose another study_name or output_dir$"):
         run_compare_models(_params(pm, tmp_path, **{**params, "trials": 3}), pm)
     # The same numbers written again (other line endings, "2.0" for "2") are the same data.
-    data.write_text("a,y\r\n" + "".join(f"{a}.0,{y}\r\n" for a, y in rows))
+    _write_rows(data, ROWS, newline="\r\n", spelling="{}.0")
     run_compare_models(_params(pm, tmp_path, **{**params, "trials": 3}), pm)
-    # A study made before data files were fingerprinted resumes as it did (by path).
-    study = optuna.load_study(study_name="compare_models-nn", storage=f"sqlite:///{tmp_path}/out/optuna.db")
-    study.set_user_attr("definition", {k: v for k, v in study.user_attrs["definition"].items() if k != "data_sha256"})
-    data.write_text("a,y\n" + "".join(f"{a},{y + 1}\n" for a, y in rows))
-    run_compare_models(_params(pm, tmp_path, **{**params, "trials": 4}), pm)
+    assert len(_trajectory(tmp_path / "out")) == 3
+
+
+def test_a_data_file_is_the_same_data_by_any_path(pm, tmp_path, monkeypatch):
+    # README: a data file is identified by its contents' SHA-256, so naming it relative to another
+    # directory, or absolute, or a copy of it, resumes the study.
+    data = tmp_path / "d" / "good.csv"
+    _write_rows(data, ROWS)
+    run_compare_models(_params(pm, tmp_path, trials=1, data={"path": str(data), "target": "y"}), pm)
+    monkeypatch.chdir(tmp_path)
+    run_compare_models(_params(pm, tmp_path, trials=2, data={"path": "d/good.csv", "target": "y"}), pm)
+    monkeypatch.chdir(data.parent)
+    run_compare_models(_params(pm, tmp_path, trials=3, data={"path": "good.csv", "target": "y"}), pm)
+    copy = tmp_path / "elsewhere" / "copy.csv"
+    _write_rows(copy, ROWS)
+    run_compare_models(_params(pm, tmp_path, trials=4, data={"path": str(copy), "target": "y"}), pm)
     assert len(_trajectory(tmp_path / "out")) == 4
+    study = optuna.load_study(study_name="compare_models-nn", storage=f"sqlite:///{tmp_path}/out/optuna.db")
+    assert set(study.user_attrs["definition"]["data"]) == {"sha256", "target"}  # no path
+
+
+def test_a_data_file_study_stored_by_an_earlier_release_still_resumes(pm, tmp_path, monkeypatch):
+    data = tmp_path / "d" / "good.csv"
+    _write_rows(data, ROWS)
+    params = {"data": {"path": str(data), "target": "y"}}
+    run_compare_models(_params(pm, tmp_path, trials=1, **params), pm)
+    study = optuna.load_study(study_name="compare_models-nn", storage=f"sqlite:///{tmp_path}/out/optuna.db")
+    current = study.user_attrs["definition"]
+    # Earlier releases named the file by its path as given, with its SHA-256 beside it: it resumes by the
+    # SHA-256, from another path too, and is stored in the current form from then on.
+    older = {**current, "data": {"path": "d/good.csv", "target": "y"}, "data_sha256": current["data"]["sha256"]}
+    study.set_user_attr("definition", older)
+    run_compare_models(_params(pm, tmp_path, trials=2, **params), pm)
+    assert study.user_attrs["definition"] == current
+    study.set_user_attr("definition", older)
+    _write_rows(data, ROWS, offset=1)
+    with pytest.raises(StorageError, match=r"was made with other data: the numbers read from .*good.csv differ"):
+        run_compare_models(_params(pm, tmp_path, trials=3, **params), pm)
+    # Before files were fingerprinted, the path alone named them: the same path resumes, as it did.
+    study.set_user_attr("definition", {**current, "data": {"path": str(data), "target": "y"}})
+    run_compare_models(_params(pm, tmp_path, trials=3, **params), pm)
+    assert len(_trajectory(tmp_path / "out")) == 3
 
 
 def test_a_study_nothing_was_trained_in_takes_the_params_of_the_run_that_uses_it(pm, tmp_path):
-    # A run that stopped before its first trial (here: its output_dir could not be made) leaves an empty
+    # A run that stopped before its first trial (killed while it opened its studies, say) leaves an empty
     # study in the named storage; it must not refuse the next run's params.
     url = f"sqlite:///{tmp_path / 'shared.db'}"
-    (tmp_path / "afile").write_text("")
-    with pytest.raises(OutputDirError):
-        run_compare_models(_params(pm, tmp_path, trials=2, storage=url, output_dir=str(tmp_path / "afile" / "out")), pm)
+    empty = optuna.create_study(storage=url, study_name="compare_models-nn")
+    empty.set_user_attr("definition", {"folds": 3})
     run_compare_models(_params(pm, tmp_path, trials=2, folds=4, storage=url), pm)
     with pytest.raises(StorageError, match=r"folds: stored 4, now 3"):  # trained in now: protected
         run_compare_models(_params(pm, tmp_path, trials=3, storage=url), pm)
@@ -360,8 +403,10 @@ def test_an_interrupted_summary_lists_the_model_types_that_never_started(pm, tmp
 def test_params_an_executor_refuses_stop_the_run_before_anything_trains(pm, tmp_path):
     # The NN group would run first: it must not train (for hours) before the tree group refuses the run.
     params = _params(pm, tmp_path, model_types=["nn", "lightgbm"], executors={"nn": "reversing", "lightgbm": "picky"})
-    with pytest.raises(ManifestError, match=r"params \(picky\): tree_device is 'gpu' but the run has no GPU"):
+    with pytest.raises(ManifestError) as excinfo:
         run_compare_models(params, pm)
+    assert excinfo.value.problems == [  # devices and executors came from --params
+        "--params (picky): tree_device is 'gpu' but the run has no GPU (devices is empty)"]
     assert ReversingExecutor.batches == [] and not (tmp_path / "out").exists()
 
 
@@ -423,7 +468,7 @@ def test_a_study_made_before_the_default_row_count_was_written_out_still_resumes
 def test_executor_choice_errors(pm, tmp_path):
     with pytest.raises(PluginError, match="several executors run 'nn' .*choose one with params.executors.nn"):
         run_compare_models(_params(pm, tmp_path, executors={}), pm)
-    with pytest.raises(PluginError, match=r"\$.executors.nn: unknown executor 'nope'; registered executors: "
+    with pytest.raises(PluginError, match=r"^--params::\$.executors.nn: unknown executor 'nope'; registered executors: "
                                           "constant, in_order, nn_batch, picky, reversing, tree_parallel"):
         run_compare_models(_params(pm, tmp_path, executors={"nn": "nope"}), pm)
     with pytest.raises(PluginError, match="executor 'tree_parallel' does not run 'nn'"):
@@ -459,3 +504,99 @@ def test_bad_data_file_fails_before_anything_is_written(pm, tmp_path):
         run_compare_models(_params(pm, tmp_path, data={"path": str(bad), "target": "y"}), pm)
     assert not (tmp_path / "out").exists()
     assert ReversingExecutor.batches == []
+
+
+def _studies(url: str) -> list[str]:
+    return sorted(s.study_name for s in optuna.get_all_study_summaries(url))
+
+
+def test_an_unwritable_output_dir_creates_no_study_in_a_named_storage(pm, tmp_path):
+    # README: bad input writes nothing. The studies must not be created before output_dir is refused.
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(OutputDirError, match=r"^--params::\$.output_dir: cannot write to .*afile/out: Not a directory$"):
+        run_compare_models(_params(pm, tmp_path, storage=url, output_dir=str(tmp_path / "afile" / "out")), pm)
+    assert _studies(url) == []
+
+
+def test_a_refused_study_leaves_no_other_study_created(pm, tmp_path):
+    # nn's study comes first; lightgbm's, made with another tree_rounds, is refused: nn's must not have
+    # been created meanwhile, nor the new output_dir.
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    run_compare_models(_params(pm, tmp_path, model_types=["lightgbm"], executors={"lightgbm": "constant"},
+                               storage=url, trials=1), pm)
+    fresh = tmp_path / "fresh" / "out"
+    both = {"model_types": ["nn", "lightgbm"], "executors": {"nn": "reversing", "lightgbm": "constant"}}
+    with pytest.raises(StorageError, match=r"compare_models-lightgbm.*tree_rounds: stored 300, now 20"):
+        run_compare_models(_params(pm, tmp_path, **both, storage=url, tree_rounds=20, output_dir=str(fresh)), pm)
+    assert _studies(url) == ["compare_models-lightgbm"]
+    assert not (tmp_path / "fresh").exists()
+
+
+def test_a_refusal_removes_only_the_directories_the_run_made(pm, tmp_path):
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    run_compare_models(_params(pm, tmp_path, trials=1, storage=url), pm)
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    with pytest.raises(StorageError, match="folds: stored 3, now 4"):
+        run_compare_models(_params(pm, tmp_path, trials=1, folds=4, storage=url, output_dir=str(kept / "a" / "b")), pm)
+    assert kept.is_dir() and list(kept.iterdir()) == []
+
+
+def test_an_output_dir_that_is_a_file_is_not_a_directory(pm, tmp_path):
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(OutputDirError) as excinfo:
+        run_compare_models(_params(pm, tmp_path, output_dir=str(tmp_path / "afile")), pm)
+    assert str(excinfo.value) == f"--params::$.output_dir: {tmp_path / 'afile'} exists and is not a directory"
+    assert (tmp_path / "afile").read_text() == ""
+
+
+def test_errors_found_late_name_the_source_of_the_value(pm, tmp_path):
+    # Values checked only when the step uses them name the manifest or --params as schema errors do.
+    manifest = tmp_path / "m.json"
+    base = {"model_types": ["nn"], "trials": 1, "folds": 2, "data": {"embedded": "survivors", "rows": 300},
+            "progress": False}
+
+    def problem(manifest_params: dict, override: dict | None = None) -> str:
+        manifest.write_text(json.dumps({"params": {**base, **manifest_params}}))
+        params = load_manifest(manifest, json.dumps(override) if override else None, pm).params
+        with pytest.raises((ManifestError, OutputDirError, PluginError, StorageError)) as excinfo:
+            run_compare_models(params, pm)
+        return str(excinfo.value)
+
+    ok = {"devices": "cpu", "executors": {"nn": "reversing"}, "output_dir": str(tmp_path / "out")}
+    assert problem({**ok, "devices": [7]}).startswith(f"{manifest}::$.params.devices: GPU 7 not found")
+    assert problem(ok, {"devices": [7]}).startswith("--params::$.devices: GPU 7 not found")
+    (tmp_path / "afile").write_text("")
+    assert problem({**ok, "output_dir": str(tmp_path / "afile" / "x")}).startswith(
+        f"{manifest}::$.params.output_dir: cannot write to")
+    assert problem({**ok, "storage": "notadb://x"}).startswith(
+        f"{manifest}::$.params.storage: cannot open Optuna storage notadb://x")
+    assert problem({**ok, "executors": {"nn": "nope"}}).startswith(f"{manifest}::$.params.executors.nn: unknown executor")
+    assert problem({**ok, "executors": {"nn": "reversing", "lightgbm": "picky"}, "model_types": ["nn", "lightgbm"]}) \
+        == f"{manifest} (picky): tree_device is 'gpu' but the run has no GPU (devices is empty)"
+    # The check weighs the executor's params against the devices: it names every source that set one.
+    both = {**ok, "executors": {"nn": "reversing", "lightgbm": "picky"}, "model_types": ["nn", "lightgbm"]}
+    assert problem(both, {"picky_knob": 2}) \
+        == f"--params, {manifest} (picky): tree_device is 'gpu' but the run has no GPU (devices is empty)"
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_default_that_fails_names_the_manifest_where_it_would_be_set(pm, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "watcher_output").write_text("")  # in the way of the default output_dir
+    manifest = tmp_path / "m.json"
+    manifest.write_text(json.dumps({"params": {"model_types": ["nn"], "devices": "cpu", "progress": False,
+                                               "executors": {"nn": "reversing"}}}))
+    with pytest.raises(OutputDirError) as excinfo:
+        run_compare_models(load_manifest(manifest, None, pm).params, pm)
+    assert str(excinfo.value) == (f"{manifest}::$.params.output_dir (the default): watcher_output exists and is "
+                                  "not a directory")
+
+
+def test_a_fold_error_names_the_data_file_as_it_was_given(pm, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "five.csv").write_text("a,y\n" + "".join(f"{i},{i * i}\n" for i in range(5)))
+    with pytest.raises(DataError, match=r"^d/five.csv: 5 rows cannot make 3 folds"):
+        run_compare_models(_params(pm, tmp_path, data={"path": "d/five.csv", "target": "y"}), pm)

@@ -137,7 +137,7 @@ def test_csv_numbers_with_spaces_and_python_spellings_still_load(tmp_path):
 def test_json_string_with_underscores_is_not_numeric(tmp_path):
     path = tmp_path / "d.json"
     path.write_text(json.dumps([{"a": 1, "y": 1}, {"a": "1_000", "y": 2}]))
-    with pytest.raises(DataError, match=r"column 'a' is not numeric: data row 2 holds '1_000'"):
+    with pytest.raises(DataError, match=r"column 'a' is not numeric: record 2 holds \"1_000\""):
         load_dataset(DataRef(path=str(path), target="y"))
 
 
@@ -288,3 +288,38 @@ def test_kfold_splits_partition_the_rows_deterministically():
     again = kfold_splits(103, 5, seed=7)
     assert all(np.array_equal(a[1], b[1]) for a, b in zip(splits, again))
     assert not np.array_equal(kfold_splits(103, 5, seed=8)[0][1], splits[0][1])
+
+
+@pytest.mark.parametrize("value, shown", [(True, "true"), (False, "false"), (None, "null"), ([1], "[1]")])
+def test_json_values_that_are_not_numbers_are_refused(tmp_path, value, shown):
+    # A CSV's "True" is refused; JSON's true must not read as 1.0 either.
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps([{"a": 1, "b": 2, "y": 1}, {"a": 2, "b": value, "y": 2}, {"a": 3, "b": 4, "y": 3}]))
+    with pytest.raises(DataError) as excinfo:
+        load_dataset(DataRef(path=str(path), target="y"))
+    assert str(excinfo.value) == f"{path}: column 'b' is not numeric: record 2 holds {shown}"
+
+
+def test_parquet_booleans_are_not_numbers(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"flag": [True, False, True], "y": [1.0, 0.0, 2.0]}), path)
+    with pytest.raises(DataError, match=r"column 'flag' is not numeric: data row 1 holds True$"):
+        load_dataset(DataRef(path=str(path), target="y"))
+
+
+def test_json_records_are_counted_from_1_in_every_message(tmp_path):
+    path = tmp_path / "d.json"
+    records = [{"a": i, "y": i % 3} for i in range(8)]
+    path.write_text(json.dumps([*records[:5], {"a": 5, "z": 1}, *records[6:]]))
+    with pytest.raises(DataError) as excinfo:
+        load_dataset(DataRef(path=str(path), target="y"))
+    assert str(excinfo.value) == f"{path}: record 6 has fields ['a', 'z']: expected ['a', 'y'] as record 1"
+    path.write_text(json.dumps([*records[:5], {"a": "x", "y": 1}, *records[6:]]))
+    with pytest.raises(DataError, match=r"column 'a' is not numeric: record 6 holds \"x\"$"):
+        load_dataset(DataRef(path=str(path), target="y"))
+    path.write_text(json.dumps(records[:5]).replace('"a": 4', '"a": NaN'))  # Python's reader takes NaN
+    with pytest.raises(DataError, match=r"column 'a' has a non-finite value \(NaN or inf\) at record 5$"):
+        load_dataset(DataRef(path=str(path), target="y"))

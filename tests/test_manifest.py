@@ -159,3 +159,51 @@ def test_a_plugins_params_schema_that_cannot_be_loaded_is_a_plugin_error(plugin_
     plugin_manager.register(BadSchema())
     with pytest.raises(PluginError, match=f"params_schema {ref!r}: " + re.escape(expected)):
         params_schema(plugin_manager)
+
+
+def test_params_problems_are_reported_with_the_manifests(tmp_path, plugin_manager):
+    # One run shows every problem of both sources, not the manifest's first and --params' after a fix.
+    path = _write(tmp_path, {"params": {"trials": 0}})
+    with pytest.raises(ManifestError) as excinfo:
+        load_manifest(path, '{"folds": 1, "seed": -1}', plugin_manager)
+    assert _problems(excinfo) == [
+        f"{path}::$.params.trials: 0 is less than the minimum of 1",
+        "--params::$.folds: 1 is less than the minimum of 2",
+        "--params::$.seed: -1 is less than the minimum of 0",
+    ]
+    not_json = _write(tmp_path, "{", name="broken.json")
+    with pytest.raises(ManifestError) as excinfo:
+        load_manifest(not_json, "[1]", plugin_manager)
+    problems = _problems(excinfo)
+    assert len(problems) == 2 and problems[0].startswith(f"{not_json}: not valid JSON")
+    assert problems[1] == "--params::$: expected a JSON object, got list"
+    with pytest.raises(ManifestError) as excinfo:
+        load_manifest(tmp_path / "missing.json", "{bad", plugin_manager)
+    assert [p.split(":")[0] for p in _problems(excinfo)] == [str(tmp_path / "missing.json"), "--params"]
+
+
+@pytest.mark.parametrize("override, expected", [
+    ({"output_dir": "/tmp/x\u0000y"}, '--params::$.output_dir: "/tmp/x\\u0000y" is not valid: expected a path without '
+                                       'NUL characters'),
+    ({"lease_dir": "l\u0000"}, '--params::$.lease_dir: "l\\u0000" is not valid: expected a path without NUL characters'),
+    ({"data": {"path": "d\u0000.csv", "target": "y"}}, '(data.path: "d\\u0000.csv" is not valid: expected a path '
+                                                     'without NUL characters)'),
+])
+def test_a_path_with_a_nul_character_is_refused_naming_its_json_path(plugin_manager, override, expected):
+    # The OS cannot take such a path: Python raises ValueError ("embedded null byte") at the first use.
+    with pytest.raises(ManifestError) as excinfo:
+        load_manifest(None, json.dumps(override), plugin_manager)
+    (problem,) = _problems(excinfo)
+    assert problem == expected or problem.endswith(expected)
+
+
+def test_params_remember_which_source_set_each_value(tmp_path, plugin_manager):
+    path = _write(tmp_path, {"params": {"devices": "cpu", "executors": {"nn": "nn_batch"}}})
+    params = load_manifest(path, '{"output_dir": "elsewhere"}', plugin_manager).params
+    assert params.where("devices") == f"{path}::$.params.devices"
+    assert params.where("executors.nn") == f"{path}::$.params.executors.nn"
+    assert params.where("output_dir") == "--params::$.output_dir"
+    assert params.where("storage") == f"{path}::$.params.storage (the default)"
+    assert params.sources(["devices", "output_dir"]) == ["--params", str(path)]
+    assert params.sources(["storage"]) == [str(path)]
+    assert json.loads(json.dumps(params))["output_dir"] == "elsewhere"  # still a plain JSON object

@@ -67,6 +67,28 @@ def test_a_wrong_storage_url_fails_before_anything_is_written(pm, tmp_path):
     assert ReversingExecutor.batches == []
 
 
+def test_a_wrong_storage_url_leaves_no_directory_the_run_made(pm, tmp_path):
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    with pytest.raises(StorageError, match=r"^--params::\$.storage: cannot open Optuna storage notadb://x"):
+        run_compare_models(_params(pm, tmp_path, storage="notadb://x", output_dir=str(existing / "new" / "out")), pm)
+    assert list(existing.iterdir()) == []  # the directories it made are gone; the one it found stays
+
+
+def test_a_study_that_cannot_be_opened_takes_back_a_new_output_dir_and_its_database(pm, tmp_path, monkeypatch):
+    def refuse(self, model_type, seed, result_params=None):
+        raise StorageError("the database refused the study")
+
+    monkeypatch.setattr(StudyStore, "study", refuse)
+    with pytest.raises(StorageError, match="refused"):
+        run_compare_models(_params(pm, tmp_path, output_dir=str(tmp_path / "new" / "out")), pm)
+    assert list(tmp_path.iterdir()) == []  # optuna.db was this run's: its output_dir did not exist before
+    (tmp_path / "out").mkdir()
+    with pytest.raises(StorageError, match="refused"):
+        run_compare_models(_params(pm, tmp_path), pm)
+    assert (tmp_path / "out").is_dir()  # from a directory it found, nothing is removed
+
+
 def test_postgres_storage_runs_and_resumes(pm, tmp_path, postgres_server):
     url = postgres_server.create_database(f"t_{uuid.uuid4().hex[:8]}")
     summary = run_compare_models(_params(pm, tmp_path, storage=url), pm)

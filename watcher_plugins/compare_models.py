@@ -9,13 +9,14 @@ concurrency, the strategy or the number of GPUs.
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import logging
 import os
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -35,11 +36,12 @@ from watcher_plugins.errors import (
 from watcher_plugins.executor import Executor, RunContext
 from watcher_plugins.gpu_monitor import GpuMonitor
 from watcher_plugins.interrupts import interrupts_held
+from watcher_plugins.manifest import sources, where
 from watcher_plugins.progress import ProgressBoard
 from watcher_plugins.records import STATUS_OK, DataRef, FoldResult, TrialJob
 from watcher_plugins.report import write_report
 from watcher_plugins.search_spaces import suggest
-from watcher_plugins.storage import StudyStore
+from watcher_plugins.storage import DEFAULT_DB, StudyStore
 from watcher_plugins.types import WatcherExecutor
 
 #: A fixed sampler-seed offset per model type, so a study's trajectory does not depend on which
@@ -92,19 +94,21 @@ class TrialLog:
         self._fh.close()
 
 
-def _choose_executors(pm, model_types: Sequence[str], chosen: dict[str, str]) -> dict[str, WatcherExecutor]:
+def _choose_executors(pm, params: Mapping[str, Any]) -> dict[str, WatcherExecutor]:
     """The executor registration serving each model type: the manifest's choice, else the only one registered."""
     executors = pm.get_executors()
     serving = pm.executor_for_model_types()
+    chosen = params.get("executors") or {}
     out = {}
-    for model_type in model_types:
+    for model_type in params["model_types"]:
         name = chosen.get(model_type)
         if name is not None:
             if name not in executors:
-                raise PluginError(f"params::$.executors.{model_type}: unknown executor {name!r}; "
+                raise PluginError(f"{where(params, f'executors.{model_type}')}: unknown executor {name!r}; "
                                   f"registered executors: {', '.join(executors) or 'none'}")
             if model_type not in executors[name].model_types:
-                raise PluginError(f"params::$.executors.{model_type}: executor {name!r} does not run {model_type!r}; "
+                raise PluginError(f"{where(params, f'executors.{model_type}')}: executor {name!r} does not run "
+                                  f"{model_type!r}; "
                                   f"executors for {model_type!r}: {', '.join(serving.get(model_type, [])) or 'none'}")
         else:
             candidates = serving.get(model_type, [])
@@ -256,18 +260,19 @@ def run_compare_models(params: dict, pm, out: TextIO | None = None) -> dict:
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our progress bars and leaderboard speak instead
     data = DataRef.from_param(params["data"])
     dataset = load_dataset(data)  # a bad dataset must fail before anything is trained or written
+    label = data.path or dataset.name  # a file as it was named, as the loader's errors name it
     try:
         splits = kfold_splits(dataset.n_rows, params["folds"], params["seed"])
     except DataError as exc:
-        raise DataError(f"{dataset.name}: {exc}") from None
+        raise DataError(f"{label}: {exc}") from None
     for k, (_, held_out) in enumerate(splits):
         if (dataset.y[held_out] == dataset.y[held_out[0]]).all():  # every model would score 0.0 there
-            raise DataError(f"{dataset.name}: the {len(held_out)} held-out rows of fold {k} all have the target "
+            raise DataError(f"{label}: the {len(held_out)} held-out rows of fold {k} all have the target "
                             f"value {float(dataset.y[held_out[0]]):g}, so R² is undefined there: use fewer "
                             f"folds or another seed")
     fingerprint = dataset.sha256() if data.path else None  # the embedded data is fixed by its version
-    devices = resolve_devices(params["devices"])
-    chosen = _choose_executors(pm, params["model_types"], params.get("executors") or {})
+    devices = resolve_devices(params["devices"], where(params, "devices"))
+    chosen = _choose_executors(pm, params)
 
     outcomes: dict[str, ModelTypeOutcome] = {}
     runnable: dict[str, WatcherExecutor] = {}
@@ -291,19 +296,14 @@ def run_compare_models(params: dict, pm, out: TextIO | None = None) -> dict:
     for executor_name, model_types in groups.items():
         # A contradiction (tree_device "gpu" on a run without GPUs) must stop the run before the NN
         # study trains, not after; it is bad input (exit 2), and nothing is written yet.
+        registration = runnable[model_types[0]]
         try:
-            runnable[model_types[0]].load().check(params, context)
+            registration.load().check(params, context)
         except ExecutorError as exc:
-            raise ManifestError([f"params ({executor_name}): {exc}"]) from None
-    if params.get("storage"):
-        # A bad URL, a dead database or a study made with other params: fail before writing anything.
-        store = StudyStore.open(params, output_dir, data, fingerprint)
-        group_studies = _open_studies(store, groups, runnable, params, devices)
-        _make_output_dir(output_dir)
-    else:  # the database lives in output_dir; a new one holds no study to refuse
-        _make_output_dir(output_dir)
-        store = StudyStore.open(params, output_dir, data, fingerprint)
-        group_studies = _open_studies(store, groups, runnable, params, devices)
+            # The check sees the executor's params against the run's devices; name whoever set them.
+            keys = [*registration.schema().get("properties", {}), "devices"]
+            raise ManifestError([f"{sources(params, keys)} ({executor_name}): {exc}"]) from None
+    store, group_studies = _open_storage(params, output_dir, data, fingerprint, groups, runnable, devices)
     print(f"compare_models: {dataset.name} ({dataset.n_rows} rows x {dataset.X.shape[1]} features), "
           f"{params['folds']}-fold CV, {params['trials']} trials per model type, "
           f"devices: {', '.join(f'GPU {d}' for d in devices) or 'CPU'}", file=out)
@@ -346,29 +346,71 @@ def run_compare_models(params: dict, pm, out: TextIO | None = None) -> dict:
     return run.write()
 
 
+def _open_storage(params: Mapping[str, Any], output_dir: Path, data: DataRef, fingerprint: str | None,
+                  groups: dict[str, list[str]], runnable: dict[str, WatcherExecutor],
+                  devices: list[int]) -> tuple[StudyStore, dict[str, dict[str, optuna.Study]]]:
+    """Make output_dir, open the storage and every study. Bad input (an output_dir that cannot be written, a
+    bad storage URL, a study made with other params) leaves nothing behind: no study is created until
+    every one is checked, and what this made of output_dir is removed again."""
+    made = _make_output_dir(output_dir, where(params, "output_dir"))
+    store = None
+    try:
+        store = StudyStore.open(params, output_dir, data, fingerprint)
+        return store, _open_studies(store, groups, runnable, params, devices)
+    except BaseException:
+        if store is not None:
+            store.close()
+        # A SQLite file in an output_dir this run made is this run's too.
+        _remove_made(made, [output_dir / DEFAULT_DB] if made and not params.get("storage") else [])
+        raise
+
+
 def _open_studies(store: StudyStore, groups: dict[str, list[str]], runnable: dict[str, WatcherExecutor],
-                  params: dict, devices: list[int]) -> dict[str, dict[str, optuna.Study]]:
+                  params: Mapping[str, Any], devices: list[int]) -> dict[str, dict[str, optuna.Study]]:
     """Every study, opened (and checked against the params it was made with) before anything trains: a
-    tree param changed since the last run must not be refused after hours of NN training."""
-    group_studies = {}
+    tree param changed since the last run must not be refused after hours of NN training. All are
+    checked before any is created, so that a refused one leaves no other behind."""
+    result_params = {}
     for executor_name, model_types in groups.items():
         # GPU and CPU fits of one model differ (algorithms, rounding), so where it ran defines a study too.
         registration = runnable[model_types[0]]
-        result_params = {key: params[key] for key in registration.result_params} | registration.result_tags
-        result_params["compute"] = "gpu" if devices else "cpu"
-        group_studies[executor_name] = {mt: store.study(mt, seed=params["seed"] + _SAMPLER_SEED_OFFSET.get(mt, 0),
-                                                        result_params=result_params) for mt in model_types}
-    return group_studies
+        result_params[executor_name] = ({key: params[key] for key in registration.result_params}
+                                        | registration.result_tags | {"compute": "gpu" if devices else "cpu"})
+        for model_type in model_types:
+            store.check(model_type, result_params[executor_name])
+    return {executor_name: {mt: store.study(mt, seed=params["seed"] + _SAMPLER_SEED_OFFSET.get(mt, 0),
+                                            result_params=result_params[executor_name]) for mt in model_types}
+            for executor_name, model_types in groups.items()}
 
 
-def _make_output_dir(output_dir: Path) -> None:
-    try:
+def _make_output_dir(output_dir: Path, where: str) -> list[Path]:
+    """Make output_dir (and its missing parents) and check it can be written; return the directories this
+    made, deepest first, so that a run stopped by bad input can remove them again."""
+    made: list[Path] = []
+    try:  # exists() too can raise (a parent that may not be searched)
+        if output_dir.exists() and not output_dir.is_dir():
+            raise OutputDirError(f"{where}: {output_dir} exists and is not a directory")
+        made = list(itertools.takewhile(lambda path: not path.exists(), [output_dir, *output_dir.parents]))
         output_dir.mkdir(parents=True, exist_ok=True)
         probe = output_dir / f".write-test-{os.getpid()}"
         probe.touch()
         probe.unlink()
     except OSError as exc:
-        raise OutputDirError(f"params::$.output_dir: cannot write to {output_dir}: {exc.strerror or exc}") from None
+        _remove_made(made)
+        raise OutputDirError(f"{where}: cannot write to {output_dir}: {exc.strerror or exc}") from None
+    return made
+
+
+def _remove_made(directories: list[Path], files: Sequence[Path] = ()) -> None:
+    """Remove ``files``, then ``directories`` (deepest first) while they are empty: what a run made before it
+    stopped on bad input, and nothing anyone else put there meanwhile."""
+    for path in files:
+        path.unlink(missing_ok=True)
+    for directory in directories:
+        try:
+            directory.rmdir()
+        except OSError:  # not empty, or gone: leave it and the directories above it
+            return
 
 
 def _outcomes(store: StudyStore, studies: dict[str, optuna.Study], executor_name: str,

@@ -30,6 +30,8 @@ _FORMATS = {".npz": "npz", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet
 EMBEDDED_DEFAULT_ROWS = 6000
 #: The values the data param's "format" may take.
 DATA_FORMATS = tuple(dict.fromkeys(_FORMATS.values()))
+#: What messages call a row, where a format has its own word for it (JSON's records).
+_ROW_NAMES = {"json": "record"}
 
 
 @dataclass(frozen=True)
@@ -144,9 +146,10 @@ def load_dataset(ref: DataRef) -> Dataset:
     if not names:
         raise DataError(f"{path}: no feature columns besides the target")
     target = ref.target or "y"
-    X = np.column_stack([_to_float32(path, columns[name], f"column {name!r}") for name in names])
-    y = _to_float32(path, y, f"target column {target!r}")
-    _check_finite(path, X, y, names, target)
+    row = _ROW_NAMES.get(fmt, "data row")
+    X = np.column_stack([_to_float32(path, columns[name], f"column {name!r}", row) for name in names])
+    y = _to_float32(path, y, f"target column {target!r}", row)
+    _check_finite(path, X, y, names, target, row)
     return Dataset(name=path.name, X=np.ascontiguousarray(X), y=np.ascontiguousarray(y), feature_names=names)
 
 
@@ -175,16 +178,20 @@ def _read_npz(path: Path) -> tuple[dict[str, np.ndarray], np.ndarray]:
     return {f"x{i}": X[:, i] for i in range(X.shape[1])}, y
 
 
-def _numeric_column(path: Path, name: str, values: list) -> np.ndarray:
+def _numeric_column(path: Path, name: str, values: list, row_name: str = "data row", show=repr) -> np.ndarray:
+    """``values`` as float64. Messages count rows from 1, call them ``row_name`` and spell a value that is
+    not a number with ``show``, as the file spells it."""
     out = np.empty(len(values), dtype=np.float64)
     for row, value in enumerate(values):
         try:
-            # float() also takes "1_000" and non-ASCII digits ("１２３"), which are not numbers in a data file.
-            if isinstance(value, str) and ("_" in value or not value.isascii()):
+            # float() also takes "1_000" and non-ASCII digits ("１２３"), which are not numbers in a data file,
+            # and booleans (a bool is an int to Python), which a CSV's "True" is not either.
+            if isinstance(value, bool) or (isinstance(value, str) and ("_" in value or not value.isascii())):
                 raise ValueError(value)
             out[row] = float(value)
         except (TypeError, ValueError):
-            raise DataError(f"{path}: column {name!r} is not numeric: data row {row + 1} holds {value!r}") from None
+            raise DataError(f"{path}: column {name!r} is not numeric: {row_name} {row + 1} holds {show(value)}") \
+                from None
     return out
 
 
@@ -250,10 +257,11 @@ def _read_json_records(path: Path) -> dict[str, np.ndarray]:
     if not isinstance(records, list) or not records or not all(isinstance(r, dict) for r in records):
         raise DataError(f"{path}: expected a non-empty JSON list of records (objects), or {{\"survivors\": [...]}}")
     names = list(records[0])
-    for i, record in enumerate(records):
+    for i, record in enumerate(records, start=1):  # counted from 1, as every message about data rows does
         if list(record) != names and set(record) != set(names):
-            raise DataError(f"{path}: record {i} has fields {sorted(record)}: expected {sorted(names)} as record 0")
-    return {name: _numeric_column(path, name, [r[name] for r in records]) for name in names}
+            raise DataError(f"{path}: record {i} has fields {sorted(record)}: expected {sorted(names)} as record 1")
+    return {name: _numeric_column(path, name, [r[name] for r in records], _ROW_NAMES["json"], json.dumps)
+            for name in names}
 
 
 def _split_target(path: Path, columns: dict[str, np.ndarray], target: str) -> tuple[dict, np.ndarray]:
@@ -262,29 +270,30 @@ def _split_target(path: Path, columns: dict[str, np.ndarray], target: str) -> tu
     return columns, columns.pop(target)
 
 
-def _to_float32(path: Path, values: np.ndarray, label: str) -> np.ndarray:
+def _to_float32(path: Path, values: np.ndarray, label: str, row_name: str = "data row") -> np.ndarray:
     """Cast to float32, refusing finite values that the cast would turn into inf (beyond about ±3.4e38)."""
     with np.errstate(over="ignore"):  # reported below as a DataError, instead of numpy's RuntimeWarning
         out = np.asarray(values).astype(np.float32)
     overflow = np.isinf(out) & np.isfinite(values)
     if overflow.any():
         row = int(np.flatnonzero(overflow)[0])
-        raise DataError(f"{path}: {label} has a value too large for float32 ({float(values[row]):g}) at data row "
+        raise DataError(f"{path}: {label} has a value too large for float32 ({float(values[row]):g}) at {row_name} "
                         f"{row + 1}: expected a value within float32's range (about ±3.4e38)")
     return out
 
 
-def _check_finite(path: Path, X: np.ndarray, y: np.ndarray, names: tuple[str, ...], target: str) -> None:
-    """At least 2 rows, all finite, and a target that varies. Rows are data rows, counted from 1, no CSV header."""
+def _check_finite(path: Path, X: np.ndarray, y: np.ndarray, names: tuple[str, ...], target: str,
+                  row_name: str = "data row") -> None:
+    """At least 2 rows, all finite, and a target that varies. Rows are counted from 1 (no CSV header)."""
     if X.shape[0] < 2:
         raise DataError(f"{path}: {X.shape[0]} rows: expected at least 2")
     if not np.isfinite(y).all():
         row = int(np.flatnonzero(~np.isfinite(y))[0])
-        raise DataError(f"{path}: target column {target!r} has a non-finite value (NaN or inf) at data row {row + 1}")
+        raise DataError(f"{path}: target column {target!r} has a non-finite value (NaN or inf) at {row_name} {row + 1}")
     bad = ~np.isfinite(X)
     if bad.any():
         row, col = (int(v) for v in np.argwhere(bad)[0])
-        raise DataError(f"{path}: column {names[col]!r} has a non-finite value (NaN or inf) at data row {row + 1}")
+        raise DataError(f"{path}: column {names[col]!r} has a non-finite value (NaN or inf) at {row_name} {row + 1}")
     # Checked on the float32 values the models see. Every model would score R² = 0.0 on a constant target,
     # which looks like a result; R² is undefined there.
     if (y == y[0]).all():

@@ -169,8 +169,9 @@ def _index_of_uuid(uuid: str, raw: str) -> int:
                              "name GPUs by index there, or list them in params.devices"]) from None
 
 
-def resolve_devices(devices_param: str | list[int]) -> list[int]:
-    """Physical GPU indices for the ``devices`` param: "auto" (every visible GPU), "cpu" (none), or a list."""
+def resolve_devices(devices_param: str | list[int], where: str = "params::$.devices") -> list[int]:
+    """Physical GPU indices for the ``devices`` param: "auto" (every visible GPU), "cpu" (none), or a list.
+    ``where`` names the param in errors (``SOURCE::$.path``, the file or --params that set it)."""
     if devices_param == "cpu":
         return []
     count = physical_gpu_count()
@@ -179,6 +180,6 @@ def resolve_devices(devices_param: str | list[int]) -> list[int]:
         return visible if visible is not None else list(range(count))
     missing = [index for index in devices_param if index >= count]
     if missing:
-        raise ManifestError([f"params::$.devices: GPU {', '.join(map(str, missing))} not found: this host has "
+        raise ManifestError([f"{where}: GPU {', '.join(map(str, missing))} not found: this host has "
                              f"{count} GPU{'s' if count != 1 else ''}" + (" (NVML sees none)" if not count else "")])
     return list(devices_param)

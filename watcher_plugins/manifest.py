@@ -10,6 +10,7 @@ import copy
 import difflib
 import json
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -87,6 +88,8 @@ def _message(error: ValidationError) -> str:
             return f"{json.dumps(error.instance)} is not valid: expected {expected}{suffix}"
         if detail is not None:
             return detail.message
+    if error.validator == "pattern" and expected:  # a regex says little to a person (NUL: "^[^\\u0000]*$")
+        return f"{json.dumps(error.instance)} is not valid: expected {expected}"
     if error.validator == "additionalProperties" and isinstance(error.instance, dict):
         allowed = list(error.schema.get("properties", {}))
         extras = [key for key in error.instance if key not in allowed]
@@ -124,43 +127,94 @@ def _parse_json(text: str, source: str) -> Any:
         raise ManifestError([f"{source}: not valid JSON: {exc}"]) from None
 
 
+class Params(dict):
+    """The merged params, remembering where each came from, so that a problem found only when a step uses
+    a value (a GPU that is not there, an output_dir that cannot be written) names its source as a schema
+    error would: the manifest file or --params."""
+
+    def __init__(self, values: dict, origins: dict[str, tuple[str, str]], manifest: str):
+        super().__init__(values)
+        self._origins = origins  # top-level key -> (source, JSON path of the object that set it)
+        self._manifest = manifest
+
+    def where(self, path: str) -> str:
+        """``SOURCE::$.path`` of a param (``path`` is dotted: ``executors.nn``). A key neither source set
+        names the manifest, where it would be set, and says its value is the default."""
+        key = path.split(".")[0]
+        if key in self._origins:
+            source, prefix = self._origins[key]
+            return f"{source}::{prefix}.{path}"
+        return f"{self._manifest}::$.params.{path} (the default)"
+
+    def sources(self, keys: Iterable[str]) -> list[str]:
+        """The sources (the manifest file, --params) that set any of ``keys``; the manifest if none did."""
+        return sorted({self._origins[key][0] for key in keys if key in self._origins}) or [self._manifest]
+
+
+def where(params: Mapping[str, Any], path: str) -> str:
+    """``SOURCE::$.path`` of a param, for messages; a plain dict (a host that merged params itself) has no
+    sources to name, so it says ``params``."""
+    return params.where(path) if isinstance(params, Params) else f"params::$.{path}"
+
+
+def sources(params: Mapping[str, Any], keys: Iterable[str]) -> str:
+    """The sources that set any of ``keys``, for messages about several params at once."""
+    return ", ".join(params.sources(keys)) if isinstance(params, Params) else "params"
+
+
 @dataclass
 class ResolvedManifest:
     """A validated manifest: its source, its raw document and the params with defaults filled in."""
 
     path: Path
     document: dict
-    params: dict
+    params: Params
+
+
+def _read_manifest(path: Path, source: str, schema: dict) -> tuple[Any, list[str]]:
+    """The manifest's document (None if it has none) and its problems."""
+    try:
+        document = _parse_json(path.read_text(encoding="utf-8"), source)
+    except FileNotFoundError:
+        return None, [f"{source}: manifest file not found"]
+    except (OSError, UnicodeDecodeError) as exc:
+        return None, [f"{source}: cannot read the manifest: {exc}"]
+    except ManifestError as exc:
+        return None, exc.problems
+    problems = _problems(document, _load_schema("manifest.schema.json"), source, "$")
+    if isinstance(document, dict) and isinstance(document.get("params"), dict):
+        problems += _problems(document["params"], schema, source, "$.params")
+    return document, problems
+
+
+def _read_override(text: str | None, schema: dict) -> tuple[dict, list[str]]:
+    """The --params object ({} if none was given, or if it has problems) and its problems."""
+    if text is None:
+        return {}, []
+    try:
+        override = _parse_json(text, PARAMS_LABEL)
+    except ManifestError as exc:
+        return {}, exc.problems
+    if not isinstance(override, dict):
+        return {}, [f"{PARAMS_LABEL}::$: expected a JSON object, got {type(override).__name__}"]
+    return override, _problems(override, schema, PARAMS_LABEL, "$")
 
 
 def load_manifest(path: str | Path | None, params_override: str | None, pm) -> ResolvedManifest:
     """Read, validate and merge a manifest and a --params JSON text; raise ManifestError with every problem."""
     manifest_path = Path(path) if path is not None else default_manifest_path()
     source = str(manifest_path)
-    try:
-        text = manifest_path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ManifestError([f"{source}: manifest file not found"]) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ManifestError([f"{source}: cannot read the manifest: {exc}"]) from None
-    document = _parse_json(text, source)
     schema = params_schema(pm)
+    document, problems = _read_manifest(manifest_path, source, schema)
 
-    problems = _problems(document, _load_schema("manifest.schema.json"), source, "$")
-    if isinstance(document, dict) and isinstance(document.get("params"), dict):
-        problems += _problems(document["params"], schema, source, "$.params")
-
-    override: dict = {}
-    if params_override is not None and not problems:
-        override = _parse_json(params_override, PARAMS_LABEL)
-        if not isinstance(override, dict):
-            problems.append(f"{PARAMS_LABEL}::$: expected a JSON object, got {type(override).__name__}")
-        else:
-            problems += _problems(override, schema, PARAMS_LABEL, "$")
+    # --params is checked even when the manifest has problems: one run reports every problem of both.
+    override, override_problems = _read_override(params_override, schema)
+    problems += override_problems
     if problems:
         raise ManifestError(problems)
 
-    params = {key: copy.deepcopy(sub["default"]) for key, sub in schema["properties"].items() if "default" in sub}
-    params.update(copy.deepcopy(document["params"]))
-    params.update(copy.deepcopy(override))
-    return ResolvedManifest(path=manifest_path, document=document, params=params)
+    values = {key: copy.deepcopy(sub["default"]) for key, sub in schema["properties"].items() if "default" in sub}
+    values.update(copy.deepcopy(document["params"]))
+    values.update(copy.deepcopy(override))
+    origins = {key: (source, "$.params") for key in document["params"]} | {key: (PARAMS_LABEL, "$") for key in override}
+    return ResolvedManifest(path=manifest_path, document=document, params=Params(values, origins, source))

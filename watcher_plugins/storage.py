@@ -2,7 +2,9 @@
 
 - A study remembers what defines it (data, folds, seed, ask batch size, the executor's result params,
   GPU or CPU); resuming it with other values is an error, since the continued trajectory would no longer
-  be the one the manifest asks for.
+  be the one the manifest asks for. A data file is named by the SHA-256 of the numbers read from it, not
+  by its path. check() reads a study's definition without creating anything, so that a run can check
+  every study before it creates one.
 - Running trials send heartbeats. A trial whose agent died (killed, host lost) goes silent; the next
   agent to look marks it FAIL and enqueues its params again, tagged ``retry_of``. A failed trial that
   was retried does not count toward ``trials``.
@@ -20,7 +22,7 @@ import json
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TypeVar
 
@@ -29,6 +31,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from watcher_plugins.data import EMBEDDED_DEFAULT_ROWS
 from watcher_plugins.errors import StorageError, StorageLost
+from watcher_plugins.manifest import where
 from watcher_plugins.records import DataRef, FoldResult
 
 DEFAULT_DB = "optuna.db"
@@ -52,34 +55,40 @@ def _is_connection_error(exc: BaseException | None) -> bool:
 class StudyStore:
     """Creates, resumes and updates the studies of one compare_models run."""
 
-    def __init__(self, storage: optuna.storages.RDBStorage, url: str, prefix: str, definition: dict,
+    def __init__(self, storage: optuna.storages.RDBStorage, url: str, prefix: str, definition: dict, data: DataRef,
                  retries: int = 3, retry_wait_s: float = 1.0, in_output_dir: bool = True):
         self.storage = storage
         self.url = url
         self.prefix = prefix
         self.definition = definition
+        self.data = data
         self.retries = retries
         self.retry_wait_s = retry_wait_s
         self.in_output_dir = in_output_dir  # the default SQLite file: another output_dir is another storage
 
     @classmethod
-    def open(cls, params: dict, output_dir: Path, data: DataRef, data_sha256: str | None = None) -> StudyStore:
+    def open(cls, params: Mapping, output_dir: Path, data: DataRef, data_sha256: str | None = None) -> StudyStore:
         """Connect (and create the schema if needed); a bad URL or a database that is down fails here.
-        ``data_sha256``: the loaded data file's fingerprint (Dataset.sha256), which joins the definition."""
+        ``data_sha256``: a data file's fingerprint (Dataset.sha256), by which the definition names it."""
         url = params.get("storage") or f"sqlite:///{(output_dir / DEFAULT_DB).resolve()}"
+        # Named as the params name it: the storage URL, or the output_dir its default SQLite file is in.
+        param = where(params, "storage" if params.get("storage") else "output_dir")
         try:
             storage = _connect(url, params["heartbeat_interval_s"])
         except ImportError:
-            raise StorageError(f"params::$.storage: no database driver for {_redact(url)}; for PostgreSQL: "
+            raise StorageError(f"{param}: no database driver for {_redact(url)}; for PostgreSQL: "
                                "pip install 'watcher_plugins[postgres]' and use postgresql+psycopg://...") from None
         except Exception as exc:  # sqlalchemy's ArgumentError, OperationalError, ... share no narrower base
-            raise StorageError(f"params::$.storage: cannot open Optuna storage {_redact(url)}: "
+            raise StorageError(f"{param}: cannot open Optuna storage {_redact(url)}: "
                                f"{type(exc).__name__}: {_first_line(exc)}") from None
-        definition = {key: params[key] for key in _DEFINING_PARAMS} | {"data": data.to_json()}
-        if data_sha256:  # the same path with other contents is other data: a resumed study must not mix them
-            definition["data_sha256"] = data_sha256
-        return cls(storage, url, params["study_name"], definition, retries=params["storage_retries"],
+        definition = {key: params[key] for key in _DEFINING_PARAMS} | {"data": data_identity(data, data_sha256)}
+        return cls(storage, url, params["study_name"], definition, data, retries=params["storage_retries"],
                    in_output_dir=not params.get("storage"))
+
+    def close(self) -> None:
+        """Close the database connections (before a SQLite file this run made is removed)."""
+        self.storage.remove_session()
+        self.storage.engine.dispose()
 
     @property
     def url_for_display(self) -> str:
@@ -100,14 +109,28 @@ class StudyStore:
                 time.sleep(self.retry_wait_s * 2**attempt)
         raise AssertionError("unreachable")
 
-    def study(self, model_type: str, seed: int, result_params: dict | None = None) -> optuna.Study:
-        """The study of one model type: created, or resumed after checking it is the same study.
+    def check(self, model_type: str, result_params: dict | None = None) -> dict:
+        """The definition of ``model_type``'s study in this run, after checking that the storage holds no
+        study of that name made with another one (StorageError). Reads only, so that a run can check every
+        study before it creates any.
 
         ``result_params`` are the executor's params that change a trial's R^2 (epochs, rounds, precision,
         device); they join the study's definition.
         """
         name = f"{self.prefix}-{model_type}"
         definition = json.loads(json.dumps(self.definition | (result_params or {})))
+        try:
+            study_id = self.retrying(f"looking up study {name!r}", lambda: self.storage.get_study_id_from_name(name))
+        except KeyError:
+            return definition  # a new study
+        stored = self.retrying(f"reading study {name!r}", lambda: self.storage.get_study_user_attrs(study_id))
+        self._refuse_other(name, study_id, stored.get("definition"), definition)
+        return definition
+
+    def study(self, model_type: str, seed: int, result_params: dict | None = None) -> optuna.Study:
+        """The study of one model type: created, or resumed after checking it is the same study (check())."""
+        name = f"{self.prefix}-{model_type}"
+        definition = self.check(model_type, result_params)
 
         def load() -> optuna.Study:
             return optuna.create_study(storage=self.storage, study_name=name, direction="maximize",
@@ -115,30 +138,35 @@ class StudyStore:
 
         study = self.retrying(f"opening study {name!r}", load)
         study.set_user_attr("sampler_seed", seed)
-        stored = _with_default_rows(study.user_attrs.get("definition"))
-        definition = _with_default_rows(definition)
-        if stored is not None and "data_sha256" not in stored:
-            definition.pop("data_sha256", None)  # a study made before data files were fingerprinted
-        if stored is None:
+        stored = study.user_attrs.get("definition")
+        if stored != definition:
+            # Checked again: another agent may have trained in it since check().
+            study_id = self.retrying(f"looking up study {name!r}", lambda: self.storage.get_study_id_from_name(name))
+            self._refuse_other(name, study_id, stored, definition)
+            # New, untrained, or stored in an earlier release's form: from now on in this one's.
             study.set_user_attr("model_type", model_type)
             study.set_user_attr("definition", definition)
-        elif stored != definition:
-            if not self.retrying("reading trials", lambda: study.get_trials(deepcopy=False)):
-                # Nothing was trained under the old definition (a run that stopped before its first
-                # trial, say): nothing to protect, and the study is this run's.
-                study.set_user_attr("definition", definition)
-            else:
-                raise StorageError(self._refusal(name, stored, definition))
         self.fail_stale(study)
         return study
+
+    def _refuse_other(self, name: str, study_id: int, stored: dict | None, definition: dict) -> None:
+        """StorageError if the study was made with another definition and trained in. A study nothing was
+        trained in (a run that stopped before its first trial) has nothing to protect: it is this run's."""
+        stored = _in_current_form(stored, definition, self.data)
+        if stored is None or stored == definition:
+            return
+        if self.retrying("reading trials", lambda: self.storage.get_n_trials(study_id)):
+            raise StorageError(self._refusal(name, stored, definition))
 
     def _refusal(self, name: str, stored: dict, definition: dict) -> str:
         way_out = "choose another study_name or output_dir" if self.in_output_dir else "choose another study_name"
         diffs = [key for key in sorted(set(stored) | set(definition)) if stored.get(key) != definition.get(key)]
-        if diffs == ["data_sha256"]:
-            return (f"study {name!r} in {self.url_for_display} was made with other data under the same name "
-                    f"({definition['data']}): the numbers read from it differ (SHA-256 {stored['data_sha256'][:12]}... "
-                    f"then, {definition['data_sha256'][:12]}... now); restore that data, or {way_out}")
+        then, now = stored.get("data"), definition["data"]
+        if diffs == ["data"] and isinstance(then, dict) and "sha256" in then and "sha256" in now \
+                and then.get("target") == now.get("target"):
+            return (f"study {name!r} in {self.url_for_display} was made with other data: the numbers read from "
+                    f"{self.data.path} differ from those it was made with (SHA-256 {then['sha256'][:12]}... then, "
+                    f"{now['sha256'][:12]}... now); restore that data, or {way_out}")
         shown = "; ".join(f"{key}: stored {stored.get(key)!r}, now {definition.get(key)!r}" for key in diffs)
         return (f"study {name!r} in {self.url_for_display} was made with other params ({shown}); resume it with "
                 f"the same params, or {way_out}")
@@ -308,10 +336,33 @@ def _redact(url: str) -> str:
     return url
 
 
-def _with_default_rows(definition: dict | None) -> dict | None:
-    """A study definition whose embedded data names its row count: studies made before the count was
-    written out (rows left to the default) are the same studies as those that name it."""
-    data = (definition or {}).get("data")
-    if isinstance(data, dict) and data.get("embedded") and data.get("rows") is None:
-        return {**definition, "data": {**data, "rows": EMBEDDED_DEFAULT_ROWS}}
-    return definition
+def data_identity(data: DataRef, sha256: str | None) -> dict:
+    """The data as a study's definition names it: the embedded data by its row count; a file by the SHA-256
+    of the numbers read from it (Dataset.sha256) and its target column, not by its path, so that the same
+    file named from another directory, or copied elsewhere, is the same data, and a file changed in place
+    is not."""
+    if data.embedded:
+        return {"embedded": data.embedded, "rows": data.rows or EMBEDDED_DEFAULT_ROWS}
+    if not sha256:
+        raise ValueError(f"the SHA-256 of data file {data.path} is needed to name it in a study's definition")
+    return {"sha256": sha256} | ({"target": data.target} if data.target else {})
+
+
+def _in_current_form(stored: dict | None, current: dict, data: DataRef) -> dict | None:
+    """A definition stored by an earlier release, in the form this one writes, so that its studies resume:
+    embedded data without its row count had the default; a data file was named by its path with its
+    SHA-256 beside it (compared by the SHA-256 now) or, before files were fingerprinted, by its path alone
+    (the same path as this run's is taken as this run's data, as those releases took it)."""
+    if not isinstance(stored, dict) or not isinstance(stored.get("data"), dict):
+        return stored
+    stored = dict(stored)
+    old = stored["data"]
+    if old.get("embedded") and old.get("rows") is None:
+        stored["data"] = {**old, "rows": EMBEDDED_DEFAULT_ROWS}
+    elif "path" in old:
+        sha256 = stored.pop("data_sha256", None)
+        if sha256:
+            stored["data"] = {"sha256": sha256} | ({"target": old["target"]} if old.get("target") else {})
+        elif old == data.to_json():
+            stored["data"] = current["data"]
+    return stored
