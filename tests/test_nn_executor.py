@@ -172,35 +172,12 @@ def _processes_with_marker(marker: str) -> list[int]:
     return [pid for pid in pids if pid != os.getpid()]
 
 
-def test_an_interrupted_batch_leaves_no_worker_behind(tmp_path, monkeypatch):
-    marker = uuid.uuid4().hex
-    monkeypatch.setenv("WATCHER_TEST_MARKER", marker)  # inherited by every worker the executor starts
-    long_jobs = [TrialJob("nn", t, {"hidden_layers": [64, 32], "lr": 1e-3, "weight_decay": 0.0, "dropout": 0.0},
-                          DATA, 2, 3) for t in range(3)]
-
-    def interrupt(signum, frame):
-        raise _Interrupt
-
-    previous = signal.signal(signal.SIGALRM, interrupt)
-    signal.alarm(4)
-    try:
-        with pytest.raises(_Interrupt):
-            with NNBatchExecutor({**PARAMS, "nn_max_epochs": 10**6, "nn_patience": 10**6, "n_concurrent_nn": 1},
-                                 context(tmp_path)) as executor:
-                executor.run_batch(long_jobs)
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
-    time.sleep(3)  # a respawned worker would be up by now
-    assert _processes_with_marker(marker) == []
-
-
-def test_an_interrupted_batch_kills_its_busy_worker_instead_of_letting_it_finish(tmp_path, monkeypatch):
-    # After Ctrl-C or SIGTERM nothing reads what the worker would still train: asking it to shut down
-    # waits SHUTDOWN_WAIT_S (15 s) for its batch first, longer than docker stop's grace period (10 s).
+@pytest.fixture
+def worker_stops(monkeypatch) -> list[str]:
+    """What happens to live NN workers as they are stopped, in order: "asked" (sent shutdown), "killed"."""
     from watcher_plugins.nn_batch.client import WorkerProcess
 
-    events = []
+    events: list[str] = []
     send, kill = WorkerProcess.send, WorkerProcess.kill
 
     def recording_send(self, obj):
@@ -215,36 +192,51 @@ def test_an_interrupted_batch_kills_its_busy_worker_instead_of_letting_it_finish
 
     monkeypatch.setattr(WorkerProcess, "send", recording_send)
     monkeypatch.setattr(WorkerProcess, "kill", recording_kill)
+    return events
 
+
+def run_interrupted(tmp_path: Path, jobs: list[TrialJob], after_s: int = 4) -> NNBatchExecutor:
+    """A batch that would train for hours, interrupted ``after_s`` seconds in from the main thread (as
+    Ctrl-C raises KeyboardInterrupt there) and left through the executor's ``with``; the executor."""
     def interrupt(signum, frame):
         raise _Interrupt
 
     previous = signal.signal(signal.SIGALRM, interrupt)
-    signal.alarm(4)
+    signal.alarm(after_s)
     try:
         with pytest.raises(_Interrupt):
             with NNBatchExecutor({**PARAMS, "nn_max_epochs": 10**6, "nn_patience": 10**6, "n_concurrent_nn": 1},
                                  context(tmp_path)) as executor:
-                executor.run_batch(trials(2))
+                executor.run_batch(jobs)
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
-    assert events == ["killed"]
+    return executor
+
+
+def test_an_interrupted_batch_leaves_no_worker_behind(tmp_path, monkeypatch):
+    marker = uuid.uuid4().hex
+    monkeypatch.setenv("WATCHER_TEST_MARKER", marker)  # inherited by every worker the executor starts
+    long_jobs = [TrialJob("nn", t, {"hidden_layers": [64, 32], "lr": 1e-3, "weight_decay": 0.0, "dropout": 0.0},
+                          DATA, 2, 3) for t in range(3)]
+    run_interrupted(tmp_path, long_jobs)
+    time.sleep(3)  # a respawned worker would be up by now
+    assert _processes_with_marker(marker) == []
+
+
+def test_an_interrupted_batch_kills_its_busy_worker_instead_of_letting_it_finish(tmp_path, worker_stops):
+    # After Ctrl-C or SIGTERM nothing reads what the worker would still train: asking it to shut down
+    # waits SHUTDOWN_WAIT_S (15 s) for its batch first, longer than docker stop's grace period (10 s).
+    executor = run_interrupted(tmp_path, trials(2))
+    assert worker_stops == ["killed"]
     assert executor._slots[0].worker is None
 
 
-def test_an_idle_worker_is_asked_to_shut_down(tmp_path, monkeypatch):
-    from watcher_plugins.nn_batch.client import WorkerProcess
-
-    asked = []
-    send = WorkerProcess.send
-    monkeypatch.setattr(WorkerProcess, "send",
-                        lambda self, obj: (asked.append(obj["command"]) if obj.get("command") == "shutdown" else None,
-                                           send(self, obj))[1])
+def test_an_idle_worker_is_asked_to_shut_down(tmp_path, worker_stops):
     with NNBatchExecutor(PARAMS, context(tmp_path)) as executor:
         executor.run_batch(trials(1))
         worker = executor._slots[0].worker
-    assert asked == ["shutdown"] and worker.process.returncode == 0  # it said bye and exited by itself
+    assert worker_stops == ["asked"] and worker.process.returncode == 0  # it said bye and exited by itself
 
 
 def test_a_trial_number_given_twice_fails_the_second_job_and_the_batch_ends(tmp_path):
@@ -426,31 +418,16 @@ def test_a_silent_crash_is_not_reported_with_an_older_workers_log(tmp_path, monk
     assert "an earlier run's error" in log.read_text()  # appended to, not replaced
 
 
-def test_busy_workers_are_shut_down_together(tmp_path, monkeypatch):
+def test_busy_workers_are_shut_down_together(tmp_path, monkeypatch, worker_stops):
     # Two workers (as on two GPUs; the executor makes one slot on the CPU, so the slots are made here),
     # each busy with a batch that would train for hours: each is given SHUTDOWN_WAIT_S to finish, at once.
     # One after another, the second would be asked only after the first had been waited for and killed.
     from watcher_plugins.nn_batch import client
-    from watcher_plugins.nn_batch.client import WorkerProcess, train_batch_request
+    from watcher_plugins.nn_batch.client import train_batch_request
     from watcher_plugins.nn_batch.executor import _WorkerSlot, fit_jobs, shutdown_slots
     from watcher_plugins.nn_batch.protocol import BatchSettings
 
     monkeypatch.setattr(client, "SHUTDOWN_WAIT_S", 2.0)
-    events = []
-    send, kill = WorkerProcess.send, WorkerProcess.kill
-
-    def recording_send(self, obj):
-        if obj.get("command") == "shutdown":
-            events.append("asked")
-        return send(self, obj)
-
-    def recording_kill(self):
-        if self.alive:
-            events.append("killed")
-        return kill(self)
-
-    monkeypatch.setattr(WorkerProcess, "send", recording_send)
-    monkeypatch.setattr(WorkerProcess, "kill", recording_kill)
     slots = [_WorkerSlot(None, context(tmp_path), threading.Event()) for _ in range(2)]
     long_batch = train_batch_request(fit_jobs(trials(1)[0]), BatchSettings(1, "serial", max_epochs=10**6,
                                                                            patience=10**6))
@@ -462,6 +439,6 @@ def test_busy_workers_are_shut_down_together(tmp_path, monkeypatch):
         shutdown_slots(slots)
     finally:
         for worker in workers:
-            kill(worker)
+            worker.kill()
     assert not any(worker.alive for worker in workers)
-    assert events == ["asked", "asked", "killed", "killed"]
+    assert worker_stops == ["asked", "asked", "killed", "killed"]
