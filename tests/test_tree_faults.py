@@ -214,6 +214,31 @@ def test_a_worker_whose_end_of_stream_waits_in_the_queue_is_not_taken_for_silent
     assert all(r.status == "fail" and "gave up" not in r.error for r in results), [r.error for r in results]
 
 
+def test_a_worker_that_died_idle_between_batches_costs_no_trial_a_retry(tmp_path):
+    # The OOM killer (each tree worker holds a copy of the data) or an operator takes an idle worker: the
+    # next batch must not hand it a trial and charge that trial with its death.
+    with _executor(tmp_path, retries=0) as ex:
+        ex.run_batch([_job(0), _job(1)])
+        idle = ex.pool.worker_pids()[0]
+        os.kill(idle, signal.SIGKILL)
+        while idle in ex.pool.worker_pids():
+            time.sleep(0.05)
+        results = ex.run_batch([_job(2), _job(3)])
+        assert idle not in ex.pool.worker_pids() and ex.pool.restarts == 1
+    assert [r.status for r in results] == ["ok"] * 6, [r.error for r in results]
+
+
+def test_bytes_on_stderr_that_are_not_utf8_do_not_stall_the_worker(tmp_path):
+    # Caf\xe9 as Latin-1, then more than a pipe holds: were the thread that drains stderr to die on the
+    # byte, the worker would block on its next write and the trial would hang until its timeout.
+    noisy = _job(0, "stderr_latin1:caf\u00e9 " + "x" * 200_000)
+    with _executor(tmp_path, retries=0, tree_parallel_workers=1, tree_trial_timeout_s=120) as ex:
+        results = ex.run_batch([noisy])
+        tail = list(ex.pool._workers[0].stderr_tail)
+    assert [r.status for r in results] == ["ok"] * 3, [r.error for r in results]
+    assert any(line.startswith("caf\\xe9 xxx") for line in tail), tail[:3]
+
+
 def test_a_trial_that_hangs_is_killed_after_the_timeout_retried_then_failed(tmp_path):
     started = time.monotonic()
     with _executor(tmp_path, retries=1, tree_trial_timeout_s=3) as ex:

@@ -71,6 +71,8 @@ MAX_FAILED_STARTS = 3  # a slot whose process dies this many times before becomi
 STDERR_TAIL_LINES = 20
 LEASE_POLL_S = 0.1  # how often a GPU trial waiting for its lease checks it again
 DONE_WAIT_S = 10.0  # at the end of a batch, how long to wait for the workers' "done" after their last fold
+STOP_WAIT_S = 10.0  # how long closing waits for the workers asked to stop, all together, before killing them
+KILL_WAIT_S = 10.0  # how long a SIGKILLed worker may take to die: longer, it is stuck in the kernel
 SILENT_DEATH_S = 10.0  # a worker exited (or SIGKILLed) this long without its end of stream is handled as dead
 
 
@@ -133,6 +135,7 @@ class _WorkerProcess:
         self.folds: list[int] = []  # the folds of its task sent to it
         self.task_try = 0  # its task's crashes counted when it took the folds: which try of the trial it runs
         self.awaiting_lease = False  # its task is a GPU trial not sent yet: the pool waits for the lease
+        self.send_failed = False  # its task could not be written to it: it was dead already, and never had it
         self.retiring = False  # it said it exits after its trial (a GPU fit failed): it gets no more tasks
         self.task_started = 0.0
         self.kill_reason: str | None = None  # why the pool killed it, when it did
@@ -152,7 +155,10 @@ class _WorkerProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "watcher_plugins.tree_parallel.worker", "--config", json.dumps(config)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            env=_worker_env(placement), text=True, encoding="utf-8", bufsize=1, close_fds=True,
+            # A library's stray non-UTF-8 byte on stderr must not kill the thread that drains it (the worker
+            # would block on a full pipe): it is shown escaped instead.
+            env=_worker_env(placement), text=True, encoding="utf-8", errors="backslashreplace", bufsize=1,
+            close_fds=True,
         )
         self.started = time.monotonic()
         threading.Thread(target=self._read_stdout, args=(events,), daemon=True,
@@ -168,7 +174,7 @@ class _WorkerProcess:
     def release_task(self) -> tuple[_Task | None, list[int]]:
         """Free it of its task: the task, and the folds sent to it that still owe a result."""
         task, folds = self.task, self.folds
-        self.task, self.folds, self.awaiting_lease = None, [], False
+        self.task, self.folds, self.awaiting_lease, self.send_failed = None, [], False, False
         return task, [f for f in folds if task is not None and f in task.folds]
 
     def _read_stdout(self, events: queue.Queue) -> None:
@@ -233,18 +239,29 @@ class _WorkerProcess:
             self.killed_at = time.monotonic()
             self.proc.kill()
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def ask_to_stop(self) -> None:
+        """Send it shutdown and close its stdin: an idle worker exits at once."""
         if self.proc.poll() is None:
             self.send({"command": "shutdown"})
             try:
                 self.proc.stdin.close()
             except OSError:
                 pass
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+
+    def wait_stopped(self, deadline: float) -> None:
+        """Wait until ``deadline`` (time.monotonic()) for it to exit, then SIGKILL it and wait KILL_WAIT_S
+        more: one stuck in the kernel (a hung GPU driver call) is left behind with a warning, not waited
+        for forever."""
+        try:
+            self.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            return
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        try:
+            self.proc.wait(timeout=KILL_WAIT_S)
+        except subprocess.TimeoutExpired:
+            log.warning("%s (pid %d) did not die within %g s of SIGKILL (stuck in the kernel, as in a hung GPU "
+                        "driver call); left behind", self.placement.describe(), self.pid, KILL_WAIT_S)
 
 
 def _worker_env(placement: WorkerPlacement) -> dict[str, str]:
@@ -353,13 +370,17 @@ class TreeTrialPool:
         return [w.info for w in live]
 
     def close(self) -> None:
-        """Shut every worker down (killing any that do not stop). Idempotent."""
+        """Shut every worker down, all at once: each is asked to stop, and any not gone within STOP_WAIT_S
+        is killed. Idempotent."""
         if self.closed:
             return
         self.closed = True
-        for w in self._workers:
-            if w is not None:
-                w.stop()
+        workers = [w for w in self._workers if w is not None]
+        for w in workers:
+            w.ask_to_stop()
+        deadline = time.monotonic() + STOP_WAIT_S
+        for w in workers:
+            w.wait_stopped(deadline)
         self._finalizer.detach()
         self._release_leases()
 
@@ -427,6 +448,8 @@ class TreeTrialPool:
         for w in self._workers:
             if w is None or not w.ready or w.retiring or w.task is not None:
                 continue
+            if w.stdout_closed or w.proc.poll() is not None:
+                continue  # died idle (between batches, say): its death is handled from its event, not a trial's
             task = self._next_gpu_task(w.placement.gpu) if w.placement.gpu is not None else None
             if task is None and self._cpu_queue:
                 task = self._cpu_queue[0]
@@ -466,8 +489,9 @@ class TreeTrialPool:
         w.task_started = time.monotonic()
         w.task_catboost_reserve = self._catboost_reserve(w.task.job)
         w.task_stderr.clear()  # and again when its marker comes: a late line of the last trial may come first
-        w.send({"command": "train", "job": w.task.job.to_json(), "folds": list(w.folds),
-                "catboost_gpu_ram_part": w.task_catboost_reserve})
+        # A worker that died since _dispatch looked never gets the trial: its death is not the trial's crash.
+        w.send_failed = not w.send({"command": "train", "job": w.task.job.to_json(), "folds": list(w.folds),
+                                    "catboost_gpu_ram_part": w.task_catboost_reserve})
 
     def _catboost_reserve(self, job: TrialJob) -> float | None:
         """The GPU memory share a CatBoost fit of ``job`` reserves: the setting, or for "auto" (None)
@@ -649,7 +673,7 @@ class TreeTrialPool:
 
     def _on_worker_death(self, slot: int, worker: _WorkerProcess) -> None:
         reason = worker.death_reason()
-        never_sent = worker.awaiting_lease
+        never_sent = worker.awaiting_lease or worker.send_failed
         task, lost = worker.release_task()
         self._workers[slot] = None
         if not worker.ready:

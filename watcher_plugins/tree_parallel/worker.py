@@ -140,7 +140,8 @@ def _inject(fault: str | dict | None, settings: FitSettings, folds: list[int]) -
     """Make the fault a test asked for: "abort" (dies as from a segfault), "abort_once:PATH" (dies
     unless PATH exists, creating it first, atomically), "abort_once_per_fold:DIR" (the same, with a
     file in DIR for each set of folds sent: every fold crashes on its first try), "sleep:SECONDS" (a
-    long trial, to be killed mid-way), "stderr:TEXT" (writes TEXT to stderr and trains on), "orphan_pipes:PATH" (dies, leaving a forked
+    long trial, to be killed mid-way), "stderr:TEXT" (writes TEXT to stderr and trains on), "stderr_latin1:TEXT"
+    (the same, encoded as Latin-1: bytes that are not UTF-8, as a library may write), "orphan_pipes:PATH" (dies, leaving a forked
     child that holds its pipes open until PATH exists),
     "catboost_gpu_oom" (dies as CatBoost does when a GPU fit outgrows its memory reserve, unless the
     reserve is CatBoost's default: a fold that needs it all)."""
@@ -175,6 +176,10 @@ def _inject(fault: str | dict | None, settings: FitSettings, folds: list[int]) -
     elif kind == "stderr":
         sys.stderr.write(arg + "\n")
         sys.stderr.flush()
+    elif kind == "stderr_latin1":
+        sys.stderr.flush()
+        sys.stderr.buffer.write(arg.encode("latin-1") + b"\n")
+        sys.stderr.buffer.flush()
     elif kind == "sleep":
         time.sleep(float(arg))
 
