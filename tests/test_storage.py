@@ -16,7 +16,7 @@ from watcher_plugins.compare_models import run_compare_models
 from watcher_plugins.errors import StorageError, StorageLost
 from watcher_plugins.manifest import load_manifest
 from watcher_plugins.records import DataRef
-from watcher_plugins.storage import RETRY_OF, StudyStore
+from watcher_plugins.storage import RETRY_OF, StudyStore, _requeue
 
 
 @pytest.fixture
@@ -53,6 +53,78 @@ def test_trials_of_a_killed_run_go_stale_and_their_params_are_asked_again(pm, tm
     assert retries[0].params["lr"] == orphan_params["lr"]
     assert len(trials) == 5  # four counted trials; the retried FAIL does not count
     assert all(t.state.name in ("COMPLETE", "FAIL") for t in trials)
+
+
+def _open_nn_study(params, output_dir):
+    store = StudyStore.open(params, output_dir, DataRef.from_param(params["data"]))
+    # The definition compare_models gives it: the test executor's result param and tag, and the compute.
+    return store, store.study("nn", seed=params["seed"], result_params={
+        "nn_max_epochs": params["nn_max_epochs"], "scoring": "v2", "compute": "cpu"})
+
+
+def test_an_agent_that_beats_often_does_not_take_a_slower_agents_trial_for_stale(pm, tmp_path):
+    # Agent A beats every 30 s; agent B, on the same study, every second. After 3.5 s of A's silence its
+    # trial is alive by A's interval: B must not fail it (and so have it trained twice).
+    (tmp_path / "out").mkdir()
+    store_a, study_a = _open_nn_study(_params(pm, tmp_path, heartbeat_interval_s=30), tmp_path / "out")
+    store_b, study_b = _open_nn_study(_params(pm, tmp_path, heartbeat_interval_s=1), tmp_path / "out")
+    trial = store_a.ask(study_a)
+    time.sleep(3.5)  # past B's grace period (2 x 1 s; SQLite clocks tick in whole seconds)
+    store_b.fail_stale(study_b)
+    assert study_b.get_trials()[trial.number].state.name == "RUNNING"
+    # B's own trial, silent past B's interval, is stale once no running trial's agent beats slower.
+    trial_b = store_b.ask(study_b)
+    store_a.fail_and_requeue(study_a, trial, "test: A's trial ends")
+    time.sleep(3.5)
+    store_b.fail_stale(study_b)
+    assert study_b.get_trials()[trial_b.number].state.name == "FAIL"
+
+
+def test_a_trial_failed_as_stale_meanwhile_is_not_recorded_and_the_run_goes_on(pm, tmp_path):
+    (tmp_path / "out").mkdir()
+    params = _params(pm, tmp_path)
+    store, study = _open_nn_study(params, tmp_path / "out")
+    trial = store.ask(study)
+    trial.suggest_float("lr", 1e-4, 3e-2, log=True)
+    other_store, other_study = _open_nn_study(params, tmp_path / "out")
+    other_study.tell(trial.number, state=optuna.trial.TrialState.FAIL)  # as another agent's stale check does
+    assert store.tell(study, trial, {"lr": 1e-3}, 0.5, None, []) is False
+    assert study.get_trials()[trial.number].state.name == "FAIL"
+
+
+def test_a_run_whose_trial_another_agent_failed_as_stale_goes_on_and_finishes_the_study(pm, tmp_path, monkeypatch,
+                                                                                           caplog):
+    params = _params(pm, tmp_path)
+    run_batch = ReversingExecutor.run_batch
+
+    def first_trial_taken_over(self, jobs, on_result=None):
+        if len(ReversingExecutor.batches) == 0:  # while the first batch trains, another agent fails trial 0
+            study = optuna.load_study(study_name="compare_models-nn", storage=f"sqlite:///{tmp_path / 'out' / 'optuna.db'}")
+            study.tell(jobs[0].trial_number, state=optuna.trial.TrialState.FAIL)
+            _requeue(study, study.get_trials()[jobs[0].trial_number])
+        return run_batch(self, jobs, on_result)
+
+    monkeypatch.setattr(ReversingExecutor, "run_batch", first_trial_taken_over)
+    with caplog.at_level("WARNING", logger="watcher_plugins.compare_models"):
+        summary = run_compare_models(params, pm)
+    assert any("nn trial 0 finished, but another agent" in r.getMessage() for r in caplog.records)
+    trials = optuna.load_study(study_name="compare_models-nn", storage=f"sqlite:///{tmp_path / 'out' / 'optuna.db'}"
+                               ).get_trials()
+    assert trials[0].state.name == "FAIL"
+    assert [t.user_attrs.get(RETRY_OF) for t in trials].count(0) == 1  # its params, asked again
+    assert summary["leaderboard"][0]["trials_complete"] + summary["leaderboard"][0]["trials_failed"] == 4
+
+
+def test_the_leaderboard_counts_the_trials_other_agents_still_run(pm, tmp_path, capsys):
+    # Another agent (beating every 30 s) runs one of the study's four trials; this one runs the other
+    # three and ends first: its leaderboard must not pass for the finished study.
+    (tmp_path / "out").mkdir()
+    other, other_study = _open_nn_study(_params(pm, tmp_path, heartbeat_interval_s=30), tmp_path / "out")
+    other.ask(other_study)
+    summary = run_compare_models(_params(pm, tmp_path), pm)
+    (row,) = summary["leaderboard"]
+    assert (row["trials_complete"] + row["trials_failed"], row["trials_running"]) == (3, 1)
+    assert "nn: 1 trial(s) still running in other agents sharing the study" in capsys.readouterr().out
 
 
 def test_a_wrong_storage_url_fails_before_anything_is_written(pm, tmp_path):

@@ -67,6 +67,7 @@ class ModelTypeOutcome:
     trials_failed: int = 0
     seconds: float = 0.0
     reason: str | None = None  # why the model type is unavailable, or its most common trial failure
+    trials_running: int = 0  # still running in other agents sharing the study, when this one ended
 
 
 class TrialLog:
@@ -236,7 +237,7 @@ class StudyRunner:
                                        "the executor returned no result for this fold") for k in missing]
                 value, reason = _trial_value(results)
                 try:
-                    self.store.tell(self.studies[model_type], trial, job.params, value, reason, results)
+                    recorded = self.store.tell(self.studies[model_type], trial, job.params, value, reason, results)
                 except StorageLost:
                     raise
                 except Exception as exc:
@@ -247,6 +248,12 @@ class StudyRunner:
                                    model_type, trial.number, exc)
                     continue
                 told.add(key)
+                if not recorded:  # the run goes on: the trial is asked again, here or by another agent
+                    logger.warning("%s trial %d finished, but another agent sharing the study had already "
+                                   "failed it as stale (no heartbeat within twice the longest "
+                                   "heartbeat_interval_s): its result is not recorded, and its params are "
+                                   "asked again", model_type, trial.number)
+                    continue
                 self.board.trial_done(model_type, value)
 
 
@@ -418,11 +425,12 @@ def _outcomes(store: StudyStore, studies: dict[str, optuna.Study], executor_name
     outcomes = {}
     for model_type, study in studies.items():
         best_r2, best_trial, best_params = store.best(study)
-        complete, failed = store.finished_counts(study)
+        complete, failed, running = store.trial_counts(study)
         reasons = store.failure_reasons(study)
         reason = max(set(reasons), key=reasons.count) if reasons else None
         outcomes[model_type] = ModelTypeOutcome(model_type, executor_name, "done", best_r2, best_trial,
-                                                best_params, complete, failed, round(elapsed, 2), reason)
+                                                best_params, complete, failed, round(elapsed, 2), reason,
+                                                trials_running=running)
     return outcomes
 
 
@@ -482,6 +490,10 @@ def format_leaderboard(summary: dict) -> str:
     for row in summary["leaderboard"]:
         if row["trials_failed"]:
             lines.append(f"{row['model_type']}: {row['trials_failed']} trial(s) failed, most often: {row['reason']}")
+    for row in summary["leaderboard"]:
+        if row.get("trials_running"):  # this agent is done; others sharing the study are not
+            lines.append(f"{row['model_type']}: {row['trials_running']} trial(s) still running in other agents "
+                         f"sharing the study: this is the study as this agent ended")
     for model_type, reason in summary["unavailable"].items():
         lines.append(f"{model_type}: unavailable: {reason}")
     if summary.get("interrupted"):

@@ -36,6 +36,8 @@ from watcher_plugins.records import DataRef, FoldResult
 
 DEFAULT_DB = "optuna.db"
 RETRY_OF = "retry_of"
+#: A trial's user attr: its agent's heartbeat interval, by which any agent judges the trial stale.
+HEARTBEAT_INTERVAL = "heartbeat_interval_s"
 _DEFINING_PARAMS = ("folds", "seed", "ask_batch_size")
 T = TypeVar("T")
 
@@ -172,10 +174,21 @@ class StudyStore:
                 f"the same params, or {way_out}")
 
     def fail_stale(self, study: optuna.Study) -> None:
-        """Mark trials whose agent stopped sending heartbeats FAIL, and enqueue their params again."""
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            self.retrying("checking for stale trials", lambda: optuna.storages.fail_stale_trials(study))
+        """Mark trials whose agent stopped sending heartbeats FAIL, and enqueue their params again.
+
+        Silence is judged by the longest heartbeat interval among the running trials' agents (each trial
+        records its agent's), not by this agent's alone: agents sharing a study may beat at different
+        intervals, and one beating every 20 s must not be taken for dead by one beating every second."""
+        def fail_stale() -> None:
+            running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            longest = max([self.storage.heartbeat_interval,
+                           *(t.user_attrs.get(HEARTBEAT_INTERVAL, 0) for t in running)])
+            self.storage.grace_period = 2 * longest
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                optuna.storages.fail_stale_trials(study)
+
+        self.retrying("checking for stale trials", fail_stale)
 
     def ask(self, study: optuna.Study) -> optuna.Trial:
         """Ask one trial; its params will be drawn from a stream seeded by the study seed and its number."""
@@ -184,6 +197,8 @@ class StudyStore:
             warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
             trial = self.retrying("asking a trial", study.ask)
         self.retrying("recording a heartbeat", lambda: self.storage.record_heartbeat(trial._trial_id))
+        self.retrying("recording the heartbeat interval",
+                      lambda: trial.set_user_attr(HEARTBEAT_INTERVAL, self.storage.heartbeat_interval))
         # The sampler draws at suggest time: reseeding it here makes trial n's params a function of
         # (seed, n, history), the same in every run, and different between agents sharing the study.
         study.sampler = per_trial_sampler(study.user_attrs["sampler_seed"], trial.number)
@@ -205,11 +220,12 @@ class StudyStore:
         self.retrying(f"pruning surplus trial {trial.number}", lambda: study.tell(trial, state=TrialState.PRUNED))
         return True
 
-    def finished_counts(self, study: optuna.Study) -> tuple[int, int]:
-        """(complete, failed) trials, not counting failed trials that were retried."""
+    def trial_counts(self, study: optuna.Study) -> tuple[int, int, int]:
+        """(complete, failed, running) trials, not counting failed trials that were retried. Once this
+        agent's trials are all told, running ones belong to other agents sharing the study."""
         counted = self._counted_trials(study)
-        return (sum(t.state == TrialState.COMPLETE for t in counted),
-                sum(t.state == TrialState.FAIL for t in counted))
+        return tuple(sum(t.state == state for t in counted)
+                     for state in (TrialState.COMPLETE, TrialState.FAIL, TrialState.RUNNING))
 
     def failure_reasons(self, study: optuna.Study) -> list[str]:
         """The fail reasons of the counted FAIL trials, in trial order."""
@@ -226,7 +242,9 @@ class StudyStore:
         return best.value, best.number, best.user_attrs.get("job_params", best.params)
 
     def tell(self, study: optuna.Study, trial: optuna.Trial, job_params: dict, value: float | None,
-             reason: str | None, results: list[FoldResult]) -> None:
+             reason: str | None, results: list[FoldResult]) -> bool:
+        """Record a finished trial; False if it had been ended already by another agent, which took it for
+        stale (its heartbeats stopped for longer than that agent allows): its params are asked again."""
         def tell() -> None:
             trial.set_user_attr("job_params", job_params)
             trial.set_user_attr("fold_r2", [r.r2 for r in results])
@@ -236,7 +254,11 @@ class StudyStore:
             else:
                 study.tell(trial, value)
 
-        self.retrying(f"telling trial {trial.number}", tell)
+        try:
+            self.retrying(f"telling trial {trial.number}", tell)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            return False
+        return True
 
     def fail_and_requeue(self, study: optuna.Study, trial: optuna.Trial, reason: str) -> None:
         """End a trial that did not finish as FAIL, and enqueue its params so the next ask runs it again."""
