@@ -67,7 +67,7 @@ def test_bad_data_file_exits_2_naming_file_and_column(tmp_path):
     result = agent("--run-pipeline", "--start-step", "5", "--end-step", "5", "--params", json.dumps(params),
                    cwd=tmp_path)
     assert result.returncode == 2
-    assert result.stderr.strip().endswith(f"error: {data}: target column 'score' not found; columns: a, b, quality")
+    assert result.stderr.strip().endswith(f"error: {data}: target column 'score' not found; columns: 'a', 'b', 'quality'")
     assert not (tmp_path / "out").exists()
 
 

@@ -600,3 +600,15 @@ def test_a_fold_error_names_the_data_file_as_it_was_given(pm, tmp_path, monkeypa
     (tmp_path / "d" / "five.csv").write_text("a,y\n" + "".join(f"{i},{i * i}\n" for i in range(5)))
     with pytest.raises(DataError, match=r"^d/five.csv: 5 rows cannot make 3 folds"):
         run_compare_models(_params(pm, tmp_path, data={"path": "d/five.csv", "target": "y"}), pm)
+
+
+def test_the_storage_password_is_in_no_output(pm, tmp_path, capsys, postgres_server):
+    # The test server trusts every local connection, so a URL with a password still opens.
+    url = postgres_server.create_database("redacted").replace("postgres@", "postgres:secretpw@")
+    summary = run_compare_models(_params(pm, tmp_path, trials=2, storage=url), pm)
+    shown = url.replace(":secretpw@", ":***@")
+    assert summary["storage"] == summary["params"]["storage"] == shown
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["params"]["storage"] == shown
+    for name in ("summary.json", "report.html", "trials.jsonl"):
+        assert "secretpw" not in (tmp_path / "out" / name).read_text()
+    assert "secretpw" not in capsys.readouterr().out

@@ -99,7 +99,7 @@ def _csv(tmp_path, text, name="bad.csv"):
 
 
 @pytest.mark.parametrize("text, target, message", [
-    ("a,b,y\n1,2,3\n4,5,6\n", "score", "target column 'score' not found; columns: a, b, y"),
+    ("a,b,y\n1,2,3\n4,5,6\n", "score", "target column 'score' not found; columns: 'a', 'b', 'y'"),
     ("a,b,y\n1,oops,3\n4,5,6\n", "y", "column 'b' is not numeric: data row 1 holds 'oops'"),
     ("a,b,y\n1,2,3\n4,nan,6\n", "y", "column 'b' has a non-finite value (NaN or inf) at data row 2"),
     ("a,b,y\n1,2,inf\n4,5,6\n", "y", "target column 'y' has a non-finite value (NaN or inf) at data row 1"),
@@ -323,3 +323,60 @@ def test_json_records_are_counted_from_1_in_every_message(tmp_path):
     path.write_text(json.dumps(records[:5]).replace('"a": 4', '"a": NaN'))  # Python's reader takes NaN
     with pytest.raises(DataError, match=r"column 'a' has a non-finite value \(NaN or inf\) at record 5$"):
         load_dataset(DataRef(path=str(path), target="y"))
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[{"a": 1, "t": 1}, {"a": 1, "a": 2, "t": 3}]', "record 2 has the key 'a' more than once: "
+                                                      "expected unique column names"),
+    ('{"survivors": [{"a": 1, "a": 2, "t": 3}, {"a": 2, "t": 4}]}', "record 1 has the key 'a' more than once: "
+                                                                   "expected unique column names"),
+    ('{"survivors": [{"a": 1, "t": 3}], "survivors": [{"a": 2, "t": 4}]}',
+     "the key 'survivors' appears more than once"),
+])
+def test_json_duplicate_keys_are_refused_not_overwritten(tmp_path, text, message):
+    # json.loads keeps the last value of a repeated key: the file's other value would vanish unseen.
+    path = tmp_path / "d.json"
+    path.write_text(text)
+    with pytest.raises(DataError) as excinfo:
+        load_dataset(DataRef(path=str(path), target="t"))
+    assert str(excinfo.value) == f"{path}: {message}"
+
+
+@pytest.mark.parametrize("name", ["d.json", "wrapped.json"])
+def test_json_numbers_written_as_strings_are_not_numbers(tmp_path, name):
+    records = [{"a": 1, "t": 1}, {"a": "1.5", "t": 2}, {"a": 3, "t": 3}]
+    path = tmp_path / name
+    path.write_text(json.dumps(records if name == "d.json" else {"survivors": records}))
+    with pytest.raises(DataError) as excinfo:
+        load_dataset(DataRef(path=str(path), target="t"))
+    assert str(excinfo.value) == f"{path}: column 'a' is not numeric: record 2 holds \"1.5\""
+    # A CSV has only text: there "1.5" is the number.
+    csv_path = _csv(tmp_path, "a,t\n1,1\n1.5,2\n3,3\n", name="d.csv")
+    assert load_dataset(DataRef(path=csv_path, target="t")).X[:, 0].tolist() == [1.0, 1.5, 3.0]
+
+
+def test_parquet_numbers_stored_as_strings_are_not_numbers(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"a": ["1", "1.5", "3"], "t": [1.0, 2.0, 3.0]}), path)
+    with pytest.raises(DataError) as excinfo:
+        load_dataset(DataRef(path=str(path), target="t"))
+    assert str(excinfo.value) == f"{path}: column 'a' is not numeric: data row 1 holds '1'"
+
+
+def test_a_target_column_with_spaces_in_the_header_is_named_visibly(tmp_path):
+    path = _csv(tmp_path, "a, t\n1,2\n3,4\n")
+    with pytest.raises(DataError) as excinfo:
+        load_dataset(DataRef(path=path, target="t"))
+    assert str(excinfo.value) == (f"{path}: target column 't' not found; columns: 'a', ' t'; column ' t' has "
+                                  "surrounding spaces: remove them from the file, or name the target ' t'")
+    # As the message says, the target named with its spaces loads.
+    assert load_dataset(DataRef(path=path, target=" t")).y.tolist() == [2.0, 4.0]
+
+
+def test_npz_missing_arrays_quote_the_arrays_found(tmp_path):
+    np.savez(tmp_path / "d.npz", **{"X ": np.zeros((3, 2)), "y": np.zeros(3)})
+    with pytest.raises(DataError, match=r"missing array X: .*; found 'X ', 'y'$"):
+        load_dataset(DataRef(path=str(tmp_path / "d.npz")))

@@ -462,7 +462,9 @@ class _RunRecord:
             "devices": self.devices,
             "storage": self.store.url_for_display,
             "seconds": round(time.monotonic() - self.started, 2),
-            "params": self.params,
+            # As given, but for the storage URL's password: summary.json and the report get mailed around.
+            "params": {**self.params, "storage": self.store.url_for_display} if self.params.get("storage")
+            else self.params,
             "interrupted": interrupted,
         }
         (self.output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")

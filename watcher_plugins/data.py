@@ -167,7 +167,7 @@ def _read_npz(path: Path) -> tuple[dict[str, np.ndarray], np.ndarray]:
         missing = [key for key in ("X", "y") if key not in archive.files]
         if missing:
             raise DataError(f"{path}: missing array {', '.join(missing)}: expected arrays 'X' (rows x features) "
-                            f"and 'y' (rows); found {', '.join(archive.files) or 'none'}")
+                            f"and 'y' (rows); found {_names(archive.files) or 'none'}")
         X, y = archive["X"], archive["y"]
     if X.ndim != 2 or y.ndim != 1 or X.shape[0] != y.shape[0]:
         raise DataError(f"{path}: expected X of shape (rows, features) and y of shape (rows,), "
@@ -178,15 +178,18 @@ def _read_npz(path: Path) -> tuple[dict[str, np.ndarray], np.ndarray]:
     return {f"x{i}": X[:, i] for i in range(X.shape[1])}, y
 
 
-def _numeric_column(path: Path, name: str, values: list, row_name: str = "data row", show=repr) -> np.ndarray:
-    """``values`` as float64. Messages count rows from 1, call them ``row_name`` and spell a value that is
-    not a number with ``show``, as the file spells it."""
+def _numeric_column(path: Path, name: str, values: list, row_name: str = "data row", show=repr,
+                    text: bool = False) -> np.ndarray:
+    """``values`` as float64. ``text``: the format spells every value as a string (CSV), so a string may be a
+    number; in a typed format (JSON, parquet) it is not. Messages count rows from 1, call them ``row_name``
+    and spell a value that is not a number with ``show``, as the file spells it."""
     out = np.empty(len(values), dtype=np.float64)
     for row, value in enumerate(values):
         try:
             # float() also takes "1_000" and non-ASCII digits ("１２３"), which are not numbers in a data file,
             # and booleans (a bool is an int to Python), which a CSV's "True" is not either.
-            if isinstance(value, bool) or (isinstance(value, str) and ("_" in value or not value.isascii())):
+            if isinstance(value, bool) or (isinstance(value, str) and (
+                    not text or "_" in value or not value.isascii())):
                 raise ValueError(value)
             out[row] = float(value)
         except (TypeError, ValueError):
@@ -199,7 +202,12 @@ def _check_unique_names(path: Path, names: list[str], where: str) -> None:
     counts = Counter(names)  # linear: files with 100,000 columns exist
     duplicates = sorted(name for name, count in counts.items() if count > 1)
     if duplicates:
-        raise DataError(f"{path}: column name(s) {', '.join(map(repr, duplicates))} appear more than once in {where}")
+        raise DataError(f"{path}: column name(s) {_names(duplicates)} appear more than once in {where}")
+
+
+def _names(names) -> str:
+    """Column names quoted, so that a name's surrounding spaces (a CSV header's "a, t") show in a message."""
+    return ", ".join(map(repr, names))
 
 
 def _read_csv(path: Path) -> dict[str, np.ndarray]:
@@ -217,7 +225,7 @@ def _read_csv(path: Path) -> dict[str, np.ndarray]:
             raise DataError(f"{path}: line {reader.line_num} is not valid CSV: {exc}") from None
     if not rows:
         raise DataError(f"{path}: no data rows below the header")
-    return {name: _numeric_column(path, name, [row[j] for row in rows]) for j, name in enumerate(header)}
+    return {name: _numeric_column(path, name, [row[j] for row in rows], text=True) for j, name in enumerate(header)}
 
 
 def _csv_rows(path: Path, reader) -> tuple[list[str], list[list[str]]]:
@@ -250,14 +258,38 @@ def _read_parquet(path: Path) -> dict[str, np.ndarray]:
     return {name: _numeric_column(path, name, table.column(name).to_pylist()) for name in table.column_names}
 
 
+class _RepeatedKeyObject(dict):
+    """A JSON object that names ``key`` more than once; it holds the last value, as json.loads keeps it."""
+
+    def __init__(self, pairs: list[tuple[str, object]], key: str):
+        super().__init__(pairs)
+        self.key = key
+
+
+def _json_object(pairs: list[tuple[str, object]]) -> dict:
+    """json's object_pairs_hook: marks an object with a repeated key, whose other values json.loads would drop
+    unseen. The reader refuses it where it can say which record it is."""
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            return _RepeatedKeyObject(pairs, key)
+        seen.add(key)
+    return dict(pairs)
+
+
 def _read_json_records(path: Path) -> dict[str, np.ndarray]:
     """Survivors JSON: a list of flat records (or {"survivors": [...]}), each with the same numeric fields."""
-    doc = json.loads(path.read_text(encoding="utf-8"))
+    doc = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_json_object)
+    if isinstance(doc, _RepeatedKeyObject):
+        raise DataError(f"{path}: the key {doc.key!r} appears more than once")
     records = doc.get("survivors") if isinstance(doc, dict) else doc
     if not isinstance(records, list) or not records or not all(isinstance(r, dict) for r in records):
         raise DataError(f"{path}: expected a non-empty JSON list of records (objects), or {{\"survivors\": [...]}}")
     names = list(records[0])
     for i, record in enumerate(records, start=1):  # counted from 1, as every message about data rows does
+        if isinstance(record, _RepeatedKeyObject):
+            raise DataError(f"{path}: record {i} has the key {record.key!r} more than once: "
+                            "expected unique column names")
         if list(record) != names and set(record) != set(names):
             raise DataError(f"{path}: record {i} has fields {sorted(record)}: expected {sorted(names)} as record 1")
     return {name: _numeric_column(path, name, [r[name] for r in records], _ROW_NAMES["json"], json.dumps)
@@ -266,7 +298,13 @@ def _read_json_records(path: Path) -> dict[str, np.ndarray]:
 
 def _split_target(path: Path, columns: dict[str, np.ndarray], target: str) -> tuple[dict, np.ndarray]:
     if target not in columns:
-        raise DataError(f"{path}: target column {target!r} not found; columns: {', '.join(columns)}")
+        message = f"{path}: target column {target!r} not found; columns: {_names(columns)}"
+        # A CSV header "a, t" names its column " t", which is easy to miss even quoted.
+        spaced = [name for name in columns if name.strip() == target]
+        if spaced:
+            message += (f"; column {spaced[0]!r} has surrounding spaces: remove them from the file, "
+                        f"or name the target {spaced[0]!r}")
+        raise DataError(message)
     return columns, columns.pop(target)
 
 
