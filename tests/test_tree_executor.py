@@ -171,6 +171,10 @@ def test_auto_trains_xgboost_folds_at_once_only_when_the_pool_is_parallel(tmp_pa
     assert _executor(tmp_path, devices=[0], tree_parallel_workers=2).settings.xgboost_gpu_fold_threads == 5
     explicit = _executor(tmp_path, devices=[0], xgboost_gpu_fold_threads=3)
     assert explicit.settings.xgboost_gpu_fold_threads == 3
+    # Two workers asked, capped to one by a single core: one worker is serial, whatever was asked.
+    capped = TreeParallelExecutor({**FAST, "tree_parallel_workers": 2},
+                                  RunContext(output_dir=tmp_path, devices=[0], cpu_count=1))
+    assert len(capped.placements) == 1 and capped.settings.xgboost_gpu_fold_threads == 1
 
 
 def test_the_gpu_worker_gets_a_core_per_fold_thread_and_the_cpu_workers_the_rest(tmp_path, monkeypatch, caplog):

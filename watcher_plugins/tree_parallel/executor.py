@@ -75,14 +75,14 @@ class TreeParallelExecutor(Executor):
         workers = asked_workers or max(1, gpu_workers + max(0, len(cores) - gpu_workers * (gpu_cores or 1)))
         if asked_workers is None:
             workers = self._workers_memory_holds(workers, gpu_workers, len(gpus))
-        if workers == 1 and self.params["xgboost_gpu_fold_threads"] == "auto":
-            fold_threads = 1  # "auto" found room for one worker: serial, the reference
         # Pinned unless a CPU quota cuts the cores (containers on a shared host): then the first cores of
         # the affinity are no more ours than the others, and the pools of several containers pinned there
         # would crowd onto them; the thread counts keep to the quota. (A run's own cpu_count limit pins.)
         pinned = len(available_cores()) == len(affinity_cores())
         self.placements: list[WorkerPlacement] = plan_placements(workers, gpus, cores, per_gpu, gpu_cores,
                                                                  pinned)
+        if len(self.placements) == 1 and self.params["xgboost_gpu_fold_threads"] == "auto":
+            fold_threads = 1  # one worker ("auto" found room for one, or a count was capped): serial, the reference
         short = [p for p in self.placements if p.gpu is not None and asked_gpu_cores and p.threads < asked_gpu_cores]
         n_cpu_workers = sum(p.gpu is None for p in self.placements)
         if short and n_cpu_workers:
