@@ -24,18 +24,7 @@ import time
 import uuid
 from pathlib import Path
 
-
-def _processes_with(marker: str) -> list[int]:
-    """Pids of live processes whose environment carries ``marker`` (the agent and its workers)."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                if marker.encode() in (proc / "environ").read_bytes():
-                    pids.append(int(proc.name))
-            except OSError:
-                continue
-    return [pid for pid in pids if pid != os.getpid()]
+from watcher_plugins.orphans import processes_with_environment
 
 
 def measure(label: str, pythonpath: str, params: dict, repeat: int) -> list[dict]:
@@ -67,7 +56,7 @@ def measure(label: str, pythonpath: str, params: dict, repeat: int) -> list[dict
         runs.append({"install": label, "attempt": attempt, "first_result_s": round(first_result_s, 2),
                      "exit_after_sigterm_s": round(exit_s, 2), "exit_code": code,
                      "summary_interrupted": summary.get("interrupted"),
-                     "processes_left": len(_processes_with(marker)),
+                     "processes_left": len(processes_with_environment(marker)),
                      "trials_recorded": len(trials.read_text().splitlines()) if trials.exists() else 0})
         print(json.dumps(runs[-1]), flush=True)
     return runs

@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from watcher_plugins.orphans import processes_with_environment
+
 AGENT = shutil.which("watcher-agent")
 MODEL_TYPES = ["nn", "catboost", "lightgbm", "xgboost"]
 
@@ -112,19 +114,6 @@ def test_params_override_with_a_users_csv(tmp_path):
     assert summary["dataset"] == {"name": "mine.csv", "rows": 400, "features": 5}
 
 
-def _agent_processes(marker: str) -> list[int]:
-    """Pids of live processes whose environment carries the marker (the agent and all its workers)."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                if marker.encode() in (proc / "environ").read_bytes():
-                    pids.append(int(proc.name))
-            except OSError:
-                continue
-    return pids
-
-
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_stops_workers_marks_trials_and_the_rerun_finishes(tmp_path, signum):
     marker = f"WATCHER_TEST_RUN={uuid.uuid4().hex}"
@@ -149,7 +138,7 @@ def test_a_signal_stops_workers_marks_trials_and_the_rerun_finishes(tmp_path, si
     assert summary["interrupted"] is True
     assert "RUNNING" not in study_states(tmp_path / "out")  # unfinished trials were marked FAIL and re-queued
     time.sleep(1)
-    assert _agent_processes(marker) == []  # every worker stopped
+    assert processes_with_environment(marker) == []  # every worker stopped
 
     rerun = run_agent(*args, cwd=tmp_path)
     assert rerun.returncode == 0, rerun.stderr[-3000:]

@@ -19,6 +19,7 @@ import pytest
 from watcher_plugins.executor import RunContext
 from watcher_plugins.lease import GpuLease
 from watcher_plugins.nn_batch.executor import NNBatchExecutor
+from watcher_plugins.orphans import processes_with_environment
 from watcher_plugins.records import STATUS_FAIL, STATUS_OK, DataRef, TrialJob
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -160,16 +161,17 @@ class _Interrupt(Exception):
     """Raised from SIGALRM in the main thread, as Ctrl-C would raise KeyboardInterrupt."""
 
 
-def _processes_with_marker(marker: str) -> list[int]:
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                if marker.encode() in (proc / "environ").read_bytes():
-                    pids.append(int(proc.name))
-            except OSError:
-                continue
-    return [pid for pid in pids if pid != os.getpid()]
+def test_processes_are_found_by_a_marker_in_their_environment():
+    # The check the tests below rely on to say that no worker outlived its executor: it must see one.
+    marker = uuid.uuid4().hex
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                             env={**os.environ, "WATCHER_TEST_MARKER": marker})
+    try:
+        assert processes_with_environment(marker) == [child.pid]
+    finally:
+        child.kill()
+        child.wait()
+    assert processes_with_environment(marker) == []
 
 
 @pytest.fixture
@@ -221,7 +223,7 @@ def test_an_interrupted_batch_leaves_no_worker_behind(tmp_path, monkeypatch):
                           DATA, 2, 3) for t in range(3)]
     run_interrupted(tmp_path, long_jobs)
     time.sleep(3)  # a respawned worker would be up by now
-    assert _processes_with_marker(marker) == []
+    assert processes_with_environment(marker) == []
 
 
 def test_an_interrupted_batch_kills_its_busy_worker_instead_of_letting_it_finish(tmp_path, worker_stops):
@@ -399,9 +401,9 @@ def test_close_while_a_worker_starts_leaves_none_behind(tmp_path, monkeypatch):
         batch.join(timeout=120)
         assert not batch.is_alive()
         assert [r.status for r in done["results"]] == [STATUS_FAIL, STATUS_FAIL]
-        assert _processes_with_marker(marker) == []
+        assert processes_with_environment(marker) == []
     finally:
-        for pid in _processes_with_marker(marker):
+        for pid in processes_with_environment(marker):
             os.kill(pid, signal.SIGKILL)
 
 
