@@ -390,13 +390,13 @@ def _open_studies(store: StudyStore, groups: dict[str, list[str]], runnable: dic
             for executor_name, model_types in groups.items()}
 
 
-def _make_output_dir(output_dir: Path, where: str) -> list[Path]:
+def _make_output_dir(output_dir: Path, param: str) -> list[Path]:
     """Make output_dir (and its missing parents) and check it can be written; return the directories this
     made, deepest first, so that a run stopped by bad input can remove them again."""
     made: list[Path] = []
     try:  # exists() too can raise (a parent that may not be searched)
         if output_dir.exists() and not output_dir.is_dir():
-            raise OutputDirError(f"{where}: {output_dir} exists and is not a directory")
+            raise OutputDirError(f"{param}: {output_dir} exists and is not a directory")
         made = list(itertools.takewhile(lambda path: not path.exists(), [output_dir, *output_dir.parents]))
         output_dir.mkdir(parents=True, exist_ok=True)
         probe = output_dir / f".write-test-{os.getpid()}"
@@ -404,7 +404,7 @@ def _make_output_dir(output_dir: Path, where: str) -> list[Path]:
         probe.unlink()
     except OSError as exc:
         _remove_made(made)
-        raise OutputDirError(f"{where}: cannot write to {output_dir}: {exc.strerror or exc}") from None
+        raise OutputDirError(f"{param}: cannot write to {output_dir}: {exc.strerror or exc}") from None
     return made
 
 

@@ -111,43 +111,41 @@ class StudyStore:
                 time.sleep(self.retry_wait_s * 2**attempt)
         raise AssertionError("unreachable")
 
-    def check(self, model_type: str, result_params: dict | None = None) -> dict:
-        """The definition of ``model_type``'s study in this run, after checking that the storage holds no
-        study of that name made with another one (StorageError). Reads only, so that a run can check every
-        study before it creates any.
+    def _definition(self, result_params: dict | None) -> dict:
+        """A study's definition in this run. ``result_params`` are the executor's params that change a
+        trial's R^2 (epochs, rounds, precision, device); they join it."""
+        return json.loads(json.dumps(self.definition | (result_params or {})))
 
-        ``result_params`` are the executor's params that change a trial's R^2 (epochs, rounds, precision,
-        device); they join the study's definition.
-        """
+    def check(self, model_type: str, result_params: dict | None = None) -> None:
+        """StorageError if the storage holds a study of ``model_type`` made with another definition. Reads
+        only, so that a run can check every study before it creates any."""
         name = f"{self.prefix}-{model_type}"
-        definition = json.loads(json.dumps(self.definition | (result_params or {})))
         try:
             study_id = self.retrying(f"looking up study {name!r}", lambda: self.storage.get_study_id_from_name(name))
         except KeyError:
-            return definition  # a new study
+            return  # a new study
         stored = self.retrying(f"reading study {name!r}", lambda: self.storage.get_study_user_attrs(study_id))
-        self._refuse_other(name, study_id, stored.get("definition"), definition)
-        return definition
+        self._refuse_other(name, study_id, stored.get("definition"), self._definition(result_params))
 
     def study(self, model_type: str, seed: int, result_params: dict | None = None) -> optuna.Study:
-        """The study of one model type: created, or resumed after checking it is the same study (check())."""
+        """The study of one model type: created, or resumed after checking it is the same study."""
         name = f"{self.prefix}-{model_type}"
-        definition = self.check(model_type, result_params)
+        definition = self._definition(result_params)
 
         def load() -> optuna.Study:
             return optuna.create_study(storage=self.storage, study_name=name, direction="maximize",
                                        sampler=per_trial_sampler(seed, 0), load_if_exists=True)
 
         study = self.retrying(f"opening study {name!r}", load)
-        study.set_user_attr("sampler_seed", seed)
         stored = study.user_attrs.get("definition")
         if stored != definition:
-            # Checked again: another agent may have trained in it since check().
-            study_id = self.retrying(f"looking up study {name!r}", lambda: self.storage.get_study_id_from_name(name))
-            self._refuse_other(name, study_id, stored, definition)
+            # Checked here, not only by check(): another agent may have trained in it since. Before any
+            # write: a refused study is left as it was.
+            self._refuse_other(name, study._study_id, stored, definition)
             # New, untrained, or stored in an earlier release's form: from now on in this one's.
             study.set_user_attr("model_type", model_type)
             study.set_user_attr("definition", definition)
+        study.set_user_attr("sampler_seed", seed)
         self.fail_stale(study)
         return study
 

@@ -432,10 +432,10 @@ class TreeTrialPool:
             undead = set()
             for w in live:  # dead before their GPUs' leases are free
                 try:
-                    w.proc.wait(timeout=10)
+                    w.proc.wait(timeout=KILL_WAIT_S)
                 except subprocess.TimeoutExpired:
-                    log.warning("%s (pid %d) did not die within 10 s of SIGKILL; its GPU's lease stays held "
-                                "until the pool closes", w.placement.describe(), w.pid)
+                    log.warning("%s (pid %d) did not die within %g s of SIGKILL; its GPU's lease stays held "
+                                "until the pool closes", w.placement.describe(), w.pid, KILL_WAIT_S)
                     undead.add(w.placement.gpu)
             self._workers = [None] * len(self.placements)
             self._stuck_gpus |= undead
