@@ -1,17 +1,16 @@
 """How far apart fp32 fits land when only the rounding differs (a measurement, not a test).
 
 Trains tests/nn_cases.py's mixed batch (embedded survivors, 3 folds, TF32 off) at the given size in
-several ways, and prints each fit's R^2 and best epoch against serial's:
-- serial_rows_reversed (and serial_rows_permuted_<seed>, --permutations): serial again with each fit's
-  training rows in reverse (random) order, so every loss and gradient is the same sum added in another
-  order;
-- serial_cublaslt (GPU only): serial again with cuBLASLt preferred, so only the GEMM kernels change;
-- fused and streams, 8 fits at once; fused_one_at_a_time, packs of one;
-- on a GPU, fused_eager (no CUDA graphs) and fused_unsplit (weight gradients not split along the rows),
-  and on any device fused_splits_<n> (--fused-splits: the weight gradients cut into n row chunks): if
-  fused differs from serial by more than the floor, these say whether one of its paths is why.
-The serial_* columns are the floor: no trainer can be expected to agree with serial more closely
-than serial agrees with itself once its rounding changes. Writes agreement_<device>_<rows>x<epochs>.json.
+several ways, and prints each fit's R^2 and best epoch against the plain reference's (nn_cases.plain_fit:
+nn.Sequential + torch.optim.Adam):
+- plain_rows_permuted_<seed> (--permutations): the plain reference again with each fit's training rows
+  in a random order, so every loss and gradient is the same sum added in another order;
+- plain_cublaslt (GPU only): the plain reference with cuBLASLt preferred, so only the GEMM kernels change;
+- serial (a pack of one: the package's one computation of a fit), fused (8 fits at once: the same bits
+  as serial), streams, and on a GPU fused_eager (no CUDA graphs).
+The plain_* columns are the floor: no computation can be expected to agree with the plain reference
+more closely than it agrees with itself once its rounding changes. Writes
+agreement_<device>_<rows>x<epochs>.json.
 
     PYTHONPATH=. python bench/nn_gpu_agreement.py --out $OUT                          # the GPU test's batch
     PYTHONPATH=. python bench/nn_gpu_agreement.py --out $OUT --rows 4000 --max-epochs 80 --patience 10 \
@@ -26,14 +25,12 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from unittest import mock
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from nn_cases import DATA, MIXED, SETTINGS, fit_tasks, outcomes, with_reordered_training_rows  # noqa: E402
+from nn_cases import DATA, MIXED, SETTINGS, fit_tasks, outcomes, plain_fit  # noqa: E402
 
-from watcher_plugins.nn_batch import affine  # noqa: E402
 from watcher_plugins.nn_batch.device_data import DeviceDatasetCache  # noqa: E402
 from watcher_plugins.nn_batch.fused import FusedTrainer  # noqa: E402
 from watcher_plugins.nn_batch.serial import SerialTrainer  # noqa: E402
@@ -68,63 +65,60 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=DATA.rows)
     parser.add_argument("--max-epochs", type=int, default=SETTINGS.max_epochs)
     parser.add_argument("--patience", type=int, default=SETTINGS.patience)
-    parser.add_argument("--permutations", type=int, default=0,
-                        help="serial again with each fit's training rows in this many random orders")
+    parser.add_argument("--permutations", type=int, default=2,
+                        help="the plain reference again with each fit's training rows in this many random orders")
     parser.add_argument("--commit", default=None,
                         help="the code's commit, for the record (default: this checkout's HEAD)")
-    parser.add_argument("--fused-splits", type=lambda text: [int(n) for n in text.split(",") if n], default=[],
-                        help="fused again with its weight gradients cut into each of these numbers of row chunks")
     args = parser.parse_args()
     device = torch.device(args.device)
     ref = DataRef(embedded="survivors", rows=args.rows)
     settings = TrainSettings(max_epochs=args.max_epochs, patience=args.patience)
     cache = DeviceDatasetCache(device)
 
-    def run(trainer, k: int, reorder: bool = False, seed: int | None = None) -> dict:
-        tasks = fit_tasks(cache, ref)
+    def run(trainer, k: int) -> dict:
         with precision_context("fp32", device):
-            return outcomes(trainer, with_reordered_training_rows(tasks, seed) if reorder else tasks, k)
+            return outcomes(trainer, fit_tasks(cache, ref), k)
 
-    arms = {"serial": run(SerialTrainer(settings, device), 1),
-            "serial_rows_reversed": run(SerialTrainer(settings, device), 1, reorder=True)}
+    def plain(seed: int | None = None) -> dict:
+        with precision_context("fp32", device):
+            return {task.key: dict(zip(("r2", "best_epoch"), plain_fit(task, settings, seed)))
+                    for task in fit_tasks(cache, ref)}
+
+    arms = {"plain": plain()}
     for seed in range(args.permutations):
-        arms[f"serial_rows_permuted_{seed}"] = run(SerialTrainer(settings, device), 1, reorder=True, seed=seed)
+        arms[f"plain_rows_permuted_{seed}"] = plain(seed)
     if device.type == "cuda":
         with preferred_blas_library("cublaslt"):
-            arms["serial_cublaslt"] = run(SerialTrainer(settings, device), 1)
-    arms["fused"] = run(FusedTrainer(settings, device), 8)
-    arms["fused_one_at_a_time"] = run(FusedTrainer(settings, device), 1)
+            arms["plain_cublaslt"] = plain()
+    trained = {"serial": run(SerialTrainer(settings, device), 1), "fused": run(FusedTrainer(settings, device), 8),
+               "streams": run(StreamsTrainer(settings, device), 8)}
     if device.type == "cuda":
-        arms["fused_eager"] = run(FusedTrainer(settings, device, cuda_graphs=False), 8)
-        with mock.patch.object(affine, "BLOCKS_PER_SM", 0):
-            arms["fused_unsplit"] = run(FusedTrainer(settings, device), 8)
-    for splits in args.fused_splits:
-        with mock.patch.object(affine, "row_splits", lambda *_, n=splits: n):
-            arms[f"fused_splits_{splits}"] = run(FusedTrainer(settings, device), 8)
-    arms["streams"] = run(StreamsTrainer(settings, device), 8)
+        trained["fused_eager"] = run(FusedTrainer(settings, device, cuda_graphs=False), 8)
+    for name, got in trained.items():
+        arms[name] = {key: {"r2": o.r2, "best_epoch": o.best_epoch} for key, o in got.items()}
 
-    rows, worst = [], {name: 0.0 for name in arms if name != "serial"}
+    rows, worst = [], {name: 0.0 for name in arms if name != "plain"}
     for spec in MIXED:
         key = (spec[0], spec[1])
         row = {"fit": list(key), "hidden": spec[2], "lr": spec[3], "dropout": spec[5]}
         for name, got in arms.items():
-            row[name] = {"r2": got[key].r2, "best_epoch": got[key].best_epoch}
-            if name != "serial":
-                diff = abs(got[key].r2 - arms["serial"][key].r2)
-                row[name]["abs_diff_vs_serial"] = diff
+            row[name] = dict(got[key])
+            if name != "plain":
+                diff = abs(got[key]["r2"] - arms["plain"][key]["r2"])
+                row[name]["abs_diff_vs_plain"] = diff
                 worst[name] = max(worst[name], diff)
         rows.append(row)
         print(key, spec[2], f"p={spec[5]:.2f}", "  ".join(
             f"{name}: {row[name]['r2']:.7f}@{row[name]['best_epoch']}" for name in arms))
     print(f"{args.device} {args.rows} rows, <= {args.max_epochs} epochs, patience {args.patience}; "
-          f"max |R2 - serial|: {json.dumps(worst)}")
+          f"max |R2 - plain|: {json.dumps(worst)}")
     args.out.mkdir(parents=True, exist_ok=True)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     path = args.out / f"agreement_{device.type}_{args.rows}x{args.max_epochs}.json"
     path.write_text(json.dumps({
         "device": name, "torch": torch.__version__, "commit": args.commit or git_commit(), "argv": sys.argv[1:],
         "rows": args.rows, "max_epochs": args.max_epochs, "patience": args.patience, "fits": rows,
-        "max_abs_diff_vs_serial": worst}, indent=1))
+        "max_abs_diff_vs_plain": worst}, indent=1))
 
 
 if __name__ == "__main__":

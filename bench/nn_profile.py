@@ -4,19 +4,17 @@ Builds one fused pack of bench_nn.py's workload (survivors-98k, 5 folds, trials 
 draws them), the largest architecture by default, runs a few warm-up epochs, then profiles
 --epochs epochs with torch.profiler and prints the CUDA kernels by total time, with the epoch's
 wall milliseconds (synchronised) beside them. ``--arch 64,32,16 --fits 5`` profiles the first 5 fits of
-that architecture instead (repeat --arch for several packs); ``--split-k both`` profiles each pack with
-and without the row-split weight gradients of nn_batch/affine.py, ``--graphs both`` with and without
-replaying a captured epoch (CUDA graph).
+that architecture instead (repeat --arch for several packs); ``--graphs both`` profiles each pack with
+and without replaying a captured epoch (CUDA graph).
 
     PYTHONPATH=. python bench/nn_profile.py --precision bf16 --out $OUT
     PYTHONPATH=. python bench/nn_profile.py --precision fp32 --arch 64,32,16 --arch 256,128 --fits 5 \
-        --split-k both --out $OUT
+        --graphs both --out $OUT
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import time
 from pathlib import Path
 
@@ -25,13 +23,10 @@ from torch.profiler import ProfilerActivity, profile
 
 from bench.bench_nn import draw_trials, fit_jobs
 from watcher_plugins.data import FULL_ROWS
-from watcher_plugins.nn_batch import affine
 from watcher_plugins.nn_batch.device_data import DeviceDatasetCache
-from watcher_plugins.nn_batch.fused import FusedPack
+from watcher_plugins.nn_batch.pack import new_pack
 from watcher_plugins.nn_batch.training import FitTask, TrainSettings, precision_context
 from watcher_plugins.records import DataRef
-
-DEFAULT_BLOCKS_PER_SM = affine.BLOCKS_PER_SM
 
 
 def main() -> None:
@@ -41,7 +36,6 @@ def main() -> None:
     parser.add_argument("--arch", action="append", default=[],
                         help="hidden layers, e.g. 64,32,16 (default: the pack with the most work)")
     parser.add_argument("--fits", type=int, default=0, help="at most this many fits per pack (0: all)")
-    parser.add_argument("--split-k", choices=["on", "off", "both"], default="on")
     parser.add_argument("--graphs", choices=["on", "off", "both"], default="on")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
@@ -56,15 +50,12 @@ def main() -> None:
         [max(by_arch, key=lambda a: len(by_arch[a]) * FULL_ROWS * sum(a))]
     args.out.mkdir(parents=True, exist_ok=True)
     for arch in archs:
-        for split, graphs in itertools.product(both(args.split_k), both(args.graphs)):
-            affine.BLOCKS_PER_SM = DEFAULT_BLOCKS_PER_SM if split == "on" else 0
+        for graphs in both(args.graphs):
             fits = by_arch[arch][: args.fits or None]
-            options = f"split-K {split}, graphs {graphs}"
-            text = profile_pack([FitTask.build(job, data) for job in fits], arch, args, device, options,
-                                graphs == "on")
+            text = profile_pack([FitTask.build(job, data) for job in fits], arch, args, device,
+                                f"graphs {graphs}", graphs == "on")
             print(text)
-            name = (f"nn_profile_{args.precision}_{'-'.join(map(str, arch))}_x{len(fits)}"
-                    f"_split-{split}_graphs-{graphs}.txt")
+            name = f"nn_profile_{args.precision}_{'-'.join(map(str, arch))}_x{len(fits)}_graphs-{graphs}.txt"
             (args.out / name).write_text(text)
 
 
@@ -75,7 +66,7 @@ def both(choice: str) -> list[str]:
 def profile_pack(tasks, arch, args, device, options, graphs) -> str:
     settings = TrainSettings(200, 10_000, args.precision)
     with precision_context(args.precision, device):
-        pack = FusedPack(tasks, settings, device)
+        pack = new_pack(tasks, settings, device)
         pack.capture_graph = graphs
         for _ in range(3):  # with graphs: the first is the capture's warm-up
             pack.run_epoch()

@@ -1,11 +1,20 @@
 """Shared fixtures. Tests in test_tree_*.py need the tree libraries: they carry the `trees` marker,
-which the tox env `trees` selects and `unit` deselects."""
+which the tox env `trees` selects and `unit` deselects. test_nn_triton_interpreter.py runs the Triton
+kernels under Triton's interpreter: it is collected only where Triton imports and TRITON_INTERPRET=1
+(the tox env `kernels` sets both up)."""
 
 from __future__ import annotations
+
+import importlib.util
+import os
 
 import pytest
 
 from watcher_plugins.manager import WatcherPluginManager
+
+collect_ignore = []
+if importlib.util.find_spec("triton") is None or os.environ.get("TRITON_INTERPRET") != "1":
+    collect_ignore.append("test_nn_triton_interpreter.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -18,11 +18,11 @@ from watcher_plugins.nn_batch.training import FitTask, TrainSettings
 from watcher_plugins.records import STATUS_OK, DataRef
 
 
-def test_estimate_grows_with_rows_width_and_dropout_and_shrinks_with_bf16():
+def test_estimate_grows_with_rows_and_width_and_shrinks_with_bf16():
     base = estimate_vram_bytes([256, 128, 64], 79_027)
     assert estimate_vram_bytes([256, 128, 64], 2 * 79_027) > 1.9 * base
     assert estimate_vram_bytes([512, 256, 128], 79_027) > 1.9 * base
-    assert estimate_vram_bytes([256, 128, 64], 79_027, dropout=True) > base
+    assert estimate_vram_bytes([256, 128, 64], 79_027, dropout=True) == base  # masks are never stored
     assert estimate_vram_bytes([256, 128, 64], 79_027, precision="bf16") < base
     assert 100 < estimate_vram_mb([256, 128, 64], 79_027) < 1000  # the seed's "150-250 MB" ballpark, full batch
 

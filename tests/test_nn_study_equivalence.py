@@ -1,5 +1,5 @@
 """The Optuna NN study ends the same with n_concurrent_nn 1 (serial) and 8 (fused): same trials, same
-params, values within 1e-4. Trials are asked in fixed batches and told in trial-number order."""
+params, the same values to the bit. Trials are asked in fixed batches and told in trial-number order."""
 
 from __future__ import annotations
 
@@ -38,6 +38,5 @@ def test_concurrency_1_and_8_end_with_the_same_study(tmp_path):
     serial = run_study(1, tmp_path / "serial")
     fused = run_study(8, tmp_path / "fused")
     assert [t.params for t in serial.trials] == [t.params for t in fused.trials]
-    for a, b in zip(serial.trials, fused.trials):
-        assert abs(a.value - b.value) < 1e-4, (a.number, a.value, b.value)
+    assert [t.value for t in serial.trials] == [t.value for t in fused.trials]
     assert serial.best_trial.number == fused.best_trial.number

@@ -1,5 +1,7 @@
-"""nn_batch on a CUDA GPU (skipped without one): the trainers agree with serial in fp32 with TF32 off,
-the executor's worker holds the GPU lease, and OOM recovery really frees device memory."""
+"""nn_batch on a CUDA GPU (skipped without one): packs compute what a plain nn.Sequential + Adam
+computes, the kernels compute their reference exactly where exact sums allow, a captured epoch replays
+the eager one bit for bit, the executor's worker holds the GPU lease, and OOM recovery really frees
+device memory. The bit-equality of a fit across packs and trainers: test_nn_gpu_invariance.py."""
 
 from __future__ import annotations
 
@@ -8,26 +10,34 @@ import pytest
 torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
-from nn_cases import SETTINGS, fit_tasks, record_weight_grad_calls, with_reordered_training_rows  # noqa: E402
+from nn_cases import fit_tasks  # noqa: E402
+from test_nn_trainers import (  # noqa: E402,F401 - the CPU file's tests, collected here with this file's device
+    test_packs_are_as_close_to_the_plain_reference_as_it_is_to_itself_over_seeds,
+    test_packs_compute_what_a_plain_sequential_and_adam_computes,
+)
 
 from watcher_plugins.errors import LeaseTimeout  # noqa: E402
 from watcher_plugins.executor import RunContext  # noqa: E402
 from watcher_plugins.lease import GpuLease  # noqa: E402
-from watcher_plugins.nn_batch import affine as affine_module  # noqa: E402
-from watcher_plugins.nn_batch import kernels  # noqa: E402
+from watcher_plugins.nn_batch import dropout as hashing  # noqa: E402
+from watcher_plugins.nn_batch import pack_kernels as kernels  # noqa: E402
 from watcher_plugins.nn_batch.device_data import DeviceDatasetCache  # noqa: E402
 from watcher_plugins.nn_batch.faults import Faults  # noqa: E402
 from watcher_plugins.nn_batch.fused import FusedTrainer  # noqa: E402
 from watcher_plugins.nn_batch.oom import train_with_oom_recovery  # noqa: E402
+from watcher_plugins.nn_batch.pack import TritonPack  # noqa: E402
 from watcher_plugins.nn_batch.protocol import FitJob  # noqa: E402
-from watcher_plugins.nn_batch.serial import SerialTrainer  # noqa: E402
-from watcher_plugins.nn_batch.streams import StreamsTrainer  # noqa: E402
 from watcher_plugins.nn_batch.training import FitTask, TrainSettings, precision_context  # noqa: E402
 from watcher_plugins.records import STATUS_OK, DataRef, TrialJob  # noqa: E402
 
 CUDA = torch.device("cuda:0")
 #: The graph, OOM and worker tests' data: large enough for packs that compact and for a real OOM to matter.
 GRAPH_DATA = DataRef(embedded="survivors", rows=4000)
+
+
+@pytest.fixture(scope="module")
+def device():
+    return CUDA
 
 
 @pytest.fixture(scope="module")
@@ -49,46 +59,6 @@ def train_fused(cache, precision, **trainer_args):
 def train_fused_settings(cache, settings, **trainer_args):
     trainer = FusedTrainer(settings, CUDA, **trainer_args)
     return trainer, run(trainer, fit_tasks(cache, GRAPH_DATA), 8)
-
-
-@pytest.fixture(scope="module")
-def serial_reference(cache):
-    # serial trains nn.Linear modules, not affine's: the split test's monkeypatching cannot reach it
-    return run(SerialTrainer(SETTINGS, CUDA), fit_tasks(cache), 1)
-
-
-@pytest.mark.parametrize("trainer_cls", [FusedTrainer, StreamsTrainer])
-def test_fused_and_streams_give_serials_r2_on_the_gpu(cache, serial_reference, trainer_cls):
-    # test_nn_trainers.py's contract and batch, on the GPU's kernels (cuBLAS, Triton, CUDA graphs)
-    trainer = trainer_cls(SETTINGS, CUDA)
-    got = run(trainer, fit_tasks(cache), 8)
-    if trainer_cls is FusedTrainer:
-        assert trainer.graph_captures >= 1  # its packs replayed captured epochs
-    for key, ref in serial_reference.items():
-        assert ref.status == STATUS_OK and got[key].status == STATUS_OK
-        assert abs(got[key].r2 - ref.r2) < 1e-4, (key, got[key].r2, ref.r2)
-        assert got[key].best_epoch == ref.best_epoch
-
-
-def test_a_pack_with_split_weight_gradients_gives_serials_r2_on_the_gpu(monkeypatch, cache, serial_reference):
-    # 600 rows are under the split's minimum chunk: lowered, row_splits picks its own splits on this GPU
-    calls = record_weight_grad_calls(monkeypatch)
-    monkeypatch.setattr(affine_module, "MIN_CHUNK_ROWS", 50)
-    got = run(FusedTrainer(SETTINGS, CUDA), fit_tasks(cache), 8)
-    assert calls and max(splits for _, _, splits in calls) > 1
-    for key, ref in serial_reference.items():
-        assert got[key].status == STATUS_OK
-        assert abs(got[key].r2 - ref.r2) < 1e-4, (key, got[key].r2, ref.r2)
-        assert got[key].best_epoch == ref.best_epoch
-
-
-def test_serial_agrees_with_itself_far_inside_the_tolerance_when_only_its_sums_are_reordered_on_the_gpu(
-        cache, serial_reference):
-    # as on the CPU: the batch above is one where rounding alone cannot reach 1e-4 (nn_cases' docstring)
-    reordered = run(SerialTrainer(SETTINGS, CUDA), with_reordered_training_rows(fit_tasks(cache)), 1)
-    for key, ref in serial_reference.items():
-        assert abs(reordered[key].r2 - ref.r2) < 1e-4 / 4, (key, reordered[key].r2, ref.r2)
-        assert reordered[key].best_epoch == ref.best_epoch
 
 
 def test_oom_recovery_frees_the_failed_packs_memory(cache):
@@ -173,15 +143,20 @@ def test_a_capture_is_made_only_where_an_epoch_replays_it(cache, max_epochs):
 
 
 def test_a_pack_whose_capture_fails_trains_on_without_a_graph(cache, monkeypatch, caplog):
-    # Without the Triton kernels, the torch reference builds the dropout masks, copying rows to the host
-    # (dropout.draws): not allowed while a stream is captured, so the capture fails midway.
-    monkeypatch.setattr(kernels, "available", lambda: False)
+    # A host sync inside the epoch's work is not allowed while a stream is captured: the capture fails
+    # midway, for real, and the pack trains on eagerly with the same numbers.
+    work = TritonPack._epoch_work
+
+    def with_a_host_sync(pack, stepping):
+        work(pack, stepping)
+        pack.val_loss.sum().item()
+
     eager_trainer, eager = train_fused(cache, "fp32", cuda_graphs=False)
+    monkeypatch.setattr(TritonPack, "_epoch_work", with_a_host_sync)
     trainer, got = train_fused(cache, "fp32")
     assert trainer.graph_captures == 0 and "could not be captured as a CUDA graph" in caplog.text
     assert torch.cuda.current_stream(CUDA) == torch.cuda.default_stream(CUDA)
-    # the log keeps no exception (with it, the failed capture's frames and autograd nodes, which the next
-    # backward would meet: torch warns of an AccumulateGrad stream mismatch, once per process)
+    # the log keeps no exception (with it, the failed capture's frames)
     assert not [arg for record in caplog.records for arg in record.args or () if isinstance(arg, BaseException)]
     assert {k: (o.r2, o.best_epoch) for k, o in got.items()} == {k: (o.r2, o.best_epoch) for k, o in eager.items()}
 
@@ -216,123 +191,119 @@ def test_injected_oom_at_one_in_a_gpu_worker_is_status_oom(tmp_path, monkeypatch
     assert Faults.from_env().oom_at_concurrency == 1
 
 
-@pytest.mark.parametrize("width", [1, 8, 37, 128, 512])
-def test_mask_kernel_equals_the_torch_reference(width):
-    from watcher_plugins.nn_batch import dropout as hashing
+def _integer_inputs(gen, *shape, low=-3, high=4):
+    """Small integers as floats: every product and sum of the kernels' is exact, in any order, so the
+    kernels must equal the torch reference bit for bit (bf16 holds these integers exactly too)."""
+    return torch.randint(low, high, shape, generator=gen, device=CUDA).float()
 
-    assert kernels.available()
-    gen = torch.Generator().manual_seed(torch.seed() % 2**63)  # fresh inputs each run
-    rows = torch.randperm(20000, generator=gen)[:7001].sort().values.to(CUDA)
-    key, epoch, layer = int(torch.randint(0, 2**32, (1,), generator=gen)), 17, 3
-    for p in (0.05, 0.25, 0.5):
-        got = hashing.dropout_mask(key, epoch, layer, rows, width, p)  # the kernel on CUDA
-        lk = [hashing.layer_key(key, epoch, layer)]
-        want = torch.where(hashing.draws(lk, rows, width)[0] >= torch.tensor(p, dtype=torch.float32),
-                           torch.tensor(hashing.keep_factor(p), device=CUDA), torch.zeros((), device=CUDA))
-        assert torch.equal(got, want), (width, p)
+
+def _reference_factors(keys, ps, train, epoch, layer, width):
+    """[N, R, width] dropout factors from dropout.py's host reference (1 on held-out rows)."""
+    n, rows = train.shape
+    draws = hashing.draws([hashing.layer_key(k, epoch, layer) for k in keys], torch.arange(rows, device=CUDA), width)
+    kept = torch.tensor([hashing.keep_factor(p) for p in ps], device=CUDA).view(n, 1, 1)
+    factors = torch.where(draws >= torch.tensor(ps, device=CUDA).view(n, 1, 1), kept, 0.0)
+    return torch.where(train[:, :, None], factors, 1.0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("layout", ["strided", "contiguous", "contiguous+bias"])
-def test_relu_dropout_kernel_equals_relu_times_mask_forward_and_backward(dtype, layout):
-    """The fused activation against torch.relu(z [+ bias]) * masks on random inputs: bit for bit,
-    outputs and input gradients (the bias gradient, a sum over rows, to float32 rounding), for layer 0's
-    strided view and a contiguous layer, with dropout rates that include 0 and NaNs that must propagate."""
-    from watcher_plugins.nn_batch import dropout as hashing
-
+def test_forward_and_input_gradient_kernels_equal_the_reference_on_exact_sums(dtype):
+    """A padded pack of fits of mixed widths and dropout rates (0 included), on fresh random integer
+    inputs: the hidden layer's forward (relu, masks) and the gradient it passes down equal torch's bit
+    for bit; padded units are never written; a NaN propagates through the ReLU as torch.relu's does."""
     gen = torch.Generator(device=CUDA).manual_seed(torch.seed() % 2**63)
-    n, rows, width = 5, 3001, 96
-    ps = [0.0, 0.05, 0.2, 0.35, 0.5]
+    n, rows, k_pad, j_pad = 4, 3001, 40, 96
+    k_real, j_real = [40, 17, 33, 8], [96, 50, 1, 70]
+    ps = [0.0, 0.1, 0.35, 0.5]
     keys = [hashing.fit_key(int(torch.randint(0, 2**31, (1,)))) for _ in range(n)]
     train = torch.rand(n, rows, device=CUDA, generator=gen) < 0.8
     pack = kernels.PackDropout(keys, ps, train)
-    bias = None
-    if layout == "strided":
-        z0 = torch.randn(rows, n * width, device=CUDA, generator=gen).to(dtype)
-        z0[7, 3] = float("nan")
-        z0.requires_grad_(True)
-        z = z0.view(rows, n, width).transpose(0, 1)
-    else:
-        z0 = torch.randn(n, rows, width, device=CUDA, generator=gen).to(dtype).requires_grad_(True)
-        z = z0
-        if layout.endswith("bias"):
-            bias = (0.5 * torch.randn(n, 1, width, device=CUDA, generator=gen)).requires_grad_(True)
-    grad = torch.randn(n, rows, width, device=CUDA, generator=gen).to(dtype)
-    epoch, layer = 9, 1
+    a = _integer_inputs(gen, n, rows, k_pad).to(dtype)
+    w = _integer_inputs(gen, n, k_pad, j_pad)
+    b = _integer_inputs(gen, n, j_pad)
+    a[1, 7, 0] = float("nan")
+    out = torch.full((n, rows, j_pad), 12345.0, dtype=dtype, device=CUDA)  # poisoned: padding stays so
+    epoch = torch.tensor([9], device=CUDA)
+    kernels.hidden_forward(a, w, b, out, torch.tensor(k_real, dtype=torch.int32, device=CUDA),
+                           torch.tensor(j_real, dtype=torch.int32, device=CUDA), pack, epoch, 2,
+                           kernels.TILES["bf16" if dtype == torch.bfloat16 else "fp32"])
+    factors = _reference_factors(keys, ps, train, 9, 2, j_pad)
+    for m in range(n):
+        z = a[m, :, : k_real[m]].float() @ w[m, : k_real[m], : j_real[m]] + b[m, : j_real[m]]
+        want = (torch.relu(z) * factors[m, :, : j_real[m]]).to(dtype)
+        got = out[m, :, : j_real[m]]
+        assert torch.equal(got.isnan(), want.isnan()) and got.isnan().any() == (m == 1)
+        assert torch.equal(torch.nan_to_num(got), torch.nan_to_num(want)), m
+        assert torch.all(out[m, :, j_real[m]:] == 12345.0)
 
-    out = kernels.relu_dropout(z, pack, epoch, layer, bias)
-    out.backward(grad)
-    got_grad, z0.grad = z0.grad.clone(), None
-    got_bias_grad = None
-    if bias is not None:
-        got_bias_grad, bias.grad = bias.grad.clone(), None
-
-    lks = [hashing.layer_key(k, epoch, layer) for k in keys]
-    draws = hashing.draws(lks, torch.arange(rows, device=CUDA), width)
-    kept = torch.tensor([hashing.keep_factor(p) for p in ps], device=CUDA).view(n, 1, 1)
-    masks = torch.where(draws >= torch.tensor(ps, device=CUDA).view(n, 1, 1), kept, torch.zeros((), device=CUDA))
-    masks = torch.where(train[:, :, None], masks, torch.ones((), device=CUDA))
-    pre = z if bias is None else (z.float() + bias).to(dtype)
-    want = torch.relu(pre) * masks.to(dtype)
-    want.backward(grad)
-
-    assert out.is_contiguous() and out.shape == (n, rows, width)
-    assert torch.equal(out.isnan(), want.isnan()) and out.isnan().any() == (layout == "strided")
-    assert torch.equal(torch.nan_to_num(out), torch.nan_to_num(want))
-    assert torch.equal(got_grad, z0.grad)
-    if bias is not None:
-        assert torch.allclose(got_bias_grad, bias.grad, rtol=1e-5, atol=1e-5)
+    g = _integer_inputs(gen, n, rows, j_pad).to(dtype)
+    below = torch.full((n, rows, k_pad), 12345.0, dtype=dtype, device=CUDA)
+    acts = torch.relu(_integer_inputs(gen, n, rows, k_pad)).to(dtype)
+    kernels.input_grad(g, w, acts, below, torch.tensor(k_real, dtype=torch.int32, device=CUDA),
+                       torch.tensor(j_real, dtype=torch.int32, device=CUDA), pack, epoch, 1,
+                       kernels.TILES["bf16" if dtype == torch.bfloat16 else "fp32"], output_layer=False)
+    factors = _reference_factors(keys, ps, train, 9, 1, k_pad)
+    for m in range(n):
+        ga = (g[m, :, : j_real[m]].float() @ w[m, : k_real[m], : j_real[m]].T) * factors[m, :, : k_real[m]]
+        want = torch.where(acts[m, :, : k_real[m]].float() <= 0, 0.0, ga).to(dtype)
+        assert torch.equal(below[m, :, : k_real[m]], want), m
+        assert torch.all(below[m, :, k_real[m]:] == 12345.0)
 
 
-def test_relu_dropout_kernel_addresses_packs_beyond_2_to_the_31_elements():
-    """A pack of 9 fits x 1,000,000 rows x 256 units (2.3e9 activations, bf16) is in reach of the
-    VRAM budget on a large dataset: the kernels' offsets must not wrap at 2**31. The last model's slice
-    (whose offsets are all beyond 2**31) is checked against the reference, forward and backward."""
-    from watcher_plugins.nn_batch import dropout as hashing
+def test_weight_gradient_chunks_sum_to_the_reference_on_exact_sums():
+    """The row-chunk partials of a padded pack's weight and bias gradients, summed in chunk order by the
+    Adam kernel's loop, equal torch's a^T @ g and g.sum(0) exactly on integer inputs (layer 0's shared X
+    and a stacked layer; chunks that do not divide the rows)."""
+    gen = torch.Generator(device=CUDA).manual_seed(torch.seed() % 2**63)
+    n, rows, j_pad = 3, 4001, 70
+    j_real = torch.tensor([70, 9, 33], dtype=torch.int32, device=CUDA)
+    chunk_rows, n_chunks = kernels.row_chunks(rows)
+    assert n_chunks > 1 and rows % chunk_rows != 0
+    for a in (_integer_inputs(gen, rows, 62), _integer_inputs(gen, n, rows, 62)):
+        i_real = torch.tensor([62, 62, 62] if a.dim() == 2 else [62, 40, 5], dtype=torch.int32, device=CUDA)
+        g = _integer_inputs(gen, n, rows, j_pad)
+        part = torch.full((n, n_chunks, 62, j_pad), float("nan"), device=CUDA)
+        bias_part = torch.full((n, n_chunks, j_pad), float("nan"), device=CUDA)
+        kernels.weight_grad_chunks(a, g, part, bias_part, i_real, j_real, chunk_rows, kernels.TILES["fp32"],
+                                   output_layer=False)
+        for m in range(n):
+            i, j = int(i_real[m]), int(j_real[m])
+            a_m = a if a.dim() == 2 else a[m]
+            assert torch.equal(part[m, :, :i, :j].sum(0), a_m[:, :i].T @ g[m, :, :j]), m
+            assert torch.equal(bias_part[m, :, :j].sum(0), g[m, :, :j].sum(0)), m
 
+
+def test_kernels_address_packs_beyond_2_to_the_31_elements():
+    """A pack of 9 fits x 1,000,000 rows x 256 units (2.3e9 activations, bf16) is in reach of the VRAM
+    budget on a large dataset: the kernels' offsets must not wrap at 2**31. The last model's slice
+    (whose offsets are all beyond 2**31) is checked against the reference."""
     n, rows, width = 9, 1_000_000, 256
     assert n * rows * width > 2**31
     gen = torch.Generator(device=CUDA).manual_seed(torch.seed() % 2**63)
-    keys = [hashing.fit_key(s) for s in range(n)]
     train = torch.rand(n, rows, device=CUDA, generator=gen) < 0.8
+    keys = [hashing.fit_key(s) for s in range(n)]
     pack = kernels.PackDropout(keys, [0.2] * n, train)
-    z = torch.randn(n, rows, width, device=CUDA, generator=gen, dtype=torch.bfloat16).requires_grad_(True)
-    out = kernels.relu_dropout(z, pack, 3, 0)
-    grad = torch.ones_like(out)
-    out.backward(grad)
+    X = _integer_inputs(gen, rows, 4)
+    w, b = _integer_inputs(gen, n, 4, width), _integer_inputs(gen, n, width)
+    out = torch.empty(n, rows, width, dtype=torch.bfloat16, device=CUDA)
+    reals = (torch.full((n,), 4, dtype=torch.int32, device=CUDA), torch.full((n,), width, dtype=torch.int32, device=CUDA))
+    kernels.hidden_forward(X, w, b, out, *reals, pack, torch.tensor([3], device=CUDA), 0, kernels.TILES["bf16"])
     last = n - 1
-    draws = hashing.draws([hashing.layer_key(keys[last], 3, 0)], torch.arange(rows, device=CUDA), width)[0]
-    mask = torch.where(draws >= torch.tensor(0.2), torch.tensor(hashing.keep_factor(0.2), device=CUDA),
-                       torch.zeros((), device=CUDA))
-    mask = torch.where(train[last][:, None], mask, torch.ones((), device=CUDA)).to(torch.bfloat16)
-    zl = z[last].detach().requires_grad_(True)
-    want = torch.relu(zl) * mask
-    want.backward(grad[last])
-    assert torch.equal(out[last], want)
-    assert torch.equal(z.grad[last], zl.grad)
+    factors = _reference_factors(keys[last:], [0.2], train[last:], 3, 0, width)[0]
+    assert torch.equal(out[last], (torch.relu(X @ w[last] + b[last]) * factors).to(torch.bfloat16))
 
 
-def test_relu_dropout_kernel_takes_more_row_blocks_than_a_grid_axis_of_65535():
-    """Width 512 means 8 rows a block: 600,000 rows are 75,000 row blocks, more than CUDA's 65,535 on a
-    grid's y axis. The row blocks go on the x axis, so a dataset of that size trains; forward and
-    backward are checked against the reference for every element."""
-    from watcher_plugins.nn_batch import dropout as hashing
-
-    n, rows, width = 2, 600_000, 512
+def test_kernels_take_more_row_blocks_than_a_grid_axis_of_65535():
+    """5,000,000 rows are 78,125 row blocks, more than CUDA's 65,535 on a grid's y and z axes: the row
+    blocks go on the x axis, so a dataset of that size trains."""
+    rows, width = 5_000_000, 16
     gen = torch.Generator(device=CUDA).manual_seed(torch.seed() % 2**63)
-    keys = [hashing.fit_key(s) for s in range(n)]
-    train = torch.rand(n, rows, device=CUDA, generator=gen) < 0.8
-    pack = kernels.PackDropout(keys, [0.3] * n, train)
-    z = torch.randn(n, rows, width, device=CUDA, generator=gen).requires_grad_(True)
-    out = kernels.relu_dropout(z, pack, 5, 1)
-    grad = torch.randn(n, rows, width, device=CUDA, generator=gen)
-    out.backward(grad)
-    draws = hashing.draws([hashing.layer_key(k, 5, 1) for k in keys], torch.arange(rows, device=CUDA), width)
-    mask = torch.where(draws >= torch.tensor(0.3), torch.tensor(hashing.keep_factor(0.3), device=CUDA),
-                       torch.zeros((), device=CUDA))
-    mask = torch.where(train[:, :, None], mask, torch.ones((), device=CUDA))
-    zr = z.detach().requires_grad_(True)
-    want = torch.relu(zr) * mask
-    want.backward(grad)
-    assert torch.equal(out, want)
-    assert torch.equal(z.grad, zr.grad)
+    train = torch.rand(1, rows, device=CUDA, generator=gen) < 0.8
+    pack = kernels.PackDropout([hashing.fit_key(1)], [0.3], train)
+    X = _integer_inputs(gen, rows, 4)
+    w, b = _integer_inputs(gen, 1, 4, width), _integer_inputs(gen, 1, width)
+    out = torch.empty(1, rows, width, device=CUDA)
+    reals = (torch.full((1,), 4, dtype=torch.int32, device=CUDA), torch.full((1,), width, dtype=torch.int32, device=CUDA))
+    kernels.hidden_forward(X, w, b, out, *reals, pack, torch.tensor([5], device=CUDA), 1, kernels.TILES["fp32"])
+    factors = _reference_factors([hashing.fit_key(1)], [0.3], train, 5, 1, width)[0]
+    assert torch.equal(out[0], torch.relu(X @ w[0] + b[0]) * factors)

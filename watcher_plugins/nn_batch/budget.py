@@ -11,21 +11,24 @@ from collections.abc import Sequence
 
 import torch
 
+from watcher_plugins.nn_batch.pack_kernels import row_chunks
+
 MIB = 1024 * 1024
 
 
 def estimate_vram_bytes(hidden_layers: Sequence[int], n_rows: int, n_features: int = 62,
                         precision: str = "fp32", dropout: bool = False) -> int:
-    """Bytes one full-batch fit needs: parameters with gradients and Adam's two moments (float32), and
-    per row and hidden unit the activations that the backward pass keeps and makes."""
+    """Bytes one fit of a pack (pack.TritonPack) needs: its parameters with Adam's two moments and its
+    share of the weight gradient's row-chunk partials (float32); per row and hidden unit its
+    activations, and per row two gradient buffers of its widest layer, its predictions, best
+    predictions, loss gradient and early stopping's temporaries. Dropout masks are never stored
+    (``dropout`` is accepted for the callers' sake)."""
     widths = [n_features, *hidden_layers, 1]
-    n_params = sum(a * b + b for a, b in zip(widths[:-1], widths[1:]))
+    layer_params = [a * b + b for a, b in zip(widths[:-1], widths[1:])]
+    _chunk_rows, n_chunks = row_chunks(n_rows)
     act_bytes = 2 if precision == "bf16" else 4
-    # Pre-activation and ReLU output saved for backward plus their gradients: about four activations;
-    # a float32 dropout mask on top when dropout is on.
-    per_unit = 4 * act_bytes + (4 if dropout else 0)
-    # Per row: prediction, squared error, two loss-weight rows, best predictions, output gradient.
-    return n_params * 4 * 4 + n_rows * sum(hidden_layers) * per_unit + n_rows * 4 * 6
+    per_row = (sum(hidden_layers) + 2 * max(hidden_layers)) * act_bytes + 4 * 4 + act_bytes + 1
+    return sum(layer_params) * 4 * 3 + n_chunks * max(layer_params) * 4 + n_rows * per_row
 
 
 def estimate_vram_mb(hidden_layers: Sequence[int], n_rows: int, **kwargs) -> float:

@@ -3,14 +3,14 @@
 A unit is kept when a counter-based hash of those five numbers, read as a uniform draw in [0, 1), is
 at least p. Nothing is drawn in sequence, so every trainer gets each fit's exact masks whatever it
 trains alongside, and a GPU kernel can make a mask in registers, next to the ReLU it multiplies,
-instead of writing and reading it back (see kernels.py). The masks of the held-out rows are 1, so one
+instead of writing and reading it back (see pack_kernels.py). The masks of the held-out rows are 1, so one
 forward pass gives training-mode outputs on training rows and evaluation-mode ones on held-out rows.
 
 The hash is MurmurHash3's 32-bit finaliser, chained: ``row_hash = fmix32(layer_key ^ row)`` and
 ``draw = fmix32(row_hash + unit) >> 8`` (24 bits, exact in float32), with ``layer_key =
 fmix32(fit_key ^ fmix32(epoch * 16 + layer))``. All of it is arithmetic modulo 2**32, written here
 three times with the same results: Python ints (the keys), numpy uint32 arrays (the reference, on the
-host, for any device) and Triton (kernels.py).
+host, for any device) and Triton (pack_kernels.py).
 """
 
 from __future__ import annotations
@@ -85,12 +85,7 @@ def draws(layer_keys: Sequence[int], rows: torch.Tensor, width: int) -> torch.Te
 
 def dropout_mask(key: int, epoch: int, layer: int, rows: torch.Tensor, width: int, p: float) -> torch.Tensor:
     """One fit's mask of one hidden layer in one epoch on the given (training) rows: [len(rows), width],
-    ``keep_factor(p)`` on kept units and 0 on dropped ones, float32. Built on the rows' device."""
+    ``keep_factor(p)`` on kept units and 0 on dropped ones, float32, on the rows' device."""
     device = rows.device
-    if device.type == "cuda":
-        from watcher_plugins.nn_batch import kernels
-
-        if kernels.available():
-            return kernels.dropout_mask(layer_key(key, epoch, layer), rows, width, p)
-    kept = draws([layer_key(key, epoch, layer)], rows, width)[0] >= torch.tensor(p, dtype=torch.float32)
+    kept = draws([layer_key(key, epoch, layer)], rows, width)[0] >= torch.tensor(p, dtype=torch.float32, device=device)
     return torch.where(kept, torch.tensor(keep_factor(p), device=device), torch.zeros((), device=device))

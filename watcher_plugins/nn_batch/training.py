@@ -10,7 +10,8 @@ as torch.optim.Adam applies it), MSE loss. Epoch ``t`` (0-based, at most ``max_e
 3. unless stopped or at the last epoch, one Adam step on the training MSE.
 
 The result is the R^2 (data.r2_score) of the held-out predictions of the best epoch. A fit whose
-held-out loss is never finite fails.
+held-out loss is never finite fails. How each of those numbers is computed, the same whatever trains
+the fit beside it, is pack.py's.
 
 Trainers keep early stopping on the device (``EarlyStopping``) and look at it from the host every
 ``HOST_CHECK_EVERY`` epochs, so that no epoch waits on a host sync. A fit that stopped on the device
@@ -35,6 +36,8 @@ from watcher_plugins.nn_batch.protocol import FitJob
 from watcher_plugins.records import STATUS_FAIL, STATUS_OK, fold_seed
 
 HOST_CHECK_EVERY = 8
+#: Compact a pack once this share of its fits has left.
+COMPACT_FRACTION = 0.25
 
 
 @dataclass(frozen=True)
@@ -136,11 +139,9 @@ class EarlyStopping:
 
 @contextlib.contextmanager
 def precision_context(precision: str, device: torch.device) -> Iterator[None]:
-    """fp32: exact float32 matmuls (TF32 off); tf32: TF32 matmuls; bf16: bf16 autocast over the forward.
-
-    Autocast is entered by the trainers around forward passes only (``autocast(precision, device)``);
-    this context sets the matmul mode and restores it afterwards.
-    """
+    """torch's matmul mode for the precision (fp32: exact float32, TF32 off; tf32: TF32), restored
+    afterwards. Packs of torch ops (pack.TorchPack on CUDA) follow it; the Triton kernels name their
+    precision themselves."""
     old_matmul = torch.backends.cuda.matmul.allow_tf32
     old_cudnn = torch.backends.cudnn.allow_tf32
     old_precision = torch.get_float32_matmul_precision()
@@ -156,13 +157,6 @@ def precision_context(precision: str, device: torch.device) -> Iterator[None]:
         torch.set_float32_matmul_precision(old_precision)
 
 
-def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    if precision == "bf16":
-        # no cast cache: a CUDA graph must not replay casts cached at its capture
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16, cache_enabled=False)
-    return contextlib.nullcontext()
-
-
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -174,12 +168,16 @@ class Trainer(ABC):
 
     name: str = ""
 
-    def __init__(self, settings: TrainSettings, device: torch.device, pack_hook: PackHook | None = None):
+    def __init__(self, settings: TrainSettings, device: torch.device, pack_hook: PackHook | None = None,
+                 cuda_graphs: bool = True):
         self.settings = settings
         self.device = device
         self.pack_hook = pack_hook
+        self.cuda_graphs = cuda_graphs  # on a CUDA device, packs replay a captured epoch
         self.running: list[tuple[int, int]] = []
         self.model_epochs = 0  # epochs run, stopped fits' extra epochs included
+        self.compactions = 0
+        self.graph_captures = 0
 
     def _starting(self, tasks: Sequence[FitTask]) -> None:
         self.running = [task.key for task in tasks]
@@ -189,6 +187,28 @@ class Trainer(ABC):
     @abstractmethod
     def train(self, tasks: Sequence[FitTask], n_concurrent: int, on_done: OutcomeCallback) -> None:
         """Train every task, at most ``n_concurrent`` at a time; call ``on_done`` once per task as it ends."""
+
+    def run_pack(self, pack, on_done: OutcomeCallback) -> None:
+        """Train a pack (pack.FitPack) from its current epoch to its end: fits leave as early stopping
+        ends them (seen every HOST_CHECK_EVERY epochs), and the pack is compacted once
+        COMPACT_FRACTION of it has left."""
+        pack.capture_graph = self.cuda_graphs and pack.device.type == "cuda"
+        try:
+            while pack.epoch < self.settings.max_epochs:
+                pack.run_epoch()
+                self.model_epochs += pack.size
+                if pack.epoch % HOST_CHECK_EVERY == 0 and pack.epoch < self.settings.max_epochs:
+                    left = pack.leave_stopped(on_done)
+                    if left == pack.size:
+                        return
+                    if left >= max(1, math.ceil(COMPACT_FRACTION * pack.size)):
+                        pack.compact()
+                        self.compactions += 1
+                    self.running = [t.key for t in pack.tasks]
+            pack.finish(on_done)
+        finally:
+            self.graph_captures += pack.captures
+            pack.release()  # a pack whose fits all stopped early returns with its graph
 
 
 def clock() -> float:

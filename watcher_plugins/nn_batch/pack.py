@@ -1,0 +1,455 @@
+"""A fit pack: the one computation of a fit, for one fit or many trained in lockstep.
+
+Every trainer runs fits through packs: serial is a pack of one, streams are packs of one on CUDA
+streams, fused is a pack of many. A fit's numbers never depend on its pack: on one device type and
+precision, a fit gives the same bits alone, beside any other fits, padded into a wider pack, through
+any trainer and at any ``n_concurrent_nn``.
+
+The computation of one fit, epoch ``t`` (training.py has the semantics), on all R rows of its dataset:
+
+- forward, hidden layer l: ``a[l+1] = act(dropout_l(relu(a[l] @ W[l] + b[l])))``, a[0] = X; matmul
+  operands in the precision's operand type (bf16 rounds them; fp32 and tf32 are float32, tf32 as the
+  GPU's matrix units round), products summed in float32; ReLU and the mask (1 on held-out rows) in
+  float32, rounded once to the activation type (bf16 under bf16, else float32);
+- output: ``pred = a[L] @ W[L] + b[L]`` in float32; held-out loss: the mean of (pred - y)^2 over the
+  fit's held-out rows; loss gradient ``g = (pred - y) * 2/n_train`` on its training rows, 0 elsewhere;
+- backward, layer l from the top: ``dW[l] = a[l]^T @ gz[l]``, ``db[l] = sum over rows of gz[l]``
+  (float32), and for l > 0 ``gz[l-1] = act(where(a[l] <= 0, 0, dropout_{l-1}(gz[l] @ W[l]^T)))``;
+- Adam (torch.optim.Adam's update with L2 weight decay), in float32.
+
+Two implementations keep that promise, each by its own means:
+
+- ``TritonPack`` (CUDA): the fits' parameters stacked (and zero-padded) along a model axis, every step
+  one launch of pack_kernels.py's batch-invariant kernels for the whole pack; each epoch captured once
+  as a CUDA graph and replayed.
+- ``TorchPack`` (the CPU, or CUDA without Triton): each fit computed alone with torch ops on tensors
+  of its own shapes, freshly allocated. Torch's CPU kernels round by the tensor's size and memory
+  alignment (a vectorised body and a scalar tail, MKL's blocking), so stacking fits there would make
+  a fit's bits depend on its pack mates.
+
+The bits differ between the two (other kernels, other sum orders), and on the CPU with torch's thread
+count (MKL splits its sums by threads): never within one device type, precision and thread count.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from watcher_plugins.nn_batch import dropout as hashing
+from watcher_plugins.nn_batch import pack_kernels as kernels
+from watcher_plugins.nn_batch.model import initial_parameters
+from watcher_plugins.nn_batch.training import (
+    EarlyStopping,
+    FitTask,
+    OutcomeCallback,
+    TrainSettings,
+    clock,
+    outcome_from_best,
+)
+
+ADAM_BETAS = (0.9, 0.999)
+ADAM_EPS = 1e-8
+log = logging.getLogger(__name__)
+
+
+def activation_dtype(precision: str) -> torch.dtype:
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def step_sizes(lr: float, step: int) -> tuple[float, float]:
+    """(lr / bias_correction1, sqrt(bias_correction2)) of Adam step ``step``, as float32 values: the
+    first divided in float64, as torch.optim.Adam divides its Python-float lr."""
+    beta1, beta2 = ADAM_BETAS
+    return float(np.float32(lr / (1 - beta1**step))), float(np.float32(math.sqrt(1 - beta2**step)))
+
+
+def loss_scales(train_rows: torch.Tensor) -> tuple[float, float]:
+    """(2 / training rows, 1 / held-out rows) of a fold, as float32 values."""
+    n_train = int(train_rows.sum())
+    return float(np.float32(2.0 / n_train)), float(np.float32(1.0 / (train_rows.numel() - n_train)))
+
+
+class FitPack(ABC):
+    """N fits of one depth on one dataset, trained in lockstep: early stopping, leaving, reporting."""
+
+    def __init__(self, tasks: Sequence[FitTask], settings: TrainSettings, device: torch.device):
+        self.tasks = list(tasks)
+        self.settings = settings
+        self.device = device
+        self.data = tasks[0].data
+        self.depth = len(tasks[0].job.hidden_layers)
+        self.started = clock()
+        self.stopping = EarlyStopping(len(self.tasks), settings.patience, (self.data.n_rows,), device)
+        self.left = [False] * len(self.tasks)
+        self.epoch = 0
+        #: Set by the trainer once the pack's memory is measured: capture the epoch and replay it (CUDA).
+        self.capture_graph = False
+        self.captures = 0
+
+    @property
+    def size(self) -> int:
+        return len(self.tasks)
+
+    @property
+    def dropout(self) -> list[float]:
+        return [t.job.dropout for t in self.tasks]
+
+    def run_epoch(self) -> None:
+        """One epoch: evaluation, then (before the last epoch) an Adam step."""
+        self._run_epoch(stepping=self.epoch < self.settings.max_epochs - 1)
+        self.epoch += 1
+
+    @abstractmethod
+    def _run_epoch(self, stepping: bool) -> None:
+        """The epoch's device work, early stopping's update included."""
+
+    def release(self) -> None:
+        """Give back what the pack holds beyond its state (a captured graph's memory)."""
+
+    def leave_stopped(self, on_done: OutcomeCallback) -> int:
+        """Report fits that early stopping ended; freeze them. Returns how many have left in all."""
+        stopped = self.stopping.stopped.tolist()
+        newly = [m for m in range(self.size) if stopped[m] and not self.left[m]]
+        if newly:
+            self._report(newly, on_done)
+            self._freeze(newly)
+        return sum(self.left)
+
+    @abstractmethod
+    def _freeze(self, models: list[int]) -> None:
+        """Stop changing these fits (they left: their results are reported)."""
+
+    def finish(self, on_done: OutcomeCallback) -> None:
+        self.stopping.finish(self.settings.max_epochs - 1)
+        self._report([m for m in range(self.size) if not self.left[m]], on_done)
+
+    def _report(self, models: list[int], on_done: OutcomeCallback) -> None:
+        best_epoch = self.stopping.best_epoch.tolist()
+        stop_epoch = self.stopping.stop_epoch.tolist()
+        seconds = clock() - self.started
+        for m in models:
+            task = self.tasks[m]
+            best_val = self.stopping.best_pred[m].index_select(0, task.rows.val_idx)
+            outcome = outcome_from_best(task, best_val, best_epoch[m], stop_epoch[m], seconds)
+            outcome.info["pack_size"] = self.size
+            self.left[m] = True
+            on_done(outcome)
+
+    def compact(self) -> None:
+        """Drop the fits that left."""
+        keep = [m for m in range(self.size) if not self.left[m]]
+        index = torch.tensor(keep, device=self.device)
+        self.tasks = [self.tasks[m] for m in keep]
+        self.left = [False] * len(keep)
+        self.stopping.keep(index)
+        self._keep(keep, index)
+
+    @abstractmethod
+    def _keep(self, keep: list[int], index: torch.Tensor) -> None:
+        """Keep only the fits at these positions."""
+
+
+class TorchFit:
+    """One fit computed alone with torch ops, on tensors of its own shapes (TorchPack)."""
+
+    def __init__(self, task: FitTask, settings: TrainSettings, device: torch.device):
+        data, job = task.data, task.job
+        self.X, self.y = data.X, data.y
+        self.bf16 = settings.precision == "bf16"
+        self.act = activation_dtype(settings.precision)
+        init = initial_parameters(data.n_features, job.hidden_layers, task.init_seed)
+        self.params = [t.to(device) for weight, bias in init for t in (weight.T.contiguous(), bias.clone())]
+        self.exp_avg = [torch.zeros_like(p) for p in self.params]
+        self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
+        self.lr, self.weight_decay = job.lr, job.weight_decay
+        self.train = task.rows.train_rows
+        self.loss_scale, self.val_scale = loss_scales(self.train)
+        self.widths = list(job.hidden_layers)
+        self.p = job.dropout
+        self.key = hashing.fit_key(task.init_seed)
+        self.steps = 0
+
+    def _mm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """a @ b with the precision's operands, products summed in float32 (a bf16 product is exact there)."""
+        if self.bf16:
+            return a.to(torch.bfloat16).float() @ b.to(torch.bfloat16).float()
+        return a.float() @ b.float()
+
+    def _masks(self, epoch: int) -> list[torch.Tensor | None]:
+        """Each hidden layer's dropout factors on every row [R, width] (1 on held-out rows), or None."""
+        if self.p == 0:
+            return [None] * len(self.widths)
+        rows = torch.arange(self.X.shape[0], device=self.X.device)
+        p32 = torch.tensor(self.p, dtype=torch.float32)
+        masks = []
+        for layer, width in enumerate(self.widths):
+            draws = hashing.draws([hashing.layer_key(self.key, epoch, layer)], rows, width)[0]
+            kept = torch.where(draws >= p32.to(draws.device), hashing.keep_factor(self.p), 0.0)
+            masks.append(torch.where(self.train[:, None], kept, 1.0))
+        return masks
+
+    def epoch(self, epoch: int, stepping: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """One epoch; returns (held-out loss [], predictions on every row [R])."""
+        masks = self._masks(epoch)
+        acts = [self.X]
+        for layer in range(len(self.widths)):
+            z = self._mm(acts[-1], self.params[2 * layer]) + self.params[2 * layer + 1]
+            h = torch.relu(z)
+            if masks[layer] is not None:
+                h = h * masks[layer]
+            acts.append(h.to(self.act))
+        pred = (self._mm(acts[-1], self.params[-2]) + self.params[-1]).squeeze(1)
+        diff = pred - self.y
+        val_loss = torch.where(self.train, 0.0, diff * diff).sum() * self.val_scale
+        if stepping:
+            self._step(acts, masks, torch.where(self.train, diff * self.loss_scale, 0.0))
+        return val_loss, pred
+
+    @torch.no_grad()
+    def _step(self, acts: list[torch.Tensor], masks: list[torch.Tensor | None], grad: torch.Tensor) -> None:
+        gz = grad.to(self.act).unsqueeze(1)
+        grads: list[torch.Tensor] = [torch.empty(0)] * len(self.params)
+        for layer in reversed(range(len(self.widths) + 1)):
+            grads[2 * layer] = self._mm(acts[layer].T, gz)
+            grads[2 * layer + 1] = gz.float().sum(0)
+            if layer > 0:
+                ga = self._mm(gz, self.params[2 * layer].T)
+                if masks[layer - 1] is not None:
+                    ga = ga * masks[layer - 1]
+                gz = torch.where(acts[layer].float() <= 0, 0.0, ga).to(self.act)
+        self.steps += 1
+        step_size, bias_correction2_sqrt = step_sizes(self.lr, self.steps)
+        beta1, beta2 = ADAM_BETAS
+        for param, grad_, exp_avg, exp_avg_sq in zip(self.params, grads, self.exp_avg, self.exp_avg_sq):
+            g = grad_ + param * float(np.float32(self.weight_decay))
+            exp_avg.copy_(exp_avg + (g - exp_avg) * (1 - beta1))
+            exp_avg_sq.copy_(exp_avg_sq * beta2 + (g * g) * (1 - beta2))
+            denom = exp_avg_sq.sqrt() / bias_correction2_sqrt + ADAM_EPS
+            param.copy_(param - (exp_avg / denom) * step_size)
+
+
+class TorchPack(FitPack):
+    """A pack whose fits are each computed alone by TorchFit (the CPU, or CUDA without Triton)."""
+
+    def __init__(self, tasks: Sequence[FitTask], settings: TrainSettings, device: torch.device):
+        super().__init__(tasks, settings, device)
+        self.fits = [TorchFit(task, settings, device) for task in self.tasks]
+        self._idle_pred = torch.zeros(self.data.n_rows, device=device)
+        self._idle_loss = torch.tensor(math.inf, device=device)
+
+    def _run_epoch(self, stepping: bool) -> None:
+        losses, preds = [], []
+        for fit, left in zip(self.fits, self.left):
+            loss, pred = (self._idle_loss, self._idle_pred) if left else fit.epoch(self.epoch, stepping)
+            losses.append(loss)
+            preds.append(pred)
+        self.stopping.update(self.epoch, torch.stack(losses), torch.stack(preds))
+
+    def _freeze(self, models: list[int]) -> None:
+        pass  # a fit that left is not computed any more (``self.left``)
+
+    def _keep(self, keep: list[int], index: torch.Tensor) -> None:
+        self.fits = [self.fits[m] for m in keep]
+
+
+class TritonPack(FitPack):
+    """N fits stacked along a model axis, trained by pack_kernels.py's kernels on a CUDA device.
+
+    Weights are [N, in, out] with zero padding to the pack's widest fit of each layer (layer 0's
+    input is the shared X), biases [N, out]; every kernel reads each fit's real widths, so padding is
+    never read. Activations [N, R, width] and the buffers of a step are allocated once per pack: an
+    epoch allocates nothing but early stopping's temporaries, and is captured as a CUDA graph after one
+    warm-up epoch (small packs were bound by Python launching their kernels).
+    """
+
+    def __init__(self, tasks: Sequence[FitTask], settings: TrainSettings, device: torch.device):
+        super().__init__(tasks, settings, device)
+        self.tiles = kernels.TILES[settings.precision]
+        self.act = activation_dtype(settings.precision)
+        n, n_features = self.size, self.data.n_features
+        self.widths = [max(t.job.hidden_layers[i] for t in self.tasks) for i in range(self.depth)]
+        self.params: list[torch.Tensor] = []
+        all_widths = [n_features, *self.widths, 1]
+        init = [initial_parameters(n_features, t.job.hidden_layers, t.init_seed) for t in self.tasks]
+        for layer in range(self.depth + 1):
+            w_stack = torch.zeros(n, all_widths[layer], all_widths[layer + 1])
+            b_stack = torch.zeros(n, all_widths[layer + 1])
+            for m, layers in enumerate(init):
+                weight, bias = layers[layer]  # [out, in], [out]
+                w_stack[m, : weight.shape[1], : weight.shape[0]] = weight.T
+                b_stack[m, : bias.shape[0]] = bias
+            self.params += [w_stack.to(device), b_stack.to(device)]
+        self.exp_avg = [torch.zeros_like(p) for p in self.params]
+        self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
+        self.lr = torch.tensor([t.job.lr for t in self.tasks], dtype=torch.float64, device=device)
+        self.weight_decay = torch.tensor([t.job.weight_decay for t in self.tasks], dtype=torch.float32, device=device)
+        scales = [loss_scales(t.rows.train_rows) for t in self.tasks]
+        self.loss_scale = torch.tensor([s[0] for s in scales], dtype=torch.float32, device=device)
+        self.val_scale = torch.tensor([s[1] for s in scales], dtype=torch.float32, device=device)
+        self._set_fits_state()
+        # The epoch and the Adam step count live on the device, with the bias corrections of every step
+        # in tables, so that a captured epoch (CUDA graph) replays with the right ones.
+        self.epoch_on_device = torch.zeros(1, dtype=torch.int64, device=device)
+        self.step_on_device = torch.zeros(1, dtype=torch.int64, device=device)
+        beta1, beta2 = ADAM_BETAS
+        steps = range(settings.max_epochs + 1)  # index 0 unused: the first step is step 1
+        self._bias_correction1 = torch.tensor([1 - beta1**t for t in steps], dtype=torch.float64, device=device)
+        self._bias_correction2_sqrt = torch.tensor([math.sqrt(1 - beta2**t) for t in steps], device=device)
+        self.chunk_rows, self.n_chunks = kernels.row_chunks(self.data.n_rows)
+        self._allocate()
+        self._graph: torch.cuda.CUDAGraph | None = None
+
+    def _set_fits_state(self) -> None:
+        """The per-fit tensors the kernels read: real widths per layer, dropout keys and row flags."""
+        device = self.device
+        real = [[self.data.n_features] * self.size]
+        real += [[t.job.hidden_layers[i] for t in self.tasks] for i in range(self.depth)]
+        real += [[1] * self.size]
+        self.real = [torch.tensor(r, dtype=torch.int32, device=device) for r in real]
+        train_rows = torch.stack([t.rows.train_rows for t in self.tasks])
+        self.ones = torch.ones(self.size, dtype=torch.int32, device=device)  # a bias's one row
+        self.fits_dropout = kernels.PackDropout([hashing.fit_key(t.init_seed) for t in self.tasks], self.dropout,
+                                                train_rows)
+
+    def _allocate(self) -> None:
+        """The activations and step buffers, at the pack's current size and widths."""
+        n, n_rows, device = self.size, self.data.n_rows, self.device
+        self.acts = [torch.empty(n, n_rows, w, dtype=self.act, device=device) for w in self.widths]
+        widest = max(self.widths)
+        self._grad_buffers = [torch.empty(n * n_rows * widest, dtype=self.act, device=device) for _ in range(2)]
+        self.pred = torch.empty(n, n_rows, device=device)
+        self.out_grad = torch.empty(n, n_rows, dtype=self.act, device=device)
+        self.val_loss = torch.empty(n, device=device)
+        shapes = [(p.shape[1], p.shape[2]) for p in self.params[::2]]
+        self._partials = torch.empty(n * self.n_chunks * max(a * b for a, b in shapes), device=device)
+        self._bias_partials = torch.empty(n * self.n_chunks * max(b for _, b in shapes), device=device)
+
+    def _grad_buffer(self, which: int, width: int) -> torch.Tensor:
+        n, n_rows = self.size, self.data.n_rows
+        return self._grad_buffers[which][: n * n_rows * width].view(n, n_rows, width)
+
+    def forward(self) -> None:
+        """Predictions into self.pred [N, R] and the loss gradient into self.out_grad."""
+        epoch, tiles, dropout = self.epoch_on_device, self.tiles, self.fits_dropout
+        a = self.data.X
+        for layer in range(self.depth):
+            kernels.hidden_forward(a, self.params[2 * layer], self.params[2 * layer + 1], self.acts[layer],
+                                   self.real[layer], self.real[layer + 1], dropout, epoch, layer, tiles)
+            a = self.acts[layer]
+        kernels.output_forward(a, self.params[-2], self.params[-1], self.real[-2], self.data.y, dropout.train,
+                               self.loss_scale, self.pred, self.out_grad, tiles)
+
+    def _epoch_work(self, stepping: bool) -> None:
+        """The device work of one epoch; no host sync, no Python state change (it may be captured)."""
+        self.forward()
+        kernels.held_out_loss(self.pred, self.data.y, self.fits_dropout.train, self.val_scale, self.val_loss)
+        self.stopping.update(self.epoch_on_device, self.val_loss, self.pred)
+        if stepping:
+            self._backward_and_step()
+        self.epoch_on_device.add_(1)
+
+    def _backward_and_step(self) -> None:
+        """Layer by layer from the top: the weight gradient's row-chunk partials, the gradient for the
+        layer below (before Adam changes this layer's weights), then Adam on this layer."""
+        self.step_on_device.add_(1)
+        n, n_chunks = self.size, self.n_chunks
+        gz = self.out_grad.view(n, -1, 1)
+        for layer in reversed(range(self.depth + 1)):
+            w = self.params[2 * layer]
+            n_in, n_out = w.shape[1], w.shape[2]
+            a_in = self.acts[layer - 1] if layer > 0 else self.data.X
+            part = self._partials[: n * n_chunks * n_in * n_out].view(n, n_chunks, n_in, n_out)
+            bias_part = self._bias_partials[: n * n_chunks * n_out].view(n, n_chunks, n_out)
+            output_layer = layer == self.depth
+            kernels.weight_grad_chunks(a_in, gz, part, bias_part, self.real[layer], self.real[layer + 1],
+                                       self.chunk_rows, self.tiles, output_layer)
+            below = None
+            if layer > 0:
+                below = self._grad_buffer(layer % 2, self.widths[layer - 1])
+                kernels.input_grad(gz, w, self.acts[layer - 1], below, self.real[layer], self.real[layer + 1],
+                                   self.fits_dropout, self.epoch_on_device, layer - 1, self.tiles, output_layer)
+            self._adam(2 * layer, part, self.real[layer], self.real[layer + 1])
+            self._adam(2 * layer + 1, bias_part, self.ones, self.real[layer + 1])
+            gz = below
+
+    def _adam(self, index: int, part: torch.Tensor, i_real: torch.Tensor, j_real: torch.Tensor) -> None:
+        kernels.adam(self.params[index], self.exp_avg[index], self.exp_avg_sq[index], part, i_real, j_real,
+                     self.lr, self.weight_decay, self.step_on_device, self._bias_correction1,
+                     self._bias_correction2_sqrt, ADAM_BETAS, ADAM_EPS)
+
+    def _run_epoch(self, stepping: bool) -> None:
+        """With ``capture_graph`` on a CUDA device, the first stepping epoch before the last two runs as
+        the warm-up of a capture, and the later ones replay it."""
+        if stepping and self._graph is not None:
+            with torch.cuda.device(self.device):
+                self._graph.replay()
+        # a capture pays off only if it is replayed: the warm-up must leave an epoch before the last
+        elif stepping and self.epoch < self.settings.max_epochs - 2 and self.capture_graph:
+            self._warm_up_and_capture()
+        else:
+            if not stepping:
+                self.release()  # the graph's memory goes back before the last (eager) epoch
+            self._epoch_work(stepping)
+
+    def _warm_up_and_capture(self) -> None:
+        """Run this epoch eagerly (so that what is new to these shapes, Triton's compilations, happens
+        outside the capture), then capture the next one: replaying it launches the epoch's kernels at
+        once. A pack whose capture fails trains on without one."""
+        self._epoch_work(stepping=True)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.device(self.device), torch.cuda.graph(graph):
+                self._epoch_work(stepping=True)
+        except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:
+            # the message as text: a log record that kept the exception would keep its frames
+            log.warning("fit pack: the epoch could not be captured as a CUDA graph (%s); training on "
+                        "without one", f"{type(exc).__name__}: {exc}")
+            self.capture_graph = False
+            gc.collect()
+            return
+        self._graph = graph
+        self.captures += 1
+
+    def release(self) -> None:
+        """Free the captured epoch and give its memory pool back to the device at once (the caching
+        allocator would otherwise keep a released pool until memory runs short)."""
+        if self._graph is not None:
+            self._graph = None
+            torch.cuda.empty_cache()
+
+    def _freeze(self, models: list[int]) -> None:
+        self.lr.index_fill_(0, torch.tensor(models, device=self.device), 0.0)
+
+    def _keep(self, keep: list[int], index: torch.Tensor) -> None:
+        """Re-pad to the widest fit that stays; the next epoch captures again (the shapes changed)."""
+        self.release()
+        new_widths = [max(t.job.hidden_layers[i] for t in self.tasks) for i in range(self.depth)]
+        all_widths = [self.data.n_features, *new_widths, 1]
+        for group in (self.params, self.exp_avg, self.exp_avg_sq):
+            for i, tensor in enumerate(group):
+                layer = i // 2
+                tensor = tensor.index_select(0, index)
+                if i % 2 == 0:
+                    tensor = tensor[:, : all_widths[layer], : all_widths[layer + 1]]
+                else:
+                    tensor = tensor[:, : all_widths[layer + 1]]
+                group[i] = tensor.contiguous()
+        self.widths = new_widths
+        for name in ("lr", "weight_decay", "loss_scale", "val_scale"):
+            setattr(self, name, getattr(self, name).index_select(0, index))
+        self._set_fits_state()
+        self._allocate()
+
+
+def new_pack(tasks: Sequence[FitTask], settings: TrainSettings, device: torch.device) -> FitPack:
+    """The pack for these fits on this device: TritonPack on CUDA with Triton, else TorchPack."""
+    if device.type == "cuda" and kernels.available():
+        return TritonPack(tasks, settings, device)
+    return TorchPack(tasks, settings, device)
