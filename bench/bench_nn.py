@@ -194,9 +194,18 @@ def main() -> int:
     parser.add_argument("--e2e-precisions", default="fp32,bf16", help="precisions of the executor end-to-end batch")
     parser.add_argument("--skip-e2e", action="store_true")
     parser.add_argument("--device", default="cuda:0", help="cpu only to try the script out; numbers need a GPU")
+    parser.add_argument("--tiles", action="append", default=[],
+                        help="PRECISION=rows,units,inner,warps,stages,dot: other fixed tiles for the pack kernels "
+                             "of that precision (a tuning arm; nn_batch.pack_kernels.TILES)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     device = torch.device(args.device)
+    for spec in args.tiles:
+        from watcher_plugins.nn_batch import pack_kernels
+
+        precision, values = spec.split("=")
+        *numbers, dot = values.split(",")
+        pack_kernels.TILES[precision] = pack_kernels.Tiles(*map(int, numbers), dot=dot)
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("bench_nn.py needs a CUDA GPU (or --device cpu to try it out)")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -225,7 +234,7 @@ def main() -> int:
     result = {
         "command": " ".join(["python", *sys.argv]),
         "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else "none (cpu try-out)",
-        "torch": torch.__version__, "python": platform.python_version(),
+        "torch": torch.__version__, "python": platform.python_version(), "tiles": args.tiles,
         "launch_overhead_us": launch_overhead_us(device),
         "workload": {"rows": args.rows, "folds": args.folds, "trials": args.trials, "max_epochs": args.max_epochs,
                      "patience": args.patience, "seed": args.seed, "trial_params": trials,
