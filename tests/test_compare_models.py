@@ -372,7 +372,7 @@ def test_a_study_an_older_release_computed_differently_is_refused(pm, tmp_path):
     from watcher_plugins import builtin
 
     (nn_batch,) = [e for e in builtin.watcher_executors() if e.name == "nn_batch"]
-    assert nn_batch.result_tags == {"nn_target_scaling": "z-score"}
+    assert nn_batch.result_tags == {"nn_target_scaling": "z-score", "nn_fit": "pack-v1"}
 
 
 def test_a_changed_param_of_a_later_group_is_refused_before_anything_trains(pm, tmp_path):

@@ -39,7 +39,9 @@ def watcher_executors():
         requires={"nn": "torch"},
         install_hint="pip install torch",
         result_params=("nn_max_epochs", "nn_patience", "precision"),
-        result_tags={"nn_target_scaling": "z-score"},  # the target was left unscaled before (21be4da)
+        # the target was left unscaled before 21be4da; each strategy computed a fit its own way before the
+        # one batch-invariant computation of nn_batch/pack.py (session 13)
+        result_tags={"nn_target_scaling": "z-score", "nn_fit": "pack-v1"},
     )
     yield WatcherExecutor(
         name="tree_parallel",
