@@ -193,3 +193,18 @@ def test_r2_is_computed_in_the_targets_own_units(tmp_path):
     outcome = outcome_from_best(task, net_output, best_epoch=3, stop_epoch=5, seconds=0.1)
     expected = r2_score(data.y_host[val], data.in_target_units(net_output.numpy()))
     assert outcome.r2 == pytest.approx(expected) and outcome.r2 < -1.0
+
+
+def test_where_the_triton_kernels_do_not_train_packs_fall_back_to_torch_with_a_warning(monkeypatch, caplog):
+    from watcher_plugins.nn_batch import pack as pack_module
+
+    def broken(self):
+        raise RuntimeError("PassManager::run failed (injected)")
+
+    monkeypatch.setattr(pack_module.TritonPack, "run_epoch", broken)
+    pack_module.triton_trains.cache_clear()
+    try:
+        assert pack_module.triton_trains(CPU, "bf16") is False
+    finally:
+        pack_module.triton_trains.cache_clear()
+    assert "do not train at bf16" in caplog.text and "PassManager::run failed (injected)" in caplog.text

@@ -36,8 +36,10 @@ def cache(device):
     return DeviceDatasetCache(device)
 
 
-def test_packs_on_the_gpu_are_triton_packs(cache, device):
-    assert isinstance(new_pack(fit_tasks(cache, DATA, MIXED[:2]), settings_for("fp32"), device), TritonPack)
+@pytest.mark.parametrize("precision", ["fp32", "tf32", "bf16"])
+def test_packs_on_the_gpu_are_triton_packs(cache, device, precision):
+    # the kernels build and train here: no fallback to torch ops hides behind the tests below
+    assert isinstance(new_pack(fit_tasks(cache, DATA, MIXED[:2]), settings_for(precision), device), TritonPack)
 
 
 @pytest.fixture(scope="module")

@@ -33,6 +33,7 @@ count (MKL splits its sums by threads): never within one device type, precision 
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import math
@@ -44,7 +45,9 @@ import torch
 
 from watcher_plugins.nn_batch import dropout as hashing
 from watcher_plugins.nn_batch import pack_kernels as kernels
+from watcher_plugins.nn_batch.device_data import DeviceDataset
 from watcher_plugins.nn_batch.model import initial_parameters
+from watcher_plugins.nn_batch.protocol import FitJob
 from watcher_plugins.nn_batch.training import (
     EarlyStopping,
     FitTask,
@@ -53,6 +56,7 @@ from watcher_plugins.nn_batch.training import (
     clock,
     outcome_from_best,
 )
+from watcher_plugins.records import DataRef
 
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
@@ -449,7 +453,35 @@ class TritonPack(FitPack):
 
 
 def new_pack(tasks: Sequence[FitTask], settings: TrainSettings, device: torch.device) -> FitPack:
-    """The pack for these fits on this device: TritonPack on CUDA with Triton, else TorchPack."""
-    if device.type == "cuda" and kernels.available():
+    """The pack for these fits on this device: TritonPack on CUDA where its kernels build and train,
+    else TorchPack."""
+    if device.type == "cuda" and kernels.available() and triton_trains(device, settings.precision):
         return TritonPack(tasks, settings, device)
     return TorchPack(tasks, settings, device)
+
+
+@functools.cache
+def triton_trains(device: torch.device, precision: str) -> bool:
+    """Whether a TritonPack trains on this device at this precision: three epochs of a tiny padded pack
+    (dropout and none, chunked weight gradients), so that every kernel compiles and runs once, with
+    finite results. Where one does not, packs are TorchPacks, with a warning: slower, never wrong."""
+    generator = torch.Generator().manual_seed(0)
+    X = torch.randn(256, 5, generator=generator)
+    y = X.sum(1)
+    data = DeviceDataset("probe", X.to(device), y.to(device), y.numpy())
+    ref = DataRef(embedded="survivors", rows=256)
+    tasks = [FitTask(job, data, data.fold(2, 0, job.fold_idx)) for job in (
+        FitJob(0, 0, 2, 0, (16, 8), 1e-2, 1e-4, 0.0, ref), FitJob(1, 1, 2, 0, (24, 4), 1e-2, 0.0, 0.2, ref))]
+    try:
+        pack = TritonPack(tasks, TrainSettings(max_epochs=3, patience=3, precision=precision), device)
+        for _ in range(3):
+            pack.run_epoch()
+        finite = bool(torch.isfinite(pack.pred).all())
+    except Exception as exc:  # noqa: BLE001 - any failure to build or run means: do without the kernels
+        log.warning("nn_batch's Triton kernels do not train at %s on %s (%s: %s); each fit is trained with torch "
+                    "ops instead, more slowly", precision, device, type(exc).__name__, exc)
+        return False
+    if not finite:
+        log.warning("nn_batch's Triton kernels gave non-finite predictions at %s on %s; each fit is trained with "
+                    "torch ops instead, more slowly", precision, device)
+    return finite
