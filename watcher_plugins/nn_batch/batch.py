@@ -103,7 +103,7 @@ class BatchRunner:
                     used = min(used, max(trainer.pack_sizes))
                     summary["pack_sizes"] = trainer.pack_sizes
                     summary["compactions"] = trainer.compactions
-                    summary["graph_captures"] = trainer.graph_captures
+                summary["graph_captures"] = trainer.graph_captures
                 summary.update(n_concurrent_used=used, oom_retries=report.oom_retries)
             except Exception as exc:
                 if is_fatal_device_error(exc):
@@ -113,6 +113,7 @@ class BatchRunner:
                     if task.key not in done:
                         on_done(FitOutcome(task.key, STATUS_FAIL, None, 0.0, error=reason))
             summary["model_epochs"] = trainer.model_epochs
+            summary["packs"] = sorted(trainer.pack_kinds)
         summary.update(jobs=len(jobs), ok=counts[STATUS_OK], fail=counts[STATUS_FAIL], oom=counts[STATUS_OOM],
                        seconds=round(time.perf_counter() - started, 4))
         return summary

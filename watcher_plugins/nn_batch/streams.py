@@ -54,6 +54,7 @@ class StreamsTrainer(Trainer):
                         with self._stream_context(stream):
                             pack = new_pack([task], self.settings, self.device)
                         pack.capture_graph = self.cuda_graphs and cuda
+                        self.pack_kinds.add(type(pack).__name__)
                         active.append((pack, stream))
                     self.running = [pack.tasks[0].key for pack, _ in active]
                     for _ in range(HOST_CHECK_EVERY):

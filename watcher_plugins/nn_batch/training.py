@@ -178,6 +178,7 @@ class Trainer(ABC):
         self.model_epochs = 0  # epochs run, stopped fits' extra epochs included
         self.compactions = 0
         self.graph_captures = 0
+        self.pack_kinds: set[str] = set()  # TritonPack / TorchPack: which implementation trained
 
     def _starting(self, tasks: Sequence[FitTask]) -> None:
         self.running = [task.key for task in tasks]
@@ -193,6 +194,7 @@ class Trainer(ABC):
         ends them (seen every HOST_CHECK_EVERY epochs), and the pack is compacted once
         COMPACT_FRACTION of it has left."""
         pack.capture_graph = self.cuda_graphs and pack.device.type == "cuda"
+        self.pack_kinds.add(type(pack).__name__)
         try:
             while pack.epoch < self.settings.max_epochs:
                 pack.run_epoch()
