@@ -33,6 +33,7 @@ count (MKL splits its sums by threads): never within one device type, precision 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import logging
@@ -390,17 +391,19 @@ class TritonPack(FitPack):
 
     def _run_epoch(self, stepping: bool) -> None:
         """With ``capture_graph`` on a CUDA device, the first stepping epoch before the last two runs as
-        the warm-up of a capture, and the later ones replay it."""
-        if stepping and self._graph is not None:
-            with torch.cuda.device(self.device):
+        the warm-up of a capture, and the later ones replay it. Under the pack's device: Triton launches
+        on the current device, whatever its tensors' is (a CPU pack: Triton's interpreter, in tests)."""
+        on_device = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+        with on_device:
+            if stepping and self._graph is not None:
                 self._graph.replay()
-        # a capture pays off only if it is replayed: the warm-up must leave an epoch before the last
-        elif stepping and self.epoch < self.settings.max_epochs - 2 and self.capture_graph:
-            self._warm_up_and_capture()
-        else:
-            if not stepping:
-                self.release()  # the graph's memory goes back before the last (eager) epoch
-            self._epoch_work(stepping)
+            # a capture pays off only if it is replayed: the warm-up must leave an epoch before the last
+            elif stepping and self.epoch < self.settings.max_epochs - 2 and self.capture_graph:
+                self._warm_up_and_capture()
+            else:
+                if not stepping:
+                    self.release()  # the graph's memory goes back before the last (eager) epoch
+                self._epoch_work(stepping)
 
     def _warm_up_and_capture(self) -> None:
         """Run this epoch eagerly (so that what is new to these shapes, Triton's compilations, happens
@@ -409,7 +412,7 @@ class TritonPack(FitPack):
         self._epoch_work(stepping=True)
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.device(self.device), torch.cuda.graph(graph):
+            with torch.cuda.graph(graph):
                 self._epoch_work(stepping=True)
         except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:
             # the message as text: a log record that kept the exception would keep its frames

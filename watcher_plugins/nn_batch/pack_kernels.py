@@ -57,7 +57,8 @@ TILES = {
     "tf32": Tiles(rows=64, units=64, inner=32, warps=4, stages=3, dot="tf32"),
     "bf16": Tiles(rows=64, units=64, inner=32, warps=4, stages=3, dot="ieee"),
 }
-#: Tiles of the output layer's weight gradient, whose one output unit would waste a 64-wide tile.
+#: Tiles of the output layer's one unit (its products, its weight gradient, the gradient it passes down),
+#: which would waste a 64-wide tile; 16 is tl.dot's narrowest.
 OUTPUT_UNITS = 16
 #: Rows a step of a weight gradient's loop covers (the K step of a^T @ g).
 GRAD_ROWS = 32
@@ -124,8 +125,10 @@ if triton is not None:
     def _operand(x, BF16: tl.constexpr):
         """A matmul operand in the precision's operand type (bf16 rounds; fp32 and tf32 stay float32)."""
         if BF16:
-            return x.to(tl.bfloat16)
-        return x.to(tl.float32)
+            y = x.to(tl.bfloat16)
+        else:
+            y = x.to(tl.float32)
+        return y
 
     @triton.jit(do_not_specialize=["n_rows", "layer"])
     def _hidden_forward(a_ptr, a_sm, a_sr, w_ptr, w_sm, w_sk, b_ptr, b_sm, out_ptr, o_sm, o_sr,
@@ -162,23 +165,28 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["n_rows"])
     def _output_forward(a_ptr, a_sm, a_sr, w_ptr, w_sm, b_ptr, k_real_ptr, y_ptr, train_ptr, loss_scale_ptr,
-                        pred_ptr, grad_ptr, n_rows, BF16: tl.constexpr, BLOCK_R: tl.constexpr,
-                        BLOCK_K: tl.constexpr):
+                        pred_ptr, grad_ptr, n_rows, BF16: tl.constexpr, DOT: tl.constexpr,
+                        BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_O: tl.constexpr):
         """pred[m] = a[m] @ w[m] + b[m] (one output unit, float32) and the loss gradient on it:
-        (pred - y) * loss_scale[m] on the fit's training rows, 0 on its held-out rows."""
+        (pred - y) * loss_scale[m] on the fit's training rows, 0 on its held-out rows. The product is a
+        tl.dot against a BLOCK_O-wide tile whose other columns are zero (a tl.sum's order would follow
+        the compiler's choice of layout, which follows the pack's padded strides)."""
         m = tl.program_id(1).to(tl.int64)
         k_real = tl.load(k_real_ptr + m)
         rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = tl.arange(0, BLOCK_O)
         in_rows = rows < n_rows
-        acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_R, BLOCK_O), dtype=tl.float32)
         for k0 in range(0, k_real, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             in_k = ks < k_real
             a = tl.load(a_ptr + m * a_sm + rows[:, None] * a_sr + ks[None, :],
                         mask=in_rows[:, None] & in_k[None, :], other=0.0)
-            w = tl.load(w_ptr + m * w_sm + ks, mask=in_k, other=0.0)
-            acc += tl.sum(_operand(a, BF16).to(tl.float32) * _operand(w, BF16).to(tl.float32)[None, :], axis=1)
-        pred = acc + tl.load(b_ptr + m)
+            w = tl.load(w_ptr + m * w_sm + ks[:, None] + 0 * cols[None, :],
+                        mask=in_k[:, None] & (cols == 0)[None, :], other=0.0)
+            acc = tl.dot(_operand(a, BF16), _operand(w, BF16), acc, input_precision=DOT)
+        # column 0 holds the product, the others exact zeros: the sum adds nothing to it, in any order
+        pred = tl.sum(acc, axis=1) + tl.load(b_ptr + m)
         y = tl.load(y_ptr + rows, mask=in_rows, other=0.0)
         train = tl.load(train_ptr + m * n_rows + rows, mask=in_rows, other=0)
         grad = tl.where(train != 0, (pred - y) * tl.load(loss_scale_ptr + m), 0.0)
@@ -236,10 +244,12 @@ if triton is not None:
     @triton.jit(do_not_specialize=["n_rows"])
     def _weight_grad_chunks(a_ptr, a_sm, a_sr, g_ptr, g_sm, g_sr, part_ptr, p_sm, p_ss, p_si,
                             bpart_ptr, bp_sm, bp_ss, i_real_ptr, j_real_ptr, n_rows, chunk_rows, tiles_j,
-                            BF16: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
-                            BLOCK_R: tl.constexpr):
+                            BF16: tl.constexpr, DOT: tl.constexpr, BLOCK_I: tl.constexpr,
+                            BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr):
         """One row chunk's share of a layer's weight and bias gradients: part[m, s] = a[m, chunk]^T @
-        g[m, chunk], bpart[m, s] = the column sums of g[m, chunk] (written by the first row of tiles)."""
+        g[m, chunk], bpart[m, s] = the column sums of g[m, chunk] (written by the first row of tiles).
+        The column sums are a tl.dot with ones too: a tl.sum's order would follow the compiler's choice
+        of layout, which follows the pack's padded strides."""
         ti = tl.program_id(0) // tiles_j
         tj = tl.program_id(0) % tiles_j
         s = tl.program_id(1).to(tl.int64)
@@ -254,7 +264,8 @@ if triton is not None:
             start = s * chunk_rows
             end = tl.minimum(start + chunk_rows, n_rows)
             acc = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
-            bacc = tl.zeros((BLOCK_J,), dtype=tl.float32)
+            bacc = tl.zeros((16, BLOCK_J), dtype=tl.float32)
+            ones = tl.full((16, BLOCK_R), 1.0, dtype=tl.float32)
             for r0 in range(start, end, BLOCK_R):
                 rows = r0 + tl.arange(0, BLOCK_R)
                 in_rows = rows < end
@@ -262,12 +273,15 @@ if triton is not None:
                               mask=in_i[:, None] & in_rows[None, :], other=0.0)
                 g = tl.load(g_ptr + m * g_sm + rows[:, None] * g_sr + jcols[None, :],
                             mask=in_rows[:, None] & in_j[None, :], other=0.0)
-                acc = tl.dot(_operand(a_t, BF16), _operand(g, BF16), acc, input_precision="ieee")
-                bacc += tl.sum(g.to(tl.float32), axis=0)
+                g = _operand(g, BF16)
+                acc = tl.dot(_operand(a_t, BF16), g, acc, input_precision=DOT)
+                bacc = tl.dot(_operand(ones, BF16), g, bacc, input_precision="ieee")
             tl.store(part_ptr + m * p_sm + s * p_ss + icols[:, None] * p_si + jcols[None, :], acc,
                      mask=in_i[:, None] & in_j[None, :])
-            if ti == 0:
-                tl.store(bpart_ptr + m * bp_sm + s * bp_ss + jcols, bacc, mask=in_j)
+            if ti == 0:  # every row of bacc holds the column sums: store the first
+                brow = tl.arange(0, 16)
+                tl.store(bpart_ptr + m * bp_sm + s * bp_ss + jcols[None, :] + 0 * brow[:, None], bacc,
+                         mask=(brow == 0)[:, None] & in_j[None, :])
 
     @triton.jit
     def _adam(w_ptr, m1_ptr, m2_ptr, part_ptr, p_sm, p_ss, n_chunks, w_sm, w_si, i_real_ptr, j_real_ptr,
@@ -331,7 +345,8 @@ def output_forward(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor, k_real: to
     n, n_rows = pred.shape
     _output_forward[(triton.cdiv(n_rows, tiles.rows), n)](
         a, _stride_m(a), a.stride(-2), w, w.stride(0), b, k_real, y, train, loss_scale, pred, grad, n_rows,
-        BF16=grad.dtype == torch.bfloat16, BLOCK_R=tiles.rows, BLOCK_K=tiles.inner, num_warps=tiles.warps)
+        BF16=grad.dtype == torch.bfloat16, DOT=tiles.dot, BLOCK_R=tiles.rows, BLOCK_K=tiles.inner,
+        BLOCK_O=OUTPUT_UNITS, num_warps=tiles.warps)
 
 
 def held_out_loss(pred: torch.Tensor, y: torch.Tensor, train: torch.Tensor, val_scale: torch.Tensor,
@@ -369,7 +384,7 @@ def weight_grad_chunks(a: torch.Tensor, g: torch.Tensor, part: torch.Tensor, bpa
     _weight_grad_chunks[grid](a, _stride_m(a), a.stride(-2), g, g.stride(0), g.stride(1),
                               part, part.stride(0), part.stride(1), part.stride(2), bpart, bpart.stride(0),
                               bpart.stride(1), i_real, j_real, a.shape[-2], chunk_rows, tiles_j,
-                              BF16=g.dtype == torch.bfloat16, BLOCK_I=tiles.units, BLOCK_J=units,
+                              BF16=g.dtype == torch.bfloat16, DOT=tiles.dot, BLOCK_I=tiles.units, BLOCK_J=units,
                               BLOCK_R=GRAD_ROWS, num_warps=tiles.warps, num_stages=tiles.stages)
 
 
