@@ -15,7 +15,7 @@ legacy=${1:-}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 arms="--subset-every 5 --arm-order interleaved --full-arms fused:fp32,fused:bf16 --e2e-precisions bf16
       --subset-arms serial:fp32,fused:fp32,serial:tf32,fused:tf32,serial:bf16,fused:bf16"
-timeout "${TESTS_S:-200}" python3 -m pytest -q -p no:cacheprovider tests/gpu/test_nn_gpu_invariance.py \
+timeout "${TESTS_S:-200}" python3 -m pytest -q -rf --maxfail=3 -p no:cacheprovider tests/gpu/test_nn_gpu_invariance.py \
     tests/gpu/test_nn_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
 timeout "${BENCH_S:-150}" python3 bench/bench_nn.py --out "$OUT/new" $arms 2>&1 | tail -12
 if [[ -n "$legacy" ]]; then
