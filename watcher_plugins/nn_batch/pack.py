@@ -90,6 +90,8 @@ class FitPack(ABC):
         self.device = device
         self.data = tasks[0].data
         self.depth = len(tasks[0].job.hidden_layers)
+        if any(len(t.job.hidden_layers) != self.depth or t.data is not self.data for t in self.tasks):
+            raise ValueError("a pack holds fits of one depth on one dataset (FusedTrainer.plan_groups plans them)")
         self.started = clock()
         self.stopping = EarlyStopping(len(self.tasks), settings.patience, (self.data.n_rows,), device)
         self.left = [False] * len(self.tasks)
