@@ -17,6 +17,8 @@ seconds, at each of --e2e-precisions.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import platform
 import sys
@@ -223,13 +225,13 @@ def main() -> int:
     if args.arm_order == "interleaved":
         rank = {"fp32": 0, "tf32": 1, "bf16": 2}
         arms.sort(key=lambda a: rank[a[1]])  # stable: within a precision, the order given
-    warm = TrainSettings(3, 3)
-    for strategy, precision in sorted({(a[0], a[1]) for a in arms}):  # kernels, handles, autotuning out of timings
-        tasks = [FitTask.build(job, cache.get(data)) for job in everything[:3]]
-        with precision_context(precision, device):
-            TRAINERS[strategy.removesuffix("-eager")](TrainSettings(warm.max_epochs, warm.patience, precision),
-                                                      device).train(
-                tasks, 3, lambda o: None)
+    # Compilations (Triton's, one per kernel variant a shape needs), handles and cuBLAS's choices out of
+    # the timings: each arm's trainer trains every fit of its arm for 3 epochs first (a cold arm ran at
+    # half its speed: bench/results/2026-12-07-nn-pack-h100/README.md).
+    for strategy, precision, on_subset in arms:
+        warm = argparse.Namespace(**{**vars(args), "max_epochs": 3, "patience": 3})
+        with contextlib.redirect_stdout(io.StringIO()):
+            run_config(strategy, precision, subset if on_subset else everything, cache, device, warm)
 
     result = {
         "command": " ".join(["python", *sys.argv]),
