@@ -130,6 +130,22 @@ if triton is not None:
             y = x.to(tl.float32)
         return y
 
+    @triton.jit
+    def _rows_times_weights(a_ptr, a_sr, rows, in_rows, b_ptr, b_sk, b_sc, cols, in_cols, k_real,
+                            BF16: tl.constexpr, DOT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                            BLOCK_K: tl.constexpr):
+        """One fit's [BLOCK_R, BLOCK_C] tile of a[rows] @ b[:, cols], its K loop over the fit's own
+        k_real inputs in BLOCK_K steps (a: unit stride along K; b: element (k, c) at k * b_sk + c * b_sc)."""
+        acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+        for k0 in range(0, k_real, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            in_k = ks < k_real
+            a = tl.load(a_ptr + rows[:, None] * a_sr + ks[None, :], mask=in_rows[:, None] & in_k[None, :], other=0.0)
+            b = tl.load(b_ptr + ks[:, None] * b_sk + cols[None, :] * b_sc, mask=in_k[:, None] & in_cols[None, :],
+                        other=0.0)
+            acc = tl.dot(_operand(a, BF16), _operand(b, BF16), acc, input_precision=DOT)
+        return acc
+
     @triton.jit(do_not_specialize=["n_rows", "layer"])
     def _hidden_forward(a_ptr, a_sm, a_sr, w_ptr, w_sm, w_sk, b_ptr, b_sm, out_ptr, o_sm, o_sr,
                         k_real_ptr, j_real_ptr, n_rows,
@@ -145,15 +161,8 @@ if triton is not None:
             cols = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
             in_rows = rows < n_rows
             in_cols = cols < j_real
-            acc = tl.zeros((BLOCK_R, BLOCK_J), dtype=tl.float32)
-            for k0 in range(0, k_real, BLOCK_K):
-                ks = k0 + tl.arange(0, BLOCK_K)
-                in_k = ks < k_real
-                a = tl.load(a_ptr + m * a_sm + rows[:, None] * a_sr + ks[None, :],
-                            mask=in_rows[:, None] & in_k[None, :], other=0.0)
-                w = tl.load(w_ptr + m * w_sm + ks[:, None] * w_sk + cols[None, :],
-                            mask=in_k[:, None] & in_cols[None, :], other=0.0)
-                acc = tl.dot(_operand(a, BF16), _operand(w, BF16), acc, input_precision=DOT)
+            acc = _rows_times_weights(a_ptr + m * a_sm, a_sr, rows, in_rows, w_ptr + m * w_sm, w_sk, 1, cols,
+                                      in_cols, k_real, BF16, DOT, BLOCK_R, BLOCK_J, BLOCK_K)
             z = acc + tl.load(b_ptr + m * b_sm + cols, mask=in_cols, other=0.0)[None, :]
             h = tl.where(z > 0, z, 0.0)
             h = tl.where(z != z, z, h)  # NaN stays NaN, as torch.relu keeps it: a diverged fit must show
@@ -223,15 +232,9 @@ if triton is not None:
             cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
             in_rows = rows < n_rows
             in_cols = cols < k_real
-            acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
-            for j0 in range(0, j_real, BLOCK_J):
-                js = j0 + tl.arange(0, BLOCK_J)
-                in_j = js < j_real
-                g = tl.load(g_ptr + m * g_sm + rows[:, None] * g_sr + js[None, :],
-                            mask=in_rows[:, None] & in_j[None, :], other=0.0)
-                w_t = tl.load(w_ptr + m * w_sm + cols[None, :] * w_sk + js[:, None],
-                              mask=in_j[:, None] & in_cols[None, :], other=0.0)
-                acc = tl.dot(_operand(g, BF16), _operand(w_t, BF16), acc, input_precision=DOT)
+            # g[m] @ w[m]^T: the K loop runs over this layer's outputs, w's element (j, c) at c * w_sk + j
+            acc = _rows_times_weights(g_ptr + m * g_sm, g_sr, rows, in_rows, w_ptr + m * w_sm, 1, w_sk, cols,
+                                      in_cols, j_real, BF16, DOT, BLOCK_R, BLOCK_C, BLOCK_J)
             inside = in_rows[:, None] & in_cols[None, :]
             a = tl.load(a_ptr + m * a_sm + rows[:, None] * a_sr + cols[None, :], mask=inside, other=0.0)
             if HAS_DROPOUT:
