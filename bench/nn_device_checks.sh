@@ -7,7 +7,8 @@
 #
 # LEGACY_DIR (optional): an earlier package's tree (say `git archive <commit> watcher_plugins schemas
 # agent_manifests` unpacked), benchmarked with the same arms. Wheels in .whl/ (carried) are installed
-# first: the image lacks plotly (and narwhals), which step 5's report needs. Writes under $OUT:
+# first: the image lacks plotly (and narwhals), which step 5's report needs; fetch them here with
+#   python3 -m pip download --no-deps --only-binary=:all: -d .whl plotly narwhals   (.whl/ is git-ignored) Writes under $OUT:
 # gpu_tests.log, new/nn_bench.json, old/nn_bench.json, profile/*.txt, e2e/comparison.json. Each step has
 # its own time limit (TESTS_S, BENCH_S, PROFILE_S, E2E_S; 0 skips a step), so that one that hangs
 # leaves the others' results.
