@@ -131,6 +131,14 @@ if triton is not None:
         return y
 
     @triton.jit
+    def _tile(tiles_c):
+        """(row tile, column tile) of this program: the column tiles of one row tile are neighbours in
+        the grid's x axis, so that they run together and read that row tile's inputs through the L2 cache
+        once, not once per column tile from memory (the x axis also takes more than 65,535 row tiles)."""
+        pid = tl.program_id(0).to(tl.int64)
+        return pid // tiles_c, pid % tiles_c
+
+    @triton.jit
     def _rows_times_weights(a_ptr, a_sr, rows, in_rows, b_ptr, b_sk, b_sc, cols, in_cols, k_real,
                             BF16: tl.constexpr, DOT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
                             BLOCK_K: tl.constexpr):
@@ -148,17 +156,18 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["n_rows", "layer"])
     def _hidden_forward(a_ptr, a_sm, a_sr, w_ptr, w_sm, w_sk, b_ptr, b_sm, out_ptr, o_sm, o_sr,
-                        k_real_ptr, j_real_ptr, n_rows,
+                        k_real_ptr, j_real_ptr, n_rows, tiles_j,
                         keys_ptr, p_ptr, scale_ptr, train_ptr, epoch_ptr, layer,
                         MAX_LAYERS: tl.constexpr, HAS_DROPOUT: tl.constexpr, BF16: tl.constexpr,
                         DOT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr):
         """out[m] = dropout(relu(a[m] @ w[m] + b[m])) for one hidden layer; a_sm = 0: a is the shared X."""
-        m = tl.program_id(2).to(tl.int64)  # int64 offsets: a pack may hold more than 2**31 activations
+        m = tl.program_id(1).to(tl.int64)  # int64 offsets: a pack may hold more than 2**31 activations
+        row_tile, col_tile = _tile(tiles_j)
         j_real = tl.load(j_real_ptr + m)
-        if tl.program_id(1) * BLOCK_J < j_real:
+        if col_tile * BLOCK_J < j_real:
             k_real = tl.load(k_real_ptr + m)
-            rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-            cols = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
+            rows = row_tile * BLOCK_R + tl.arange(0, BLOCK_R)
+            cols = col_tile * BLOCK_J + tl.arange(0, BLOCK_J)
             in_rows = rows < n_rows
             in_cols = cols < j_real
             acc = _rows_times_weights(a_ptr + m * a_sm, a_sr, rows, in_rows, w_ptr + m * w_sm, w_sk, 1, cols,
@@ -218,18 +227,19 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["n_rows", "layer"])
     def _input_grad(g_ptr, g_sm, g_sr, w_ptr, w_sm, w_sk, a_ptr, a_sm, a_sr, out_ptr, o_sm, o_sr,
-                    k_real_ptr, j_real_ptr, n_rows,
+                    k_real_ptr, j_real_ptr, n_rows, tiles_c,
                     keys_ptr, p_ptr, scale_ptr, train_ptr, epoch_ptr, layer,
                     MAX_LAYERS: tl.constexpr, HAS_DROPOUT: tl.constexpr, BF16: tl.constexpr,
                     DOT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_J: tl.constexpr):
         """The gradient at the pre-activation of the layer below: out[m] = (g[m] @ w[m]^T) * the layer
         below's dropout factor, 0 where its ReLU output a[m] is <= 0 (torch's threshold_backward)."""
-        m = tl.program_id(2).to(tl.int64)
+        m = tl.program_id(1).to(tl.int64)
+        row_tile, col_tile = _tile(tiles_c)
         k_real = tl.load(k_real_ptr + m)  # this layer's inputs: the output units of the layer below
-        if tl.program_id(1) * BLOCK_C < k_real:
+        if col_tile * BLOCK_C < k_real:
             j_real = tl.load(j_real_ptr + m)
-            rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-            cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+            rows = row_tile * BLOCK_R + tl.arange(0, BLOCK_R)
+            cols = col_tile * BLOCK_C + tl.arange(0, BLOCK_C)
             in_rows = rows < n_rows
             in_cols = cols < k_real
             # g[m] @ w[m]^T: the K loop runs over this layer's outputs, w's element (j, c) at c * w_sk + j
@@ -332,9 +342,10 @@ def hidden_forward(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor, out: torch
                    j_real: torch.Tensor, dropout: PackDropout, epoch: torch.Tensor, layer: int, tiles: Tiles) -> None:
     """out [N, R, J] = dropout(relu(a @ w + b)); a is X [R, K] (shared) or [N, R, K]; w [N, K, J]; b [N, J]."""
     n, n_rows, width = out.shape
-    grid = (triton.cdiv(n_rows, tiles.rows), triton.cdiv(width, tiles.units), n)
+    tiles_j = triton.cdiv(width, tiles.units)
+    grid = (triton.cdiv(n_rows, tiles.rows) * tiles_j, n)
     _hidden_forward[grid](a, _stride_m(a), a.stride(-2), w, w.stride(0), w.stride(1), b, b.stride(0),
-                          out, out.stride(0), out.stride(1), k_real, j_real, n_rows,
+                          out, out.stride(0), out.stride(1), k_real, j_real, n_rows, tiles_j,
                           dropout.keys, dropout.p, dropout.scale, dropout.train, epoch, layer,
                           MAX_LAYERS=hashing.MAX_LAYERS, HAS_DROPOUT=dropout.has_dropout,
                           BF16=out.dtype == torch.bfloat16, DOT=tiles.dot, BLOCK_R=tiles.rows,
@@ -365,9 +376,10 @@ def input_grad(g: torch.Tensor, w: torch.Tensor, a: torch.Tensor, out: torch.Ten
     below's output; ``layer`` is the layer below's index (its dropout masks). The output layer's one
     unit takes a narrower K step: a tile chosen by the layer's role, never by a pack's widths."""
     n, n_rows, width = out.shape
-    grid = (triton.cdiv(n_rows, tiles.rows), triton.cdiv(width, tiles.units), n)
+    tiles_c = triton.cdiv(width, tiles.units)
+    grid = (triton.cdiv(n_rows, tiles.rows) * tiles_c, n)
     _input_grad[grid](g, g.stride(0), g.stride(1), w, w.stride(0), w.stride(1), a, a.stride(0), a.stride(1),
-                      out, out.stride(0), out.stride(1), k_real, j_real, n_rows,
+                      out, out.stride(0), out.stride(1), k_real, j_real, n_rows, tiles_c,
                       dropout.keys, dropout.p, dropout.scale, dropout.train, epoch, layer,
                       MAX_LAYERS=hashing.MAX_LAYERS, HAS_DROPOUT=dropout.has_dropout,
                       BF16=out.dtype == torch.bfloat16, DOT=tiles.dot, BLOCK_R=tiles.rows, BLOCK_C=tiles.units,
