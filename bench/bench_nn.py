@@ -79,6 +79,17 @@ class UtilisationSampler:
                 "max_pct": int(max(self.samples))}
 
 
+def set_tiles(spec: str) -> str:
+    """Sets one precision's pack-kernel tiles from PRECISION=rows,units,inner,warps,stages,dot (a tuning
+    arm); returns the precision."""
+    from watcher_plugins.nn_batch import pack_kernels
+
+    precision, values = spec.split("=")
+    *numbers, dot = values.split(",")
+    pack_kernels.TILES[precision] = pack_kernels.Tiles(*map(int, numbers), dot=dot)
+    return precision
+
+
 def draw_trials(n: int, seed: int) -> list[dict]:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=seed))
@@ -203,11 +214,7 @@ def main() -> int:
     args = parser.parse_args()
     device = torch.device(args.device)
     for spec in args.tiles:
-        from watcher_plugins.nn_batch import pack_kernels
-
-        precision, values = spec.split("=")
-        *numbers, dot = values.split(",")
-        pack_kernels.TILES[precision] = pack_kernels.Tiles(*map(int, numbers), dot=dot)
+        set_tiles(spec)
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("bench_nn.py needs a CUDA GPU (or --device cpu to try it out)")
     args.out.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,9 @@ and without replaying a captured epoch (CUDA graph).
     PYTHONPATH=. python bench/nn_profile.py --precision bf16 --out $OUT
     PYTHONPATH=. python bench/nn_profile.py --precision fp32 --arch 64,32,16 --arch 256,128 --fits 5 \
         --graphs both --out $OUT
+
+``--tiles fp32=128,64,16,8,2,ieee`` (repeatable, bench_nn.py's spelling) profiles the same packs again
+under other fixed tiles after the shipped ones: a tile sweep whose every arm is one process's.
 """
 
 from __future__ import annotations
@@ -21,8 +24,9 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench.bench_nn import draw_trials, fit_jobs
+from bench.bench_nn import draw_trials, fit_jobs, set_tiles
 from watcher_plugins.data import FULL_ROWS
+from watcher_plugins.nn_batch import pack_kernels as kernels
 from watcher_plugins.nn_batch.device_data import DeviceDatasetCache
 from watcher_plugins.nn_batch.pack import new_pack
 from watcher_plugins.nn_batch.training import FitTask, TrainSettings, precision_context
@@ -37,6 +41,8 @@ def main() -> None:
                         help="hidden layers, e.g. 64,32,16 (default: the pack with the most work)")
     parser.add_argument("--fits", type=int, default=0, help="at most this many fits per pack (0: all)")
     parser.add_argument("--graphs", choices=["on", "off", "both"], default="on")
+    parser.add_argument("--tiles", action="append", default=[],
+                        help="PRECISION=rows,units,inner,warps,stages,dot: profile again under these tiles")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     device = torch.device("cuda:0")
@@ -49,14 +55,19 @@ def main() -> None:
     archs = [tuple(int(w) for w in a.split(",")) for a in args.arch] or \
         [max(by_arch, key=lambda a: len(by_arch[a]) * FULL_ROWS * sum(a))]
     args.out.mkdir(parents=True, exist_ok=True)
-    for arch in archs:
-        for graphs in both(args.graphs):
-            fits = by_arch[arch][: args.fits or None]
-            text = profile_pack([FitTask.build(job, data) for job in fits], arch, args, device,
-                                f"graphs {graphs}", graphs == "on")
-            print(text)
-            name = f"nn_profile_{args.precision}_{'-'.join(map(str, arch))}_x{len(fits)}_graphs-{graphs}.txt"
-            (args.out / name).write_text(text)
+    for variant, spec in enumerate([None, *args.tiles]):
+        if spec is not None and set_tiles(spec) != args.precision:
+            continue
+        tiles = kernels.TILES[args.precision]
+        for arch in archs:
+            for graphs in both(args.graphs):
+                fits = by_arch[arch][: args.fits or None]
+                text = profile_pack([FitTask.build(job, data) for job in fits], arch, args, device,
+                                    f"graphs {graphs}, {tiles}", graphs == "on")
+                print(text)
+                name = (f"nn_profile_{args.precision}_{'-'.join(map(str, arch))}_x{len(fits)}_graphs-{graphs}"
+                        f"{f'_tiles{variant}' if variant else ''}.txt")
+                (args.out / name).write_text(text)
 
 
 def both(choice: str) -> list[str]:
