@@ -46,6 +46,7 @@ import torch
 
 from watcher_plugins.nn_batch import dropout as hashing
 from watcher_plugins.nn_batch import pack_kernels as kernels
+from watcher_plugins.nn_batch.budget import padded_widths
 from watcher_plugins.nn_batch.device_data import DeviceDataset
 from watcher_plugins.nn_batch.model import initial_parameters
 from watcher_plugins.nn_batch.protocol import FitJob
@@ -194,13 +195,8 @@ class TorchFit:
         if self.p == 0:
             return [None] * len(self.widths)
         rows = torch.arange(self.X.shape[0], device=self.X.device)
-        p32 = torch.tensor(self.p, dtype=torch.float32)
-        masks = []
-        for layer, width in enumerate(self.widths):
-            draws = hashing.draws([hashing.layer_key(self.key, epoch, layer)], rows, width)[0]
-            kept = torch.where(draws >= p32.to(draws.device), hashing.keep_factor(self.p), 0.0)
-            masks.append(torch.where(self.train[:, None], kept, 1.0))
-        return masks
+        return [torch.where(self.train[:, None], hashing.dropout_mask(self.key, epoch, layer, rows, width, self.p), 1.0)
+                for layer, width in enumerate(self.widths)]
 
     def epoch(self, epoch: int, stepping: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """One epoch; returns (held-out loss [], predictions on every row [R])."""
@@ -281,7 +277,7 @@ class TritonPack(FitPack):
         self.tiles = kernels.TILES[settings.precision]
         self.act = activation_dtype(settings.precision)
         n, n_features = self.size, self.data.n_features
-        self.widths = [max(t.job.hidden_layers[i] for t in self.tasks) for i in range(self.depth)]
+        self.widths = padded_widths([t.job.hidden_layers for t in self.tasks])
         self.params: list[torch.Tensor] = []
         all_widths = [n_features, *self.widths, 1]
         init = [initial_parameters(n_features, t.job.hidden_layers, t.init_seed) for t in self.tasks]
@@ -439,7 +435,7 @@ class TritonPack(FitPack):
     def _keep(self, keep: list[int], index: torch.Tensor) -> None:
         """Re-pad to the widest fit that stays; the next epoch captures again (the shapes changed)."""
         self.release()
-        new_widths = [max(t.job.hidden_layers[i] for t in self.tasks) for i in range(self.depth)]
+        new_widths = padded_widths([t.job.hidden_layers for t in self.tasks])
         all_widths = [self.data.n_features, *new_widths, 1]
         for group in (self.params, self.exp_avg, self.exp_avg_sq):
             for i, tensor in enumerate(group):

@@ -22,8 +22,6 @@ so that a captured epoch (CUDA graph) replays with the right ones.
 
 from __future__ import annotations
 
-import functools
-import logging
 import math
 from dataclasses import dataclass
 
@@ -36,8 +34,6 @@ try:  # Triton ships with CUDA builds of torch; CPU hosts use the torch implemen
     import triton.language as tl
 except ImportError:  # pragma: no cover - depends on the torch build
     triton = None
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -77,23 +73,10 @@ def row_chunks(n_rows: int) -> tuple[int, int]:
     return chunk, math.ceil(n_rows / chunk)
 
 
-@functools.cache
 def available() -> bool:
-    """Triton imports, a CUDA device is there, and a first kernel compiles and runs (a host without a C
-    compiler, say, cannot build Triton's launcher): otherwise packs use the torch implementation."""
-    if triton is None or not torch.cuda.is_available():
-        return False
-    try:
-        probe = torch.ones(1, 4, device="cuda")
-        out = torch.empty(1, device="cuda")
-        flags = torch.zeros(1, 4, dtype=torch.uint8, device="cuda")
-        _held_out_loss[(1,)](probe, probe[0], flags, torch.ones(1, device="cuda"), out, 4, BLOCK=ROW_BLOCK)
-        torch.cuda.synchronize()
-    except Exception as exc:  # noqa: BLE001 - any failure to build or run means: do without the kernels
-        log.warning("Triton kernels unavailable (%s: %s); nn_batch trains each fit with torch ops, more slowly",
-                    type(exc).__name__, exc)
-        return False
-    return True
+    """Triton imports and a CUDA device is there; whether the kernels build and train is pack.triton_trains'
+    probe (a host without a C compiler, say, cannot build Triton's launcher)."""
+    return triton is not None and torch.cuda.is_available()
 
 
 if triton is not None:
