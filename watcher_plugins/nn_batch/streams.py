@@ -53,8 +53,7 @@ class StreamsTrainer(Trainer):
                         stream = free_streams.popleft()
                         with self._stream_context(stream):
                             pack = new_pack([task], self.settings, self.device)
-                        pack.capture_graph = self.cuda_graphs and cuda
-                        self.pack_kinds.add(type(pack).__name__)
+                        self._begin(pack)
                         active.append((pack, stream))
                     self.running = [pack.tasks[0].key for pack, _ in active]
                     for _ in range(HOST_CHECK_EVERY):
@@ -78,7 +77,3 @@ class StreamsTrainer(Trainer):
                 for pack, _ in active:
                     self._end(pack)
         self.running = []
-
-    def _end(self, pack: FitPack) -> None:
-        self.graph_captures += pack.captures
-        pack.release()

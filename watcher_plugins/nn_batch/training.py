@@ -193,8 +193,7 @@ class Trainer(ABC):
         """Train a pack (pack.FitPack) from its current epoch to its end: fits leave as early stopping
         ends them (seen every HOST_CHECK_EVERY epochs), and the pack is compacted once
         COMPACT_FRACTION of it has left."""
-        pack.capture_graph = self.cuda_graphs and pack.device.type == "cuda"
-        self.pack_kinds.add(type(pack).__name__)
+        self._begin(pack)
         try:
             while pack.epoch < self.settings.max_epochs:
                 pack.run_epoch()
@@ -209,8 +208,17 @@ class Trainer(ABC):
                     self.running = [t.key for t in pack.tasks]
             pack.finish(on_done)
         finally:
-            self.graph_captures += pack.captures
-            pack.release()  # a pack whose fits all stopped early returns with its graph
+            self._end(pack)  # a pack whose fits all stopped early returns with its graph
+
+    def _begin(self, pack) -> None:
+        """A pack starts training: on a CUDA device it replays a captured epoch (cuda_graphs)."""
+        pack.capture_graph = self.cuda_graphs and pack.device.type == "cuda"
+        self.pack_kinds.add(type(pack).__name__)
+
+    def _end(self, pack) -> None:
+        """A pack is done: count its captures and give back its graph's memory."""
+        self.graph_captures += pack.captures
+        pack.release()
 
 
 def clock() -> float:
