@@ -1,6 +1,6 @@
 """Does XGBoost gain from training several folds at once on one GPU, from threads of one process?
 
-Processes sharing a GPU time-slice (bench/results/trees_h200x2_run2_run3.md: four XGBoost processes
+Processes sharing a GPU time-slice (bench/results/2026-11-28-trees-bench-runs2-3-h200x2/README.md: four XGBoost processes
 did no more work than one). Threads of one process share one CUDA context, and XGBoost launches on
 per-thread default streams, so their kernels may overlap. This fits the first ``--trials`` sampled
 XGBoost trials on the five folds of survivors-98k, once fold after fold and once with each trial's

@@ -6,7 +6,7 @@ folds, learning rates, weight decay and dropout. At 600 rows and at most 40 epoc
 agrees with itself far inside 1e-4 when only the order of its sums changes (``plain_fit`` with
 ``row_order_seed``), so 1e-4 measures the packs against it there. At 4,000 rows and 80 epochs it does
 not: reordered, it moved by up to 3.5e-3 on a CPU and 1.4e-3 on an H200
-(bench/results/nn_agreement_session9).
+(bench/results/2026-11-29-nn-agreement-h200-cpu).
 """
 
 from __future__ import annotations
