@@ -441,7 +441,7 @@ def test_a_lost_database_stops_the_clean_up_at_once(caplog):
             calls.append(trial.number)
             raise StorageLost("lost the connection to the study storage")
 
-    runner = StudyRunner({"nn": None, "lightgbm": None}, {}, None, LostStore(), None, None)
+    runner = StudyRunner({"nn": None, "lightgbm": None}, {}, {}, None, LostStore(), None, None)
     asked = {"nn": [(SimpleNamespace(number=n), None) for n in range(3)],
              "lightgbm": [(SimpleNamespace(number=n), None) for n in range(2)]}
     runner._fail_unfinished(asked)

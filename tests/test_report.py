@@ -18,8 +18,8 @@ from plotly.offline import get_plotlyjs
 
 from watcher_plugins.compare_models import ModelTypeOutcome
 from watcher_plugins.gpu_monitor import GpuSample
+from watcher_plugins.manager import get_plugin_manager
 from watcher_plugins.report import REPORT_FILE, write_report
-from watcher_plugins.search_spaces import suggest
 
 SECTIONS = ("Leaderboard", "Model comparison", "Optimisation history", "Parameter importances")
 GPU_SECTION = "GPU utilisation and memory"
@@ -36,7 +36,7 @@ def make_study(storage: str, model_type: str, n_complete: int, n_failed: int) ->
                                 sampler=optuna.samplers.TPESampler(seed=7))
     for i in range(n_complete + n_failed):
         trial = study.ask()
-        trial.set_user_attr("job_params", suggest(model_type, trial))
+        trial.set_user_attr("job_params", get_plugin_manager().get_model_types()[model_type].search_space(trial))
         if i < n_failed:
             trial.set_user_attr("fail_reason", "fold 0: oom: does not fit")
             study.tell(trial, state=TrialState.FAIL)
@@ -148,7 +148,7 @@ def test_a_study_whose_params_never_vary_gets_a_note(run, storage):
     for value in (0.5, 0.6, 0.7):
         study.enqueue_trial(fixed)
         trial = study.ask()
-        trial.set_user_attr("job_params", suggest("xgboost", trial))
+        trial.set_user_attr("job_params", get_plugin_manager().get_model_types()["xgboost"].search_space(trial))
         study.tell(trial, value)
 
     page = write_report(output_dir, {"xgboost": study}, summary_of({"xgboost": study}, {}), None)

@@ -3,11 +3,17 @@ third-party plugin would. Backends are imported lazily, when a run needs them.""
 
 from __future__ import annotations
 
+from watcher_plugins import search_spaces
 from watcher_plugins.hookspecs import hookimpl
-from watcher_plugins.types import WatcherExecutor, WatcherPipelineStep
+from watcher_plugins.types import ModelType, WatcherExecutor, WatcherPipelineStep
 
 PLUGIN_NAME = "watcher_plugins"
 TREE_MODEL_TYPES = ("catboost", "lightgbm", "xgboost")
+# The seed offsets are those the studies were made with: changing one changes every study of that type.
+NN = ModelType("nn", search_spaces.suggest_nn, seed_offset=0)
+TREES = (ModelType("catboost", search_spaces.suggest_catboost, seed_offset=1),
+         ModelType("lightgbm", search_spaces.suggest_lightgbm, seed_offset=2),
+         ModelType("xgboost", search_spaces.suggest_xgboost, seed_offset=3))
 
 
 def _nn_batch_executor() -> type:
@@ -32,7 +38,7 @@ def _compare_models_step():
 def watcher_executors():
     yield WatcherExecutor(
         name="nn_batch",
-        model_types=("nn",),
+        model_types=(NN,),
         load=_nn_batch_executor,
         params_schema="watcher_plugins.schemas:nn_batch.params.schema.json",
         description="many SurvivorQualityNet trials at once per GPU, in a persistent worker",
@@ -45,7 +51,7 @@ def watcher_executors():
     )
     yield WatcherExecutor(
         name="tree_parallel",
-        model_types=TREE_MODEL_TYPES,
+        model_types=TREES,
         load=_tree_parallel_executor,
         params_schema="watcher_plugins.schemas:tree_parallel.params.schema.json",
         description="CatBoost / LightGBM / XGBoost trials in parallel pinned worker processes",

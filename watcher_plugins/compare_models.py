@@ -40,13 +40,9 @@ from watcher_plugins.manifest import sources, where
 from watcher_plugins.progress import ProgressBoard
 from watcher_plugins.records import STATUS_OK, DataRef, FoldResult, TrialJob
 from watcher_plugins.report import write_report
-from watcher_plugins.search_spaces import suggest
 from watcher_plugins.storage import DEFAULT_DB, StudyStore
-from watcher_plugins.types import WatcherExecutor
+from watcher_plugins.types import DEFAULT_METRIC, ModelType, WatcherExecutor
 
-#: A fixed sampler-seed offset per model type, so a study's trajectory does not depend on which
-#: other model types are in the run.
-_SAMPLER_SEED_OFFSET = {"nn": 0, "catboost": 1, "lightgbm": 2, "xgboost": 3}
 logger = logging.getLogger(__name__)
 TRIALS_FILE = "trials.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -97,6 +93,16 @@ class TrialLog:
 
 def _choose_executors(pm, params: Mapping[str, Any]) -> dict[str, WatcherExecutor]:
     """The executor registration serving each model type: the manifest's choice, else the only one registered."""
+    declared = pm.get_model_types()
+    for model_type in params["model_types"]:
+        # the schema's enum lists the declared types; a host that merged params itself may not have checked
+        if model_type not in declared:
+            raise PluginError(f"{where(params, 'model_types')}: unknown model type {model_type!r}; "
+                              f"registered model types: {', '.join(declared) or 'none'}")
+        if DEFAULT_METRIC not in declared[model_type].metrics:
+            raise PluginError(f"{where(params, 'model_types')}: model type {model_type!r} does not report "
+                              f"{DEFAULT_METRIC!r}, the metric step 5 optimises; it reports "
+                              f"{', '.join(declared[model_type].metrics)}")
     executors = pm.get_executors()
     serving = pm.executor_for_model_types()
     chosen = params.get("executors") or {}
@@ -136,9 +142,10 @@ def _trial_value(results: list[FoldResult]) -> tuple[float | None, str | None]:
 class StudyRunner:
     """Asks, runs and tells the studies that share one executor, batch by batch."""
 
-    def __init__(self, studies: dict[str, optuna.Study], params: dict, data: DataRef, store: StudyStore,
-                 log: TrialLog, board: ProgressBoard):
+    def __init__(self, studies: dict[str, optuna.Study], model_types: Mapping[str, ModelType], params: dict,
+                 data: DataRef, store: StudyStore, log: TrialLog, board: ProgressBoard):
         self.studies = studies
+        self.model_types = model_types
         self.params = params
         self.data = data
         self.store = store
@@ -158,7 +165,7 @@ class StudyRunner:
             if self.store.prune_if_surplus(study, trial, self.params["trials"]):
                 into.pop()
                 break
-            job = TrialJob(model_type=model_type, trial_number=trial.number, params=suggest(model_type, trial),
+            job = TrialJob(model_type=model_type, trial_number=trial.number, params=self.model_types[model_type].search_space(trial),
                            data=self.data, folds=self.params["folds"], seed=self.params["seed"])
             into[-1] = (trial, job)
 
@@ -280,6 +287,7 @@ def run_compare_models(params: dict, pm, out: TextIO | None = None) -> dict:
     fingerprint = dataset.sha256() if data.path else None  # the embedded data is fixed by its version
     devices = resolve_devices(params["devices"], where(params, "devices"))
     chosen = _choose_executors(pm, params)
+    declared = pm.get_model_types()
 
     outcomes: dict[str, ModelTypeOutcome] = {}
     runnable: dict[str, WatcherExecutor] = {}
@@ -310,7 +318,8 @@ def run_compare_models(params: dict, pm, out: TextIO | None = None) -> dict:
             # The check sees the executor's params against the run's devices; name whoever set them.
             keys = [*registration.schema().get("properties", {}), "devices"]
             raise ManifestError([f"{sources(params, keys)} ({executor_name}): {exc}"]) from None
-    store, group_studies = _open_storage(params, output_dir, data, fingerprint, groups, runnable, devices)
+    store, group_studies = _open_storage(params, output_dir, data, fingerprint, groups, runnable, declared,
+                                         devices)
     print(f"compare_models: {dataset.name} ({dataset.n_rows} rows x {dataset.X.shape[1]} features), "
           f"{params['folds']}-fold CV, {params['trials']} trials per model type, "
           f"devices: {', '.join(f'GPU {d}' for d in devices) or 'CPU'}", file=out)
@@ -330,7 +339,7 @@ def run_compare_models(params: dict, pm, out: TextIO | None = None) -> dict:
             try:
                 executor_cls = runnable[model_types[0]].load()
                 with executor_cls(params, context) as executor:
-                    StudyRunner(studies, params, data, store, log, board).run(executor)
+                    StudyRunner(studies, declared, params, data, store, log, board).run(executor)
             except KeyboardInterrupt:
                 try:  # what finished, for the summary; never let this hide the interrupt
                     outcomes.update(_outcomes(store, studies, executor_name, time.monotonic() - group_started))
@@ -355,6 +364,7 @@ def run_compare_models(params: dict, pm, out: TextIO | None = None) -> dict:
 
 def _open_storage(params: Mapping[str, Any], output_dir: Path, data: DataRef, fingerprint: str | None,
                   groups: dict[str, list[str]], runnable: dict[str, WatcherExecutor],
+                  declared: Mapping[str, ModelType],
                   devices: list[int]) -> tuple[StudyStore, dict[str, dict[str, optuna.Study]]]:
     """Make output_dir, open the storage and every study. Bad input (an output_dir that cannot be written, a
     bad storage URL, a study made with other params) leaves nothing behind: no study is created until
@@ -363,7 +373,7 @@ def _open_storage(params: Mapping[str, Any], output_dir: Path, data: DataRef, fi
     store = None
     try:
         store = StudyStore.open(params, output_dir, data, fingerprint)
-        return store, _open_studies(store, groups, runnable, params, devices)
+        return store, _open_studies(store, groups, runnable, declared, params, devices)
     except BaseException:
         if store is not None:
             store.close()
@@ -373,7 +383,8 @@ def _open_storage(params: Mapping[str, Any], output_dir: Path, data: DataRef, fi
 
 
 def _open_studies(store: StudyStore, groups: dict[str, list[str]], runnable: dict[str, WatcherExecutor],
-                  params: Mapping[str, Any], devices: list[int]) -> dict[str, dict[str, optuna.Study]]:
+                  declared: Mapping[str, ModelType], params: Mapping[str, Any],
+                  devices: list[int]) -> dict[str, dict[str, optuna.Study]]:
     """Every study, opened (and checked against the params it was made with) before anything trains: a
     tree param changed since the last run must not be refused after hours of NN training. All are
     checked before any is created, so that a refused one leaves no other behind."""
@@ -385,9 +396,9 @@ def _open_studies(store: StudyStore, groups: dict[str, list[str]], runnable: dic
                                         | registration.result_tags | {"compute": "gpu" if devices else "cpu"})
         for model_type in model_types:
             store.check(model_type, result_params[executor_name])
-    return {executor_name: {mt: store.study(mt, seed=params["seed"] + _SAMPLER_SEED_OFFSET.get(mt, 0),
-                                            result_params=result_params[executor_name]) for mt in model_types}
-            for executor_name, model_types in groups.items()}
+    return {executor_name: {mt: store.study(mt, seed=params["seed"] + declared[mt].seed_offset,
+                                            result_params=result_params[executor_name]) for mt in names}
+            for executor_name, names in groups.items()}
 
 
 def _make_output_dir(output_dir: Path, param: str) -> list[Path]:

@@ -11,7 +11,7 @@ import pluggy
 
 from watcher_plugins import builtin, hookspecs
 from watcher_plugins.errors import PluginError
-from watcher_plugins.types import WatcherExecutor, WatcherPipelineStep
+from watcher_plugins.types import ModelType, WatcherExecutor, WatcherPipelineStep
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,32 @@ class WatcherPluginManager(pluggy.PluginManager):
                 )
             by_number[step.number] = step
         return dict(sorted(by_number.items()))
+
+    def get_model_types(self) -> dict[str, ModelType]:
+        """Every declared model type by name, sorted. Each is declared by one executor registration, with a
+        seed offset no other uses; an executor that names a model type nobody declares is an error."""
+        executors = self.get_executors().values()
+        declared: dict[str, ModelType] = {}
+        owners: dict[str, str] = {}
+        for executor in executors:
+            for model_type in executor.declares:
+                if model_type.name in declared:
+                    raise PluginError(f"model type {model_type.name!r} is declared by both executors "
+                                      f"{owners[model_type.name]!r} and {executor.name!r}")
+                clash = [name for name, other in declared.items() if other.seed_offset == model_type.seed_offset]
+                if clash:
+                    raise PluginError(f"model type {model_type.name!r} (executor {executor.name!r}) has seed_offset "
+                                      f"{model_type.seed_offset}, which {clash[0]!r} (executor {owners[clash[0]]!r}) "
+                                      f"has already: each model type's sampler needs its own")
+                declared[model_type.name] = model_type
+                owners[model_type.name] = executor.name
+        for executor in executors:
+            for name in executor.model_types:
+                if name not in declared:
+                    raise PluginError(f"executor {executor.name!r} runs model type {name!r}, which no registration "
+                                      f"declares (a ModelType with its search space); declared: "
+                                      f"{', '.join(sorted(declared)) or 'none'}")
+        return dict(sorted(declared.items()))
 
     def executor_for_model_types(self) -> dict[str, list[str]]:
         """Which executors can run each model type (names sorted)."""

@@ -44,7 +44,21 @@ def params_schema(pm) -> dict:
                 raise PluginError(f"param {key!r} is declared by both {owners[key]!r} and {registration.name!r}")
             properties[key] = subschema
             owners[key] = registration.name
-    return {"type": "object", "additionalProperties": False, "properties": properties}
+    registered = {"model_types": list(pm.get_model_types())}
+    return {"type": "object", "additionalProperties": False, "properties": _with_registered(properties, registered)}
+
+
+def _with_registered(schema: Any, registered: dict[str, list[str]]) -> Any:
+    """``schema`` with every ``{"x-registered": KIND}`` given the enum of what is registered of that kind
+    (the model types), so that a schema names what plugins add without listing it."""
+    if isinstance(schema, dict):
+        out = {key: _with_registered(value, registered) for key, value in schema.items()}
+        if "x-registered" in schema:
+            out["enum"] = registered[schema["x-registered"]]
+        return out
+    if isinstance(schema, list):
+        return [_with_registered(value, registered) for value in schema]
+    return schema
 
 
 def _validator(schema: dict):
@@ -101,7 +115,8 @@ def _message(error: ValidationError) -> str:
     return error.message
 
 
-def _problems(instance: Any, schema: dict, source: str, prefix: str) -> list[str]:
+def validation_problems(instance: Any, schema: dict, source: str, prefix: str) -> list[str]:
+    """Every problem of ``instance`` against ``schema``, sorted, one ``SOURCE::$.path: message`` each."""
     errors = sorted(_validator(schema).iter_errors(instance), key=lambda e: (list(map(str, e.absolute_path)), e.message))
     return [f"{source}::{_json_path(e, prefix)}: {_message(e)}" for e in errors]
 
@@ -181,9 +196,9 @@ def _read_manifest(path: Path, source: str, schema: dict) -> tuple[Any, list[str
         return None, [f"{source}: cannot read the manifest: {exc}"]
     except ManifestError as exc:
         return None, exc.problems
-    problems = _problems(document, _load_schema("manifest.schema.json"), source, "$")
+    problems = validation_problems(document, _load_schema("manifest.schema.json"), source, "$")
     if isinstance(document, dict) and isinstance(document.get("params"), dict):
-        problems += _problems(document["params"], schema, source, "$.params")
+        problems += validation_problems(document["params"], schema, source, "$.params")
     return document, problems
 
 
@@ -197,7 +212,7 @@ def _read_override(text: str | None, schema: dict) -> tuple[dict, list[str]]:
         return {}, exc.problems
     if not isinstance(override, dict):
         return {}, [f"{PARAMS_LABEL}::$: expected a JSON object, got {type(override).__name__}"]
-    return override, _problems(override, schema, PARAMS_LABEL, "$")
+    return override, validation_problems(override, schema, PARAMS_LABEL, "$")
 
 
 def load_manifest(path: str | Path | None, params_override: str | None, pm) -> ResolvedManifest:

@@ -1,4 +1,5 @@
-"""The Optuna search space of each model type: ``suggest(model_type, trial) -> params``.
+"""The Optuna search spaces of the built-in model types, ``(trial) -> params``; builtin.py declares
+each with its model type (a plugin's model type brings its own).
 
 The suggested params are exactly what a trial job carries to its worker; settings that are the same
 for every trial (epoch caps, boosting rounds, precision) are executor params instead.
@@ -6,9 +7,10 @@ for every trial (epoch caps, boosting rounds, precision) are executor params ins
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-import optuna
+if TYPE_CHECKING:
+    import optuna
 
 
 def suggest_nn(trial: optuna.Trial) -> dict:
@@ -52,15 +54,3 @@ def suggest_xgboost(trial: optuna.Trial) -> dict:
         "min_child_weight": trial.suggest_float("min_child_weight", 1.0, 20.0, log=True),
         "reg_lambda": trial.suggest_float("reg_lambda", 1e-3, 10.0, log=True),
     }
-
-
-SEARCH_SPACES: dict[str, Callable[[optuna.Trial], dict]] = {
-    "nn": suggest_nn,
-    "catboost": suggest_catboost,
-    "lightgbm": suggest_lightgbm,
-    "xgboost": suggest_xgboost,
-}
-
-
-def suggest(model_type: str, trial: optuna.Trial) -> dict:
-    return SEARCH_SPACES[model_type](trial)

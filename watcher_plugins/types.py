@@ -8,14 +8,17 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from watcher_plugins.errors import PluginError
+
+if TYPE_CHECKING:
+    import optuna
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
-def _schema_from_resource(ref: str | dict | None) -> dict:
+def schema_from_resource(ref: str | dict | None) -> dict:
     """Load a params schema given inline or as ``package:file.json`` shipped as package data."""
     if ref is None:
         return {"type": "object", "properties": {}}
@@ -44,10 +47,42 @@ class WatcherPlugin:
         self.name = self.name.strip().lower()
 
 
+#: The metric every model type's study optimises today (mean held-out R² over the folds, maximised).
+DEFAULT_METRIC = "r2"
+
+
+@dataclass(frozen=True)
+class ModelType:
+    """A model type, declared by the executor registration that owns it: everything step 5 needs to run
+    its study, so that adding one is a registration and no change to the core.
+
+    :param search_space: ``(optuna.Trial) -> params``, the params a trial job carries to its worker.
+    :param seed_offset: added to the run's seed for this type's sampler, so that a study's trajectory
+        does not depend on which other model types are in the run; unique among registered types.
+    :param metrics: the objectives its trials can report, the study's metric among them.
+    """
+
+    name: str
+    search_space: Callable[[optuna.Trial], dict] = field(repr=False)
+    seed_offset: int
+    metrics: tuple[str, ...] = (DEFAULT_METRIC,)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not _NAME.match(self.name):
+            raise PluginError(f"model type name {self.name!r} is invalid: expected lower-case letters, digits and '_'")
+        if not isinstance(self.seed_offset, int) or isinstance(self.seed_offset, bool) or self.seed_offset < 0:
+            raise PluginError(f"model type {self.name!r}: seed_offset {self.seed_offset!r}: expected an int >= 0")
+        if not callable(self.search_space):
+            raise PluginError(f"model type {self.name!r}: search_space must be callable (optuna.Trial -> dict)")
+
+
 @dataclass
 class WatcherExecutor(WatcherPlugin):
     """An executor: runs batches of trials of the given model types.
 
+    :param model_types: the model types it runs: a ``ModelType`` declares one (this registration owns
+        it), a name runs one that another registration declares. ``model_types`` holds the names
+        afterwards, ``declares`` the declarations.
     :param load: returns the Executor class; called only when the executor is used, so that heavy
         imports (torch, a tree library) stay out of the host process until needed.
     :param params_schema: the JSON Schema of the manifest params this executor owns, inline or as
@@ -55,7 +90,7 @@ class WatcherExecutor(WatcherPlugin):
     :param requires: for each model type, a module that must be importable for it to run.
     """
 
-    model_types: tuple[str, ...] = ()
+    model_types: tuple[str | ModelType, ...] = ()
     load: Callable[[], type] = field(default=lambda: None, repr=False)
     params_schema: str | dict | None = None
     description: str = ""
@@ -71,12 +106,17 @@ class WatcherExecutor(WatcherPlugin):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.model_types = tuple(self.model_types)
-        if not self.model_types:
+        given = tuple(self.model_types)
+        if not given:
             raise PluginError(f"executor {self.name!r} registers no model_types")
+        self.declares: tuple[ModelType, ...] = tuple(m for m in given if isinstance(m, ModelType))
+        self.model_types = tuple(m.name if isinstance(m, ModelType) else m for m in given)
+        for name in self.model_types:
+            if not isinstance(name, str) or not _NAME.match(name):
+                raise PluginError(f"executor {self.name!r}: model type {name!r}: expected a ModelType or its name")
 
     def schema(self) -> dict:
-        return _schema_from_resource(self.params_schema)
+        return schema_from_resource(self.params_schema)
 
     def missing_requirement(self, model_type: str) -> str | None:
         """Why ``model_type`` cannot run here (with the install command), or None if it can."""
@@ -101,4 +141,4 @@ class WatcherPipelineStep(WatcherPlugin):
             raise PluginError(f"pipeline step {self.name!r} has number {self.number!r}: expected an int >= 1")
 
     def schema(self) -> dict:
-        return _schema_from_resource(self.params_schema)
+        return schema_from_resource(self.params_schema)

@@ -170,13 +170,14 @@ def sample_params(model_type: str, trial_number: int, seed: int) -> dict:
     """The params a seeded random sampler gives trial ``trial_number`` of ``model_type``'s search space."""
     import optuna
 
-    from watcher_plugins.search_spaces import suggest
+    from watcher_plugins.builtin import TREES
 
+    search_space = {declared.name: declared.search_space for declared in TREES}[model_type]
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
     for _ in range(trial_number + 1):
         trial = study.ask()
-        params = suggest(model_type, trial)
+        params = search_space(trial)
     return params
 
 
