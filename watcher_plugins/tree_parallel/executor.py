@@ -27,7 +27,7 @@ DEFAULTS = {"tree_parallel_workers": 1, "xgboost_per_gpu": 1, "tree_device": "au
             "tree_early_stopping_rounds": 50, "catboost_gpu_ram_part": "auto", "xgboost_gpu_fold_threads": "auto",
             "tree_gpu_worker_cores": "auto", "xgboost_gpu_async_pool": True}
 # xgboost_gpu_fold_threads "auto" with more than one worker: the folds of a 5-fold trial all at once
-# (on an H200 10 threads were slower than 5: bench/results/h200_session4/).
+# (on an H200 10 threads were slower than 5: bench/results/2026-11-29-xgboost-fold-threads-h200/).
 AUTO_XGBOOST_GPU_FOLD_THREADS = 5
 # "auto" plans workers into this share of the host memory available; the rest is for the host process
 # (its own copy of the data, the studies), an NN worker, and the page cache.

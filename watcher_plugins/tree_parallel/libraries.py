@@ -8,7 +8,7 @@ splits its CPU work into a fixed number of blocks whatever the threads; XGBoost 
 histograms per fixed row block; LightGBM needs ``deterministic=True`` with ``force_row_wise=True``
 (its documented recipe). CatBoost's docs do not promise bit-stable GPU training (summation order),
 yet on an H200 the same trials gave identical R^2 with 1, 3, 8 and 16 workers
-(bench/results/trees_h200x2.md); XGBoost on the GPU did too.
+(bench/results/2026-11-28-trees-bench-run1-h200x2/README.md); XGBoost on the GPU did too.
 """
 
 from __future__ import annotations
@@ -33,15 +33,15 @@ TREE_MODEL_TYPES = ("catboost", "lightgbm", "xgboost")
 GPU_MODEL_TYPES = frozenset({"catboost", "xgboost"})
 # The GPU model types whose trials may share one GPU (up to xgboost_per_gpu at once). DESIGN measured
 # four XGBoost processes on one H200 at 1.4x the work of one (on survivors-98k sharing was slower:
-# bench/results/trees_h200x2_run2_run3.md); two CatBoost processes ran 2x slower than one.
+# bench/results/2026-11-28-trees-bench-runs2-3-h200x2/README.md); two CatBoost processes ran 2x slower than one.
 SHARED_GPU_MODEL_TYPES = frozenset({"xgboost"})
 # The GPU model types whose folds may train at once in threads of one worker (xgboost_gpu_fold_threads).
 # Processes sharing a GPU time-slice it; threads of one process share its CUDA context, and XGBoost
 # launches on per-thread default streams, so their kernels overlap: on an H200, 5 threads on 6 cores
 # trained 6 survivors-98k trials 1.68x faster than one fold at a time (which took as long on 6 cores as
 # on 2), with bit-identical R^2; 1.03x with the 5 threads on 2 cores, since a GPU XGBoost fit keeps a
-# core busy launching kernels (bench/results/h200_session4/). 2.55x with GPU memory from CUDA's
-# stream-ordered pool (XGBoostFitter; bench/results/h200_session5/).
+# core busy launching kernels (bench/results/2026-11-29-xgboost-fold-threads-h200/). 2.55x with GPU memory from CUDA's
+# stream-ordered pool (XGBoostFitter; bench/results/2026-11-29-xgboost-async-pool-h200/).
 # Not CatBoost: it never shares its GPU, and its CUDA manager is one per process.
 FOLD_THREADS_GPU_MODEL_TYPES = frozenset({"xgboost"})
 
@@ -119,7 +119,7 @@ class CatBoostFitter(TreeFitter):
 
     GPU memory: CatBoost reserves ``gpu_ram_part`` of the GPU's memory at the start of every fit, 0.95
     by default. On an H200 reserving 133 GiB costs 0.4 s per fit, about as much as 200 rounds on a
-    survivors-98k fold, which needs less than 42 MiB (bench/results/h200_session3/). "auto"
+    survivors-98k fold, which needs less than 42 MiB (bench/results/2026-11-28-catboost-reserve-h200/). "auto"
     (``catboost_gpu_ram_part`` None) reserves ``AUTO_GPU_RAM_PART`` instead. A fit that outgrows its
     reserve aborts the process (CatBoost raises on a thread of its own), so the retry with CatBoost's
     default is the pool's (pool.py). The reserve does not change the model (same R^2 to the last bit,
@@ -223,7 +223,7 @@ class XGBoostFitter(TreeFitter):
     each free. From CUDA's stream-ordered pool (cudaMallocAsync) a free waits for nothing. On an H200, 5
     fold threads trained survivors-98k's XGBoost trials 2.55x faster than one fold at a time with the
     pool, 1.63x without; one fold at a time gained 1.06x; R^2 bit-identical in every arm
-    (bench/results/h200_session5/). XGBoost's config is per thread, so the pool is set around each fit
+    (bench/results/2026-11-29-xgboost-async-pool-h200/). XGBoost's config is per thread, so the pool is set around each fit
     (its allocators keep the setting they were made with, so memory is always freed the way it came).
     Where CUDA refuses the pool (no visible GPU, or a device without stream-ordered allocation, such
     as some virtual GPUs) the fit goes on with cudaMalloc, which gives the same model, and its info

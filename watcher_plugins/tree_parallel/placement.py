@@ -50,7 +50,7 @@ class WorkerPlacement:
 # One tree worker's host memory: the interpreter and libraries, then per cell (row x feature) of the data its
 # copy and fold splits, and per cell and fold each library's per-fold datasets (kept for the pool's
 # life). Peaks measured on CPU workers for 98,784 and 400,000 rows x 62 at 5 and 10 folds, rounded up
-# (bench/results/tree_worker_memory_cpu/): all three libraries, as a GPU worker or a worker of a pool
+# (bench/results/2026-11-29-tree-worker-memory-cpu/): all three libraries, as a GPU worker or a worker of a pool
 # without GPUs trains them; LightGBM only, as a CPU worker of a pool with GPUs does.
 WORKER_MEMORY = {"all": (290e6, 18.0, 9.0), "lightgbm": (200e6, 10.0, 5.5)}  # base, per cell, per cell-fold
 
@@ -69,7 +69,7 @@ def auto_gpu_worker_cores(fold_threads: int, n_cores: int, n_gpus: int) -> int |
 
     On an H200, 5 fold threads of survivors-98k ran 1.50x faster than one fold at a time (on 2 cores;
     more do not speed it up) when given 4 cores, 1.68x on 6, 1.67x on 8, 1.64x on 12, all with cudaMalloc
-    (bench/results/h200_session4/); 2.55x on 6 with CUDA's stream-ordered pool (h200_session5/).
+    (bench/results/2026-11-29-xgboost-fold-threads-h200/); 2.55x on 6 with CUDA's stream-ordered pool (2026-11-29-xgboost-async-pool-h200/).
     """
     if fold_threads <= 1 or n_gpus < 1:
         return None
