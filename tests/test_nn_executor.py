@@ -339,9 +339,9 @@ def test_a_huge_timeout_means_no_timeout(tmp_path, huge):
 def test_a_worker_that_does_not_die_of_sigkill_is_left_behind_with_a_warning(tmp_path, monkeypatch, caplog):
     # A worker stuck in the GPU driver (uninterruptible) outlives SIGKILL. No such process can be made on
     # the CPU: here, once killed, a worker's wait never sees it end (it really is killed).
-    from watcher_plugins.nn_batch import client
+    from watcher_plugins import child_process
 
-    monkeypatch.setattr(client, "KILL_WAIT_S", 0.5)
+    monkeypatch.setattr(child_process, "KILL_WAIT_S", 0.5)
     killed: set[int] = set()
     test_over = threading.Event()
     real_kill, real_wait = subprocess.Popen.kill, subprocess.Popen.wait
@@ -364,7 +364,7 @@ def test_a_worker_that_does_not_die_of_sigkill_is_left_behind_with_a_warning(tmp
     done = {}
     batch = threading.Thread(target=lambda: done.update(results=executor.run_batch(trials(1))), daemon=True)
     try:
-        with caplog.at_level(logging.WARNING, logger="watcher_plugins.nn_batch.client"):
+        with caplog.at_level(logging.WARNING, logger="watcher_plugins.child_process"):
             batch.start()
             batch.join(timeout=60)  # a hang, not a slow batch: this one takes seconds
             assert not batch.is_alive(), "the batch hangs on a worker that does not die"
@@ -379,17 +379,17 @@ def test_a_worker_that_does_not_die_of_sigkill_is_left_behind_with_a_warning(tmp
 def test_close_while_a_worker_starts_leaves_none_behind(tmp_path, monkeypatch):
     # close() between the slot's taking the worker in and its process starting: widened here by a slow
     # step just before Popen (normally a millisecond).
-    from watcher_plugins.nn_batch import client
+    from watcher_plugins import child_process
 
     marker = uuid.uuid4().hex
     monkeypatch.setenv("WATCHER_TEST_MARKER", marker)
-    real_pin = client.pin_environment
+    real_pin = child_process.pin_environment
 
     def slow_pin(env, gpu):
         time.sleep(2)
         return real_pin(env, gpu)
 
-    monkeypatch.setattr(client, "pin_environment", slow_pin)
+    monkeypatch.setattr(child_process, "pin_environment", slow_pin)
     executor = NNBatchExecutor(PARAMS, context(tmp_path))
     done = {}
     batch = threading.Thread(target=lambda: done.update(results=executor.run_batch(trials(1))), daemon=True)
