@@ -48,12 +48,11 @@ def test_devices_auto_without_cuda_visible_devices_is_every_gpu(monkeypatch):
 
 def test_child_processes_number_gpus_as_nvml_and_the_leases_do():
     # CUDA's default order is fastest first; NVML's (the leases', the monitor's) is PCI bus order.
-    from watcher_plugins.tree_parallel.placement import WorkerPlacement
-    from watcher_plugins.tree_parallel.pool import _worker_env
+    from watcher_plugins.child_process import child_environment
 
     assert pin_environment({}, 3) == {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": "3"}
     assert pin_environment({"CUDA_VISIBLE_DEVICES": "0,1"}, None)["CUDA_VISIBLE_DEVICES"] == ""
-    env = _worker_env(WorkerPlacement(slot=0, gpu=1, cores=(0,)))
+    env = child_environment(1)
     assert env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID" and env["CUDA_VISIBLE_DEVICES"] == "1"
 
 

@@ -14,7 +14,7 @@ import pytest
 from watcher_plugins.executor import RunContext
 from watcher_plugins.lease import GpuLease
 from watcher_plugins.records import DataRef, TrialJob
-from watcher_plugins.tree_parallel import pool as pool_module
+from watcher_plugins.tree_parallel import slots as slots_module
 from watcher_plugins.tree_parallel.executor import TreeParallelExecutor
 from watcher_plugins.tree_parallel.libraries import FitSettings
 from watcher_plugins.tree_parallel.trial import run_trial
@@ -206,7 +206,7 @@ def test_a_worker_whose_end_of_stream_waits_in_the_queue_is_not_taken_for_silent
     # A GPU worker whose fit failed retires: fold results, "done", exit. With a slow result callback
     # the pool sees the exit long before it reaches those queued lines; they must still count.
     pytest.importorskip("xgboost")
-    monkeypatch.setattr(pool_module, "SILENT_DEATH_S", 0.5)
+    monkeypatch.setattr(slots_module, "SILENT_DEATH_S", 0.5)
     job = _job(0, model_type="xgboost", params={"max_depth": 3})  # no GPU here: each GPU fit fails
     with _executor(tmp_path, devices=[0], retries=0, tree_device="gpu", tree_parallel_workers=1) as ex:
         results = ex.run_batch([job], on_result=lambda result: time.sleep(1.5))
@@ -234,7 +234,7 @@ def test_bytes_on_stderr_that_are_not_utf8_do_not_stall_the_worker(tmp_path):
     noisy = _job(0, "stderr_latin1:caf\u00e9 " + "x" * 200_000)
     with _executor(tmp_path, retries=0, tree_parallel_workers=1, tree_trial_timeout_s=120) as ex:
         results = ex.run_batch([noisy])
-        tail = list(ex.pool._workers[0].stderr_tail)
+        tail = list(ex.pool.slots.workers[0].stderr_tail)
     assert [r.status for r in results] == ["ok"] * 3, [r.error for r in results]
     assert any(line.startswith("caf\\xe9 xxx") for line in tail), tail[:3]
 
@@ -336,3 +336,30 @@ def _alive(pid: int) -> bool:
             return fh.read().split(") ")[1][0] != "Z"  # a zombie has exited
     except (FileNotFoundError, IndexError):
         return False
+
+
+def test_a_reply_the_protocol_does_not_allow_kills_the_worker_and_fails_its_trial_naming_the_field(tmp_path):
+    # The worker sends a fold reply whose fold_idx is no integer: the pool cannot use it, and a worker
+    # whose protocol stream is corrupt is replaced. retries=0: the trial fails with what was wrong.
+    with _executor(tmp_path, retries=0, tree_parallel_workers=1) as ex:
+        results = ex.run_batch([_job(0, "bad_reply"), _job(1)])
+        assert ex.pool.restarts == 1
+    assert [r.status for r in results[:3]] == ["fail"] * 3
+    assert all("was killed: it wrote a line that its protocol does not allow: $.result.fold_idx: 'first' is not "
+               "of type 'integer'" in r.error and "gave up after 1 attempt(s)" in r.error for r in results[:3])
+    assert all(r.status == "ok" for r in results[3:])
+
+
+def test_a_trial_whose_request_the_worker_refuses_fails_at_once_with_the_reason(tmp_path):
+    # A seed the protocol refuses: the worker answers with an error line naming the field, and trains
+    # nothing; the pool fails the trial with it instead of waiting for results until the trial timeout.
+    refused = TrialJob("lightgbm", 0, LGB, DATA, 3, seed=-1)
+    started = time.monotonic()
+    with _executor(tmp_path, retries=0, tree_trial_timeout_s=600) as ex:
+        results = ex.run_batch([refused, _job(1)])
+        assert ex.pool.restarts == 0  # a refusal costs no worker
+    assert time.monotonic() - started < 60
+    assert [r.status for r in results[:3]] == ["fail"] * 3
+    assert all("refused the trial's request: invalid_request: not a request the protocol allows: $.job.seed: -1 is "
+               "less than the minimum of 0" in r.error for r in results[:3]), results[0].error
+    assert all(r.status == "ok" for r in results[3:])

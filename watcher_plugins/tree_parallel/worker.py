@@ -8,7 +8,8 @@ worker), and with its config as JSON on the command line:
 
 (config: placement, rounds, early_stopping_rounds, xgboost_gpu_fold_threads, xgboost_gpu_async_pool.)
 
-Protocol: one JSON object a line.
+Protocol: one JSON object a line; schemas/tree_worker_protocol.schema.json is the contract, and each
+side checks what it receives against it.
     parent -> worker  {"command": "ping"}
                       {"command": "train", "job": {TrialJob}, "folds": [0, 1, ...],
                        "catboost_gpu_ram_part": null (auto) | share}
@@ -18,7 +19,9 @@ Protocol: one JSON object a line.
                       {"event": "done", "trial_number": n, "retiring": bool}
                                                     after the trial's last fold; retiring: a fold failed
                                                     on the GPU, and the worker exits now
-                      {"event": "error", "message": ...}            a request it could not read
+                      {"event": "error", "code": ..., "message": ...}
+                                                    a request it refused (not JSON, or not one the
+                                                    schema allows: the message names the JSON path)
 The worker takes no GPU lease itself: the pool holds its GPU's lease on its behalf and sends it a GPU
 trial only while holding it (several workers of one pool may share a GPU; see pool.py). The worker
 never imports torch.
@@ -32,9 +35,10 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TextIO
 
+from watcher_plugins.child_process import protocol_schema
 from watcher_plugins.orphans import exit_with_parent
 from watcher_plugins.records import STATUS_OK, FoldResult, TrialJob
 from watcher_plugins.stdio import claim_stdout
@@ -53,6 +57,8 @@ FAULT_INJECTION_ENV = "WATCHER_TREE_FAULT_INJECTION"
 FAULT_PARAM = "_fault"
 # Written to stderr as a trial begins, so the pool can tell this trial's stderr from earlier trials'.
 TASK_STDERR_MARKER = "tree worker: trial begins:"
+PROTOCOL_SCHEMA = "tree_worker_protocol.schema.json"
+REQUESTS = protocol_schema(PROTOCOL_SCHEMA, "request")
 
 
 class TreeWorker:
@@ -92,10 +98,16 @@ class TreeWorker:
                 return  # the parent is gone
             try:
                 request = json.loads(line)
-                command = request["command"]
-            except (ValueError, KeyError, TypeError):
-                self.send({"event": "error", "message": f"not a request: {line.strip()[:200]!r}"})
+            except (ValueError, RecursionError):
+                self.send({"event": "error", "code": "malformed_json",
+                           "message": f"not a request: not JSON: {line.strip()[:200]!r}"})
                 continue
+            problem = REQUESTS.problem(request)
+            if problem is not None:
+                self.send({"event": "error", "code": "invalid_request",
+                           "message": f"not a request the protocol allows: {problem}"})
+                continue
+            command = request["command"]
             if command == "shutdown":
                 return
             if command == "ping":
@@ -108,8 +120,6 @@ class TreeWorker:
                     # stays set: "State == nullptr" on every later fit; a sticky CUDA error likewise).
                     # Exit after the trial; the pool starts a fresh worker for the next one.
                     return
-            else:
-                self.send({"event": "error", "message": f"unknown command {command!r}"})
 
     def train(self, job: TrialJob, folds: list[int], catboost_gpu_ram_part: float | None = None) -> bool:
         """Train the folds, reporting each; True if a fold failed on the GPU."""
@@ -129,14 +139,15 @@ class TreeWorker:
         sys.stderr.write(f"{TASK_STDERR_MARKER} {job.model_type} {job.trial_number}\n")
         sys.stderr.flush()
         with _ledger(fault, self.placement.gpu, job):
-            _inject(fault, settings, folds)
+            _inject(fault, settings, folds, self.send)
             results = run_trial(job, settings, self.cache, folds, on_fold=report, fold_threads=fold_threads)
         failed_on_gpu = use_gpu and any(r.status != STATUS_OK for r in results)
         self.send({"event": "done", "trial_number": job.trial_number, "retiring": failed_on_gpu})
         return failed_on_gpu
 
 
-def _inject(fault: str | dict | None, settings: FitSettings, folds: list[int]) -> None:
+def _inject(fault: str | dict | None, settings: FitSettings, folds: list[int], send: Callable[[dict], None]
+            ) -> None:
     """Make the fault a test asked for: "abort" (dies as from a segfault), "abort_once:PATH" (dies
     unless PATH exists, creating it first, atomically), "abort_once_per_fold:DIR" (the same, with a
     file in DIR for each set of folds sent: every fold crashes on its first try), "sleep:SECONDS" (a
@@ -144,7 +155,8 @@ def _inject(fault: str | dict | None, settings: FitSettings, folds: list[int]) -
     (the same, encoded as Latin-1: bytes that are not UTF-8, as a library may write), "orphan_pipes:PATH" (dies, leaving a forked
     child that holds its pipes open until PATH exists),
     "catboost_gpu_oom" (dies as CatBoost does when a GPU fit outgrows its memory reserve, unless the
-    reserve is CatBoost's default: a fold that needs it all)."""
+    reserve is CatBoost's default: a fold that needs it all), "bad_reply" (sends a fold reply the
+    protocol's schema refuses, then trains on)."""
     if not isinstance(fault, str) or os.environ.get(FAULT_INJECTION_ENV) != "1":
         return
     kind, _, arg = str(fault).partition(":")
@@ -182,6 +194,9 @@ def _inject(fault: str | dict | None, settings: FitSettings, folds: list[int]) -
         sys.stderr.buffer.flush()
     elif kind == "sleep":
         time.sleep(float(arg))
+    elif kind == "bad_reply":
+        send({"event": "fold", "result": {"trial_number": 0, "fold_idx": "first", "model_type": "lightgbm",
+                                          "r2": None, "seconds": 0.0, "status": "fail", "error": "bad_reply"}})
 
 
 @contextlib.contextmanager
