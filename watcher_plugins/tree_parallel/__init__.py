@@ -7,8 +7,13 @@ the pool holds each GPU's lease for its workers while GPU trials run there. Modu
 - ``libraries``  how each tree library trains one fold (datasets built once, early stopping, R^2)
 - ``trial``      one trial: k-fold CV over a job, the per-process fold cache, and the one-trial CLI
 - ``placement``  which GPU and which CPU cores each worker gets
-- ``worker``     the worker process: its JSON-lines protocol and its main loop
-- ``pool``       TreeTrialPool: starts workers, schedules trials, replaces crashed workers, retries
+- ``worker``     the worker process: its JSON-lines protocol (schemas/tree_worker_protocol.schema.json)
+                 and its main loop
+- ``slots``      the pool's worker processes (child_process.ChildProcess), one slot per placement
+- ``scheduling`` which trial a free worker takes
+- ``leases``     the GPU leases the pool holds for its workers
+- ``retry``      what a worker's death costs its trial
+- ``pool``       TreeTrialPool: the façade, a batch's loop over the workers' events
 - ``executor``   TreeParallelExecutor: the ``tree_parallel`` executor the host loads
 
 Importing this package (or any module here) imports no tree library and never torch.
