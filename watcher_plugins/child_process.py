@@ -53,8 +53,7 @@ class ProtocolSchema:
     once, with every problem reported as ``$.json.path: what was expected``."""
 
     def __init__(self, filename: str, definition: str):
-        text = resources.files("watcher_plugins.schemas").joinpath(filename).read_text(encoding="utf-8")
-        whole = json.loads(text)
+        whole = json.loads(_schema_text(filename))
         schema = {"$schema": whole["$schema"], "$defs": whole["$defs"], "$ref": f"#/$defs/{definition}"}
         cls = jsonschema.validators.validator_for(schema)
         cls.check_schema(schema)
@@ -77,6 +76,15 @@ def _message(error: ValidationError) -> str:
 
 def _where(error: ValidationError) -> str:
     return "$" + "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in error.absolute_path)
+
+
+def _schema_text(filename: str) -> str:
+    try:
+        return resources.files("watcher_plugins.schemas").joinpath(filename).read_text(encoding="utf-8")
+    except ModuleNotFoundError:
+        # This package imported from a source checkout, not installed: a worker started with `python -m`
+        # from the repository root has it first on sys.path, and schemas/ is beside it, not in it.
+        return (Path(_PACKAGE_ROOT) / "schemas" / filename).read_text(encoding="utf-8")
 
 
 @cache
