@@ -3,6 +3,7 @@ workers replaced and their fits retried, persistent or per-batch workers, and no
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -431,8 +432,8 @@ def test_busy_workers_are_shut_down_together(tmp_path, monkeypatch, worker_stops
 
     monkeypatch.setattr(client, "SHUTDOWN_WAIT_S", 2.0)
     slots = [_WorkerSlot(None, context(tmp_path), threading.Event()) for _ in range(2)]
-    long_batch = train_batch_request(fit_jobs(trials(1)[0]), BatchSettings(1, "serial", max_epochs=10**6,
-                                                                           patience=10**6))
+    long_batch = train_batch_request(fit_jobs(trials(1)[0]), dataclasses.replace(
+        BatchSettings.defaults(), n_concurrent=1, strategy="serial", max_epochs=10**6, patience=10**6))
     workers = []
     try:
         for slot in slots:

@@ -127,7 +127,7 @@ def test_n_concurrent_nn_changes_no_bit(device, alone, precision):
     for n_concurrent in (1, 3, 8, "auto"):
         got = {}
         batch = BatchSettings(n_concurrent=n_concurrent, strategy="auto", precision=precision,
-                              max_epochs=SETTINGS.max_epochs, patience=SETTINGS.patience)
+                              max_epochs=SETTINGS.max_epochs, patience=SETTINGS.patience, vram_budget_fraction=0.85)
         summary = BatchRunner(device).run(jobs, batch, lambda o, got=got: got.__setitem__(o.key, bits(o)))
         assert summary["strategy"] == ("serial" if n_concurrent == 1 else "fused")
         assert got == alone[precision], n_concurrent

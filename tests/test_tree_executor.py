@@ -128,14 +128,14 @@ def test_tree_device_gpu_without_a_gpu_is_refused(tmp_path):
 def test_catboost_gpu_ram_part_is_auto_or_a_share_of_the_gpu(tmp_path, value):
     assert _executor(tmp_path).settings.catboost_gpu_ram_part is None  # "auto", the default
     assert _executor(tmp_path, catboost_gpu_ram_part=1).settings.catboost_gpu_ram_part == 1.0
-    with pytest.raises(ExecutorError, match=r'catboost_gpu_ram_part: .* is neither "auto" nor a number in \(0, 1\]'):
+    with pytest.raises(ExecutorError, match=r'catboost_gpu_ram_part: .* is not valid: expected "auto" or a number in \(0, 1\]'):
         _executor(tmp_path, catboost_gpu_ram_part=value)
 
 
 @pytest.mark.parametrize("name", ["xgboost_gpu_fold_threads", "tree_gpu_worker_cores"])
 @pytest.mark.parametrize("value", [0, -2, 2.5, "many", True, None])
 def test_fold_threads_and_gpu_worker_cores_are_auto_or_a_count(tmp_path, name, value):
-    with pytest.raises(ExecutorError, match=rf'{name}: .* is neither "auto" nor an integer >= 1'):
+    with pytest.raises(ExecutorError, match=rf'{name}: .* is not valid: expected "auto" or an integer >= 1'):
         _executor(tmp_path, **{name: value})
 
 
@@ -143,7 +143,7 @@ def test_fold_threads_and_gpu_worker_cores_are_auto_or_a_count(tmp_path, name, v
 def test_xgboost_gpu_async_pool_is_true_or_false(tmp_path, value):
     assert _executor(tmp_path).settings.xgboost_gpu_async_pool is True
     assert _executor(tmp_path, xgboost_gpu_async_pool=False).settings.xgboost_gpu_async_pool is False
-    with pytest.raises(ExecutorError, match=r"xgboost_gpu_async_pool: .* is not true or false"):
+    with pytest.raises(ExecutorError, match=r"xgboost_gpu_async_pool: .* is not of type 'boolean'"):
         _executor(tmp_path, xgboost_gpu_async_pool=value)
 
 
@@ -236,7 +236,7 @@ def test_auto_plans_no_more_workers_than_host_memory_holds(tmp_path, monkeypatch
         monkeypatch.setattr(tree_executor, "available_memory", lambda: room)
         ex = TreeParallelExecutor({**FAST, "tree_parallel_workers": "auto", **params},
                                   RunContext(output_dir=tmp_path, devices=list(devices), cpu_count=16,
-                                             data_shape=(rows, features)))
+                                             data_shape=(rows, features), folds=5))
         return [(p.gpu, p.threads) for p in ex.placements], ex.settings.xgboost_gpu_fold_threads
 
     share = tree_executor.MEMORY_SHARE
@@ -273,7 +273,7 @@ def test_auto_plans_no_more_workers_than_host_memory_holds(tmp_path, monkeypatch
 def test_an_explicit_worker_count_past_host_memory_is_kept_with_a_warning(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(tree_executor, "available_cores", lambda limit=None: list(range(16))[:limit])
     monkeypatch.setattr(tree_executor, "available_memory", lambda: 4 * GB)
-    context = RunContext(output_dir=tmp_path, devices=[], cpu_count=16, data_shape=(2_000_000, 62))
+    context = RunContext(output_dir=tmp_path, devices=[], cpu_count=16, data_shape=(2_000_000, 62), folds=5)
     assert len(TreeParallelExecutor({**FAST, "tree_parallel_workers": 2}, context).placements) == 2
     assert "tree_parallel_workers=2: the workers may need about" in caplog.text
     assert "more than 80% of the 4.0 GB available" in caplog.text
@@ -281,7 +281,7 @@ def test_an_explicit_worker_count_past_host_memory_is_kept_with_a_warning(tmp_pa
     # One worker (the default, serial) is the least there is: no advice to give.
     assert len(TreeParallelExecutor({**FAST, "tree_parallel_workers": 1}, context).placements) == 1
     assert not caplog.records
-    small = RunContext(output_dir=tmp_path, devices=[], cpu_count=16, data_shape=(1500, 62))
+    small = RunContext(output_dir=tmp_path, devices=[], cpu_count=16, data_shape=(1500, 62), folds=5)
     assert len(TreeParallelExecutor({**FAST, "tree_parallel_workers": 4}, small).placements) == 4
     assert not caplog.records
 
@@ -339,3 +339,16 @@ def test_a_gpu_worker_whose_fit_failed_is_replaced_before_the_next_trial(tmp_pat
     assert all(r.status == "fail" and "gave up" not in r.error for r in results), [r.error for r in results]
     # Each CatBoost trial's first fold meets a fresh process: its error is the real cause.
     assert all("State == nullptr" not in r.error for r in results if r.model_type == "catboost" and r.fold_idx == 0)
+
+
+def test_the_memory_plan_uses_the_runs_folds_from_the_context(tmp_path):
+    # The step's folds come through the run context (the schema's 3 by default), not a fallback of the executor's.
+    from watcher_plugins.tree_parallel.placement import worker_memory_bytes
+
+    def each(folds):
+        context = RunContext(output_dir=tmp_path, devices=[], cpu_count=2, data_shape=(50_000, 62), folds=folds)
+        return TreeParallelExecutor(FAST, context)._memory_each(has_gpus=False)
+
+    assert each(3)[1] == worker_memory_bytes(50_000, 62, 3, lightgbm_only=False)
+    assert each(10)[1] == worker_memory_bytes(50_000, 62, 10, lightgbm_only=False) > each(3)[1]
+    assert each(None) is None  # unknown before the first job: no estimate rather than a guess

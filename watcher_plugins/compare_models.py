@@ -304,7 +304,7 @@ def run_compare_models(params: dict, pm, out: TextIO | None = None) -> dict:
     context = RunContext(output_dir=output_dir, devices=devices,
                          lease_dir=Path(params["lease_dir"]) if params.get("lease_dir") else None,
                          lease_timeout_s=params["lease_timeout_s"], trial_retries=params["trial_retries"],
-                         data_shape=(dataset.n_rows, dataset.X.shape[1]))
+                         data_shape=(dataset.n_rows, dataset.X.shape[1]), folds=params["folds"])
     groups: dict[str, list[str]] = defaultdict(list)
     for model_type, registration in runnable.items():
         groups[registration.name].append(model_type)

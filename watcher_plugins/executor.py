@@ -22,6 +22,8 @@ class RunContext:
         ``devices`` param; an executor takes each GPU's lease before using it.
     :param data_shape: rows and features of the run's dataset, where the host has loaded it (plans that
         depend on its size, such as how many tree workers host memory holds, use it).
+    :param folds: the step's k-fold CV, where the host knows it before the first batch (each job carries
+        its own; plans made before any job, such as that memory estimate, use this).
     """
 
     output_dir: Path
@@ -31,6 +33,7 @@ class RunContext:
     trial_retries: int = 2
     cpu_count: int = field(default_factory=lambda: len(available_cores()))
     data_shape: tuple[int, int] | None = None
+    folds: int | None = None
 
 
 class Executor(ABC):

@@ -11,8 +11,9 @@ import json
 import queue
 import threading
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from watcher_plugins.errors import ProtocolError, WorkerCrashed
 from watcher_plugins.executor import Executor, ResultCallback, RunContext
@@ -20,8 +21,24 @@ from watcher_plugins.nn_batch import protocol
 from watcher_plugins.nn_batch.client import WorkerProcess, train_batch_request
 from watcher_plugins.nn_batch.protocol import BatchSettings, FitJob, parse_job
 from watcher_plugins.records import STATUS_FAIL, FoldResult, TrialJob
+from watcher_plugins.settings import ExecutorSettings
 
 Key = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class NNBatchSettings(ExecutorSettings):
+    """nn_batch's params (schemas/nn_batch.params.schema.json states their defaults)."""
+
+    schema_ref: ClassVar[str] = "watcher_plugins.schemas:nn_batch.params.schema.json"
+    persistent_workers: bool
+    n_concurrent_nn: int | str
+    nn_strategy: str
+    precision: str
+    nn_max_epochs: int
+    nn_patience: int
+    nn_worker_silence_timeout_s: float
+    vram_budget_fraction: float
 
 
 def fit_jobs(job: TrialJob) -> list[FitJob]:
@@ -108,17 +125,14 @@ def shutdown_slots(slots: Sequence[_WorkerSlot]) -> None:
 class NNBatchExecutor(Executor):
     def __init__(self, params: Mapping[str, Any], context: RunContext):
         super().__init__(params, context)
+        options = NNBatchSettings.from_params(params)
         self.settings = BatchSettings(
-            n_concurrent=self.params.get("n_concurrent_nn", "auto"),
-            strategy=self.params.get("nn_strategy", "auto"),
-            precision=self.params.get("precision", "fp32"),
-            max_epochs=int(self.params.get("nn_max_epochs", 200)),
-            patience=int(self.params.get("nn_patience", 20)),
-            vram_budget_fraction=float(self.params.get("vram_budget_fraction", 0.85)),
-        )
-        self.persistent = bool(self.params.get("persistent_workers", True))
+            n_concurrent=options.n_concurrent_nn, strategy=options.nn_strategy, precision=options.precision,
+            max_epochs=options.nn_max_epochs, patience=options.nn_patience,
+            vram_budget_fraction=float(options.vram_budget_fraction))
+        self.persistent = options.persistent_workers
         # A worker reports every finished fit; silence this long means it is wedged, not busy.
-        self.silence_timeout_s = float(self.params.get("nn_worker_silence_timeout_s", 1800))
+        self.silence_timeout_s = float(options.nn_worker_silence_timeout_s)
         devices = list(context.devices) or [None]
         self._closing = threading.Event()
         self._slots = [_WorkerSlot(gpu, context, self._closing) for gpu in devices]

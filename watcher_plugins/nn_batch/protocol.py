@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
+from importlib import resources
 from typing import Any
 
 from watcher_plugins.data import DATA_FORMATS
@@ -26,6 +27,10 @@ MAX_LINE_BYTES = 4 * 1024 * 1024
 COMMANDS = ("ping", "train", "train_batch", "shutdown")
 STRATEGIES = ("auto", "serial", "streams", "fused")
 PRECISIONS = ("fp32", "tf32", "bf16")
+#: A train request's settings where it leaves them out: the defaults schemas/worker_protocol.schema.json states.
+_SETTINGS_DEFAULTS = {name: spec["default"] for name, spec in json.loads(
+    resources.files("watcher_plugins.schemas").joinpath("worker_protocol.schema.json").read_text(encoding="utf-8")
+)["$defs"]["settings"]["properties"].items()}
 
 # Error codes of "error" lines (the worker keeps serving) and "fatal" lines (the worker exits).
 E_LINE_TOO_LONG = "line_too_long"
@@ -71,12 +76,17 @@ class FitJob:
 class BatchSettings:
     """How a worker trains a batch; the executor sends its params with every train_batch."""
 
-    n_concurrent: int | str = "auto"
-    strategy: str = "auto"
-    precision: str = "fp32"
-    max_epochs: int = 200
-    patience: int = 20
-    vram_budget_fraction: float = 0.85
+    n_concurrent: int | str
+    strategy: str
+    precision: str
+    max_epochs: int
+    patience: int
+    vram_budget_fraction: float
+
+    @classmethod
+    def defaults(cls) -> BatchSettings:
+        """What a request that leaves a setting out gets: the protocol schema's defaults."""
+        return cls(**_SETTINGS_DEFAULTS)
 
     def to_json(self) -> dict:
         return {"n_concurrent": self.n_concurrent, "strategy": self.strategy, "precision": self.precision,
@@ -88,7 +98,7 @@ class BatchSettings:
 class Request:
     command: str
     jobs: list[FitJob] = field(default_factory=list)
-    settings: BatchSettings = field(default_factory=BatchSettings)
+    settings: BatchSettings = field(default_factory=lambda: BatchSettings.defaults())
 
 
 def _is_int(value: Any) -> bool:
@@ -206,7 +216,7 @@ def _parse_data(job: dict, path: str) -> DataRef:
 
 def _parse_settings(obj: dict) -> BatchSettings:
     code = E_INVALID_REQUEST
-    defaults = BatchSettings()
+    defaults = BatchSettings.defaults()
     n_concurrent = obj.get("n_concurrent", defaults.n_concurrent)
     if n_concurrent != "auto":
         number = _as_int(n_concurrent)

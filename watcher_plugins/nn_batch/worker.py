@@ -12,6 +12,7 @@ itself is pointed at stderr, so whatever a library prints lands on stderr.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from typing import BinaryIO
@@ -20,7 +21,7 @@ from watcher_plugins.devices import available_cores, physical_gpu_count, pin_env
 from watcher_plugins.errors import LeaseError, ProtocolError
 from watcher_plugins.lease import GpuLease
 from watcher_plugins.nn_batch import protocol
-from watcher_plugins.nn_batch.protocol import BatchSettings, Request
+from watcher_plugins.nn_batch.protocol import Request
 from watcher_plugins.orphans import exit_with_parent
 from watcher_plugins.stdio import claim_stdout
 
@@ -64,8 +65,7 @@ class Worker:
 
         settings = request.settings
         if request.command == "train":  # the single-trial path: one fit, the reference trainer
-            settings = BatchSettings(1, "serial", settings.precision, settings.max_epochs, settings.patience,
-                                     settings.vram_budget_fraction)
+            settings = dataclasses.replace(settings, n_concurrent=1, strategy="serial")
         try:
             summary = self.runner.run(request.jobs, settings, lambda outcome: self.send(self._result(outcome)))
         except Exception as exc:

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 from watcher_plugins.data import EMBEDDED_DEFAULT_ROWS, embedded_survivors
 from watcher_plugins.devices import affinity_cores, available_cores, available_memory
 from watcher_plugins.errors import DataError, ExecutorError
 from watcher_plugins.executor import Executor, ResultCallback, RunContext
 from watcher_plugins.records import STATUS_FAIL, FoldResult, TrialJob
+from watcher_plugins.settings import ExecutorSettings
 from watcher_plugins.tree_parallel.libraries import TREE_MODEL_TYPES
 from watcher_plugins.tree_parallel.placement import (
     WorkerPlacement,
@@ -23,9 +25,24 @@ from watcher_plugins.tree_parallel.pool import PoolSettings, TreeTrialPool
 
 log = logging.getLogger(__name__)
 
-DEFAULTS = {"tree_parallel_workers": 1, "xgboost_per_gpu": 1, "tree_device": "auto", "tree_rounds": 500,
-            "tree_early_stopping_rounds": 50, "catboost_gpu_ram_part": "auto", "xgboost_gpu_fold_threads": "auto",
-            "tree_gpu_worker_cores": "auto", "xgboost_gpu_async_pool": True}
+
+
+@dataclass(frozen=True)
+class TreeParallelSettings(ExecutorSettings):
+    """tree_parallel's params (schemas/tree_parallel.params.schema.json states their defaults)."""
+
+    schema_ref: ClassVar[str] = "watcher_plugins.schemas:tree_parallel.params.schema.json"
+    tree_parallel_workers: int | str
+    xgboost_per_gpu: int
+    catboost_gpu_ram_part: float | str
+    xgboost_gpu_fold_threads: int | str
+    tree_gpu_worker_cores: int | str
+    xgboost_gpu_async_pool: bool
+    tree_device: str
+    tree_rounds: int
+    tree_trial_timeout_s: float
+    tree_early_stopping_rounds: int
+
 # xgboost_gpu_fold_threads "auto" with more than one worker: the folds of a 5-fold trial all at once
 # (on an H200 10 threads were slower than 5: bench/results/2026-11-29-xgboost-fold-threads-h200/).
 AUTO_XGBOOST_GPU_FOLD_THREADS = 5
@@ -49,26 +66,21 @@ class TreeParallelExecutor(Executor):
     """
 
     def __init__(self, params: Mapping[str, Any], context: RunContext):
-        super().__init__({**DEFAULTS, **dict(params)}, context)
-        device = self.params["tree_device"]
-        if device not in ("auto", "gpu", "cpu"):
-            raise ExecutorError(f"tree_device: {device!r} is not one of auto, gpu, cpu")
+        super().__init__(params, context)
+        self.options = options = TreeParallelSettings.from_params(params)
+        device = options.tree_device
         if device == "gpu" and not context.devices:
             raise ExecutorError("tree_device is 'gpu' but the run has no GPU (devices is empty)")
         gpus = list(context.devices) if device != "cpu" else []
-        asked_workers = _count_or_auto(self.params, "tree_parallel_workers")
-        per_gpu = int(self.params["xgboost_per_gpu"])
-        if per_gpu < 1:
-            raise ExecutorError(f"xgboost_per_gpu: {per_gpu} is less than the minimum of 1")
-        fold_threads = _count_or_auto(self.params, "xgboost_gpu_fold_threads")
-        async_pool = self.params["xgboost_gpu_async_pool"]
-        if not isinstance(async_pool, bool):
-            raise ExecutorError(f"xgboost_gpu_async_pool: {async_pool!r} is not true or false")
+        asked_workers = _count_or_auto(options.tree_parallel_workers)
+        per_gpu = options.xgboost_per_gpu
+        fold_threads = _count_or_auto(options.xgboost_gpu_fold_threads)
+        async_pool = options.xgboost_gpu_async_pool
         if fold_threads is None:
             fold_threads = 1 if asked_workers == 1 else AUTO_XGBOOST_GPU_FOLD_THREADS
         cores = available_cores(context.cpu_count)
         gpu_workers = len(gpus) * per_gpu if asked_workers is None else min(asked_workers, len(gpus) * per_gpu)
-        asked_gpu_cores = _count_or_auto(self.params, "tree_gpu_worker_cores")
+        asked_gpu_cores = _count_or_auto(options.tree_gpu_worker_cores)
         gpu_cores = asked_gpu_cores or auto_gpu_worker_cores(fold_threads, len(cores), gpu_workers)
         # "auto": one-core CPU workers (the most LightGBM work per core; DESIGN measured 16 one-thread
         # processes at 2.8x one 16-thread process) on every core the GPU workers leave.
@@ -81,7 +93,7 @@ class TreeParallelExecutor(Executor):
         pinned = len(available_cores()) == len(affinity_cores())
         self.placements: list[WorkerPlacement] = plan_placements(workers, gpus, cores, per_gpu, gpu_cores,
                                                                  pinned)
-        if len(self.placements) == 1 and self.params["xgboost_gpu_fold_threads"] == "auto":
+        if len(self.placements) == 1 and options.xgboost_gpu_fold_threads == "auto":
             fold_threads = 1  # one worker ("auto" found room for one, or a count was capped): serial, the reference
         short = [p for p in self.placements if p.gpu is not None and asked_gpu_cores and p.threads < asked_gpu_cores]
         n_cpu_workers = sum(p.gpu is None for p in self.placements)
@@ -98,16 +110,16 @@ class TreeParallelExecutor(Executor):
         if asked_workers:
             self._warn_if_memory_short(bool(gpus))
         self.settings = PoolSettings(
-            rounds=int(self.params["tree_rounds"]),
-            early_stopping_rounds=int(self.params["tree_early_stopping_rounds"]),
+            rounds=options.tree_rounds,
+            early_stopping_rounds=options.tree_early_stopping_rounds,
             lease_dir=str(context.lease_dir) if context.lease_dir else None,
             lease_timeout_s=float(context.lease_timeout_s),
             trial_retries=int(context.trial_retries),
-            trial_timeout_s=float(self.params.get("tree_trial_timeout_s", 3600)),
+            trial_timeout_s=float(options.tree_trial_timeout_s),
             xgboost_per_gpu=per_gpu,
             xgboost_gpu_fold_threads=fold_threads,
             xgboost_gpu_async_pool=async_pool,
-            catboost_gpu_ram_part=_gpu_ram_part(self.params["catboost_gpu_ram_part"]),
+            catboost_gpu_ram_part=None if options.catboost_gpu_ram_part == "auto" else float(options.catboost_gpu_ram_part),
         )
         self._pool: TreeTrialPool | None = None
         self._pool_refusal_logged = False
@@ -115,10 +127,10 @@ class TreeParallelExecutor(Executor):
     def _memory_each(self, has_gpus: bool) -> tuple[float, float] | None:
         """Host memory one GPU worker and one CPU worker hold for the run's data (None where its shape
         is not known): each keeps its own copy of the data and its per-fold datasets."""
-        if self.context.data_shape is None:
+        if self.context.data_shape is None or self.context.folds is None:
             return None
         rows, features = self.context.data_shape
-        folds = int(self.params.get("folds", 5))
+        folds = self.context.folds
         return (worker_memory_bytes(rows, features, folds, lightgbm_only=False),
                 worker_memory_bytes(rows, features, folds, lightgbm_only=has_gpus))
 
@@ -223,20 +235,6 @@ class TreeParallelExecutor(Executor):
             self._pool = None
 
 
-def _count_or_auto(params: Mapping[str, Any], name: str) -> int | None:
-    """An "auto"-or-integer param as the executor takes it: None for "auto", else an integer >= 1."""
-    value = params[name]
-    if value == "auto":
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ExecutorError(f"{name}: {value!r} is neither \"auto\" nor an integer >= 1")
-    return value
-
-
-def _gpu_ram_part(value: Any) -> float | None:
-    """``catboost_gpu_ram_part`` as the pool takes it: None for "auto", else a share in (0, 1]."""
-    if value == "auto":
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-        raise ExecutorError(f"catboost_gpu_ram_part: {value!r} is neither \"auto\" nor a number in (0, 1]")
-    return float(value)
+def _count_or_auto(value: int | str) -> int | None:
+    """An "auto"-or-integer setting as the executor takes it: None for "auto" (the schema checked the rest)."""
+    return None if value == "auto" else int(value)
