@@ -23,7 +23,7 @@ side checks what it receives against it.
                                                     a request it refused (not JSON, or not one the
                                                     schema allows: the message names the JSON path)
 The worker takes no GPU lease itself: the pool holds its GPU's lease on its behalf and sends it a GPU
-trial only while holding it (several workers of one pool may share a GPU; see pool.py). The worker
+trial only while holding it (several workers of one pool may share a GPU; see leases.py). The worker
 never imports torch.
 """
 
