@@ -11,12 +11,12 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
-from importlib import resources
 from typing import Any
 
 from watcher_plugins.data import DATA_FORMATS
 from watcher_plugins.errors import ProtocolError
 from watcher_plugins.records import DataRef
+from watcher_plugins.schema_files import read_schema
 
 #: The deepest network a job may ask for (the dropout hash keys a layer in 4 bits: dropout.py).
 MAX_LAYERS = 16
@@ -27,10 +27,6 @@ MAX_LINE_BYTES = 4 * 1024 * 1024
 COMMANDS = ("ping", "train", "train_batch", "shutdown")
 STRATEGIES = ("auto", "serial", "streams", "fused")
 PRECISIONS = ("fp32", "tf32", "bf16")
-#: A train request's settings where it leaves them out: the defaults schemas/worker_protocol.schema.json states.
-_SETTINGS_DEFAULTS = {name: spec["default"] for name, spec in json.loads(
-    resources.files("watcher_plugins.schemas").joinpath("worker_protocol.schema.json").read_text(encoding="utf-8")
-)["$defs"]["settings"]["properties"].items()}
 
 # Error codes of "error" lines (the worker keeps serving) and "fatal" lines (the worker exits).
 E_LINE_TOO_LONG = "line_too_long"
@@ -85,8 +81,9 @@ class BatchSettings:
 
     @classmethod
     def defaults(cls) -> BatchSettings:
-        """What a request that leaves a setting out gets: the protocol schema's defaults."""
-        return cls(**_SETTINGS_DEFAULTS)
+        """What a request that leaves a setting out gets: the defaults schemas/worker_protocol.schema.json states."""
+        properties = read_schema("worker_protocol.schema.json")["$defs"]["settings"]["properties"]
+        return cls(**{name: spec["default"] for name, spec in properties.items()})
 
     def to_json(self) -> dict:
         return {"n_concurrent": self.n_concurrent, "strategy": self.strategy, "precision": self.precision,
@@ -179,7 +176,7 @@ def parse_job(obj: Any, path: str = "$.job") -> FitJob:
         raise _fail(code, f"{path}.params.dropout", "a number in [0, 1)", dropout)
     return FitJob(
         trial_number=_int(obj, "trial_number", path, code), fold_idx=fold_idx, folds=folds,
-        seed=_int(obj, "seed", path, code), hidden_layers=tuple(widths), lr=float(lr),
+        seed=_int(obj, "seed", path, code), hidden_layers=tuple(w for w in widths if w is not None), lr=float(lr),
         weight_decay=float(weight_decay), dropout=float(dropout), data=_parse_data(obj, f"{path}.data"),
     )
 
@@ -194,6 +191,7 @@ def _parse_data(job: dict, path: str) -> DataRef:
     if ("embedded" in data) == ("path" in data):
         raise _fail(code, path, '{"embedded": "survivors", ...} or {"path": FILE, ...}, one of the two', data)
     if "embedded" in data:
+        allowed: tuple[str, ...]
         allowed, form = ("embedded", "rows"), '{"embedded": "survivors", "rows": N}'
     else:
         allowed, form = ("path", "target", "format"), '{"path": FILE, "target": COLUMN, "format": F}'
