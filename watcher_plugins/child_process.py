@@ -246,15 +246,19 @@ class ChildProcess:
     def send(self, message: dict) -> bool:
         """Write one line; False if the child is gone (its end of stream is on its way)."""
         try:
-            self.process.stdin.write(json.dumps(message).encode("utf-8") + b"\n")
-            self.process.stdin.flush()
+            stdin = self.process.stdin if self.process is not None else None
+            if stdin is None:
+                return False  # not started
+            stdin.write(json.dumps(message).encode("utf-8") + b"\n")
+            stdin.flush()
             return True
         except (AttributeError, BrokenPipeError, OSError, ValueError):  # not started, dead, stdin closed
             return False
 
     def close_stdin(self) -> None:
         try:
-            self.process.stdin.close()
+            if self.process is not None and self.process.stdin is not None:
+                self.process.stdin.close()
         except (AttributeError, OSError):
             pass
 
@@ -282,7 +286,7 @@ class ChildProcess:
         """SIGKILL it now, without waiting; one not started yet never starts."""
         with self._lock:
             self._stopped = True
-        if self.alive:
+        if self.alive and self.process is not None:  # alive implies started
             self.process.kill()
 
     def kill_and_wait(self, wait_s: float | None = None, consequence: str = "left behind") -> bool:

@@ -15,6 +15,7 @@ import zipfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
@@ -90,7 +91,8 @@ def embedded_survivors(rows: int = FULL_ROWS) -> Dataset:
     if not 1 <= rows <= FULL_ROWS:
         raise DataError(f"embedded survivors: rows={rows} is out of range: expected 1..{FULL_ROWS}")
     path = cache_dir() / f"survivors-{_SURVIVORS_SEED}-v1.npz"
-    X = y = None
+    X: np.ndarray | None = None
+    y: np.ndarray | None = None
     if path.exists():
         try:
             with np.load(path) as cached:
@@ -107,6 +109,7 @@ def embedded_survivors(rows: int = FULL_ROWS) -> Dataset:
         except OSError as exc:
             raise DataError(f"cannot write the embedded dataset's cache {path}: {exc.strerror or exc}; "
                             f"set {CACHE_ENV} to a writable directory") from None
+    assert y is not None  # loaded or generated with X
     names = tuple(f"f{i:02d}" for i in range(N_FEATURES))
     return Dataset(name=f"survivors-{rows}", X=np.ascontiguousarray(X[:rows]), y=np.ascontiguousarray(y[:rows]),
                    feature_names=names)
@@ -116,7 +119,7 @@ def load_dataset(ref: DataRef) -> Dataset:
     """Load what a DataRef names, checking it: numeric, finite, with its target column."""
     if ref.embedded:
         return embedded_survivors(ref.rows or EMBEDDED_DEFAULT_ROWS)
-    path = Path(ref.path)
+    path = Path(cast(str, ref.path))  # a DataRef not embedded names its file
     if path.is_dir():  # before the suffix check: a directory's name says nothing about a format
         raise DataError(f"{path}: is a directory: expected a data file")
     fmt = ref.format or _FORMATS.get(path.suffix.lower())
@@ -129,15 +132,16 @@ def load_dataset(ref: DataRef) -> Dataset:
         raise DataError(_not_a_file(path))
     if fmt != "npz" and not ref.target:
         raise DataError(f"{path}: a {fmt} file needs the data param's 'target': the name of the target column")
+    target = cast(str, ref.target)  # checked above for every format but npz, which needs none
     try:
         if fmt == "npz":
             columns, y = _read_npz(path)
         elif fmt == "csv":
-            columns, y = _split_target(path, _read_csv(path), ref.target)
+            columns, y = _split_target(path, _read_csv(path), target)
         elif fmt == "parquet":
-            columns, y = _split_target(path, _read_parquet(path), ref.target)
+            columns, y = _split_target(path, _read_parquet(path), target)
         else:
-            columns, y = _split_target(path, _read_json_records(path), ref.target)
+            columns, y = _split_target(path, _read_json_records(path), target)
     except DataError:
         raise
     except (OSError, UnicodeDecodeError, ValueError) as exc:

@@ -4,8 +4,10 @@ cores, and how much host memory."""
 from __future__ import annotations
 
 import os
+from collections.abc import MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar, cast
 
 from watcher_plugins.errors import ManifestError
 
@@ -124,7 +126,10 @@ def physical_gpu_count() -> int:
         pynvml.nvmlShutdown()
 
 
-def pin_environment(env: dict[str, str], gpu: int | None) -> dict[str, str]:
+_Env = TypeVar("_Env", bound=MutableMapping[str, str])
+
+
+def pin_environment(env: _Env, gpu: int | None) -> _Env:
     """``env`` for a child process that may use GPU ``gpu`` alone (None: no GPU). CUDA is told to number
     the GPUs in PCI bus order, as NVML does: the run's devices, the leases and the GPU monitor all count
     that way, while CUDA's own default order (fastest first) may differ on a host with mixed GPUs."""
@@ -178,8 +183,9 @@ def resolve_devices(devices_param: str | list[int], where: str = "params::$.devi
     if devices_param == "auto":
         visible = _visible_from_env(count)
         return visible if visible is not None else list(range(count))
-    missing = [index for index in devices_param if index >= count]
+    indices = cast("list[int]", devices_param)  # the params schema allows no other string
+    missing = [index for index in indices if index >= count]
     if missing:
         raise ManifestError([f"{where}: GPU {', '.join(map(str, missing))} not found: this host has "
                              f"{count} GPU{'s' if count != 1 else ''}" + (" (NVML sees none)" if not count else "")])
-    return list(devices_param)
+    return list(indices)

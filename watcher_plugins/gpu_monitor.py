@@ -16,7 +16,7 @@ import math
 import threading
 import time
 from dataclasses import asdict, dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class PynvmlReader:
     """The real reader: pynvml, from the nvidia-ml-py package, imported only when a monitor starts."""
 
     def __init__(self) -> None:
-        self._nvml = None
+        self._nvml: Any = None  # the pynvml module, once open() imports it
         self._handles: dict[int, object] = {}
 
     def open(self) -> None:

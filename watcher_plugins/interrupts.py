@@ -32,9 +32,9 @@ def interrupts_held() -> Iterator[None]:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         if pending:
-            signum = pending[0]
-            handler = previous[signum]
+            first = signal.Signals(pending[0])
+            handler = previous[first]
             if callable(handler):
-                handler(signum, None)  # e.g. default_int_handler: raises KeyboardInterrupt here
+                handler(first, None)  # e.g. default_int_handler: raises KeyboardInterrupt here
             elif handler == signal.SIG_DFL:
-                signal.raise_signal(signum)
+                signal.raise_signal(first)

@@ -21,6 +21,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import filelock
 
@@ -28,7 +29,7 @@ from watcher_plugins.errors import LeaseError, LeaseTimeout
 
 # Newer filelock releases unlink a Unix lock file on release unless told to keep it; we must keep it
 # (a process waiting on the old inode would otherwise lock a file nobody else sees).
-_KEEP_LOCK_FILE = (
+_KEEP_LOCK_FILE: dict[str, Any] = (
     {"preserve_lock_file": True} if "preserve_lock_file" in inspect.signature(filelock.FileLock).parameters else {}
 )
 LEASE_DIR_ENV = "WATCHER_LEASE_DIR"

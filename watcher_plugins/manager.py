@@ -6,6 +6,7 @@ import functools
 import logging
 import os
 from importlib.metadata import entry_points
+from typing import cast
 
 import pluggy
 
@@ -113,7 +114,7 @@ class WatcherPluginManager(pluggy.PluginManager):
         serving: dict[str, list[str]] = {}
         for executor in self.get_executors().values():
             for model_type in executor.model_types:
-                serving.setdefault(model_type, []).append(executor.name)
+                serving.setdefault(cast(str, model_type), []).append(executor.name)  # names, after __post_init__
         return serving
 
 

@@ -74,7 +74,8 @@ class ProgressBoard:
                 bar.stop_clock()
 
     def trial_done(self, model_type: str, value: float | None) -> None:
-        if value is not None and (self.best[model_type] is None or value > self.best[model_type]):
+        best = self.best[model_type]
+        if value is not None and (best is None or value > best):
             self.best[model_type] = value
         self.done[model_type] += 1
         if model_type in self.bars:

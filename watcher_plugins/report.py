@@ -247,7 +247,7 @@ def _best(trials: Iterable[FrozenTrial]) -> FrozenTrial:
 
 
 def _sample_dict(sample) -> dict:
-    return asdict(sample) if is_dataclass(sample) else dict(sample)
+    return asdict(sample) if is_dataclass(sample) and not isinstance(sample, type) else dict(sample)
 
 
 def _esc(value) -> str:

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import IO
+from typing import IO, BinaryIO, Literal, TextIO, overload
+
+
+@overload
+def claim_stdout(binary: Literal[False] = False) -> TextIO: ...
+@overload
+def claim_stdout(binary: Literal[True]) -> BinaryIO: ...
 
 
 def claim_stdout(binary: bool = False) -> IO:

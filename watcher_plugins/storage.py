@@ -222,8 +222,9 @@ class StudyStore:
         """(complete, failed, running) trials, not counting failed trials that were retried. Once this
         agent's trials are all told, running ones belong to other agents sharing the study."""
         counted = self._counted_trials(study)
-        return tuple(sum(t.state == state for t in counted)
-                     for state in (TrialState.COMPLETE, TrialState.FAIL, TrialState.RUNNING))
+        complete, failed, running = (sum(t.state == state for t in counted)
+                                     for state in (TrialState.COMPLETE, TrialState.FAIL, TrialState.RUNNING))
+        return complete, failed, running
 
     def failure_reasons(self, study: optuna.Study) -> list[str]:
         """The fail reasons of the counted FAIL trials, in trial order."""

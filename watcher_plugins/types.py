@@ -51,6 +51,11 @@ class WatcherPlugin:
 DEFAULT_METRIC = "r2"
 
 
+def _no_load() -> Any:
+    """The default ``load`` of a registration that names none: loads nothing."""
+    return None
+
+
 @dataclass(frozen=True)
 class ModelType:
     """A model type, declared by the executor registration that owns it: everything step 5 needs to run
@@ -91,7 +96,7 @@ class WatcherExecutor(WatcherPlugin):
     """
 
     model_types: tuple[str | ModelType, ...] = ()
-    load: Callable[[], type] = field(default=lambda: None, repr=False)
+    load: Callable[[], type[Any]] = field(default=_no_load, repr=False)
     params_schema: str | dict | None = None
     description: str = ""
     #: model type -> the module it needs (checked without importing it), and the command that installs it
@@ -131,7 +136,7 @@ class WatcherPipelineStep(WatcherPlugin):
     """A numbered pipeline step. ``load()`` returns ``run(params: dict, context) -> Any``."""
 
     number: int = 0
-    load: Callable[[], Callable[..., Any]] = field(default=lambda: None, repr=False)
+    load: Callable[[], Callable[..., Any]] = field(default=_no_load, repr=False)
     params_schema: str | dict | None = None
     description: str = ""
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -85,7 +86,7 @@ class BatchRunner:
 
         settings = TrainSettings(batch.max_epochs, batch.patience, batch.precision)
         strategy = resolve_strategy(batch.strategy, batch.n_concurrent)
-        summary = {"strategy": strategy, "precision": batch.precision, "n_concurrent_requested": batch.n_concurrent,
+        summary: dict[str, Any] = {"strategy": strategy, "precision": batch.precision, "n_concurrent_requested": batch.n_concurrent,
                    "n_concurrent_used": 0, "oom_retries": 0, "model_epochs": 0}
         tasks = self._tasks(jobs, on_done)
         if tasks:

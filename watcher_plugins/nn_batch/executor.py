@@ -53,8 +53,8 @@ def within_line_limit(fits: list[FitJob], settings: BatchSettings) -> list[FitJo
     within the worker's line limit (the rest goes in later requests); at least one trial."""
     room = protocol.MAX_LINE_BYTES - len(json.dumps(train_batch_request([], settings))) - 64
     taken: list[FitJob] = []
-    for _, trial in itertools.groupby(fits, key=lambda fit: fit.trial_number):
-        trial = list(trial)
+    for _, group in itertools.groupby(fits, key=lambda fit: fit.trial_number):
+        trial = list(group)
         room -= sum(len(json.dumps(fit.to_json())) + 2 for fit in trial)  # ", " between jobs
         if taken and room < 0:
             break
@@ -133,7 +133,7 @@ class NNBatchExecutor(Executor):
         self.persistent = options.persistent_workers
         # A worker reports every finished fit; silence this long means it is wedged, not busy.
         self.silence_timeout_s = float(options.nn_worker_silence_timeout_s)
-        devices = list(context.devices) or [None]
+        devices: list[int | None] = list(context.devices) or [None]
         self._closing = threading.Event()
         self._slots = [_WorkerSlot(gpu, context, self._closing) for gpu in devices]
         self._threads: list[threading.Thread] = []

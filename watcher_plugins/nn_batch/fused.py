@@ -105,6 +105,7 @@ class FusedTrainer(Trainer):
         data = pack.data
         widths = [t.job.hidden_layers for t in pack.tasks]
         dropout = any(p > 0 for p in pack.dropout)
+        assert self.budget is not None  # calibrated only where a budget sizes the packs
         self.budget.calibrate(self.settings.precision,
                               self.budget.pack_bytes(widths, data.n_rows, data.n_features,
                                                      self.settings.precision, dropout), measured)

@@ -205,8 +205,9 @@ class TorchFit:
         for layer in range(len(self.widths)):
             z = self._mm(acts[-1], self.params[2 * layer]) + self.params[2 * layer + 1]
             h = torch.relu(z)
-            if masks[layer] is not None:
-                h = h * masks[layer]
+            mask = masks[layer]
+            if mask is not None:
+                h = h * mask
             acts.append(h.to(self.act))
         pred = (self._mm(acts[-1], self.params[-2]) + self.params[-1]).squeeze(1)
         diff = pred - self.y
@@ -224,8 +225,9 @@ class TorchFit:
             grads[2 * layer + 1] = gz.float().sum(0)
             if layer > 0:
                 ga = self._mm(gz, self.params[2 * layer].T)
-                if masks[layer - 1] is not None:
-                    ga = ga * masks[layer - 1]
+                mask = masks[layer - 1]
+                if mask is not None:
+                    ga = ga * mask
                 gz = torch.where(acts[layer].float() <= 0, 0.0, ga).to(self.act)
         self.steps += 1
         step_size, bias_correction2_sqrt = step_sizes(self.lr, self.steps)
@@ -380,7 +382,8 @@ class TritonPack(FitPack):
                                    self.fits_dropout, self.epoch_on_device, layer - 1, self.tiles, output_layer)
             self._adam(2 * layer, part, self.real[layer], self.real[layer + 1])
             self._adam(2 * layer + 1, bias_part, self.ones, self.real[layer + 1])
-            gz = below
+            if below is not None:  # None only below the first layer, where the loop ends
+                gz = below
 
     def _adam(self, index: int, part: torch.Tensor, i_real: torch.Tensor, j_real: torch.Tensor) -> None:
         kernels.adam(self.params[index], self.exp_avg[index], self.exp_avg_sq[index], part, i_real, j_real,

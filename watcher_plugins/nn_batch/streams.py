@@ -43,7 +43,7 @@ class StreamsTrainer(Trainer):
                     stream.wait_stream(torch.cuda.current_stream(self.device))  # the dataset was made there
             waiting = deque(bucket)
             free_streams = deque(streams)  # round-robin within the bucket; a finished fit's stream goes last
-            active: list[tuple[FitPack, object]] = []
+            active: list[tuple[FitPack, torch.cuda.Stream | None]] = []
             try:
                 while waiting or active:
                     starting = [waiting.popleft() for _ in range(min(len(waiting), len(free_streams)))]

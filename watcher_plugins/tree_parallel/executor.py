@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 from watcher_plugins.data import EMBEDDED_DEFAULT_ROWS, embedded_survivors
 from watcher_plugins.devices import affinity_cores, available_cores, available_memory
@@ -161,7 +161,7 @@ class TreeParallelExecutor(Executor):
     def _memory_basis(self, each: tuple[float, float], has_gpus: bool) -> str:
         """What a worker's memory estimate (``each``, from _memory_each) is, for the warnings."""
         gpu_each, cpu_each = each
-        rows, features = self.context.data_shape
+        rows, features = cast("tuple[int, int]", self.context.data_shape)  # set: _memory_each checked it
         sizes = (f"about {gpu_each / 1e9:.1f} GB a GPU worker, {cpu_each / 1e9:.1f} GB a CPU worker" if has_gpus
                  else f"about {cpu_each / 1e9:.1f} GB each")
         return f"each worker holds its copy of the data, {rows} rows x {features} features, and per-fold datasets: {sizes}"

@@ -101,7 +101,7 @@ def plan_placements(workers: int, gpus: Sequence[int], cores: Sequence[int],
         n_cpu = 1
     total = n_gpu + n_cpu
     if len(cores) < total:  # more GPUs than cores: GPU workers must share cores, one each
-        shares = [(cores[i % len(cores)],) for i in range(total)]
+        shares: list[tuple[int, ...]] = [(cores[i % len(cores)],) for i in range(total)]
     else:
         shares = _equal_shares(cores, total)
         if n_gpu and n_cpu and gpu_worker_cores:
@@ -128,7 +128,8 @@ def _equal_shares(cores: Sequence[int], n: int) -> list[tuple[int, ...]]:
 
 def _ranges(cores: Sequence[int]) -> str:
     """(0, 1, 2, 5) -> '0-2,5'"""
-    out, run = [], []
+    out: list[str] = []
+    run: list[int] = []
     for c in cores:
         if run and c == run[-1] + 1:
             run.append(c)

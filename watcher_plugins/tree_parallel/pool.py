@@ -18,6 +18,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 from watcher_plugins.child_process import BadLine
 from watcher_plugins.errors import ExecutorError
@@ -85,8 +86,9 @@ class TreeTrialPool:
         busy = []
         for w in list(self.slots.workers):  # may be called from another thread: read each field once
             task = w.task if w is not None else None
-            if task is not None and not w.awaiting_lease:
-                busy.append((w.pid, task.job.model_type, task.job.trial_number))
+            pid = w.pid if w is not None else None  # None only for a worker that never started
+            if w is not None and task is not None and not w.awaiting_lease and pid is not None:
+                busy.append((pid, task.job.model_type, task.job.trial_number))
         return busy
 
     def leases_held(self) -> list[int]:
@@ -176,9 +178,10 @@ class TreeTrialPool:
             taken = self.queues.take(gpu, self._gpu_tasks(gpu) if gpu is not None else [], gpu in self.leases.lost)
             if taken is None:
                 continue
-            w.task, w.folds = taken
-            w.task_try = len(w.task.crashes)
-            if w.task.on_gpu and not self.leases.now(gpu):
+            task, w.folds = taken
+            w.task = task
+            w.task_try = len(task.crashes)
+            if task.on_gpu and not self.leases.now(cast(int, gpu)):  # only a worker on a GPU takes a GPU trial
                 w.awaiting_lease = True  # sent by _poll_leases once the pool holds the lease
             else:
                 self._send_task(w)
@@ -188,6 +191,7 @@ class TreeTrialPool:
         return [w.task for w in self.slots if w.task is not None and w.task.on_gpu and w.placement.gpu == gpu]
 
     def _send_task(self, w: TreeWorkerProcess) -> None:
+        assert w.task is not None  # only a worker given a task is sent one
         w.awaiting_lease = False
         w.task_started = time.monotonic()
         w.task_catboost_reserve = self.retry.catboost_reserve(w.task.job)
@@ -208,7 +212,8 @@ class TreeTrialPool:
         for gpu, error in failed.items():
             for w in waiting(gpu):  # never sent: the worker is free again
                 task, _ = w.release_task()
-                self._fail_task(task, error)
+                if task is not None:  # always: a worker waiting for a lease has its task
+                    self._fail_task(task, error)
         if failed and self.leases.all_lost:
             # Every GPU is out for the rest of the batch: its queued trials fail now with the same reason,
             # rather than each waiting lease_timeout_s again.
@@ -250,7 +255,7 @@ class TreeTrialPool:
 
     def _handle(self, worker: TreeWorkerProcess | None, msg: dict | BadLine | None) -> None:
         slot = self.slots.slot_of(worker)
-        if slot is None:
+        if slot is None or worker is None:  # slot_of(None) is None
             return  # a timeout, or a stale event from a process already replaced
         if msg is None:
             self._on_worker_death(slot, worker)
@@ -266,14 +271,15 @@ class TreeTrialPool:
         elif msg["event"] == "done" and worker.task is not None:
             worker.retiring = msg["retiring"]  # its exit follows; the slot restarts then
             task, owed = worker.release_task()
-            if owed:  # cannot happen with a sound worker; never leave a fold without a result
+            if task is not None and owed:  # cannot happen with a sound worker; never leave a fold without a result
                 self._fail_folds(task, owed, f"{worker.placement.describe()} ended the trial without results")
         elif msg["event"] == "error":
             log.warning("%s refused a request: %s: %s", worker.placement.describe(), msg["code"], msg["message"])
             if worker.task is not None and not worker.awaiting_lease:  # the trial it was sent: never trained
                 task, refused = worker.release_task()
-                self._fail_folds(task, refused, f"{worker.placement.describe()} refused the trial's request: "
-                                                f"{msg['code']}: {msg['message']}")
+                if task is not None:  # always: checked above
+                    self._fail_folds(task, refused, f"{worker.placement.describe()} refused the trial's request: "
+                                                    f"{msg['code']}: {msg['message']}")
 
     def _on_worker_death(self, slot: int, worker: TreeWorkerProcess) -> None:
         reason = worker.death_reason()
@@ -282,7 +288,7 @@ class TreeTrialPool:
         may_restart = self.slots.vacate(slot, worker, reason)
         if task is not None and never_sent:  # not an attempt
             self.queues.requeue(task, lost)
-        elif lost:
+        elif task is not None and lost:  # lost is empty without a task
             outcome = self.retry.after_crash(task, worker, lost, reason)
             if outcome is Outcome.GIVE_UP:
                 self._fail_task(task, self.retry.given_up(task, reason))

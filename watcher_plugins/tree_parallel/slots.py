@@ -87,7 +87,7 @@ class TreeWorkerProcess:
         self.started = time.monotonic()
 
     @property
-    def pid(self) -> int:
+    def pid(self) -> int | None:  # None: its process could not be started
         return self.child.pid
 
     @property
@@ -203,7 +203,7 @@ class WorkerSlots:
             return None, None
 
     def pids(self) -> list[int]:
-        return [w.pid for w in self if w.alive]
+        return [w.pid for w in self if w.alive and w.pid is not None]  # alive: started, so it has a pid
 
     def kill_overdue(self) -> None:
         """Kill workers that hang: a trial (a CPU trial's fold) past trial_timeout_s, or a start past

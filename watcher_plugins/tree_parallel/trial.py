@@ -21,6 +21,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from typing import cast
 
 from watcher_plugins.data import Dataset, kfold_splits, load_dataset
 from watcher_plugins.devices import available_cores, pin_environment
@@ -158,7 +159,7 @@ def trial_summary(job: TrialJob, results: list[FoldResult]) -> dict:
         "trial_number": job.trial_number,
         "model_type": job.model_type,
         "status": STATUS_OK if ok else STATUS_FAIL,
-        "mean_r2": sum(r.r2 for r in results) / len(results) if ok else None,
+        "mean_r2": sum(cast(float, r.r2) for r in results) / len(results) if ok else None,  # ok: each has R^2
         "error": None if ok else f"fold {failed[0].fold_idx}: {failed[0].error}",
         "params": job.params,
         "seconds": sum(r.seconds for r in results),
