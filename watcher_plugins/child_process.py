@@ -27,7 +27,6 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
-from importlib import resources
 from pathlib import Path
 from typing import IO, Any
 
@@ -36,6 +35,7 @@ from jsonschema.exceptions import ValidationError, best_match
 
 import watcher_plugins
 from watcher_plugins.devices import pin_environment
+from watcher_plugins.schema_files import read_schema
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class ProtocolSchema:
     once, with every problem reported as ``$.json.path: what was expected``."""
 
     def __init__(self, filename: str, definition: str):
-        whole = json.loads(_schema_text(filename))
+        whole = read_schema(filename)
         schema = {"$schema": whole["$schema"], "$defs": whole["$defs"], "$ref": f"#/$defs/{definition}"}
         cls = jsonschema.validators.validator_for(schema)
         cls.check_schema(schema)
@@ -76,15 +76,6 @@ def _message(error: ValidationError) -> str:
 
 def _where(error: ValidationError) -> str:
     return "$" + "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in error.absolute_path)
-
-
-def _schema_text(filename: str) -> str:
-    try:
-        return resources.files("watcher_plugins.schemas").joinpath(filename).read_text(encoding="utf-8")
-    except ModuleNotFoundError:
-        # This package imported from a source checkout, not installed: a worker started with `python -m`
-        # from the repository root has it first on sys.path, and schemas/ is beside it, not in it.
-        return (Path(_PACKAGE_ROOT) / "schemas" / filename).read_text(encoding="utf-8")
 
 
 @cache

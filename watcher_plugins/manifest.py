@@ -12,7 +12,6 @@ import json
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -20,17 +19,18 @@ import jsonschema
 from jsonschema.exceptions import ValidationError, best_match
 
 from watcher_plugins.errors import ManifestError, PluginError
+from watcher_plugins.schema_files import read_schema, shipped_path
 
 PARAMS_LABEL = "--params"
 
 
 def default_manifest_path() -> Path:
     """The shipped reinforcement.json (package data)."""
-    return Path(str(resources.files("watcher_plugins.agent_manifests").joinpath("reinforcement.json")))
+    return shipped_path("watcher_plugins.agent_manifests", "reinforcement.json")
 
 
 def _load_schema(filename: str) -> dict:
-    return json.loads(resources.files("watcher_plugins.schemas").joinpath(filename).read_text(encoding="utf-8"))
+    return read_schema(filename)
 
 
 def params_schema(pm) -> dict:

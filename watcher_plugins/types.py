@@ -7,10 +7,10 @@ import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 from watcher_plugins.errors import PluginError
+from watcher_plugins.schema_files import shipped_path
 
 if TYPE_CHECKING:
     import optuna
@@ -28,7 +28,7 @@ def schema_from_resource(ref: str | dict | None) -> dict:
     if not colon or not package or not filename:
         raise PluginError(f"params_schema {ref!r}: expected an inline schema or 'package:file.json'")
     try:
-        return json.loads(resources.files(package).joinpath(filename).read_text(encoding="utf-8"))
+        return json.loads(shipped_path(package, filename).read_text(encoding="utf-8"))
     except (ImportError, OSError, ValueError) as exc:  # no such package or file; not JSON
         raise PluginError(f"params_schema {ref!r}: cannot load the schema: {exc}") from None
 

@@ -412,10 +412,14 @@ class TritonPack(FitPack):
         once. A pack whose capture fails trains on without one."""
         self._epoch_work(stepping=True)
         graph = torch.cuda.CUDAGraph()
+        stream = torch.cuda.current_stream(self.device)
         try:
             with torch.cuda.graph(graph):
                 self._epoch_work(stepping=True)
         except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:
+            # torch.cuda.graph leaves its capture stream current where ending the capture raised: later
+            # work (this pack's next epochs, the next pack) must run on the stream it was meant for
+            torch.cuda.set_stream(stream)
             # the message as text: a log record that kept the exception would keep its frames
             log.warning("fit pack: the epoch could not be captured as a CUDA graph (%s); training on "
                         "without one", f"{type(exc).__name__}: {exc}")
