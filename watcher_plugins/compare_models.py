@@ -91,9 +91,8 @@ class TrialLog:
         self._fh.close()
 
 
-def _choose_executors(pm, params: Mapping[str, Any]) -> dict[str, WatcherExecutor]:
+def _choose_executors(pm, params: Mapping[str, Any], declared: Mapping[str, ModelType]) -> dict[str, WatcherExecutor]:
     """The executor registration serving each model type: the manifest's choice, else the only one registered."""
-    declared = pm.get_model_types()
     for model_type in params["model_types"]:
         # the schema's enum lists the declared types; a host that merged params itself may not have checked
         if model_type not in declared:
@@ -286,8 +285,8 @@ def run_compare_models(params: dict, pm, out: TextIO | None = None) -> dict:
                             f"folds or another seed")
     fingerprint = dataset.sha256() if data.path else None  # the embedded data is fixed by its version
     devices = resolve_devices(params["devices"], where(params, "devices"))
-    chosen = _choose_executors(pm, params)
     declared = pm.get_model_types()
+    chosen = _choose_executors(pm, params, declared)
 
     outcomes: dict[str, ModelTypeOutcome] = {}
     runnable: dict[str, WatcherExecutor] = {}
