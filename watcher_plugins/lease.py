@@ -7,7 +7,7 @@ frees the lock when its holder dies. Beside each lock, a small JSON file names t
 A lease is exclusive between processes (and between GpuLease objects of one process): the holder may
 be a process that trains on the GPU itself (an NN worker, the tree trial CLI) or one that holds it on
 behalf of workers it alone sends GPU work to (a tree pool, whose workers share the GPU; see
-tree_parallel/pool.py). ``try_acquire`` never waits, for a holder that polls while doing other work.
+tree_parallel/leases.py). ``try_acquire`` never waits, for a holder that polls while doing other work.
 """
 
 from __future__ import annotations

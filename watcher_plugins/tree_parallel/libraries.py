@@ -122,7 +122,7 @@ class CatBoostFitter(TreeFitter):
     survivors-98k fold, which needs less than 42 MiB (bench/results/2026-11-28-catboost-reserve-h200/). "auto"
     (``catboost_gpu_ram_part`` None) reserves ``AUTO_GPU_RAM_PART`` instead. A fit that outgrows its
     reserve aborts the process (CatBoost raises on a thread of its own), so the retry with CatBoost's
-    default is the pool's (pool.py). The reserve does not change the model (same R^2 to the last bit,
+    default is the pool's (retry.py). The reserve does not change the model (same R^2 to the last bit,
     tests/gpu/test_tree_gpu.py).
     """
 
