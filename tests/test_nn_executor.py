@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from watcher_plugins import faults
 from watcher_plugins.executor import RunContext
 from watcher_plugins.lease import GpuLease
 from watcher_plugins.nn_batch.executor import NNBatchExecutor
@@ -62,7 +63,7 @@ def test_persistent_worker_serves_every_batch_and_per_batch_workers_do_not(tmp_p
 
 def test_crashed_worker_is_replaced_and_its_fits_retried(tmp_path, monkeypatch):
     marker = tmp_path / "crashed-once"
-    monkeypatch.setenv("WATCHER_NN_FAULTS", json.dumps({"crash_on_trial": 1, "crash_once_marker": str(marker)}))
+    monkeypatch.setenv(faults.ENV, faults.encode(nn_crash_on_trial=1, nn_crash_once_marker=str(marker)))
     with NNBatchExecutor(PARAMS, context(tmp_path, trial_retries=1)) as executor:
         results = executor.run_batch(trials(3))
     assert marker.exists()
@@ -80,7 +81,7 @@ def assert_only_trial_1_failed(results, *error_parts: str) -> None:
 
 
 def test_fit_that_always_kills_its_worker_fails_with_the_reason_and_others_complete(tmp_path, monkeypatch):
-    monkeypatch.setenv("WATCHER_NN_FAULTS", json.dumps({"crash_on_trial": 1}))
+    monkeypatch.setenv(faults.ENV, faults.encode(nn_crash_on_trial=1))
     with NNBatchExecutor(PARAMS, context(tmp_path, trial_retries=1)) as executor:
         results = executor.run_batch(trials(3))
     assert_only_trial_1_failed(results, "exited with code 17", "tried 2 times")
@@ -88,7 +89,7 @@ def test_fit_that_always_kills_its_worker_fails_with_the_reason_and_others_compl
 
 
 def test_a_worker_that_stops_answering_is_killed_and_its_fits_fail_after_retries(tmp_path, monkeypatch):
-    monkeypatch.setenv("WATCHER_NN_FAULTS", json.dumps({"hang_on_trial": 1}))
+    monkeypatch.setenv(faults.ENV, faults.encode(nn_hang_on_trial=1))
     params = {**PARAMS, "nn_worker_silence_timeout_s": 10}  # well above a healthy fit here
     with NNBatchExecutor(params, context(tmp_path, trial_retries=1)) as executor:
         results = executor.run_batch(trials(3))
@@ -96,7 +97,7 @@ def test_a_worker_that_stops_answering_is_killed_and_its_fits_fail_after_retries
 
 
 def test_fatal_cuda_error_restarts_the_worker_then_fails_the_trial(tmp_path, monkeypatch):
-    monkeypatch.setenv("WATCHER_NN_FAULTS", json.dumps({"cuda_error_on_trial": 0}))
+    monkeypatch.setenv(faults.ENV, faults.encode(nn_cuda_error_on_trial=0))
     with NNBatchExecutor(PARAMS, context(tmp_path, trial_retries=1)) as executor:
         results = executor.run_batch(trials(2))
     assert [r.status for r in results] == [STATUS_FAIL, STATUS_FAIL, STATUS_OK, STATUS_OK]
@@ -261,7 +262,7 @@ def test_with_no_retries_a_trial_that_kills_its_worker_fails_alone(tmp_path, mon
     # One architecture, so that trials 0 and 1 start in one pack: the crash ends a request of three
     # trials, none finished. Which one caused it is not known, so none fails for it: each runs again
     # alone, and only trial 1's own crash fails it.
-    monkeypatch.setenv("WATCHER_NN_FAULTS", json.dumps({"crash_on_trial": 1}))
+    monkeypatch.setenv(faults.ENV, faults.encode(nn_crash_on_trial=1))
     jobs = [TrialJob("nn", t, {"hidden_layers": [8], "lr": 1e-2}, DATA, 2, 3) for t in range(3)]
     with NNBatchExecutor(PARAMS, context(tmp_path, trial_retries=0)) as executor:
         results = executor.run_batch(jobs)
@@ -359,7 +360,7 @@ def test_a_worker_that_does_not_die_of_sigkill_is_left_behind_with_a_warning(tmp
 
     monkeypatch.setattr(subprocess.Popen, "kill", kill)
     monkeypatch.setattr(subprocess.Popen, "wait", wait)
-    monkeypatch.setenv("WATCHER_NN_FAULTS", json.dumps({"hang_on_trial": 0}))
+    monkeypatch.setenv(faults.ENV, faults.encode(nn_hang_on_trial=0))
     params = {**PARAMS, "nn_worker_silence_timeout_s": 3}
     executor = NNBatchExecutor(params, context(tmp_path, trial_retries=0))
     done = {}
@@ -412,7 +413,7 @@ def test_a_silent_crash_is_not_reported_with_an_older_workers_log(tmp_path, monk
     log = tmp_path / "logs" / "nn_worker-cpu.log"  # shared by every worker on the CPU, in every run
     log.parent.mkdir()
     log.write_text("Traceback (most recent call last):\nRuntimeError: an earlier run's error\n")
-    monkeypatch.setenv("WATCHER_NN_FAULTS", json.dumps({"crash_on_trial": 0}))  # os._exit: no last words
+    monkeypatch.setenv(faults.ENV, faults.encode(nn_crash_on_trial=0))  # os._exit: no last words
     with NNBatchExecutor(PARAMS, context(tmp_path, trial_retries=0)) as executor:
         results = executor.run_batch(trials(1))
     assert [r.status for r in results] == [STATUS_FAIL, STATUS_FAIL]

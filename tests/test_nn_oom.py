@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from watcher_plugins.faults import Faults
 from watcher_plugins.nn_batch.device_data import DeviceDatasetCache
-from watcher_plugins.nn_batch.faults import Faults
 from watcher_plugins.nn_batch.fused import FusedTrainer
 from watcher_plugins.nn_batch.oom import train_with_oom_recovery
 from watcher_plugins.nn_batch.protocol import FitJob
@@ -40,7 +40,7 @@ def test_oom_at_k_retries_at_half_with_one_outcome_per_fit(trainer_cls):
 
     def hook(pack):
         seen.append(len(pack))
-        Faults(oom_at_concurrency=4).before_pack(pack)
+        Faults(nn_oom_at_concurrency=4).before_pack(pack)
 
     report, got = run(trainer_cls(SETTINGS, CPU, hook), tasks, 8)
     assert seen[:3] == [8, 4, 2]  # 8 -> OOM -> 4 -> OOM -> 2 fits
@@ -53,7 +53,7 @@ def test_oom_at_k_retries_at_half_with_one_outcome_per_fit(trainer_cls):
 
 def test_oom_at_concurrency_one_ends_each_fit_as_oom():
     tasks = make_tasks(3)
-    report, got = run(FusedTrainer(SETTINGS, CPU, Faults(oom_at_concurrency=1).before_pack), tasks, 4)
+    report, got = run(FusedTrainer(SETTINGS, CPU, Faults(nn_oom_at_concurrency=1).before_pack), tasks, 4)
     assert sorted(o.key for o in got) == sorted(t.key for t in tasks)
     assert all(o.status == STATUS_OOM and o.r2 is None and "out of memory" in o.error for o in got)
     assert report.oom_failed == 3 and report.n_concurrent_used == 1

@@ -18,6 +18,7 @@ import jsonschema
 import pytest
 
 from watcher_plugins.errors import LeaseTimeout
+from watcher_plugins.faults import ENV, encode
 from watcher_plugins.lease import GpuLease
 from watcher_plugins.nn_batch.protocol import MAX_LINE_BYTES, FitJob
 from watcher_plugins.records import STATUS_OK, STATUS_OOM, DataRef
@@ -38,7 +39,7 @@ class WorkerUnderTest:
         env = {k: v for k, v in {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": visible,
                                  **(env or {})}.items() if v is not None}  # None: left out
         if faults:
-            env["WATCHER_NN_FAULTS"] = json.dumps(faults)
+            env[ENV] = encode(**faults)
         self.stderr_path = tmp_path / "worker.stderr"
         with self.stderr_path.open("wb") as stderr:
             self.process = subprocess.Popen([sys.executable, "-m", "watcher_plugins.nn_batch.worker", *args],
@@ -164,7 +165,7 @@ def test_closed_stdin_is_a_clean_exit_that_frees_the_lease(worker_factory, tmp_p
 
 
 def test_library_output_never_reaches_the_protocol(worker_factory):
-    worker = worker_factory({"noise": True})
+    worker = worker_factory({"nn_noise": True})
     lines = worker.request({"command": "train_batch", "jobs": [job(0), job(1)], "max_epochs": 3})
     assert lines[-1]["event"] == "batch_done"  # read() checked every stdout line against the schema
     worker.request({"command": "shutdown"})
@@ -174,7 +175,7 @@ def test_library_output_never_reaches_the_protocol(worker_factory):
 
 
 def test_worker_reports_oom_and_keeps_serving(worker_factory):
-    worker = worker_factory({"oom_at_concurrency": 1})
+    worker = worker_factory({"nn_oom_at_concurrency": 1})
     lines = worker.request({"command": "train_batch", "jobs": [job(0), job(1)], "n_concurrent": 2, "max_epochs": 5})
     assert [line["status"] for line in lines[:-1]] == [STATUS_OOM, STATUS_OOM]
     assert all(line["r2"] is None and "out of memory" in line["error"] for line in lines[:-1])
@@ -183,7 +184,7 @@ def test_worker_reports_oom_and_keeps_serving(worker_factory):
 
 
 def test_cuda_error_ends_the_worker_with_a_fatal_line(worker_factory):
-    worker = worker_factory({"cuda_error_on_trial": 0})
+    worker = worker_factory({"nn_cuda_error_on_trial": 0})
     lines = worker.request({"command": "train_batch", "jobs": [job(0)]})
     assert lines[-1]["event"] == "fatal" and lines[-1]["code"] == "cuda_error"
     assert worker.process.wait(timeout=30) == 3

@@ -18,11 +18,11 @@ from test_nn_trainers import (  # noqa: E402,F401 - the CPU file's tests, collec
 
 from watcher_plugins.errors import LeaseTimeout  # noqa: E402
 from watcher_plugins.executor import RunContext  # noqa: E402
+from watcher_plugins.faults import ENV, Faults, encode  # noqa: E402
 from watcher_plugins.lease import GpuLease  # noqa: E402
 from watcher_plugins.nn_batch import dropout as hashing  # noqa: E402
 from watcher_plugins.nn_batch import pack_kernels as kernels  # noqa: E402
 from watcher_plugins.nn_batch.device_data import DeviceDatasetCache  # noqa: E402
-from watcher_plugins.nn_batch.faults import Faults  # noqa: E402
 from watcher_plugins.nn_batch.fused import FusedTrainer  # noqa: E402
 from watcher_plugins.nn_batch.oom import train_with_oom_recovery  # noqa: E402
 from watcher_plugins.nn_batch.pack import TritonPack  # noqa: E402
@@ -177,9 +177,7 @@ def test_executor_worker_holds_the_lease_and_trains_on_the_gpu(tmp_path):
 
 
 def test_injected_oom_at_one_in_a_gpu_worker_is_status_oom(tmp_path, monkeypatch):
-    import json
-
-    monkeypatch.setenv("WATCHER_NN_FAULTS", json.dumps({"oom_at_concurrency": 1}))
+    monkeypatch.setenv(ENV, encode(nn_oom_at_concurrency=1))
     context = RunContext(output_dir=tmp_path, devices=[0], lease_dir=tmp_path / "leases")
     job = TrialJob("nn", 0, {"hidden_layers": [32], "lr": 3e-3}, GRAPH_DATA, 2, 1)
     from watcher_plugins.nn_batch.executor import NNBatchExecutor
@@ -188,7 +186,7 @@ def test_injected_oom_at_one_in_a_gpu_worker_is_status_oom(tmp_path, monkeypatch
         results = executor.run_batch([job])
         assert executor._slots[0].worker.alive
     assert [r.status for r in results] == ["oom", "oom"]
-    assert Faults.from_env().oom_at_concurrency == 1
+    assert Faults.from_env().nn_oom_at_concurrency == 1
 
 
 def _integer_inputs(gen, *shape, low=-3, high=4):

@@ -10,9 +10,9 @@ from typing import Any
 import torch
 
 from watcher_plugins.errors import WatcherPluginError
+from watcher_plugins.faults import Faults
 from watcher_plugins.nn_batch.budget import VramBudget, free_device_bytes
 from watcher_plugins.nn_batch.device_data import DeviceDatasetCache
-from watcher_plugins.nn_batch.faults import Faults
 from watcher_plugins.nn_batch.fused import FusedTrainer
 from watcher_plugins.nn_batch.oom import train_with_oom_recovery
 from watcher_plugins.nn_batch.protocol import BatchSettings, FitJob
@@ -46,6 +46,7 @@ class BatchRunner:
     """Trains batches on one device, keeping datasets and the calibrated VRAM budget between batches."""
 
     def __init__(self, device: torch.device, faults: Faults | None = None):
+        """``faults``: for tests only (watcher_plugins/faults.py); None injects none."""
         self.device = device
         self.cache = DeviceDatasetCache(device)
         self.faults = faults or Faults()

@@ -160,8 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             import torch
 
+            from watcher_plugins import faults
             from watcher_plugins.nn_batch.batch import BatchRunner
-            from watcher_plugins.nn_batch.faults import Faults
 
             # torch sizes its CPU thread pool by the cores it sees, blind to a container's CPU quota; a
             # thread count the user set in the environment stands.
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
             name = f"cuda:0 ({torch.cuda.get_device_name(0)})" if use_cuda else "cpu"
             if use_cuda:
                 torch.zeros(1, device=device)  # initialise CUDA now, once
-            runner = BatchRunner(device, Faults.from_env())
+            runner = BatchRunner(device, faults.current())  # faults: for tests only
         except Exception as exc:  # noqa: BLE001 - reported on the protocol, then the process ends
             return fatal(protocol.FATAL_STARTUP, f"{type(exc).__name__}: {exc}", 1)
         return Worker(out, runner, name, gpu).serve(sys.stdin.buffer)
