@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from sigint_default import restore_default_sigint  # tests/ is on the path (pyproject's pythonpath)
 
 from watcher_plugins.orphans import processes_with_environment
 
@@ -114,7 +115,7 @@ def test_params_override_with_a_users_csv(tmp_path):
     assert summary["dataset"] == {"name": "mine.csv", "rows": 400, "features": 5}
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=lambda signum: signum.name)
 def test_a_signal_stops_workers_marks_trials_and_the_rerun_finishes(tmp_path, signum):
     marker = f"WATCHER_TEST_RUN={uuid.uuid4().hex}"
     params = {"trials": 6, "ask_batch_size": 2, "model_types": ["nn", "lightgbm"], "folds": 2,
@@ -122,8 +123,9 @@ def test_a_signal_stops_workers_marks_trials_and_the_rerun_finishes(tmp_path, si
               "nn_max_epochs": 60, "tree_parallel_workers": 2}
     args = ["--run-pipeline", "--start-step", "5", "--end-step", "5", "--params", json.dumps(params)]
     env = {**os.environ, marker.split("=")[0]: marker.split("=")[1]}
+    # The agent keeps a SIGINT ignored at its start (nohup ... &): give it the default, however tox was started.
     proc = subprocess.Popen([AGENT, *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=restore_default_sigint)
     trials_file = tmp_path / "out" / "trials.jsonl"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and not (trials_file.exists() and trials_file.read_text().strip()):

@@ -9,12 +9,19 @@ import importlib.util
 import os
 
 import pytest
+from sigint_default import MARKER as SENDS_SIGINT
+from sigint_default import default_sigint
 
 from watcher_plugins.manager import WatcherPluginManager
 
 collect_ignore = []
 if importlib.util.find_spec("triton") is None or os.environ.get("TRITON_INTERPRET") != "1":
     collect_ignore.append("test_nn_triton_interpreter.py")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", f"{SENDS_SIGINT}: sends SIGINT to the test's own process, which then "
+                            "runs with SIGINT's default handler however the suite was launched (sigint_default.py)")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -28,6 +35,17 @@ def _isolated_dirs(tmp_path_factory, monkeypatch):
     """Every test gets its own lease directory; the dataset cache is shared within the session."""
     monkeypatch.setenv("WATCHER_LEASE_DIR", str(tmp_path_factory.mktemp("leases")))
     monkeypatch.setenv("WATCHER_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@pytest.fixture(autouse=True)
+def _sigint_default_for_tests_that_send_it(request):
+    """A test marked sends_sigint gets SIGINT's default handler back, even where the suite was started with
+    SIGINT ignored (``nohup tox &``): Python leaves an inherited SIG_IGN in place."""
+    if request.node.get_closest_marker(SENDS_SIGINT) is None:
+        yield
+        return
+    with default_sigint():
+        yield
 
 
 @pytest.fixture

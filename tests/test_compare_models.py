@@ -236,6 +236,7 @@ def test_a_ctrl_c_while_a_finished_batch_is_told_still_tells_it(pm, tmp_path, mo
     assert [t[1] for t in _trajectory(tmp_path / "out")] == ["COMPLETE", "COMPLETE", "FAIL"] * 2
 
 
+@pytest.mark.sends_sigint
 def test_ctrl_c_while_a_trial_is_being_asked_leaves_nothing_running(pm, tmp_path, monkeypatch):
     """The signal lands inside ``study.ask``, after the trial is written (seen once in CI): the trial
     must still end FAIL and be re-queued, not stay RUNNING."""
