@@ -16,10 +16,11 @@ import pytest
 from optuna.trial import TrialState
 from plotly.offline import get_plotlyjs
 
+from watcher_plugins import report
 from watcher_plugins.compare_models import ModelTypeOutcome
 from watcher_plugins.gpu_monitor import GpuSample
 from watcher_plugins.manager import get_plugin_manager
-from watcher_plugins.report import REPORT_FILE, write_report
+from watcher_plugins.report import REPORT_FILE, leaderboard_params_study, write_report
 
 SECTIONS = ("Leaderboard", "Model comparison", "Optimisation history", "Parameter importances")
 GPU_SECTION = "GPU utilisation and memory"
@@ -64,7 +65,7 @@ def summary_of(studies: dict[str, optuna.Study], unavailable: dict[str, str]) ->
         "devices": [],
         "storage": "sqlite:///optuna.db",
         "seconds": 12.34,
-        "params": {"folds": 2, "seed": 7},
+        "params": {"folds": 2, "seed": 7, "data": {"embedded": "survivors", "rows": 600}},
     }
 
 
@@ -84,6 +85,20 @@ def run(tmp_path: Path, storage: str):
     output_dir = tmp_path / "out"
     output_dir.mkdir()
     return output_dir, studies, summary
+
+
+@pytest.fixture
+def figures(monkeypatch) -> dict[str, object]:
+    """The plotly figures the page draws, by their titles, as they are drawn."""
+    drawn: dict[str, object] = {}
+    figure = report._ReportPage.figure
+
+    def recording(self, fig):
+        drawn[fig.layout.title.text] = fig
+        return figure(self, fig)
+
+    monkeypatch.setattr(report._ReportPage, "figure", recording)
+    return drawn
 
 
 def section(page: str, title: str) -> str:
@@ -228,3 +243,91 @@ def test_the_leaderboard_shows_the_most_common_failure(run):
     board = section(write_report(output_dir, studies, summary, None).read_text(encoding="utf-8"), "Leaderboard")
 
     assert "<th>most common failure</th>" in board and "out of memory even when trained alone" in board
+
+
+def test_trial_number_axes_have_whole_number_ticks_only(run, figures):
+    output_dir, studies, summary = run
+
+    write_report(output_dir, studies, summary, None)
+
+    for model_type in studies:
+        xaxis = figures[f"{model_type}: optimisation history"].layout.xaxis
+        assert xaxis.title.text == "trial number"
+        assert (xaxis.tickmode, xaxis.tick0, xaxis.dtick, xaxis.tickformat) == ("linear", 0, 1, "d")
+        assert xaxis.rangemode == "nonnegative"  # a study of one trial shows no trial -1
+
+
+@pytest.mark.parametrize("last, step", [(0, 1), (5, 1), (10, 1), (11, 2), (20, 2), (21, 5), (50, 5),
+                                        (51, 10), (100, 10), (199, 20), (1000, 100), (1001, 200)])
+def test_a_long_study_gets_fewer_ticks_still_whole_numbers(last, step):
+    ticks = report._trial_number_ticks(last)
+    assert ticks["dtick"] == step and isinstance(ticks["dtick"], int) and ticks["tickformat"] == "d"
+    assert last / step <= 10
+
+
+def test_importances_are_named_as_the_leaderboard_names_the_params(run, figures):
+    output_dir, studies, summary = run
+
+    page = write_report(output_dir, studies, summary, None).read_text(encoding="utf-8")
+
+    nn = next(row for row in summary["leaderboard"] if row["model_type"] == "nn")
+    assert "hidden_layers" in nn["best_params"] and "n_layers" not in nn["best_params"]
+    bars = figures["nn: parameter importances"].data[0]
+    assert "hidden_layers" in bars.y and set(bars.y) <= set(nn["best_params"])  # not n_layers, first_width
+    assert sum(bars.x) == pytest.approx(1.0)
+    importances = section(page, "Parameter importances")
+    assert '"hidden_layers"' in importances
+    assert '"n_layers"' not in importances and '"first_width"' not in importances
+
+
+def test_importances_are_measured_on_the_leaderboards_params(run):
+    _, studies, _ = run
+    study = studies["nn"]
+
+    shown = leaderboard_params_study(study)
+
+    complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert [t.value for t in shown.trials] == [t.value for t in complete]
+    first = shown.trials[0]
+    # hidden_layers, derived from n_layers and first_width, is one categorical: its importance is the shape's
+    assert isinstance(first.distributions["hidden_layers"], optuna.distributions.CategoricalDistribution)
+    assert first.params["hidden_layers"] == str(complete[0].user_attrs["job_params"]["hidden_layers"])
+    # a param Optuna asked for and the job ran as it is keeps its distribution
+    assert first.distributions["lr"] == complete[0].distributions["lr"] and first.distributions["lr"].log
+    assert "n_layers" not in first.params and "first_width" not in first.params
+    assert study.trials[0].params.keys() >= {"n_layers", "first_width"}  # the study itself is not changed
+
+
+def test_the_header_names_the_target_and_the_metric(run):
+    output_dir, studies, summary = run
+
+    page = write_report(output_dir, studies, summary, None).read_text(encoding="utf-8")
+    target = "y (the embedded survivors data&#x27;s target)"
+    assert f"<h1>compare_models report: {target}, scored by mean R²</h1>" in page
+    assert f"<title>compare_models report: {target}, scored by mean R²</title>" in page
+    assert f"<tr><th>target</th><td>{target}</td></tr>" in page
+    assert ("<tr><th>metric</th><td>R² (coefficient of determination, higher is better), each trial&#x27;s mean "
+            "over the 2 folds</td></tr>") in page
+    assert "<th>best mean R²</th>" in section(page, "Leaderboard")
+
+    summary["params"]["data"] = {"path": "/data/survivors.csv", "target": "quality"}
+    page = write_report(output_dir, studies, summary, None).read_text(encoding="utf-8")
+    assert "<h1>compare_models report: quality, scored by mean R²</h1>" in page
+    assert "<tr><th>target</th><td>quality</td></tr>" in page
+
+
+@pytest.mark.parametrize("given, in_summary, shown", [
+    ("rmse", None, "RMSE"), (None, "mae", "MAE"), ("logloss", "r2", "log loss"), (None, "auc", "ROC AUC"),
+    ("accuracy", None, "accuracy"), (None, "pinball", "pinball")])
+def test_another_metric_is_named_where_the_page_names_the_values(run, figures, given, in_summary, shown):
+    """write_report's metric, else the summary's, else r2: a later step scoring by other metrics names them."""
+    output_dir, studies, summary = run
+    if in_summary:
+        summary["metric"] = in_summary
+
+    page = write_report(output_dir, studies, summary, None, metric=given).read_text(encoding="utf-8")
+
+    assert f"scored by mean {shown}</h1>" in page and f"<tr><th>metric</th><td>{shown}" in page
+    assert f"<th>best mean {shown}</th>" in section(page, "Leaderboard")
+    assert figures["nn: optimisation history"].layout.yaxis.title.text == f"mean {shown}"
+    assert "R²" not in page

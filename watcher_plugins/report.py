@@ -24,18 +24,39 @@ from plotly.offline import get_plotlyjs
 from plotly.subplots import make_subplots
 
 REPORT_FILE = "report.html"
-OBJECTIVE_NAME = "mean R²"
 _TEMPLATE = "plotly_white"
+
+#: The metric a study's values are, where neither the caller nor the summary names one.
+DEFAULT_METRIC = "r2"
+#: How the page names a metric, and what it measures. A metric not listed is shown by its key.
+METRICS: dict[str, tuple[str, str]] = {
+    "r2": ("R²", "coefficient of determination, higher is better"),
+    "rmse": ("RMSE", "root mean squared error, lower is better"),
+    "mae": ("MAE", "mean absolute error, lower is better"),
+    "logloss": ("log loss", "lower is better"),
+    "auc": ("ROC AUC", "area under the ROC curve, higher is better"),
+    "accuracy": ("accuracy", "higher is better"),
+}
+#: What a trial's value is called on the page for the default metric (each value is a mean over the folds).
+OBJECTIVE_NAME = f"mean {METRICS[DEFAULT_METRIC][0]}"
+#: At most this many ticks on a trial-number axis; they are whole numbers whatever the count.
+_MAX_TRIAL_TICKS = 10
+
+
+def metric_display_name(metric: str) -> str:
+    """"R²" for "r2", "RMSE" for "rmse", ...; an unknown metric as it is named."""
+    return METRICS.get(metric, (metric, ""))[0]
 
 
 def write_report(output_dir: Path, studies: dict[str, optuna.Study], summary: dict,
-                 gpu_samples: list | None) -> Path:
+                 gpu_samples: list | None, metric: str | None = None) -> Path:
     """Write output_dir/report.html from the studies (by model type), the run's summary and GPU samples.
 
     ``gpu_samples`` are ``GpuSample`` records or their dicts (``GpuMonitor.samples`` or
-    ``GpuMonitor.to_json()["samples"]``); with none, the page has no GPU section. Returns the path.
+    ``GpuMonitor.to_json()["samples"]``); with none, the page has no GPU section. ``metric`` is what the
+    studies' values are (a key of METRICS); by default the summary's ``metric``, else r2. Returns the path.
     """
-    page = _ReportPage()
+    page = _ReportPage(metric or summary.get("metric") or DEFAULT_METRIC)
     page.add_header(summary)
     page.add_leaderboard(summary)
     page.add_model_comparison(studies)
@@ -51,9 +72,12 @@ def write_report(output_dir: Path, studies: dict[str, optuna.Study], summary: di
 class _ReportPage:
     """Collects the sections as HTML fragments; figures share the one embedded plotly.js."""
 
-    def __init__(self) -> None:
+    def __init__(self, metric: str = DEFAULT_METRIC) -> None:
         self.sections: list[str] = []
         self._figure_count = 0
+        self.metric = metric
+        self.objective = f"mean {metric_display_name(metric)}"  # each trial's value: the mean over its folds
+        self.title = "compare_models report"
 
     def figure(self, fig: go.Figure) -> str:
         self._figure_count += 1
@@ -69,11 +93,18 @@ class _ReportPage:
 
     def add_header(self, summary: dict) -> None:
         facts = []
+        params = summary.get("params") or {}
+        target = _target_name(summary)
+        name, measures = METRICS.get(self.metric, (self.metric, ""))
+        self.title = "compare_models report: " + (f"{target}, " if target else "") + f"scored by {self.objective}"
+        if target:
+            facts.append(("target", target))
+        folds = f" over the {params['folds']} folds" if "folds" in params else " over the folds"
+        facts.append(("metric", f"{name}" + (f" ({measures})" if measures else "") + f", each trial's mean{folds}"))
         dataset = summary.get("dataset")
         if dataset:
             facts.append(("dataset", f"{dataset.get('name')} ({dataset.get('rows')} rows x "
                                      f"{dataset.get('features')} features)"))
-        params = summary.get("params") or {}
         if "folds" in params:
             facts.append(("cross-validation", f"{params['folds']}-fold"))
         if "devices" in summary:
@@ -91,10 +122,10 @@ class _ReportPage:
             # A page mailed or archived on its own must not pass for a finished run.
             banner = ('\n<p class="interrupted">This run was interrupted: the results are those of the trials '
                       "that finished before it stopped.</p>")
-        self.sections.append(f'<h1>compare_models report</h1>{banner}\n<table class="facts">\n{rows}\n</table>')
+        self.sections.append(f'<h1>{_esc(self.title)}</h1>{banner}\n<table class="facts">\n{rows}\n</table>')
 
     def add_leaderboard(self, summary: dict) -> None:
-        head = ("model type", "executor", f"best {OBJECTIVE_NAME}", "best trial", "trials complete",
+        head = ("model type", "executor", f"best {self.objective}", "best trial", "trials complete",
                 "trials failed", "most common failure", "seconds", "best params")
         rows = []
         for row in summary.get("leaderboard", []):
@@ -132,7 +163,7 @@ class _ReportPage:
                 x=[model_type] * len(trials), y=[t.value for t in trials], name=model_type,
                 boxpoints="all", jitter=0.4, pointpos=0, showlegend=False,
                 text=[f"trial {t.number}" for t in trials],
-                hovertemplate="%{text}<br>" + OBJECTIVE_NAME + " %{y:.4f}<extra></extra>"))
+                hovertemplate="%{text}<br>" + self.objective + " %{y:.4f}<extra></extra>"))
         bests = {model_type: _best(trials) for model_type, trials in completed.items()}
         winner = max(bests, key=lambda model_type: (bests[model_type].value, model_type))
         fig.add_trace(go.Scatter(
@@ -141,9 +172,9 @@ class _ReportPage:
             marker={"symbol": "star", "size": 16, "line": {"width": 1, "color": "black"},
                     "color": ["gold" if model_type == winner else "white" for model_type in bests]},
             text=[f"best trial {t.number}" for t in bests.values()],
-            hovertemplate="%{text}<br>" + OBJECTIVE_NAME + " %{y:.4f}<extra></extra>"))
-        fig.update_layout(title=f"{OBJECTIVE_NAME} of every complete trial (gold star: best overall, "
-                                f"{winner})", yaxis_title=OBJECTIVE_NAME, xaxis_title="model type", legend={"orientation": "h"})
+            hovertemplate="%{text}<br>" + self.objective + " %{y:.4f}<extra></extra>"))
+        fig.update_layout(title=f"{self.objective} of every complete trial (gold star: best overall, "
+                                f"{winner})", yaxis_title=self.objective, xaxis_title="model type", legend={"orientation": "h"})
         self.section("Model comparison", self.figure(fig))
 
     def add_optimization_histories(self, studies: dict[str, optuna.Study]) -> None:
@@ -153,8 +184,10 @@ class _ReportPage:
             if not _completed(study):
                 parts.append(_note("No complete trials."))
                 continue
-            fig = optuna.visualization.plot_optimization_history(study, target_name=OBJECTIVE_NAME)
+            fig = optuna.visualization.plot_optimization_history(study, target_name=self.objective)
             fig.update_layout(title=f"{model_type}: optimisation history")
+            last = max(t.number for t in study.get_trials(deepcopy=False))
+            fig.update_xaxes(title_text="trial number", **_trial_number_ticks(last))
             parts.append(self.figure(fig))
         self.section("Optimisation history", "\n".join(parts) or _note("No studies."))
 
@@ -162,7 +195,7 @@ class _ReportPage:
         parts = []
         for model_type, study in studies.items():
             parts.append(f"<h3>{_esc(model_type)}</h3>")
-            fig, why_not = _param_importance_figure(study)
+            fig, why_not = _param_importance_figure(study, self.objective)
             if fig is None:
                 parts.append(_note(f"Importances not computed: {why_not}."))
                 continue
@@ -204,26 +237,103 @@ class _ReportPage:
         body = "\n".join(self.sections)
         return (
             "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
-            "<title>compare_models report</title>\n"
+            f"<title>{_esc(self.title)}</title>\n"
             f"<style>{_CSS}</style>\n"
             f'<script type="text/javascript">{plotly_js}</script>\n'
             f"</head>\n<body>\n{body}\n</body>\n</html>\n"
         )
 
 
-def _param_importance_figure(study: optuna.Study) -> tuple[go.Figure | None, str | None]:
-    """The importance plot, or None and the reason it would be empty or meaningless."""
+def _target_name(summary: dict) -> str | None:
+    """The target column, from the data param the run had (or a ``target`` the summary names)."""
+    if summary.get("target"):
+        return str(summary["target"])
+    data = (summary.get("params") or {}).get("data")
+    if not isinstance(data, dict):
+        return None
+    if data.get("target"):
+        return str(data["target"])
+    if data.get("path"):
+        return "y (the file's y array)"  # an .npz file: its arrays are X and y
+    if data.get("embedded"):
+        return f"y (the embedded {data['embedded']} data's target)"
+    return None
+
+
+def _trial_number_ticks(last: int) -> dict:
+    """Axis settings for trial numbers 0..last: whole-number ticks only, at most _MAX_TRIAL_TICKS of them
+    (steps of 1, 2, 5, 10, 20, 50, ...)."""
+    step = 1
+    while last / step > _MAX_TRIAL_TICKS:
+        step = step * 5 // 2 if str(step)[0] == "2" else step * 2  # 1, 2, 5, 10, 20, 50, ...
+    return {"tickmode": "linear", "tick0": 0, "dtick": step, "tickformat": "d", "rangemode": "nonnegative"}
+
+
+def leaderboard_params_study(study: optuna.Study) -> optuna.Study:
+    """The complete trials of ``study`` with the params the leaderboard shows (each trial's job params) in
+    place of Optuna's own, so that importances are named and measured as the leaderboard's params.
+
+    A shown param that is one of Optuna's, with the same values, keeps its distribution (``lr``); one
+    derived from several (the NN's ``hidden_layers`` from ``n_layers`` and ``first_width``) becomes a
+    categorical over the values the trials had, so its importance is that of the whole shape, interactions
+    included. A param with one value only is left out. In memory; the study is not changed.
+    """
+    trials = _completed(study)
+    shown = [_shown_params(t) for t in trials]
+    names = list(dict.fromkeys(name for params in shown for name in params))
+    distributions: dict[str, optuna.distributions.BaseDistribution] = {}
+    encode: dict[str, bool] = {}
+    for name in names:
+        having = [(t, params[name]) for t, params in zip(trials, shown) if name in params]
+        values = [value for _, value in having]
+        if len({json.dumps(v, sort_keys=True, default=str) for v in values}) < 2:
+            continue  # the same in every trial: nothing to measure
+        own = {repr(t.distributions.get(name)) for t, _ in having}
+        if len(own) == 1 and all(name in t.params and t.params[name] == value
+                                 and type(t.params[name]) is type(value) for t, value in having):
+            distributions[name], encode[name] = having[0][0].distributions[name], False  # Optuna's own param
+        elif all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+            distributions[name] = optuna.distributions.FloatDistribution(float(min(values)), float(max(values)))
+            encode[name] = False
+        else:
+            choices = sorted({json.dumps(v, sort_keys=True, default=str) for v in values})
+            distributions[name], encode[name] = optuna.distributions.CategoricalDistribution(choices), True
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # "A new study created in memory" is no news
+    try:
+        derived = optuna.create_study(directions=study.directions)
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+    for t, params in zip(trials, shown):
+        kept = {name: params[name] for name in distributions if name in params}
+        derived.add_trial(optuna.trial.create_trial(
+            params={name: (json.dumps(v, sort_keys=True, default=str) if encode[name]
+                           else float(v) if isinstance(distributions[name], optuna.distributions.FloatDistribution)
+                           else v) for name, v in kept.items()},
+            distributions={name: distributions[name] for name in kept}, value=t.value))
+    return derived
+
+
+def _shown_params(trial: FrozenTrial) -> dict:
+    """The params the leaderboard shows for a trial: those its job ran with (set when it was told)."""
+    job_params = trial.user_attrs.get("job_params")
+    return job_params if isinstance(job_params, dict) else dict(trial.params)
+
+
+def _param_importance_figure(study: optuna.Study, objective: str = OBJECTIVE_NAME
+                             ) -> tuple[go.Figure | None, str | None]:
+    """The importance plot of the leaderboard's params, or None and the reason it would be empty or
+    meaningless."""
     trials = _completed(study)
     if len(trials) < 2:
         return None, f"they need at least 2 complete trials, and this study has {len(trials)}"
-    varying = {name for name in {name for t in trials for name in t.params}
-               if len({json.dumps(t.params.get(name), default=str) for t in trials}) > 1}
-    if not varying:
+    shown = leaderboard_params_study(study)
+    if not any(t.params for t in shown.trials):
         return None, "every complete trial has the same params"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            fig = optuna.visualization.plot_param_importances(study, target_name=OBJECTIVE_NAME)
+            fig = optuna.visualization.plot_param_importances(shown, target_name=objective)
         except Exception as exc:  # the evaluators raise ValueError/RuntimeError on degenerate studies
             return None, f"{type(exc).__name__}: {exc}"
     # Optuna's default evaluator does not raise on too few trials: it warns and returns equal
