@@ -316,14 +316,17 @@ def test_the_header_names_the_target_and_the_metric(run):
     assert "<tr><th>target</th><td>quality</td></tr>" in page
 
 
-@pytest.mark.parametrize("given, in_summary, shown", [
-    ("rmse", None, "RMSE"), (None, "mae", "MAE"), ("logloss", "r2", "log loss"), (None, "auc", "ROC AUC"),
-    ("accuracy", None, "accuracy"), (None, "pinball", "pinball")])
-def test_another_metric_is_named_where_the_page_names_the_values(run, figures, given, in_summary, shown):
-    """write_report's metric, else the summary's, else r2: a later step scoring by other metrics names them."""
+@pytest.mark.parametrize("given, in_summary, in_params, shown", [
+    ("rmse", None, None, "RMSE"), (None, "mae", None, "MAE"), ("logloss", "r2", None, "log loss"),
+    (None, "auc", "r2", "ROC AUC"), (None, None, "accuracy", "accuracy"), (None, "pinball", None, "pinball")])
+def test_another_metric_is_named_where_the_page_names_the_values(run, figures, given, in_summary, in_params,
+                                                                  shown):
+    """write_report's metric, else the summary's, else its params', else r2: a step scoring by other metrics
+    gets them named."""
     output_dir, studies, summary = run
     if in_summary:
         summary["metric"] = in_summary
+    summary["params"]["metric"] = in_params  # null: the param left to its default
 
     page = write_report(output_dir, studies, summary, None, metric=given).read_text(encoding="utf-8")
 

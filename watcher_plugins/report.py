@@ -54,9 +54,11 @@ def write_report(output_dir: Path, studies: dict[str, optuna.Study], summary: di
 
     ``gpu_samples`` are ``GpuSample`` records or their dicts (``GpuMonitor.samples`` or
     ``GpuMonitor.to_json()["samples"]``); with none, the page has no GPU section. ``metric`` is what the
-    studies' values are (a key of METRICS); by default the summary's ``metric``, else r2. Returns the path.
+    studies' values are (a key of METRICS); by default the summary's ``metric``, else its params' (a metric
+    param), else r2. Returns the path.
     """
-    page = _ReportPage(metric or summary.get("metric") or DEFAULT_METRIC)
+    page = _ReportPage(metric or summary.get("metric") or (summary.get("params") or {}).get("metric")
+                       or DEFAULT_METRIC)
     page.add_header(summary)
     page.add_leaderboard(summary)
     page.add_model_comparison(studies)
