@@ -62,9 +62,9 @@ def test_quickstart_runs_step_5_on_the_shipped_manifest(tmp_path):
     for row in summary["leaderboard"]:
         r2s = [line["r2"] for line in lines if line["model_type"] == row["model_type"]
                and line["trial_number"] == row["best_trial"]]
-        assert row["best_r2"] == pytest.approx(sum(r2s) / len(r2s))  # best mean R2 over the folds
+        assert row["best_score"] == pytest.approx(sum(r2s) / len(r2s))  # best mean R2 over the folds
         assert row["trials_complete"] == trials and row["best_params"]
-    assert summary["leaderboard"][0]["best_r2"] > 0.3  # the embedded data has signal that every model finds
+    assert summary["leaderboard"][0]["best_score"] > 0.3  # the embedded data has signal that every model finds
     assert (output_dir / "report.html").stat().st_size > 0
     assert set(study_states(output_dir)) == {"COMPLETE"}
     assert "compare_models leaderboard" in result.stdout

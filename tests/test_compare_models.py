@@ -154,7 +154,7 @@ def test_outputs_trial_lines_summary_and_leaderboard(pm, tmp_path, capsys):
     failed = [t for t in trials if t[1] == "FAIL"]
     assert row["trials_complete"] == len(complete) and row["trials_failed"] == len(failed)
     best = max(complete, key=lambda t: t[3])
-    assert row["best_r2"] == pytest.approx(best[3]) and row["best_trial"] == best[0]
+    assert row["best_score"] == pytest.approx(best[3]) and row["best_trial"] == best[0]
     assert set(row["best_params"]) == {"hidden_layers", "lr", "weight_decay", "dropout"}
     assert ReversingExecutor.data_shape == (300, 62)  # executors may plan by it (tree auto: host memory)
     printed = capsys.readouterr().out

@@ -121,7 +121,7 @@ def test_a_plugin_model_type_runs_through_step_5_with_its_search_space_and_seed_
     xs = [trial.params["x"] for trial in study.trials]
     assert len(xs) == 3 and all(trial.value == x + 0.5 for trial, x in zip(study.trials, xs))
     (row,) = summary["leaderboard"]
-    assert row["model_type"] == "const" and row["executor"] == "const" and row["best_r2"] == max(xs) + 0.5
+    assert row["model_type"] == "const" and row["executor"] == "const" and row["best_score"] == max(xs) + 0.5
     lines = [json.loads(line) for line in (tmp_path / "out" / "trials.jsonl").read_text().splitlines()]
     assert sorted(line["r2"] for line in lines) == sorted(x + 0.5 for x in xs for _ in range(3))
 

@@ -59,7 +59,7 @@ def summary_of(studies: dict[str, optuna.Study], unavailable: dict[str, str]) ->
             sum(t.state == TrialState.FAIL for t in trials), 1.5))
     return {
         "leaderboard": [asdict(o) for o in sorted(outcomes,
-                                                  key=lambda o: (o.best_r2 is None, -(o.best_r2 or 0.0)))],
+                                                  key=lambda o: (o.best_score is None, -(o.best_score or 0.0)))],
         "unavailable": unavailable,
         "dataset": {"name": "survivors", "rows": 600, "features": 62},
         "devices": [],
@@ -119,7 +119,7 @@ def test_report_has_every_section_and_the_leaderboard_values(run):
         section(page, title)
     leaderboard = section(page, "Leaderboard")
     nn_row = next(row for row in summary["leaderboard"] if row["model_type"] == "nn")
-    assert f"<td>{nn_row['best_r2']:.4f}</td>" in leaderboard
+    assert f"<td>{nn_row['best_score']:.4f}</td>" in leaderboard
     assert f"<td>{nn_row['best_trial']}</td>" in leaderboard
     assert "<td>5</td><td>1</td>" in leaderboard  # 5 complete, 1 failed
     assert "catboost" in leaderboard and "catboost is not installed" in leaderboard

@@ -54,8 +54,8 @@ def test_ridge_reaches_the_leaderboard_report_and_summary(tmp_path):
     assert summary["params"]["ridge_max_iter"] == 5000  # the plugin's schema default
     lines = [json.loads(line) for line in (out / "trials.jsonl").read_text().splitlines()]
     best = [line["r2"] for line in lines if line["trial_number"] == row["best_trial"]]
-    assert len(lines) == 15 and row["best_r2"] == pytest.approx(sum(best) / 3, abs=1e-12)
-    assert 0.2 < row["best_r2"] < 1.0  # a linear model explains part of the survivors target, not all
+    assert len(lines) == 15 and row["best_score"] == pytest.approx(sum(best) / 3, abs=1e-12)
+    assert 0.2 < row["best_score"] < 1.0  # a linear model explains part of the survivors target, not all
     assert "ridge" in run.stdout.split("compare_models leaderboard")[1]
     report = (out / "report.html").read_text()
     assert "<td>ridge</td><td>ridge</td>" in report  # its leaderboard row: model type, executor

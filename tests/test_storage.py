@@ -195,7 +195,7 @@ def test_a_database_that_goes_down_mid_run_stops_the_run_cleanly(pm, tmp_path, p
         trials = optuna.load_study(study_name="compare_models-nn", storage=url).get_trials()
         assert [t.state.name for t in trials[:2]] == ["COMPLETE", "COMPLETE"]
         assert all(t.state.name in ("COMPLETE", "RUNNING") for t in trials)
-        assert all("fold_r2" in t.user_attrs for t in trials if t.state.name == "COMPLETE")
+        assert all("fold_scores" in t.user_attrs for t in trials if t.state.name == "COMPLETE")
     finally:
         server.remove()
 

@@ -49,7 +49,7 @@ def test_results_are_identical_with_one_or_two_workers(tmp_path, trees):
             results = ex.run_batch(jobs, on_result=seen.append)
         assert len(results) == len(seen) == 18  # every fold of every job, each reported once
         assert all(r.status == "ok" for r in results), [r.error for r in results if r.error]
-        by_workers[workers] = [(r.model_type, r.trial_number, r.fold_idx, r.r2) for r in results]
+        by_workers[workers] = [(r.model_type, r.trial_number, r.fold_idx, r.score) for r in results]
     assert by_workers[1] == by_workers[2]
     # Returned in batch order (job, then fold), whatever order the folds finished in.
     assert [(m, t, f) for m, t, f, _ in by_workers[2]] == [(j.model_type, j.trial_number, f)
@@ -65,7 +65,7 @@ def test_a_cpu_trials_folds_train_at_once_on_the_free_workers_with_the_serial_re
     assert [r.fold_idx for r in results] == [0, 1, 2]
     assert {r.info["slot"] for r in results} == {0, 1}  # both workers took folds of the one trial
     reference = run_trial(job, FitSettings(FAST["tree_rounds"], FAST["tree_early_stopping_rounds"], threads=1))
-    assert [r.r2 for r in results] == [r.r2 for r in reference]
+    assert [r.score for r in results] == [r.score for r in reference]
 
 
 def test_workers_are_fresh_interpreters_that_never_import_torch(tmp_path, trees):

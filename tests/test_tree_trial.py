@@ -33,7 +33,7 @@ def test_a_trial_scores_every_fold_with_early_stopping(model_type):
     results = run_trial(_job(model_type), SETTINGS)
     assert [r.fold_idx for r in results] == [0, 1, 2]
     assert all(r.status == "ok" and r.error is None for r in results)
-    assert all(0.2 < r.r2 < 1.0 for r in results)  # the embedded data has real signal
+    assert all(0.2 < r.score < 1.0 for r in results)  # the embedded data has real signal
     assert all(1 <= r.info["best_iteration"] <= SETTINGS.rounds for r in results)
     assert all(r.info["device"] == "cpu" for r in results)
 
@@ -44,7 +44,7 @@ def test_a_trial_is_reproducible_and_independent_of_thread_count(model_type):
     job = _job(model_type, trial=2)
     one = run_trial(job, SETTINGS)
     two = run_trial(job, FitSettings(SETTINGS.rounds, SETTINGS.early_stopping_rounds, threads=2))
-    assert [r.r2 for r in one] == [r.r2 for r in two]
+    assert [r.score for r in one] == [r.score for r in two]
 
 
 def test_fold_datasets_are_built_once_and_reused_across_trials():
@@ -55,8 +55,8 @@ def test_fold_datasets_are_built_once_and_reused_across_trials():
     assert cache.builds == 3  # one per fold, not one per fold and trial
     # A reused Dataset gives exactly what a fresh one gives, for params that differ in Dataset-level
     # ones too (min_child_samples).
-    assert [r.r2 for r in second] == [r.r2 for r in run_trial(_job("lightgbm", 1), SETTINGS)]
-    assert [r.r2 for r in first] != [r.r2 for r in second]
+    assert [r.score for r in second] == [r.score for r in run_trial(_job("lightgbm", 1), SETTINGS)]
+    assert [r.score for r in first] != [r.score for r in second]
 
 
 def test_r2_is_scored_on_the_held_out_fold():
@@ -74,14 +74,14 @@ def test_r2_is_scored_on_the_held_out_fold():
     assert result.info["best_iteration"] == booster.best_iteration + 1
     # Scored on the raw held-out rows, at the best iteration (not the last).
     pred = booster.predict(xgb.DMatrix(ds.X[val]), iteration_range=(0, booster.best_iteration + 1))
-    assert result.r2 == pytest.approx(r2_score(ds.y[val], pred), abs=1e-6)
+    assert result.score == pytest.approx(r2_score(ds.y[val], pred), abs=1e-6)
 
 
 def test_a_fold_that_raises_is_a_fail_with_the_error_text():
     pytest.importorskip("lightgbm")
     results = run_trial(_job("lightgbm", params={"num_leaves": -3}), SETTINGS)
     assert [r.status for r in results] == ["fail"] * 3
-    assert all(r.r2 is None and "num_leaves" in r.error for r in results)
+    assert all(r.score is None and "num_leaves" in r.error for r in results)
 
 
 @pytest.mark.parametrize("model_type", sorted(LIBRARY))
@@ -93,7 +93,7 @@ def test_folds_trained_at_once_in_threads_give_the_same_results_in_fold_order(mo
     together = run_trial(job, FitSettings(SETTINGS.rounds, SETTINGS.early_stopping_rounds, threads=2),
                          fold_threads=3, on_fold=lambda r: reported.append((r.fold_idx, threading.current_thread())))
     assert [r.fold_idx for r in together] == [0, 1, 2, 3]
-    assert [(r.r2, r.info["best_iteration"]) for r in together] == [(r.r2, r.info["best_iteration"]) for r in alone]
+    assert [(r.score, r.info["best_iteration"]) for r in together] == [(r.score, r.info["best_iteration"]) for r in alone]
     # Each fold reported once, from the caller's thread (the worker writes its protocol from there).
     assert sorted(f for f, _ in reported) == [0, 1, 2, 3]
     assert {t for _, t in reported} == {threading.main_thread()}
@@ -159,7 +159,7 @@ def test_a_gpu_fold_out_of_memory_next_to_others_is_trained_again_alone(monkeypa
     results = run_trial(job, gpu, fold_threads=3, on_fold=reported.append)
     serial = run_trial(job, gpu)
     assert sorted(r.fold_idx for r in reported) == [0, 1, 2]  # each fold reported once, its last result
-    assert [(r.status, r.r2) for r in results] == [(r.status, r.r2) for r in serial]
+    assert [(r.status, r.score) for r in results] == [(r.status, r.score) for r in serial]
     assert [r.status for r in results] == ["ok", "ok", "fail"] and "out of memory" in results[2].error
     assert [r.info["concurrent_folds"] for r in results] == [1, 3, 1]
     assert [("retried_alone_after" in r.info) for r in results] == [True, False, True]
@@ -174,7 +174,7 @@ def test_a_fold_that_fails_among_threads_fails_alone():
     # Fold 5 of a 3-fold trial does not exist: building it raises, in its own thread.
     results = run_trial(_job("lightgbm"), SETTINGS, cache, fold_indices=[2, 5, 0], fold_threads=3)
     assert [(r.fold_idx, r.status) for r in results] == [(2, "ok"), (5, "fail"), (0, "ok")]
-    assert "IndexError" in results[1].error and results[1].r2 is None
+    assert "IndexError" in results[1].error and results[1].score is None
     assert cache.builds == 2  # the shared cache built each real fold once, under its lock
 
 
@@ -193,7 +193,7 @@ def test_the_trial_command_prints_its_result_as_json():
     out = json.loads(done.stdout)  # stdout is exactly one JSON document, whatever the library printed
     assert out["status"] == "ok" and out["device"] == "cpu" and out["model_type"] == "xgboost"
     assert out["params"] == sample_params("xgboost", 1, 7)
-    assert out["mean_r2"] == pytest.approx(sum(f["r2"] for f in out["folds"]) / 3)
+    assert out["mean_score"] == pytest.approx(sum(f["score"] for f in out["folds"]) / 3)
 
 
 def test_the_trial_command_pins_its_gpu_before_the_library_loads():
@@ -227,7 +227,7 @@ def test_the_trial_command_trains_folds_at_once_with_fold_threads():
     args = ("--cpu", "--model", "xgboost", "--trial", "2", "--rows", "1500", "--folds", "3", "--rounds", "30",
             "--threads", "2", "--params", json.dumps({"max_depth": 4}))
     alone, together = json.loads(_cli(*args).stdout), json.loads(_cli(*args, "--fold-threads", "3").stdout)
-    assert together["status"] == "ok" and together["mean_r2"] == alone["mean_r2"]
+    assert together["status"] == "ok" and together["mean_score"] == alone["mean_score"]
     assert [f["info"]["concurrent_folds"] for f in together["folds"]] == [3, 3, 3]
     done = _cli("--cpu", "--model", "xgboost", "--fold-threads", "0")
     assert done.returncode == 2 and "--fold-threads: '0' is not an integer >= 1" in done.stderr

@@ -41,6 +41,7 @@ from watcher_plugins.progress import ProgressBoard
 from watcher_plugins.records import STATUS_OK, DataRef, FoldResult, TrialJob
 from watcher_plugins.report import write_report
 from watcher_plugins.storage import DEFAULT_DB, StudyStore
+from watcher_plugins.tasks import METRICS, REGRESSION, Metric, metric_for
 from watcher_plugins.types import DEFAULT_METRIC, ModelType, WatcherExecutor
 
 logger = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ class ModelTypeOutcome:
     model_type: str
     executor: str | None
     status: str  # "done" | "unavailable"
-    best_r2: float | None = None
+    best_score: float | None = None  # the best trial's mean fold score, by the run's metric
     best_trial: int | None = None
     best_params: dict[str, Any] = field(default_factory=dict)
     trials_complete: int = 0
@@ -67,10 +68,12 @@ class ModelTypeOutcome:
 
 
 class TrialLog:
-    """trials.jsonl: one line per trial and fold, flushed as each fold finishes."""
+    """trials.jsonl: one line per trial and fold, flushed as each fold finishes. A line names its score
+    by the metric ("r2": 0.61, "logloss": 0.43)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, metric: str = "r2"):
         self._fh: TextIO = path.open("a", encoding="utf-8")
+        self.metric = metric
 
     def write(self, result: FoldResult, study: str) -> None:
         line = {
@@ -78,7 +81,7 @@ class TrialLog:
             "trial_number": result.trial_number,
             "fold_idx": result.fold_idx,
             "model_type": result.model_type,
-            "r2": result.r2,
+            self.metric: result.score,
             "seconds": round(result.seconds, 4),
             "status": result.status,
         }
@@ -91,16 +94,58 @@ class TrialLog:
         self._fh.close()
 
 
-def _choose_executors(pm, params: Mapping[str, Any], declared: Mapping[str, ModelType]) -> dict[str, WatcherExecutor]:
+def _data_ref(params: Mapping[str, Any]) -> DataRef:
+    """The data param, with the task asked for where it is not auto (so that the embedded data's record,
+    and with it every study's definition, reads as it did before tasks existed)."""
+    task = params.get("task", "auto")
+    return DataRef.from_param({**params["data"], **({"task": task} if task != "auto" else {})})
+
+
+def _metric(params: Mapping[str, Any], dataset) -> Metric:
+    """The metric this run optimises: the params', else the dataset's task's default."""
+    try:
+        return metric_for(dataset.task, params.get("metric"))
+    except ValueError as exc:
+        inferred = " (inferred from the target; set params.task to say otherwise)" if params.get("task", "auto") == "auto" else ""
+        raise ManifestError([f"{where(params, 'metric')}: {exc}; the target {dataset.target!r} makes this a "
+                             f"{dataset.task} task{inferred}"]) from None
+
+
+def _check_folds(label: str, dataset, params: Mapping[str, Any], metric: Metric) -> None:
+    """Folds on which the metric is defined: at least 2 held-out rows each; for R² a held-out target that
+    varies; for classification a training part with two classes or more, and for AUC a held-out part too."""
+    try:
+        splits = kfold_splits(dataset.n_rows, params["folds"], params["seed"])
+    except DataError as exc:
+        raise DataError(f"{label}: {exc}") from None
+    for k, (train, held_out) in enumerate(splits):
+        y_val = dataset.y[held_out]
+        if metric.name == "r2" and (y_val == y_val[0]).all():  # every model would score 0.0 there
+            raise DataError(f"{label}: the {len(held_out)} held-out rows of fold {k} all have the target "
+                            f"value {float(y_val[0]):g}, so R² is undefined there: use fewer "
+                            f"folds or another seed")
+        if dataset.task == REGRESSION:
+            continue
+        if len(set(dataset.y[train].tolist())) < 2:
+            raise DataError(f"{label}: the training rows of fold {k} hold one class only "
+                            f"({dataset.classes[int(dataset.y[train][0])]!r}): use fewer folds or another seed")
+        if metric.name == "auc" and len(set(y_val.tolist())) < 2:
+            raise DataError(f"{label}: the held-out rows of fold {k} hold one class only "
+                            f"({dataset.classes[int(y_val[0])]!r}), so AUC is undefined there: use fewer folds, "
+                            f"another seed or another metric")
+
+
+def _choose_executors(pm, params: Mapping[str, Any], declared: Mapping[str, ModelType],
+                      metric: str = DEFAULT_METRIC) -> dict[str, WatcherExecutor]:
     """The executor registration serving each model type: the manifest's choice, else the only one registered."""
     for model_type in params["model_types"]:
         # the schema's enum lists the declared types; a host that merged params itself may not have checked
         if model_type not in declared:
             raise PluginError(f"{where(params, 'model_types')}: unknown model type {model_type!r}; "
                               f"registered model types: {', '.join(declared) or 'none'}")
-        if DEFAULT_METRIC not in declared[model_type].metrics:
+        if metric not in declared[model_type].metrics:
             raise PluginError(f"{where(params, 'model_types')}: model type {model_type!r} does not report "
-                              f"{DEFAULT_METRIC!r}, the metric step 5 optimises; it reports "
+                              f"{metric!r}, the metric this run optimises; it reports "
                               f"{', '.join(declared[model_type].metrics)}")
     executors = pm.get_executors()
     serving = pm.executor_for_model_types()
@@ -130,19 +175,19 @@ def _choose_executors(pm, params: Mapping[str, Any], declared: Mapping[str, Mode
 
 
 def _trial_value(results: list[FoldResult]) -> tuple[float | None, str | None]:
-    """Mean R^2 over the folds, or the reason the trial failed."""
-    bad = [r for r in results if r.status != STATUS_OK or r.r2 is None]
+    """The mean fold score, or the reason the trial failed."""
+    bad = [r for r in results if r.status != STATUS_OK or r.score is None]
     if bad:
         first = min(bad, key=lambda r: r.fold_idx)
-        return None, f"fold {first.fold_idx}: {first.status}: {first.error or 'no R^2'}"
-    return sum(cast(float, r.r2) for r in results) / len(results), None  # all ok: each has its R^2
+        return None, f"fold {first.fold_idx}: {first.status}: {first.error or 'no score'}"
+    return sum(cast(float, r.score) for r in results) / len(results), None  # all ok: each has its score
 
 
 class StudyRunner:
     """Asks, runs and tells the studies that share one executor, batch by batch."""
 
     def __init__(self, studies: dict[str, optuna.Study], model_types: Mapping[str, ModelType], params: dict,
-                 data: DataRef, store: StudyStore, log: TrialLog, board: ProgressBoard):
+                 data: DataRef, store: StudyStore, log: TrialLog, board: ProgressBoard, metric: str = DEFAULT_METRIC):
         self.studies = studies
         self.model_types = model_types
         self.params = params
@@ -150,6 +195,7 @@ class StudyRunner:
         self.store = store
         self.log = log
         self.board = board
+        self.metric = metric
 
     def _ask_batch(self, model_type: str, into: list) -> None:
         """Ask up to ask_batch_size trials into ``into``, each recorded as soon as it exists (so that an
@@ -165,7 +211,7 @@ class StudyRunner:
                 into.pop()
                 break
             job = TrialJob(model_type=model_type, trial_number=trial.number, params=self.model_types[model_type].search_space(trial),
-                           data=self.data, folds=self.params["folds"], seed=self.params["seed"])
+                           data=self.data, folds=self.params["folds"], seed=self.params["seed"], metric=self.metric)
             into[-1] = (trial, job)
 
     def _record(self, by_trial: dict, result: FoldResult) -> None:
@@ -271,22 +317,17 @@ def run_compare_models(params: dict, pm, out: TextIO | None = None) -> dict:
         return {"skipped": True}
     started = time.monotonic()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our progress bars and leaderboard speak instead
-    data = DataRef.from_param(params["data"])
+    data = _data_ref(params)
     dataset = load_dataset(data)  # a bad dataset must fail before anything is trained or written
-    label = data.path or dataset.name  # a file as it was named, as the loader's errors name it
-    try:
-        splits = kfold_splits(dataset.n_rows, params["folds"], params["seed"])
-    except DataError as exc:
-        raise DataError(f"{label}: {exc}") from None
-    for k, (_, held_out) in enumerate(splits):
-        if (dataset.y[held_out] == dataset.y[held_out[0]]).all():  # every model would score 0.0 there
-            raise DataError(f"{label}: the {len(held_out)} held-out rows of fold {k} all have the target "
-                            f"value {float(dataset.y[held_out[0]]):g}, so R² is undefined there: use fewer "
-                            f"folds or another seed")
+    for name, value in (("task", REGRESSION), ("target", "y"), ("classes", ())):  # SHIM until data.py has them
+        if not hasattr(dataset, name):
+            object.__setattr__(dataset, name, value)
+    metric = _metric(params, dataset)
+    _check_folds(data.path or dataset.name, dataset, params, metric)  # a file as it was named, as the loader's errors name it
     fingerprint = dataset.sha256() if data.path else None  # the embedded data is fixed by its version
     devices = resolve_devices(params["devices"], where(params, "devices"))
     declared = pm.get_model_types()
-    chosen = _choose_executors(pm, params, declared)
+    chosen = _choose_executors(pm, params, declared, metric.name)
 
     outcomes: dict[str, ModelTypeOutcome] = {}
     runnable: dict[str, WatcherExecutor] = {}
@@ -317,16 +358,16 @@ def run_compare_models(params: dict, pm, out: TextIO | None = None) -> dict:
             # The check sees the executor's params against the run's devices; name whoever set them.
             keys = [*registration.schema().get("properties", {}), "devices"]
             raise ManifestError([f"{sources(params, keys)} ({executor_name}): {exc}"]) from None
-    store, group_studies = _open_storage(params, output_dir, data, fingerprint, groups, runnable, declared,
-                                         devices)
+    store, group_studies = _open_storage(params, output_dir, data, fingerprint, metric, groups, runnable,
+                                         declared, devices)
     print(f"compare_models: {dataset.name} ({dataset.n_rows} rows x {dataset.X.shape[1]} features), "
           f"{params['folds']}-fold CV, {params['trials']} trials per model type, "
           f"devices: {', '.join(f'GPU {d}' for d in devices) or 'CPU'}", file=out)
 
-    log = TrialLog(output_dir / TRIALS_FILE)
+    log = TrialLog(output_dir / TRIALS_FILE, metric.name)
     board = ProgressBoard(list(runnable), params["trials"], enabled=params["progress"])
     monitor = GpuMonitor(devices)
-    run = _RunRecord(outcomes, {}, monitor, dataset, devices, store, started, params, output_dir, out)
+    run = _RunRecord(outcomes, {}, monitor, dataset, devices, store, started, params, output_dir, out, metric)
     monitor.start()
     try:
         for executor_name, model_types in groups.items():
@@ -338,7 +379,7 @@ def run_compare_models(params: dict, pm, out: TextIO | None = None) -> dict:
             try:
                 executor_cls = runnable[model_types[0]].load()
                 with executor_cls(params, context) as executor:
-                    StudyRunner(studies, declared, params, data, store, log, board).run(executor)
+                    StudyRunner(studies, declared, params, data, store, log, board, metric.name).run(executor)
             except KeyboardInterrupt:
                 try:  # what finished, for the summary; never let this hide the interrupt
                     outcomes.update(_outcomes(store, studies, executor_name, time.monotonic() - group_started))
@@ -362,7 +403,7 @@ def run_compare_models(params: dict, pm, out: TextIO | None = None) -> dict:
 
 
 def _open_storage(params: Mapping[str, Any], output_dir: Path, data: DataRef, fingerprint: str | None,
-                  groups: dict[str, list[str]], runnable: dict[str, WatcherExecutor],
+                  metric: Metric, groups: dict[str, list[str]], runnable: dict[str, WatcherExecutor],
                   declared: Mapping[str, ModelType],
                   devices: list[int]) -> tuple[StudyStore, dict[str, dict[str, optuna.Study]]]:
     """Make output_dir, open the storage and every study. Bad input (an output_dir that cannot be written, a
@@ -371,7 +412,7 @@ def _open_storage(params: Mapping[str, Any], output_dir: Path, data: DataRef, fi
     made = _make_output_dir(output_dir, where(params, "output_dir"))
     store = None
     try:
-        store = StudyStore.open(params, output_dir, data, fingerprint)
+        store = StudyStore.open(params, output_dir, data, fingerprint, metric)
         return store, _open_studies(store, groups, runnable, declared, params, devices)
     except BaseException:
         if store is not None:
@@ -434,11 +475,11 @@ def _outcomes(store: StudyStore, studies: dict[str, optuna.Study], executor_name
               elapsed: float) -> dict[str, ModelTypeOutcome]:
     outcomes = {}
     for model_type, study in studies.items():
-        best_r2, best_trial, best_params = store.best(study)
+        best_score, best_trial, best_params = store.best(study)
         complete, failed, running = store.trial_counts(study)
         reasons = store.failure_reasons(study)
         reason = max(set(reasons), key=reasons.count) if reasons else None
-        outcomes[model_type] = ModelTypeOutcome(model_type, executor_name, "done", best_r2, best_trial,
+        outcomes[model_type] = ModelTypeOutcome(model_type, executor_name, "done", best_score, best_trial,
                                                 best_params, complete, failed, round(elapsed, 2), reason,
                                                 trials_running=running)
     return outcomes
@@ -458,17 +499,22 @@ class _RunRecord:
     params: dict
     output_dir: Path
     out: TextIO
+    metric: Metric
 
     def write(self, interrupted: bool = False) -> dict:
         outcomes = self.outcomes.values()
+        sign = -1.0 if self.metric.greater_is_better else 1.0  # best first
         summary = {
             "leaderboard": [asdict(o) for o in sorted(
-                (o for o in outcomes if o.status == "done"), key=lambda o: (o.best_r2 is None, -(o.best_r2 or 0.0)))],
+                (o for o in outcomes if o.status == "done"),
+                key=lambda o: (o.best_score is None, sign * (o.best_score or 0.0)))],
             "unavailable": {o.model_type: o.reason for o in outcomes if o.status == "unavailable"},
             # Model types an interrupt stopped before their group started (none when the run completed).
             "not_run": [mt for mt in self.params["model_types"] if mt not in self.outcomes and mt not in self.studies],
             "dataset": {"name": self.dataset.name, "rows": self.dataset.n_rows,
-                        "features": int(self.dataset.X.shape[1])},
+                        "features": int(self.dataset.X.shape[1]), "target": self.dataset.target,
+                        "task": self.dataset.task, "classes": list(self.dataset.classes)},
+            "metric": self.metric.name,  # tasks.METRICS: its direction, how it is spelled
             "devices": self.devices,
             "storage": self.store.url_for_display,
             "seconds": round(time.monotonic() - self.started, 2),
@@ -488,10 +534,11 @@ class _RunRecord:
 
 
 def format_leaderboard(summary: dict) -> str:
-    """The leaderboard as a plain-text table: model type, best mean R^2, its params, trials, seconds."""
-    rows = [("model", "best R2", "trials", "failed", "seconds", "best params")]
+    """The leaderboard as a plain-text table: model type, best mean score, its params, trials, seconds."""
+    metric = METRICS[summary.get("metric") or DEFAULT_METRIC].display
+    rows = [("model", f"best {metric}", "trials", "failed", "seconds", "best params")]
     for row in summary["leaderboard"]:
-        r2 = "-" if row["best_r2"] is None else f"{row['best_r2']:.4f}"
+        r2 = "-" if row["best_score"] is None else f"{row['best_score']:.4f}"
         params = json.dumps(row["best_params"], separators=(",", ":"), default=str)
         rows.append((row["model_type"], r2, str(row["trials_complete"]), str(row["trials_failed"]),
                      f"{row['seconds']:.1f}", params))

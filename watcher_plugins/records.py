@@ -6,6 +6,7 @@ processes (the NN worker's JSON lines, the tree pool's queues).
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -24,20 +25,32 @@ class DataRef:
     path: str | None = None
     target: str | None = None
     format: str | None = None
+    categorical: tuple[str, ...] | None = None  # columns read as categories, besides those detected
+    drop_missing_target: bool | None = None
+    task: str | None = None  # as asked: "auto" (None) | "regression" | "binary" | "multiclass"
+    max_categories: int | None = None
+
+    def __post_init__(self):
+        if self.categorical is not None:  # a JSON list; a tuple keeps the record hashable
+            object.__setattr__(self, "categorical", tuple(self.categorical))
 
     @classmethod
     def from_param(cls, data: dict) -> DataRef:
         return cls(**data)
 
     def to_json(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if v is not None}
+        out = {k: v for k, v in asdict(self).items() if v is not None}
+        if "categorical" in out:
+            out["categorical"] = list(out["categorical"])
+        return out
 
     @property
     def key(self) -> str:
         """A stable identity, used to cache the loaded dataset in a worker."""
         if self.embedded:
             return f"embedded:{self.embedded}:{self.rows}"
-        return f"file:{self.path}:{self.target}:{self.format}"
+        options = {k: v for k, v in self.to_json().items() if k not in ("embedded", "rows", "path", "target", "format")}
+        return f"file:{self.path}:{self.target}:{self.format}" + (f":{json.dumps(options, sort_keys=True)}" if options else "")
 
 
 @dataclass(frozen=True)
@@ -50,6 +63,7 @@ class TrialJob:
     data: DataRef
     folds: int
     seed: int
+    metric: str = "r2"  # what each fold is scored by (tasks.METRICS)
 
     def to_json(self) -> dict:
         out = asdict(self)
@@ -63,12 +77,13 @@ class TrialJob:
 
 @dataclass
 class FoldResult:
-    """The outcome of one fold of one trial. ``r2`` is None unless status is "ok"."""
+    """The outcome of one fold of one trial: ``score`` is its job's metric of the held-out predictions,
+    None unless status is "ok"."""
 
     trial_number: int
     fold_idx: int
     model_type: str
-    r2: float | None
+    score: float | None
     seconds: float
     status: str = STATUS_OK
     error: str | None = None

@@ -131,7 +131,7 @@ class _ReportPage:
                 "trials failed", "most common failure", "seconds", "best params")
         rows = []
         for row in summary.get("leaderboard", []):
-            cells = (row.get("model_type"), row.get("executor"), _fmt_r2(row.get("best_r2")),
+            cells = (row.get("model_type"), row.get("executor"), _fmt_score(row.get("best_score")),
                      _fmt_optional(row.get("best_trial")), row.get("trials_complete"),
                      row.get("trials_failed"), row.get("reason") if row.get("trials_failed") else "",
                      _fmt_seconds(row.get("seconds")),
@@ -370,7 +370,7 @@ def _note(text: str) -> str:
     return f'<p class="note">{_esc(text)}</p>'
 
 
-def _fmt_r2(value) -> str:
+def _fmt_score(value) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 

@@ -33,6 +33,7 @@ from watcher_plugins.data import EMBEDDED_DEFAULT_ROWS
 from watcher_plugins.errors import StorageError, StorageLost
 from watcher_plugins.manifest import where
 from watcher_plugins.records import DataRef, FoldResult
+from watcher_plugins.tasks import METRICS, Metric
 
 DEFAULT_DB = "optuna.db"
 RETRY_OF = "retry_of"
@@ -58,7 +59,8 @@ class StudyStore:
     """Creates, resumes and updates the studies of one compare_models run."""
 
     def __init__(self, storage: optuna.storages.RDBStorage, url: str, prefix: str, definition: dict, data: DataRef,
-                 retries: int = 3, retry_wait_s: float = 1.0, in_output_dir: bool = True):
+                 retries: int = 3, retry_wait_s: float = 1.0, in_output_dir: bool = True,
+                 metric: Metric = METRICS["r2"]):
         self.storage = storage
         self.url = url
         self.prefix = prefix
@@ -67,9 +69,11 @@ class StudyStore:
         self.retries = retries
         self.retry_wait_s = retry_wait_s
         self.in_output_dir = in_output_dir  # the default SQLite file: another output_dir is another storage
+        self.metric = metric
 
     @classmethod
-    def open(cls, params: Mapping, output_dir: Path, data: DataRef, data_sha256: str | None = None) -> StudyStore:
+    def open(cls, params: Mapping, output_dir: Path, data: DataRef, data_sha256: str | None = None,
+             metric: Metric = METRICS["r2"]) -> StudyStore:
         """Connect (and create the schema if needed); a bad URL or a database that is down fails here.
         ``data_sha256``: a data file's fingerprint (Dataset.sha256), by which the definition names it."""
         url = params.get("storage") or f"sqlite:///{(output_dir / DEFAULT_DB).resolve()}"
@@ -84,8 +88,10 @@ class StudyStore:
             raise StorageError(f"{param}: cannot open Optuna storage {_redact(url)}: "
                                f"{type(exc).__name__}: {_first_line(exc)}") from None
         definition = {key: params[key] for key in _DEFINING_PARAMS} | {"data": data_identity(data, data_sha256)}
+        if metric.name != "r2":  # studies made before metrics existed optimised R², and say nothing
+            definition["metric"] = metric.name
         return cls(storage, url, params["study_name"], definition, data, retries=params["storage_retries"],
-                   in_output_dir=not params.get("storage"))
+                   in_output_dir=not params.get("storage"), metric=metric)
 
     def close(self) -> None:
         """Close the database connections (before a SQLite file this run made is removed)."""
@@ -133,7 +139,7 @@ class StudyStore:
         definition = self._definition(result_params)
 
         def load() -> optuna.Study:
-            return optuna.create_study(storage=self.storage, study_name=name, direction="maximize",
+            return optuna.create_study(storage=self.storage, study_name=name, direction=self.metric.direction,
                                        sampler=per_trial_sampler(seed, 0), load_if_exists=True)
 
         study = self.retrying(f"opening study {name!r}", load)
@@ -232,12 +238,13 @@ class StudyStore:
                 if t.state == TrialState.FAIL]
 
     def best(self, study: optuna.Study) -> tuple[float | None, int | None, dict]:
-        """Best mean R^2, its trial number and the params its job ran with."""
+        """The best mean score (by the metric's direction), its trial number and the params its job ran with."""
         complete = self.retrying("reading trials",
                                  lambda: study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
         if not complete:
             return None, None, {}
-        best = max(complete, key=lambda t: (t.value, -t.number))
+        sign = 1.0 if self.metric.greater_is_better else -1.0
+        best = max(complete, key=lambda t: (sign * t.value, -t.number))  # ties: the earliest trial
         return best.value, best.number, best.user_attrs.get("job_params", best.params)
 
     def tell(self, study: optuna.Study, trial: optuna.Trial, job_params: dict, value: float | None,
@@ -246,7 +253,7 @@ class StudyStore:
         stale (its heartbeats stopped for longer than that agent allows): its params are asked again."""
         def tell() -> None:
             trial.set_user_attr("job_params", job_params)
-            trial.set_user_attr("fold_r2", [r.r2 for r in results])
+            trial.set_user_attr("fold_scores", [r.score for r in results])
             if value is None:
                 trial.set_user_attr("fail_reason", reason)
                 study.tell(trial, state=TrialState.FAIL)

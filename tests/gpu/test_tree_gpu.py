@@ -71,7 +71,7 @@ def test_two_catboost_trials_started_at_once_on_gpu_0_and_gpu_1_both_finish():
         assert proc.returncode == 0, stderr[-2000:]
         result = json.loads(stdout)
         assert result["status"] == "ok" and result["device"] == "gpu" and result["gpu"] == gpu
-        assert result["cuda_visible_devices"] == str(gpu) and result["mean_r2"] > 0.3
+        assert result["cuda_visible_devices"] == str(gpu) and result["mean_score"] > 0.3
 
 
 def test_the_pool_trains_catboost_and_xgboost_on_the_gpu_and_never_imports_torch(tmp_path):
@@ -82,7 +82,7 @@ def test_the_pool_trains_catboost_and_xgboost_on_the_gpu_and_never_imports_torch
     assert all(r.status == "ok" for r in results), [r.error for r in results if r.error]
     for r in results:
         expected = "cpu" if r.model_type == "lightgbm" else "gpu"
-        assert r.info["device"] == expected and r.r2 > 0.3
+        assert r.info["device"] == expected and r.score > 0.3
     assert all("torch" not in info["modules"] for info in infos)
     gpu_workers = [info for info in infos if info["gpu"] is not None]
     assert len(gpu_workers) == 1 and gpu_workers[0]["cuda_visible_devices"] == "0"
@@ -97,7 +97,7 @@ def test_gpu_results_do_not_depend_on_the_number_of_workers(tmp_path, model_type
         with TreeParallelExecutor({**FAST, "tree_parallel_workers": workers, "tree_device": "gpu"},
                                   RunContext(output_dir=tmp_path, devices=[0])) as ex:
             results = ex.run_batch(jobs)
-        r2[workers] = [(r.model_type, r.r2) for r in results]
+        r2[workers] = [(r.model_type, r.score) for r in results]
         concurrent[workers] = {r.info["concurrent_folds"] for r in results if r.model_type == model_type}
     diffs = [abs(a[1] - b[1]) for a, b in zip(r2[1], r2[3]) if a[0] == model_type]
     print(f"{model_type} on GPU: max |dR2| between 1 and 3 workers = {max(diffs):.3e}")
@@ -116,7 +116,7 @@ def test_xgboost_on_the_gpu_allocates_from_cudas_pool_without_changing_the_model
                                   RunContext(output_dir=tmp_path, devices=[0])) as ex:
             results = ex.run_batch(_jobs(("xgboost",), trials=3))
         assert all(r.status == "ok" and r.info["concurrent_folds"] == 3 for r in results), results
-        r2[async_pool] = [r.r2 for r in results]
+        r2[async_pool] = [r.score for r in results]
         pool[async_pool] = {r.info["xgboost_async_pool"] for r in results}
     assert pool == {True: {True}, False: {False}}
     assert r2[True] == r2[False]
@@ -125,7 +125,7 @@ def test_xgboost_on_the_gpu_allocates_from_cudas_pool_without_changing_the_model
 def _catboost_r2(tmp_path, ram_part, trials=3):
     with TreeParallelExecutor({**FAST, "tree_device": "gpu", "catboost_gpu_ram_part": ram_part},
                               RunContext(output_dir=tmp_path, devices=[0])) as ex:
-        return [(r.status, r.r2, r.error) for r in ex.run_batch(_jobs(("catboost",), trials=trials))]
+        return [(r.status, r.score, r.error) for r in ex.run_batch(_jobs(("catboost",), trials=trials))]
 
 
 def test_catboosts_gpu_memory_reserve_reaches_catboost_and_does_not_change_the_model(tmp_path):
@@ -147,7 +147,7 @@ def test_auto_retries_a_catboost_trial_that_outgrows_its_reserve_with_catboosts_
     monkeypatch.setenv(AUTO_GPU_RAM_PART_ENV, "1e-6")  # the workers inherit it
     with TreeParallelExecutor({**FAST, "tree_device": "gpu"},
                               RunContext(output_dir=tmp_path, devices=[0], trial_retries=0)) as ex:
-        got = [(r.status, r.r2, r.error) for r in ex.run_batch(_jobs(("catboost",), trials=2))]
+        got = [(r.status, r.score, r.error) for r in ex.run_batch(_jobs(("catboost",), trials=2))]
         print(f"restarts {ex.pool.restarts}, full reserve for {ex.pool.catboost_full_reserve}")
         assert ex.pool.restarts == 1 and ex.pool.catboost_full_reserve == {DATA.key}
     assert got == reference

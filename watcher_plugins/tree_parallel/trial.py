@@ -159,7 +159,7 @@ def trial_summary(job: TrialJob, results: list[FoldResult]) -> dict:
         "trial_number": job.trial_number,
         "model_type": job.model_type,
         "status": STATUS_OK if ok else STATUS_FAIL,
-        "mean_r2": sum(cast(float, r.r2) for r in results) / len(results) if ok else None,  # ok: each has R^2
+        "mean_score": sum(cast(float, r.score) for r in results) / len(results) if ok else None,  # ok: each has a score
         "error": None if ok else f"fold {failed[0].fold_idx}: {failed[0].error}",
         "params": job.params,
         "seconds": sum(r.seconds for r in results),
