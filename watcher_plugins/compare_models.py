@@ -136,13 +136,17 @@ def _check_folds(label: str, dataset, params: Mapping[str, Any], metric: Metric)
 
 
 def _choose_executors(pm, params: Mapping[str, Any], declared: Mapping[str, ModelType],
-                      metric: str = DEFAULT_METRIC) -> dict[str, WatcherExecutor]:
+                      metric: str = DEFAULT_METRIC, task: str = REGRESSION) -> dict[str, WatcherExecutor]:
     """The executor registration serving each model type: the manifest's choice, else the only one registered."""
     for model_type in params["model_types"]:
         # the schema's enum lists the declared types; a host that merged params itself may not have checked
         if model_type not in declared:
             raise PluginError(f"{where(params, 'model_types')}: unknown model type {model_type!r}; "
                               f"registered model types: {', '.join(declared) or 'none'}")
+        if task not in declared[model_type].tasks:
+            raise PluginError(f"{where(params, 'model_types')}: model type {model_type!r} does not learn a {task} "
+                              f"task (the data's target {params['data'].get('target', 'y')!r}); it learns "
+                              f"{', '.join(declared[model_type].tasks)}")
         if metric not in declared[model_type].metrics:
             raise PluginError(f"{where(params, 'model_types')}: model type {model_type!r} does not report "
                               f"{metric!r}, the metric this run optimises; it reports "
@@ -327,7 +331,7 @@ def run_compare_models(params: dict, pm, out: TextIO | None = None) -> dict:
     fingerprint = dataset.sha256() if data.path else None  # the embedded data is fixed by its version
     devices = resolve_devices(params["devices"], where(params, "devices"))
     declared = pm.get_model_types()
-    chosen = _choose_executors(pm, params, declared, metric.name)
+    chosen = _choose_executors(pm, params, declared, metric.name, dataset.task)
 
     outcomes: dict[str, ModelTypeOutcome] = {}
     runnable: dict[str, WatcherExecutor] = {}

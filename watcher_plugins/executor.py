@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from watcher_plugins.devices import available_cores
-from watcher_plugins.records import FoldResult, TrialJob
+from watcher_plugins.records import STATUS_FAIL, FoldResult, RefitJob, RefitResult, TrialJob
 
 ResultCallback = Callable[[FoldResult], None]
 
@@ -53,6 +53,14 @@ class Executor(ABC):
     @abstractmethod
     def run_batch(self, jobs: Sequence[TrialJob], on_result: ResultCallback | None = None) -> list[FoldResult]:
         """Run every job on every fold; call ``on_result`` as each fold finishes; return all results."""
+
+    def refit(self, jobs: Sequence[RefitJob]) -> list[RefitResult]:
+        """For each job: its trial's folds again (out-of-fold predictions), then one fit on every row,
+        saved in the job's model_dir in the library's own format with what ``ModelType.predict`` needs
+        (records.RefitJob, RefitResult). One result per job; a failure is a result with status "fail".
+        The default refits nothing: an executor that cannot save its models says so."""
+        return [RefitResult(job.trial.model_type, job.trial.trial_number, STATUS_FAIL,
+                            error=f"executor {type(self).__name__} does not save models") for job in jobs]
 
     def close(self) -> None:
         """Stop workers and release leases. Idempotent."""

@@ -100,3 +100,55 @@ class FoldResult:
 def fold_seed(seed: int, trial_number: int, fold_idx: int) -> int:
     """The seed of one model fit, a pure function of the study seed, trial and fold (never of scheduling)."""
     return (seed * 1_000_003 + trial_number * 1_009 + fold_idx) % (2**31 - 1)
+
+
+@dataclass(frozen=True)
+class RefitJob:
+    """Refit one model type's best trial (``refit_best``): its folds once more, for their held-out
+    predictions (out of fold), then one fit on every row, saved under ``model_dir``.
+
+    ``fold_info`` is each fold's FoldResult.info from the study (its best iteration or epoch, say), in
+    fold order: the fit on every row has no held-out rows to stop on, so it takes its length from them.
+    """
+
+    trial: TrialJob
+    model_dir: str
+    fold_info: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {"trial": self.trial.to_json(), "model_dir": self.model_dir, "fold_info": self.fold_info}
+
+    @classmethod
+    def from_json(cls, obj: dict) -> RefitJob:
+        return cls(TrialJob.from_json(obj["trial"]), obj["model_dir"], list(obj.get("fold_info", [])))
+
+
+@dataclass
+class RefitResult:
+    """What a refit gave: out-of-fold predictions and scores, and the saved model.
+
+    ``oof``: for every dataset row, in row order, its held-out prediction from the fold that held it out
+    (tasks.py: a number, the probability of class 1, or a list of class probabilities). ``fold_scores``:
+    the job's metric of each fold's part of ``oof``, which equal the study's fold scores of that trial.
+    ``predictions``: the saved model's predictions of every row, computed in the process that trained it
+    before saving (``predict`` on the same rows must give exactly these). ``files``: what the executor
+    wrote in the job's model_dir, relative to it; ``info``: what the fit on every row used (rounds, epochs).
+    """
+
+    model_type: str
+    trial_number: int
+    status: str = STATUS_OK
+    oof: list[Any] = field(default_factory=list)
+    fold_scores: list[float | None] = field(default_factory=list)
+    predictions: list[Any] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    error: str | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, obj: dict) -> RefitResult:
+        return cls(**obj)

@@ -24,7 +24,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -244,7 +244,7 @@ class StudyStore:
         if not complete:
             return None, None, {}
         sign = 1.0 if self.metric.greater_is_better else -1.0
-        best = max(complete, key=lambda t: (sign * t.value, -t.number))  # ties: the earliest trial
+        best = max(complete, key=lambda t: (sign * cast(float, t.value), -t.number))  # ties: the earliest trial
         return best.value, best.number, best.user_attrs.get("job_params", best.params)
 
     def tell(self, study: optuna.Study, trial: optuna.Trial, job_params: dict, value: float | None,

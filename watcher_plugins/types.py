@@ -7,6 +7,7 @@ import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from watcher_plugins.errors import PluginError
@@ -65,12 +66,19 @@ class ModelType:
     :param seed_offset: added to the run's seed for this type's sampler, so that a study's trajectory
         does not depend on which other model types are in the run; unique among registered types.
     :param metrics: the objectives its trials can report, the study's metric among them.
+    :param tasks: the tasks (tasks.TASKS) it can learn.
+    :param predict: ``(model_dir, X) -> predictions``: a model its executor saved (Executor.refit), applied
+        to rows encoded as the dataset's (data.FeatureSchema: float64, NaN where missing, category codes);
+        predictions shaped as tasks.py says. Imports what it needs itself (torch, a tree library). None: its
+        models cannot be saved.
     """
 
     name: str
     search_space: Callable[[optuna.Trial], dict] = field(repr=False)
     seed_offset: int
     metrics: tuple[str, ...] = (DEFAULT_METRIC,)
+    tasks: tuple[str, ...] = ("regression",)
+    predict: Callable[[Path, Any], Any] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _NAME.match(self.name):
