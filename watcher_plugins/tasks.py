@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
@@ -28,7 +29,7 @@ _LOG_EPS = 1e-15
 class Metric:
     name: str
     display: str  # as the leaderboard and the report spell it
-    direction: str  # Optuna's: "maximize" | "minimize"
+    direction: Literal["maximize", "minimize"]  # Optuna's
     tasks: tuple[str, ...]
     compute: Callable[[np.ndarray, np.ndarray, str], float]
 
