@@ -494,13 +494,14 @@ def test_a_fold_whose_held_out_targets_are_all_equal_is_refused(pm, tmp_path):
     data.write_text("a,y\n" + "".join(f"{i},{int(i == 7)}\n" for i in range(40)))
     with pytest.raises(DataError, match=r"rare.csv: the 8 held-out rows of fold \d all have the target value 0, so "
                                         r"R² is undefined there: use fewer folds or another seed"):
-        run_compare_models(_params(pm, tmp_path, folds=5, data={"path": str(data), "target": "y"}), pm)
+        run_compare_models(_params(pm, tmp_path, folds=5, task="regression", data={"path": str(data), "target": "y"}),
+                           pm)
     assert not (tmp_path / "out").exists()
 
 
 def test_bad_data_file_fails_before_anything_is_written(pm, tmp_path):
     bad = tmp_path / "bad.csv"
-    bad.write_text("a,b,y\n1,2,3\n4,nan,6\n")
+    bad.write_text("a,b,y\n1,2,3\n4,inf,6\n")  # "nan" would be a missing value
     with pytest.raises(DataError, match="column 'b' has a non-finite value"):
         run_compare_models(_params(pm, tmp_path, data={"path": str(bad), "target": "y"}), pm)
     assert not (tmp_path / "out").exists()

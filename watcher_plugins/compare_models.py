@@ -38,7 +38,8 @@ from watcher_plugins.gpu_monitor import GpuMonitor
 from watcher_plugins.interrupts import interrupts_held
 from watcher_plugins.manifest import sources, where
 from watcher_plugins.progress import ProgressBoard
-from watcher_plugins.records import STATUS_OK, DataRef, FoldResult, TrialJob
+from watcher_plugins.records import STATUS_OK, DataRef, FoldResult, RefitResult, TrialJob
+from watcher_plugins.refit import BestTrial, RefitOutcome, refit_best, write_oof
 from watcher_plugins.report import write_report
 from watcher_plugins.storage import DEFAULT_DB, StudyStore
 from watcher_plugins.tasks import METRICS, REGRESSION, Metric, metric_for
@@ -65,6 +66,7 @@ class ModelTypeOutcome:
     seconds: float = 0.0
     reason: str | None = None  # why the model type is unavailable, or its most common trial failure
     trials_running: int = 0  # still running in other agents sharing the study, when this one ended
+    best_fold_scores: list[float | None] = field(default_factory=list)  # the best trial's, in fold order
 
 
 class TrialLog:
@@ -111,7 +113,7 @@ def _metric(params: Mapping[str, Any], dataset) -> Metric:
                              f"{dataset.task} task{inferred}"]) from None
 
 
-def _check_folds(label: str, dataset, params: Mapping[str, Any], metric: Metric) -> None:
+def _check_folds(label: str, dataset, params: Mapping[str, Any], metric: Metric) -> list[tuple[Any, Any]]:
     """Folds on which the metric is defined: at least 2 held-out rows each; for R² a held-out target that
     varies; for classification a training part with two classes or more, and for AUC a held-out part too."""
     try:
@@ -133,6 +135,7 @@ def _check_folds(label: str, dataset, params: Mapping[str, Any], metric: Metric)
             raise DataError(f"{label}: the held-out rows of fold {k} hold one class only "
                             f"({dataset.classes[int(y_val[0])]!r}), so AUC is undefined there: use fewer folds, "
                             f"another seed or another metric")
+    return splits
 
 
 def _choose_executors(pm, params: Mapping[str, Any], declared: Mapping[str, ModelType],
@@ -327,7 +330,7 @@ def run_compare_models(params: dict, pm, out: TextIO | None = None) -> dict:
         if not hasattr(dataset, name):
             object.__setattr__(dataset, name, value)
     metric = _metric(params, dataset)
-    _check_folds(data.path or dataset.name, dataset, params, metric)  # a file as it was named, as the loader's errors name it
+    splits = _check_folds(data.path or dataset.name, dataset, params, metric)  # a file as it was named, as the loader's errors name it
     fingerprint = dataset.sha256() if data.path else None  # the embedded data is fixed by its version
     devices = resolve_devices(params["devices"], where(params, "devices"))
     declared = pm.get_model_types()
@@ -369,7 +372,9 @@ def run_compare_models(params: dict, pm, out: TextIO | None = None) -> dict:
           f"devices: {', '.join(f'GPU {d}' for d in devices) or 'CPU'}", file=out)
 
     log = TrialLog(output_dir / TRIALS_FILE, metric.name)
-    board = ProgressBoard(list(runnable), params["trials"], enabled=params["progress"])
+    board = ProgressBoard(list(runnable), params["trials"], enabled=params["progress"],
+                          metric=metric.display.replace("²", "2"),  # ASCII, for any log file
+                          greater_is_better=metric.greater_is_better)
     monitor = GpuMonitor(devices)
     run = _RunRecord(outcomes, {}, monitor, dataset, devices, store, started, params, output_dir, out, metric)
     monitor.start()
@@ -380,17 +385,26 @@ def run_compare_models(params: dict, pm, out: TextIO | None = None) -> dict:
             run.studies.update(studies)
             for model_type, study in studies.items():
                 board.resume(model_type, store.trials_counted(study), store.best(study)[0])
+            trained = None
             try:
                 executor_cls = runnable[model_types[0]].load()
                 with executor_cls(params, context) as executor:
                     StudyRunner(studies, declared, params, data, store, log, board, metric.name).run(executor)
+                    trained = time.monotonic()  # the leaderboard's seconds are the studies', not the refit's
+                    if params.get("refit_best", True):  # while the executor's workers are warm
+                        best = _best_trials(store, studies, executor_name)
+                        if best:
+                            models, saved = refit_best(executor, best, dataset, data, params, metric, output_dir, out)
+                            run.models.update(models)
+                            run.saved.update(saved)
             except KeyboardInterrupt:
                 try:  # what finished, for the summary; never let this hide the interrupt
                     outcomes.update(_outcomes(store, studies, executor_name, time.monotonic() - group_started))
                 except Exception as exc:
                     logger.warning("could not read the %s results for the summary: %s", executor_name, exc)
                 raise
-            outcomes.update(_outcomes(store, studies, executor_name, time.monotonic() - group_started))
+            outcomes.update(_outcomes(store, studies, executor_name, (trained or time.monotonic()) - group_started))
+        run.oof_path = write_oof(output_dir, dataset, splits, run.saved)
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM turned into one by the host
         board.close()
         monitor.stop()
@@ -475,6 +489,17 @@ def _remove_made(directories: list[Path], files: Sequence[Path] = ()) -> None:
             return
 
 
+def _best_trials(store: StudyStore, studies: dict[str, optuna.Study], executor_name: str) -> list[BestTrial]:
+    """Each study's best trial, with its fold scores and infos; studies without a complete trial are left out."""
+    best = []
+    for model_type, study in studies.items():
+        _, number, job_params = store.best(study)
+        if number is not None:
+            fold_scores, fold_info = store.fold_records(study, number)
+            best.append(BestTrial(model_type, executor_name, number, job_params, fold_scores, fold_info))
+    return best
+
+
 def _outcomes(store: StudyStore, studies: dict[str, optuna.Study], executor_name: str,
               elapsed: float) -> dict[str, ModelTypeOutcome]:
     outcomes = {}
@@ -485,7 +510,9 @@ def _outcomes(store: StudyStore, studies: dict[str, optuna.Study], executor_name
         reason = max(set(reasons), key=reasons.count) if reasons else None
         outcomes[model_type] = ModelTypeOutcome(model_type, executor_name, "done", best_score, best_trial,
                                                 best_params, complete, failed, round(elapsed, 2), reason,
-                                                trials_running=running)
+                                                trials_running=running,
+                                                best_fold_scores=store.fold_records(study, best_trial)[0]
+                                                if best_trial is not None else [])
     return outcomes
 
 
@@ -504,6 +531,9 @@ class _RunRecord:
     output_dir: Path
     out: TextIO
     metric: Metric
+    models: dict[str, RefitOutcome] = field(default_factory=dict)  # refit_best's saved models
+    saved: dict[str, RefitResult] = field(default_factory=dict)
+    oof_path: Path | None = None
 
     def write(self, interrupted: bool = False) -> dict:
         outcomes = self.outcomes.values()
@@ -526,6 +556,8 @@ class _RunRecord:
             "params": {**self.params, "storage": self.store.url_for_display} if self.params.get("storage")
             else self.params,
             "interrupted": interrupted,
+            "models": {model_type: asdict(outcome) for model_type, outcome in self.models.items()},
+            "oof_predictions": str(self.oof_path) if self.oof_path else None,
         }
         (self.output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
         if self.monitor.samples:
@@ -559,6 +591,12 @@ def format_leaderboard(summary: dict) -> str:
                          f"sharing the study: this is the study as this agent ended")
     for model_type, reason in summary["unavailable"].items():
         lines.append(f"{model_type}: unavailable: {reason}")
+    for model_type, model in (summary.get("models") or {}).items():
+        if model["status"] == "saved":
+            lines.append(f"{model_type}: best trial {model['trial_number']} refit on every row, saved in "
+                         f"{model['path']} (watcher-agent predict --model {model['path']} --data FILE)")
+        else:
+            lines.append(f"{model_type}: best trial not saved: {model['error']}")
     if summary.get("interrupted"):
         lines.append("interrupted: these are the trials that finished before the run stopped"
                      + (f"; not run: {', '.join(summary['not_run'])}" if summary.get("not_run") else ""))

@@ -32,8 +32,11 @@ class _Bar(tqdm):
 
 
 class ProgressBoard:
-    def __init__(self, model_types: list[str], trials: int, enabled: bool = True, stream: TextIO | None = None):
+    def __init__(self, model_types: list[str], trials: int, enabled: bool = True, stream: TextIO | None = None,
+                 metric: str = "R2", greater_is_better: bool = True):
         self.stream = stream or sys.stderr
+        self.metric = metric  # as the bars name it (ASCII: a log file or a terminal of any encoding)
+        self.sign = 1.0 if greater_is_better else -1.0
         self.enabled = enabled
         self.total = trials
         self.best: dict[str, float | None] = dict.fromkeys(model_types)
@@ -54,7 +57,7 @@ class ProgressBoard:
 
     def _best_text(self, model_type: str) -> str:
         best = self.best[model_type]
-        return "best R2 " + ("-" if best is None else f"{best:.4f}")
+        return f"best {self.metric} " + ("-" if best is None else f"{best:.4f}")
 
     def _show_bar(self, model_type: str) -> None:
         self.bars[model_type].set_postfix_str(self._best_text(model_type))
@@ -75,7 +78,7 @@ class ProgressBoard:
 
     def trial_done(self, model_type: str, value: float | None) -> None:
         best = self.best[model_type]
-        if value is not None and (best is None or value > best):
+        if value is not None and (best is None or self.sign * value > self.sign * best):
             self.best[model_type] = value
         self.done[model_type] += 1
         if model_type in self.bars:

@@ -247,6 +247,11 @@ class StudyStore:
         best = max(complete, key=lambda t: (sign * cast(float, t.value), -t.number))  # ties: the earliest trial
         return best.value, best.number, best.user_attrs.get("job_params", best.params)
 
+    def fold_records(self, study: optuna.Study, number: int) -> tuple[list[float | None], list[dict]]:
+        """A told trial's fold scores and fold infos (empty lists for a trial told by an older release)."""
+        trial = self.retrying(f"reading trial {number}", lambda: study.get_trials(deepcopy=False)[number])
+        return list(trial.user_attrs.get("fold_scores", [])), list(trial.user_attrs.get("fold_info", []))
+
     def tell(self, study: optuna.Study, trial: optuna.Trial, job_params: dict, value: float | None,
              reason: str | None, results: list[FoldResult]) -> bool:
         """Record a finished trial; False if it had been ended already by another agent, which took it for
@@ -254,6 +259,7 @@ class StudyStore:
         def tell() -> None:
             trial.set_user_attr("job_params", job_params)
             trial.set_user_attr("fold_scores", [r.score for r in results])
+            trial.set_user_attr("fold_info", [r.info for r in results])  # what a refit of the trial starts from
             if value is None:
                 trial.set_user_attr("fail_reason", reason)
                 study.tell(trial, state=TrialState.FAIL)
