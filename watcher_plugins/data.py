@@ -1,61 +1,209 @@
 """Datasets: the embedded synthetic survivors data, loaders for users' files, and seeded k-fold splits.
 
-Only numpy here (pandas/pyarrow lazily, for .parquet), so that any worker process can import it
-without pulling in a CUDA framework.
+A user's file (CSV, parquet, JSON records, npz) becomes a :class:`Dataset`: features ``X`` and target
+``y`` in float64, the task (regression, binary, multiclass) and, for classification, the class labels.
+
+- **Missing values** are NaN in ``X``: an empty (or all-space) cell in any format; in a CSV also the
+  markers in ``NA_MARKERS`` ("NA", "N/A", "NaN", "nan", "null", "NULL", "None", "#N/A"), compared
+  exactly after surrounding spaces are stripped; null in JSON and parquet; a NaN float (parquet, npz).
+  inf and -inf are not missing: they are a problem ("non-finite value").
+- **Column kinds**: a column is numeric when every value that is not missing is a number (in a CSV one
+  that Python's float() reads, but not "1_000" or non-ASCII digits; in JSON and parquet a number, never
+  a string). A column of booleans (JSON/parquet booleans, or a CSV column of only True/False/true/false)
+  is categorical with the vocabulary ("False", "True"). Anything else (text, a mix, a parquet dictionary
+  column such as pandas' ``category``) is categorical: codes 0..k-1 (as floats, NaN where missing) into
+  its vocabulary of labels, sorted (numerically where every label is a number). The data param's
+  ``categorical`` lists columns to read as categories besides: their values as labels, as a CSV writes
+  them ("1", "1.0"), or as Python spells a typed value (1 -> "1", 1.0 -> "1.0", True -> "True").
+  Surrounding spaces are not part of a label.
+- **High cardinality**: a categorical column with more than ``MAX_CATEGORIES`` (256) distinct values, or
+  the data param's ``max_categories``, keeps the ``max_categories - 1`` most frequent (ties by label) and
+  reads the rest as one category "(other)", the last code; a DataWarning names the column.
+- **The target** and the task: the data param's ``task`` ("auto" by default) or inferred: a categorical,
+  boolean or text target is binary with 2 classes, multiclass with more; a numeric target with exactly two
+  distinct values is binary (classes "0", "1" for a 0/1 target); any other numeric target is regression.
+  Class targets are codes 0..C-1 into ``classes`` (sorted). A row without a target value is a problem,
+  unless the data param's ``drop_missing_target`` is true: then it is dropped, with a DataWarning.
+- **Problems**: everything wrong with the values is found in one pass and raised as one DataError with a
+  line per problem, each naming the file, the column, its first rows (counted from 1: "data row" in a CSV
+  or parquet file, "record" in JSON) and what was expected. What keeps a file from being read at all
+  (missing, not valid CSV, duplicate column names, no target column) is an error at once.
+
+A model's inputs for new rows come from :func:`load_features` (or :func:`encode_rows`) with the
+:class:`FeatureSchema` of the data it was trained on (``Dataset.schema()``), which holds the vocabularies.
+
+Only numpy here (pyarrow lazily, for .parquet), so that any worker process can import it without pulling
+in a CUDA framework.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import math
 import os
 import zipfile
-from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import cast
+from typing import Any, NoReturn, cast
 
 import numpy as np
 
+from watcher_plugins.columns import (
+    BOOL_CATEGORIES,
+    MAX_CATEGORIES,
+    NA_MARKERS,
+    OTHER_CATEGORY,
+    Column,
+    DataWarning,
+    build_feature,
+    build_target,
+    encode_feature,
+    warn,
+)
 from watcher_plugins.errors import DataError
+from watcher_plugins.readers import (
+    _FORMATS,
+    _ROW_NAMES,
+    DATA_FORMATS,
+    NUMBERS,
+    VALUES,
+    RawColumn,
+    Table,
+    names,
+    read_table,
+    resolve_format,
+)
 from watcher_plugins.records import DataRef
+from watcher_plugins.tasks import REGRESSION, TASKS
+
+__all__ = [
+    "BOOL_CATEGORIES", "CACHE_ENV", "DATA_FORMATS", "EMBEDDED_DEFAULT_ROWS", "FULL_ROWS", "MAX_CATEGORIES",
+    "NA_MARKERS", "N_FEATURES", "OTHER_CATEGORY", "TASK_CHOICES", "DataError", "DataWarning", "Dataset",
+    "FeatureSchema", "cache_dir", "embedded_survivors", "encode_rows", "kfold_splits", "load_dataset",
+    "load_features", "r2_score", "_FORMATS", "_ROW_NAMES",
+]
 
 N_FEATURES = 62
 FULL_ROWS = 98_784  # the seed's survivors count
 _SURVIVORS_SEED = 20260219
 CACHE_ENV = "WATCHER_CACHE_DIR"
-_FORMATS = {".npz": "npz", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".json": "json"}
 #: Rows of the embedded data when the data param does not say (the params schema's default too).
 EMBEDDED_DEFAULT_ROWS = 6000
-#: The values the data param's "format" may take.
-DATA_FORMATS = tuple(dict.fromkeys(_FORMATS.values()))
-#: What messages call a row, where a format has its own word for it (JSON's records).
-_ROW_NAMES = {"json": "record"}
+#: The values the data param's "task" may take ("auto": inferred from the target).
+TASK_CHOICES = ("auto", *TASKS)
+_SCHEMA_VERSION = 1
+
+
+def _frozen_categories(categories: Mapping[str, Sequence[str]]) -> dict[str, tuple[str, ...]]:
+    return {str(name): tuple(str(c) for c in vocabulary) for name, vocabulary in categories.items()}
+
+
+@dataclass(frozen=True)
+class FeatureSchema:
+    """What a model's inputs are: the feature columns in order, the categorical ones' vocabularies (code i
+    is ``categories[name][i]``), the task, the class labels (codes 0..C-1) and the target's name. Saved
+    with a model (``to_json``) so that new rows are encoded as its training rows were."""
+
+    feature_names: tuple[str, ...]
+    categories: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    task: str = REGRESSION
+    classes: tuple[str, ...] = ()
+    target: str = "y"
+
+    def __post_init__(self):
+        object.__setattr__(self, "feature_names", tuple(self.feature_names))
+        object.__setattr__(self, "categories", _frozen_categories(self.categories))
+        object.__setattr__(self, "classes", tuple(self.classes))
+
+    @property
+    def categorical_columns(self) -> tuple[int, ...]:
+        """Indices of the categorical features, in column order."""
+        return tuple(i for i, name in enumerate(self.feature_names) if name in self.categories)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"version": _SCHEMA_VERSION, "feature_names": list(self.feature_names),
+                "categories": {name: list(self.categories[name]) for name in self.feature_names
+                               if name in self.categories},
+                "task": self.task, "classes": list(self.classes), "target": self.target}
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> FeatureSchema:
+        """The inverse of to_json; a DataError names what is wrong with a damaged or foreign object."""
+        def fail(what: str) -> NoReturn:
+            raise DataError(f"feature schema: {what}")
+        if not isinstance(obj, Mapping):
+            fail(f"expected a JSON object, got {type(obj).__name__}")
+        if obj.get("version") != _SCHEMA_VERSION:
+            fail(f"version {obj.get('version')!r}: expected {_SCHEMA_VERSION}")
+        feature_names = obj.get("feature_names")
+        if not isinstance(feature_names, list) or not all(isinstance(n, str) for n in feature_names):
+            fail("'feature_names' must be a list of column names")
+        categories = obj.get("categories", {})
+        if not isinstance(categories, Mapping) or not all(
+                isinstance(v, list) and all(isinstance(c, str) for c in v) for v in categories.values()):
+            fail("'categories' must map column names to lists of labels")
+        unknown = [name for name in categories if name not in feature_names]
+        if unknown:
+            fail(f"'categories' names {names(unknown)}, not in 'feature_names'")
+        task = obj.get("task", REGRESSION)
+        if task not in TASKS:
+            fail(f"task {task!r}: expected one of {', '.join(TASKS)}")
+        classes = obj.get("classes", [])
+        if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+            fail("'classes' must be a list of labels")
+        target = obj.get("target", "y")
+        if not isinstance(target, str):
+            fail("'target' must be a column name")
+        return cls(feature_names=tuple(feature_names), categories=categories, task=task, classes=tuple(classes),
+                   target=target)
 
 
 @dataclass(frozen=True)
 class Dataset:
-    """Features X (rows x features, float32) and target y (rows, float32), all finite."""
+    """Features ``X`` [rows, features] and target ``y`` [rows], both float64. Missing features are NaN; a
+    categorical feature holds codes 0..k-1 into ``categories[name]`` (NaN where missing). ``y`` holds the
+    target's values (regression) or class codes 0..C-1 into ``classes`` (binary, multiclass); it is never
+    missing. ``task`` is resolved, never "auto"."""
 
     name: str
     X: np.ndarray
     y: np.ndarray
     feature_names: tuple[str, ...]
+    task: str = REGRESSION
+    classes: tuple[str, ...] = ()
+    categories: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    target: str = "y"
+
+    def __post_init__(self):
+        object.__setattr__(self, "categories", _frozen_categories(self.categories))
 
     @property
     def n_rows(self) -> int:
         return int(self.X.shape[0])
 
+    @property
+    def categorical_columns(self) -> tuple[int, ...]:
+        """Indices of the categorical features, in column order."""
+        return tuple(i for i, name in enumerate(self.feature_names) if name in self.categories)
+
+    def schema(self) -> FeatureSchema:
+        return FeatureSchema(feature_names=self.feature_names, categories=self.categories, task=self.task,
+                             classes=self.classes, target=self.target)
+
     def sha256(self) -> str:
-        """A fingerprint of what the models see (names, features, target), not of the file's bytes: the
-        same numbers written again (other line endings, "1.0" for "1") are the same data."""
+        """A fingerprint of what the models see (names, features, target, vocabularies, classes, task), not of
+        the file's bytes: the same values written again (other line endings, "1.0" for "1" in a numeric
+        column) are the same data."""
         digest = hashlib.sha256()
         digest.update(json.dumps(self.feature_names).encode())
         for array in (self.X, self.y):
             digest.update(str(array.shape).encode())
-            digest.update(np.ascontiguousarray(array, dtype=np.float32).tobytes())
+            digest.update(np.ascontiguousarray(array, dtype=np.float64).tobytes())
+        digest.update(json.dumps({"task": self.task, "classes": list(self.classes),
+                                  "categories": {k: list(v) for k, v in sorted(self.categories.items())}},
+                                 sort_keys=True).encode())
         return digest.hexdigest()
 
 
@@ -110,237 +258,133 @@ def embedded_survivors(rows: int = FULL_ROWS) -> Dataset:
             raise DataError(f"cannot write the embedded dataset's cache {path}: {exc.strerror or exc}; "
                             f"set {CACHE_ENV} to a writable directory") from None
     assert y is not None  # loaded or generated with X
-    names = tuple(f"f{i:02d}" for i in range(N_FEATURES))
-    return Dataset(name=f"survivors-{rows}", X=np.ascontiguousarray(X[:rows]), y=np.ascontiguousarray(y[:rows]),
-                   feature_names=names)
+    # Generated and cached in float32; float64 here holds exactly those values, so results do not move.
+    return Dataset(name=f"survivors-{rows}", X=X[:rows].astype(np.float64), y=y[:rows].astype(np.float64),
+                   feature_names=tuple(f"f{i:02d}" for i in range(N_FEATURES)))
 
 
 def load_dataset(ref: DataRef) -> Dataset:
-    """Load what a DataRef names, checking it: numeric, finite, with its target column."""
+    """Load what a DataRef names, checking it all: every problem of a user's file in one DataError, a line
+    each. Warnings (DataWarning) for what loads but the user should know: a capped column, dropped rows,
+    a mostly numeric column read as categorical."""
     if ref.embedded:
         return embedded_survivors(ref.rows or EMBEDDED_DEFAULT_ROWS)
     path = Path(cast(str, ref.path))  # a DataRef not embedded names its file
-    if path.is_dir():  # before the suffix check: a directory's name says nothing about a format
-        raise DataError(f"{path}: is a directory: expected a data file")
-    fmt = ref.format or _FORMATS.get(path.suffix.lower())
-    if fmt is None:
-        raise DataError(f"{path}: unknown file type {path.suffix!r}: expected one of {', '.join(sorted(_FORMATS))}"
-                        " or a 'format' in the data param")
-    if fmt not in DATA_FORMATS:
-        raise DataError(f"{path}: the data param's format {fmt!r} is not one of {', '.join(DATA_FORMATS)}")
-    if not path.is_file():
-        raise DataError(_not_a_file(path))
+    fmt = resolve_format(path, ref.format)
     if fmt != "npz" and not ref.target:
         raise DataError(f"{path}: a {fmt} file needs the data param's 'target': the name of the target column")
-    target = cast(str, ref.target)  # checked above for every format but npz, which needs none
-    try:
-        if fmt == "npz":
-            columns, y = _read_npz(path)
-        elif fmt == "csv":
-            columns, y = _split_target(path, _read_csv(path), target)
-        elif fmt == "parquet":
-            columns, y = _split_target(path, _read_parquet(path), target)
-        else:
-            columns, y = _split_target(path, _read_json_records(path), target)
-    except DataError:
-        raise
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise DataError(f"{path}: cannot read the {fmt} file: {exc}") from None
-    names = tuple(columns)
-    if not names:
+    task = ref.task or "auto"
+    if task not in TASK_CHOICES:
+        raise DataError(f"{path}: the data param's task {task!r} is not one of {', '.join(TASK_CHOICES)}")
+    max_categories = MAX_CATEGORIES if ref.max_categories is None else ref.max_categories
+    if isinstance(max_categories, bool) or not isinstance(max_categories, int) or max_categories < 2:
+        raise DataError(f"{path}: the data param's max_categories {max_categories!r}: expected a whole number, "
+                        "at least 2")
+    forced = tuple(ref.categorical or ())
+    table = read_table(path, fmt, objects=frozenset(forced))
+    target = "y" if fmt == "npz" else cast(str, ref.target)  # an npz file's target is its array y
+    _check_target_column(table, target)
+    feature_names = tuple(name for name in table.columns if name != target)
+    if not feature_names:
         raise DataError(f"{path}: no feature columns besides the target")
-    target = ref.target or "y"
-    row = _ROW_NAMES.get(fmt, "data row")
-    X = np.column_stack([_to_float32(path, columns[name], f"column {name!r}", row) for name in names])
-    y = _to_float32(path, y, f"target column {target!r}", row)
-    _check_finite(path, X, y, names, target, row)
-    return Dataset(name=path.name, X=np.ascontiguousarray(X), y=np.ascontiguousarray(y), feature_names=names)
+
+    problems: dict[str, list[str]] = {name: [] for name in table.columns}  # by column, in file order
+    first: list[str] = []
+    notes: list[str] = []
+    unknown = [name for name in dict.fromkeys(forced) if name not in table.columns]
+    if unknown:
+        first.append(f"{path}: the data param's categorical names {names(unknown)}, not a column of the file; "
+                     f"columns: {names(table.columns)}")
+    built = build_target(table, target, target in forced, task, bool(ref.drop_missing_target), problems[target],
+                         notes)
+    keep = built.keep if built is not None else np.arange(table.n_rows)
+    columns: dict[str, Column | None] = {}
+    for name in feature_names:
+        columns[name] = build_feature(table, name, keep, name in forced, max_categories, problems[name], notes)
+    last = []
+    if built is not None and len(keep) < 2:
+        last.append(f"{path}: {len(keep)} row(s) with a target value: expected at least 2")
+    lines = [*first, *(line for name in table.columns for line in problems[name]), *last]
+    if lines:
+        raise DataError("\n".join(lines))
+    assert built is not None
+    warn(notes)
+    X = np.empty((len(keep), len(feature_names)), dtype=np.float64)
+    categories: dict[str, tuple[str, ...]] = {}
+    for j, name in enumerate(feature_names):
+        column = cast(Column, columns[name])
+        X[:, j] = column.values
+        if column.categories is not None:
+            categories[name] = column.categories
+    return Dataset(name=path.name, X=X, y=np.ascontiguousarray(built.y, dtype=np.float64),
+                   feature_names=feature_names, task=built.task, classes=built.classes, categories=categories,
+                   target=target)
 
 
-def _not_a_file(path: Path) -> str:
-    if path.exists():  # a FIFO, a socket, a device
-        return f"{path}: not a regular file: expected a data file"
-    if path.is_absolute():
-        return f"{path}: data file not found"
-    # A relative path depends on where the run was started; say where that was.
-    return f"{path}: data file not found (a relative path, resolved against the current directory {Path.cwd()})"
+def _check_target_column(table: Table, target: str) -> None:
+    if target in table.columns:
+        return
+    message = f"{table.path}: target column {target!r} not found; columns: {names(table.columns)}"
+    # A CSV header "a, t" names its column " t", which is easy to miss even quoted.
+    spaced = [name for name in table.columns if name.strip() == target]
+    if spaced:
+        message += (f"; column {spaced[0]!r} has surrounding spaces: remove them from the file, "
+                    f"or name the target {spaced[0]!r}")
+    raise DataError(message)
 
 
-def _read_npz(path: Path) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    with np.load(path, allow_pickle=False) as archive:
-        missing = [key for key in ("X", "y") if key not in archive.files]
-        if missing:
-            raise DataError(f"{path}: missing array {', '.join(missing)}: expected arrays 'X' (rows x features) "
-                            f"and 'y' (rows); found {_names(archive.files) or 'none'}")
-        X, y = archive["X"], archive["y"]
-    if X.ndim != 2 or y.ndim != 1 or X.shape[0] != y.shape[0]:
-        raise DataError(f"{path}: expected X of shape (rows, features) and y of shape (rows,), "
-                        f"got X {X.shape} and y {y.shape}")
-    for name, arr in (("X", X), ("y", y)):
-        if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.complexfloating):
-            raise DataError(f"{path}: array {name} has dtype {arr.dtype}: expected real numbers")
-    return {f"x{i}": X[:, i] for i in range(X.shape[1])}, y
+def load_features(path: str | os.PathLike, schema: FeatureSchema | Dataset, fmt: str | None = None) -> np.ndarray:
+    """New rows from ``path`` (read as load_dataset reads a file) as the inputs of a model trained with
+    ``schema``: X [rows, features] float64, its columns in the schema's order, categories coded with the
+    schema's vocabularies. The target column may be absent; other extra columns are ignored. Missing
+    feature columns are one DataError naming them all; every other problem (text in a numeric column, a
+    non-finite number) one line each of one DataError. A category the model never saw is NaN (or
+    "(other)" where its column was capped), with a DataWarning."""
+    schema = schema.schema() if isinstance(schema, Dataset) else schema
+    path = Path(path)
+    resolved = resolve_format(path, fmt)
+    categorical = frozenset(schema.categories)
+    return _encode(read_table(path, resolved, objects=categorical), schema)
 
 
-def _numeric_column(path: Path, name: str, values: list, row_name: str = "data row", show=repr,
-                    text: bool = False) -> np.ndarray:
-    """``values`` as float64. ``text``: the format spells every value as a string (CSV), so a string may be a
-    number; in a typed format (JSON, parquet) it is not. Messages count rows from 1, call them ``row_name``
-    and spell a value that is not a number with ``show``, as the file spells it."""
-    out = np.empty(len(values), dtype=np.float64)
-    for row, value in enumerate(values):
-        try:
-            # float() also takes "1_000" and non-ASCII digits ("１２３"), which are not numbers in a data file,
-            # and booleans (a bool is an int to Python), which a CSV's "True" is not either.
-            if isinstance(value, bool) or (isinstance(value, str) and (
-                    not text or "_" in value or not value.isascii())):
-                raise ValueError(value)
-            out[row] = float(value)
-        except (TypeError, ValueError):
-            raise DataError(f"{path}: column {name!r} is not numeric: {row_name} {row + 1} holds {show(value)}") \
-                from None
-    return out
+def encode_rows(schema: FeatureSchema | Dataset, table: Mapping[str, Any], *, text: bool = False,
+                where: str = "rows") -> np.ndarray:
+    """Rows held in memory as columns (name -> a sequence of values, or a numeric array) encoded as
+    load_features encodes a file's. Values are typed as in JSON (a string is text, never a number) unless
+    ``text``: then every value is a string read as a CSV cell is. ``where`` names them in messages."""
+    schema = schema.schema() if isinstance(schema, Dataset) else schema
+    columns: dict[str, RawColumn] = {}
+    lengths = set()
+    for name, values in table.items():
+        array = np.asarray(values) if isinstance(values, np.ndarray) else None
+        if array is not None and array.ndim == 1 and array.dtype.kind in "iuf" and name not in schema.categories:
+            columns[name] = RawColumn(NUMBERS, array.astype(np.float64), integer=array.dtype.kind in "iu")
+        else:
+            cells = list(values.tolist() if isinstance(values, np.ndarray) else values)
+            columns[name] = RawColumn("text" if text else VALUES, [str(c) for c in cells] if text else cells)
+        lengths.add(len(columns[name]))
+    if len(lengths) > 1:
+        raise DataError(f"{where}: columns of different lengths ({', '.join(map(str, sorted(lengths)))})")
+    return _encode(Table(path=Path(where), fmt="json" if not text else "csv", columns=columns, row_name="row"),
+                   schema)
 
 
-def _check_unique_names(path: Path, names: list[str], where: str) -> None:
-    counts = Counter(names)  # linear: files with 100,000 columns exist
-    duplicates = sorted(name for name, count in counts.items() if count > 1)
-    if duplicates:
-        raise DataError(f"{path}: column name(s) {_names(duplicates)} appear more than once in {where}")
-
-
-def _names(names) -> str:
-    """Column names quoted, so that a name's surrounding spaces (a CSV header's "a, t") show in a message."""
-    return ", ".join(map(repr, names))
-
-
-def _read_csv(path: Path) -> dict[str, np.ndarray]:
-    # utf-8-sig: Excel's "CSV UTF-8" starts with a byte-order mark, which would otherwise become part of
-    # the first column's name.
-    with path.open(newline="", encoding="utf-8-sig") as fh:
-        reader = csv.reader(fh)
-        try:
-            header, rows = _csv_rows(path, reader)
-        except csv.Error as exc:
-            # The csv module's own errors (a field over its size limit, ...) name no file or line.
-            if "field limit" in str(exc):
-                raise DataError(f"{path}: line {reader.line_num} has a field longer than "
-                                f"{csv.field_size_limit()} characters: expected column names and numbers") from None
-            raise DataError(f"{path}: line {reader.line_num} is not valid CSV: {exc}") from None
-    if not rows:
-        raise DataError(f"{path}: no data rows below the header")
-    return {name: _numeric_column(path, name, [row[j] for row in rows], text=True) for j, name in enumerate(header)}
-
-
-def _csv_rows(path: Path, reader) -> tuple[list[str], list[list[str]]]:
-    # Blank lines (a trailing one is common) carry no data; skip them wherever they are.
-    lines = (row for row in reader if any(field.strip() for field in row))
-    header = next(lines, None)
-    if not header:
-        raise DataError(f"{path}: empty CSV file: expected a header row and data rows")
-    for j, name in enumerate(header):
-        if not name.strip():
-            raise DataError(f"{path}: column {j + 1} has no name in the header")
-    _check_unique_names(path, header, "the header")
-    rows = []
-    for row in lines:
-        if len(row) != len(header):  # reader.line_num: the file's line, counting skipped blank lines
-            raise DataError(f"{path}: line {reader.line_num} has {len(row)} fields: "
-                            f"expected {len(header)} as in the header")
-        rows.append(row)
-    return header, rows
-
-
-def _read_parquet(path: Path) -> dict[str, np.ndarray]:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise DataError(f"{path}: reading .parquet needs pyarrow: pip install 'watcher_plugins[parquet]'") from None
-    # Checked on the schema first: pyarrow's own error for duplicate names is a multi-line schema dump.
-    _check_unique_names(path, pq.read_schema(path).names, "the parquet schema")
-    table = pq.read_table(path)
-    return {name: _numeric_column(path, name, table.column(name).to_pylist()) for name in table.column_names}
-
-
-class _RepeatedKeyObject(dict):
-    """A JSON object that names ``key`` more than once; it holds the last value, as json.loads keeps it."""
-
-    def __init__(self, pairs: list[tuple[str, object]], key: str):
-        super().__init__(pairs)
-        self.key = key
-
-
-def _json_object(pairs: list[tuple[str, object]]) -> dict:
-    """json's object_pairs_hook: marks an object with a repeated key, whose other values json.loads would drop
-    unseen. The reader refuses it where it can say which record it is."""
-    seen: set[str] = set()
-    for key, _ in pairs:
-        if key in seen:
-            return _RepeatedKeyObject(pairs, key)
-        seen.add(key)
-    return dict(pairs)
-
-
-def _read_json_records(path: Path) -> dict[str, np.ndarray]:
-    """Survivors JSON: a list of flat records (or {"survivors": [...]}), each with the same numeric fields."""
-    doc = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_json_object)
-    if isinstance(doc, _RepeatedKeyObject):
-        raise DataError(f"{path}: the key {doc.key!r} appears more than once")
-    records = doc.get("survivors") if isinstance(doc, dict) else doc
-    if not isinstance(records, list) or not records or not all(isinstance(r, dict) for r in records):
-        raise DataError(f"{path}: expected a non-empty JSON list of records (objects), or {{\"survivors\": [...]}}")
-    names = list(records[0])
-    for i, record in enumerate(records, start=1):  # counted from 1, as every message about data rows does
-        if isinstance(record, _RepeatedKeyObject):
-            raise DataError(f"{path}: record {i} has the key {record.key!r} more than once: "
-                            "expected unique column names")
-        if list(record) != names and set(record) != set(names):
-            raise DataError(f"{path}: record {i} has fields {sorted(record)}: expected {sorted(names)} as record 1")
-    return {name: _numeric_column(path, name, [r[name] for r in records], _ROW_NAMES["json"], json.dumps)
-            for name in names}
-
-
-def _split_target(path: Path, columns: dict[str, np.ndarray], target: str) -> tuple[dict, np.ndarray]:
-    if target not in columns:
-        message = f"{path}: target column {target!r} not found; columns: {_names(columns)}"
-        # A CSV header "a, t" names its column " t", which is easy to miss even quoted.
-        spaced = [name for name in columns if name.strip() == target]
-        if spaced:
-            message += (f"; column {spaced[0]!r} has surrounding spaces: remove them from the file, "
-                        f"or name the target {spaced[0]!r}")
-        raise DataError(message)
-    return columns, columns.pop(target)
-
-
-def _to_float32(path: Path, values: np.ndarray, label: str, row_name: str = "data row") -> np.ndarray:
-    """Cast to float32, refusing finite values that the cast would turn into inf (beyond about ±3.4e38)."""
-    with np.errstate(over="ignore"):  # reported below as a DataError, instead of numpy's RuntimeWarning
-        out = np.asarray(values).astype(np.float32)
-    overflow = np.isinf(out) & np.isfinite(values)
-    if overflow.any():
-        row = int(np.flatnonzero(overflow)[0])
-        raise DataError(f"{path}: {label} has a value too large for float32 ({float(values[row]):g}) at {row_name} "
-                        f"{row + 1}: expected a value within float32's range (about ±3.4e38)")
-    return out
-
-
-def _check_finite(path: Path, X: np.ndarray, y: np.ndarray, names: tuple[str, ...], target: str,
-                  row_name: str = "data row") -> None:
-    """At least 2 rows, all finite, and a target that varies. Rows are counted from 1 (no CSV header)."""
-    if X.shape[0] < 2:
-        raise DataError(f"{path}: {X.shape[0]} rows: expected at least 2")
-    if not np.isfinite(y).all():
-        row = int(np.flatnonzero(~np.isfinite(y))[0])
-        raise DataError(f"{path}: target column {target!r} has a non-finite value (NaN or inf) at {row_name} {row + 1}")
-    bad = ~np.isfinite(X)
-    if bad.any():
-        row, col = (int(v) for v in np.argwhere(bad)[0])
-        raise DataError(f"{path}: column {names[col]!r} has a non-finite value (NaN or inf) at {row_name} {row + 1}")
-    # Checked on the float32 values the models see. Every model would score R² = 0.0 on a constant target,
-    # which looks like a result; R² is undefined there.
-    if (y == y[0]).all():
-        raise DataError(f"{path}: target column {target!r} is constant: R² is undefined; expected at least two "
-                        f"different values, found only {float(y[0]):g}")
+def _encode(table: Table, schema: FeatureSchema) -> np.ndarray:
+    missing = [name for name in schema.feature_names if name not in table.columns]
+    if missing:
+        raise DataError(f"{table.path}: missing column(s) {names(missing)}: the model expects the features "
+                        f"{names(schema.feature_names)}")
+    problems: list[str] = []
+    notes: list[str] = []
+    encoded = [encode_feature(table, name, schema.categories.get(name), problems, notes)
+               for name in schema.feature_names]
+    if problems:
+        raise DataError("\n".join(problems))
+    warn(notes)
+    X = np.empty((table.n_rows, len(schema.feature_names)), dtype=np.float64)
+    for j, values in enumerate(encoded):
+        X[:, j] = cast(np.ndarray, values)
+    return X
 
 
 def kfold_splits(n_rows: int, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
