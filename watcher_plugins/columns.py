@@ -315,6 +315,10 @@ def build_target(table: Table, name: str, forced: bool, task: str, drop_missing:
     if len(missing):
         notes.append(f"{table.path}: {len(missing)} row(s) without a target value dropped ({where}), "
                      "as drop_missing_target asks")
+    if len(keep) < 2:
+        problems.append(f"{table.path}: {len(keep)} row(s)" + (" with a target value" if len(missing) else "")
+                        + ": expected at least 2")
+        return None
     kinds = cells.kinds[keep]
     numeric = bool((kinds == NUMBER).all()) and not forced and raw.kind != CATEGORY
     if not numeric and task == REGRESSION:

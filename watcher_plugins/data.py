@@ -301,10 +301,7 @@ def load_dataset(ref: DataRef) -> Dataset:
     columns: dict[str, Column | None] = {}
     for name in feature_names:
         columns[name] = build_feature(table, name, keep, name in forced, max_categories, problems[name], notes)
-    last = []
-    if built is not None and len(keep) < 2:
-        last.append(f"{path}: {len(keep)} row(s) with a target value: expected at least 2")
-    lines = [*first, *(line for name in table.columns for line in problems[name]), *last]
+    lines = [*first, *(line for name in table.columns for line in problems[name])]
     if lines:
         raise DataError("\n".join(lines))
     assert built is not None

@@ -194,7 +194,9 @@ def _read_parquet(path: Path, objects: frozenset[str]) -> dict[str, RawColumn]:
     except ImportError:
         raise DataError(f"{path}: reading .parquet needs pyarrow: pip install 'watcher_plugins[parquet]'") from None
     # Checked on the schema first: pyarrow's own error for duplicate names is a multi-line schema dump.
-    _check_unique_names(path, pq.read_schema(path).names, "the parquet schema")
+    schema = pq.read_schema(path)
+    _check_unique_names(path, schema.names, "the parquet schema")
+    categorical = _pandas_categoricals(schema)
     table = pq.read_table(path)
     if table.num_rows == 0:
         raise DataError(f"{path}: no data rows in the parquet file")
@@ -202,7 +204,7 @@ def _read_parquet(path: Path, objects: frozenset[str]) -> dict[str, RawColumn]:
     for name in table.column_names:
         column = table.column(name)
         kind = column.type
-        if pa.types.is_dictionary(kind):  # pandas' category dtype, written by to_parquet
+        if pa.types.is_dictionary(kind) or name in categorical:  # pandas' category dtype, written by to_parquet
             columns[name] = RawColumn(CATEGORY, column.to_pylist())
         elif pa.types.is_null(kind):  # every cell null
             columns[name] = RawColumn(VALUES, [None] * len(column))
@@ -219,6 +221,17 @@ def _read_parquet(path: Path, objects: frozenset[str]) -> dict[str, RawColumn]:
         else:
             columns[name] = RawColumn(UNSUPPORTED, column.to_pylist(), type_name=str(kind))
     return columns
+
+
+def _pandas_categoricals(schema) -> frozenset[str]:
+    """The columns pandas wrote from its category dtype. A string category column reads back as a dictionary
+    column; one of numbers reads back as plain numbers, and only pandas' metadata says what it was."""
+    try:
+        metadata = schema.pandas_metadata or {}
+        return frozenset(str(c.get("name")) for c in metadata.get("columns", [])
+                         if isinstance(c, dict) and c.get("pandas_type") == "categorical")
+    except (ValueError, TypeError, AttributeError):  # metadata that is not pandas': nothing declared
+        return frozenset()
 
 
 class _RepeatedKeyObject(dict):
