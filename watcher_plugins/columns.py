@@ -430,8 +430,8 @@ def encode_feature(table: Table, name: str, categories: tuple[str, ...] | None, 
         shown = ", ".join(repr(label) for label, _ in unseen.most_common(SHOWN_ROWS))
         more = f" and {len(unseen) - SHOWN_ROWS} more" if len(unseen) > SHOWN_ROWS else ""
         to = f"the category {OTHER_CATEGORY!r}" if capped else "missing (NaN)"
-        notes.append(f"{table.path}: {label} has {sum(unseen.values())} value(s) the model never saw ({shown}{more}): "
-                     f"read as {to}")
+        notes.append(f"{table.path}: {label} has {sum(unseen.values())} value(s) not in the training data's "
+                     f"vocabulary ({shown}{more}): read as {to}")
     return out
 
 
