@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import io
+import os
 import time
+
+import pytest
 
 from watcher_plugins.progress import ProgressBoard
 
@@ -16,10 +19,11 @@ def test_plain_lines_when_stderr_is_not_a_terminal():
     board.trial_done("nn", 0.7)
     board.trial_done("nn", None)  # a failed trial counts, and leaves the best alone
     board.close()
-    lines = stream.getvalue().splitlines()
+    resumed, *lines = stream.getvalue().splitlines()
+    assert resumed == "resuming study nn: 1 of 4 trials complete, 3 to run"
     assert [line.split(",")[0] for line in lines] == ["nn       2/4 trials", "nn       3/4 trials", "nn       4/4 trials"]
-    assert "best R2 0.5000" in lines[0] and "left" in lines[0]
-    assert "best R2 0.7000" in lines[1] and "left" in lines[1]
+    assert "best R2 0.5000" in lines[0]
+    assert "best R2 0.7000" in lines[1]
     assert "best R2 0.7000" in lines[2] and "left" not in lines[2]
     assert "\x1b" not in stream.getvalue()
 
@@ -75,3 +79,65 @@ def test_a_finished_bar_stops_its_clock():
     board.close()
     assert "2/2 trials, best R2 0.6000  [00:00<" in shown["nn"], shown
     assert "2/2 trials, best R2 0.4000  [00:00<" in shown["xgboost"], shown
+
+
+def test_time_left_comes_from_folds_and_the_batch_share_done():
+    stream = io.StringIO()
+    board = ProgressBoard(["nn"], trials=4, folds=3, stream=stream)
+    board.resume("nn", done=0, best=None)
+    assert board.seconds_left("nn") is None  # nothing done: no estimate rather than a made-up one
+    board.started["nn"] -= 30.0  # 30 s in
+    board.batch_started(["nn"], trials=2)
+    board.batch_progress(["nn"], 0.5, folds_in_batch=6)  # half of 6 of the 12 folds: a quarter
+    assert board.seconds_left("nn") == pytest.approx(90.0, rel=0.01)
+    for _ in range(6):
+        board.fold_done("nn")
+    board.batch_done(["nn"])  # the batch's share is now its finished folds
+    assert board.seconds_left("nn") == pytest.approx(30.0, rel=0.01)
+    board.close()
+
+
+def test_a_log_gets_a_line_every_heartbeat_while_work_goes_on():
+    stream = io.StringIO()
+    board = ProgressBoard(["nn"], trials=4, stream=stream, heartbeat_s=0.3)
+    board.resume("nn", done=0, best=None)
+    board.batch_started(["nn"], trials=4)
+    time.sleep(1.5)
+    board.close()
+    beats = [line for line in stream.getvalue().splitlines() if line.startswith("nn ") and "0/4 trials" in line]
+    assert len(beats) >= 3 and "(training a batch of 4 trials)" in beats[-1]
+
+
+def test_queued_model_types_say_what_they_wait_for():
+    stream = io.StringIO()
+    board = ProgressBoard(["nn", "xgboost"], trials=2, stream=stream)
+    board.queue("xgboost", "queued after nn")
+    board.close()
+    assert stream.getvalue().splitlines() == ["xgboost  queued after nn"]
+    terminal = _Terminal()
+    board = ProgressBoard(["nn", "xgboost"], trials=2, stream=terminal)
+    board.queue("xgboost", "queued after nn")
+    assert "queued after nn" in str(board.bars["xgboost"])
+    board.close()
+
+
+def test_a_metric_to_minimise_keeps_the_lowest_as_best():
+    board = ProgressBoard(["nn"], trials=3, stream=io.StringIO(), metric="RMSE", greater_is_better=False)
+    board.resume("nn", 0, None)
+    for value in (0.5, 0.3, 0.4):
+        board.trial_done("nn", value)
+    assert board.best["nn"] == 0.3
+    board.close()
+
+
+def test_a_terminal_without_a_size_gets_lines_not_bars():
+    leader, follower = os.openpty()  # a fresh pty reports 0 columns, as some CI runners' do
+    try:
+        with open(follower, "w", closefd=False) as stream:
+            assert stream.isatty() and os.get_terminal_size(follower).columns == 0
+            board = ProgressBoard(["nn"], trials=2, stream=stream)
+            assert board.bars == {}
+            board.close()
+    finally:
+        os.close(leader)
+        os.close(follower)

@@ -67,6 +67,7 @@ class ModelTypeOutcome:
     reason: str | None = None  # why the model type is unavailable, or its most common trial failure
     trials_running: int = 0  # still running in other agents sharing the study, when this one ended
     best_fold_scores: list[float | None] = field(default_factory=list)  # the best trial's, in fold order
+    study_seconds: float = 0.0  # what every run of the study spent on it, this one's included (seconds: this run's)
 
 
 class TrialLog:
@@ -224,6 +225,7 @@ class StudyRunner:
     def _record(self, by_trial: dict, result: FoldResult) -> None:
         self.log.write(result, self.studies[result.model_type].study_name)
         by_trial[(result.model_type, result.trial_number)].append(result)
+        self.board.fold_done(result.model_type)
 
     def run(self, executor: Executor) -> None:
         while True:
@@ -261,9 +263,15 @@ class StudyRunner:
         on_result = functools.partial(self._record, by_trial)
         trials = [trial for batch in asked.values() for trial, _ in batch]
         told: set[tuple[str, int]] = set()
+        model_types = list(asked)
+        self.board.batch_started(model_types, len(jobs))
+        executor.progress_callback = functools.partial(self.board.batch_progress, model_types,
+                                                       folds_in_batch=sum(job.folds for job in jobs))
         try:
             with self.store.heartbeat(trials, self.params["heartbeat_interval_s"]):
                 returned = executor.run_batch(jobs, on_result=on_result)
+            executor.progress_callback = None
+            self.board.batch_done(model_types)
             # Results the executor returned without calling back still count, once.
             for result in returned:
                 key = (result.model_type, result.trial_number)
@@ -271,6 +279,7 @@ class StudyRunner:
                     on_result(result)
             self._tell_batch(asked, by_trial, told)
         except BaseException:
+            executor.progress_callback = None
             # Stopped (Ctrl-C while training or while telling, a lost worker pool): the trials whose every
             # fold finished are results like any other. Tell them; only the rest are failed and asked
             # again (run()).
@@ -374,7 +383,11 @@ def run_compare_models(params: dict, pm, out: TextIO | None = None) -> dict:
     log = TrialLog(output_dir / TRIALS_FILE, metric.name)
     board = ProgressBoard(list(runnable), params["trials"], enabled=params["progress"],
                           metric=metric.display.replace("²", "2"),  # ASCII, for any log file
-                          greater_is_better=metric.greater_is_better)
+                          greater_is_better=metric.greater_is_better, folds=params["folds"])
+    names = list(groups.values())
+    for i, model_types in enumerate(names[1:], start=1):  # the groups run one after another
+        for model_type in model_types:
+            board.queue(model_type, f"queued after {', '.join(mt for group in names[:i] for mt in group)}")
     monitor = GpuMonitor(devices)
     run = _RunRecord(outcomes, {}, monitor, dataset, devices, store, started, params, output_dir, out, metric)
     monitor.start()
@@ -384,7 +397,7 @@ def run_compare_models(params: dict, pm, out: TextIO | None = None) -> dict:
             studies = group_studies[executor_name]
             run.studies.update(studies)
             for model_type, study in studies.items():
-                board.resume(model_type, store.trials_counted(study), store.best(study)[0])
+                board.resume(model_type, store.trials_counted(study), store.best(study)[0], study.study_name)
             trained = None
             try:
                 executor_cls = runnable[model_types[0]].load()
@@ -512,7 +525,8 @@ def _outcomes(store: StudyStore, studies: dict[str, optuna.Study], executor_name
                                                 best_params, complete, failed, round(elapsed, 2), reason,
                                                 trials_running=running,
                                                 best_fold_scores=store.fold_records(study, best_trial)[0]
-                                                if best_trial is not None else [])
+                                                if best_trial is not None else [],
+                                                study_seconds=round(store.add_run_seconds(study, elapsed), 2))
     return outcomes
 
 
@@ -570,18 +584,19 @@ class _RunRecord:
 
 
 def format_leaderboard(summary: dict) -> str:
-    """The leaderboard as a plain-text table: model type, best mean score, its params, trials, seconds."""
+    """The leaderboard as a plain-text table: model type, best mean score, trials, seconds (this run's,
+    and the study's over every run that trained it), its params."""
     metric = METRICS[summary.get("metric") or DEFAULT_METRIC].display
-    rows = [("model", f"best {metric}", "trials", "failed", "seconds", "best params")]
+    rows = [("model", f"best {metric}", "trials", "failed", "seconds", "study s", "best params")]
     for row in summary["leaderboard"]:
         r2 = "-" if row["best_score"] is None else f"{row['best_score']:.4f}"
         params = json.dumps(row["best_params"], separators=(",", ":"), default=str)
         rows.append((row["model_type"], r2, str(row["trials_complete"]), str(row["trials_failed"]),
-                     f"{row['seconds']:.1f}", params))
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+                     f"{row['seconds']:.1f}", f"{row.get('study_seconds', row['seconds']):.1f}", params))
+    widths = [max(len(r[i]) for r in rows) for i in range(6)]
     lines = ["", "compare_models leaderboard"]
     for r in rows:
-        lines.append("  ".join(cell.ljust(width) for cell, width in zip(r[:5], widths)) + "  " + r[5])
+        lines.append("  ".join(cell.ljust(width) for cell, width in zip(r[:6], widths)) + "  " + r[6])
     for row in summary["leaderboard"]:
         if row["trials_failed"]:
             lines.append(f"{row['model_type']}: {row['trials_failed']} trial(s) failed, most often: {row['reason']}")

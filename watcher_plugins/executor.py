@@ -41,9 +41,18 @@ class Executor(ABC):
     a worker crash, an OOM or a bad param ends as a result with status "fail" or "oom" and a reason.
     """
 
+    #: Set by the host around run_batch: called with the share (0..1) of the running batch's work done.
+    progress_callback: Callable[[float], None] | None = None
+
     def __init__(self, params: Mapping[str, Any], context: RunContext):
         self.params = dict(params)
         self.context = context
+
+    def report_progress(self, fraction: float) -> None:
+        """Say how far the running batch has come (0..1), for the host's time left; between finished
+        folds, which the host counts itself. Optional: an executor that never calls it is counted by folds."""
+        if self.progress_callback is not None:
+            self.progress_callback(fraction)
 
     @classmethod
     def check(cls, params: Mapping[str, Any], context: RunContext) -> None:

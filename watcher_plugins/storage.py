@@ -232,6 +232,13 @@ class StudyStore:
                                      for state in (TrialState.COMPLETE, TrialState.FAIL, TrialState.RUNNING))
         return complete, failed, running
 
+    def add_run_seconds(self, study: optuna.Study, seconds: float) -> float:
+        """Add a run's seconds on the study to what its runs spent before; return the total (runs of
+        several agents sharing a study each add their own)."""
+        total = float(study.user_attrs.get("run_seconds", 0.0)) + seconds
+        self.retrying("recording the run's seconds", lambda: study.set_user_attr("run_seconds", round(total, 2)))
+        return total
+
     def failure_reasons(self, study: optuna.Study) -> list[str]:
         """The fail reasons of the counted FAIL trials, in trial order."""
         return [t.user_attrs.get("fail_reason") or "no reason recorded" for t in self._counted_trials(study)
