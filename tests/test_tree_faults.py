@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from watcher_plugins import faults
 from watcher_plugins.executor import RunContext
 from watcher_plugins.lease import GpuLease
 from watcher_plugins.records import DataRef, TrialJob
@@ -18,7 +19,6 @@ from watcher_plugins.tree_parallel import slots as slots_module
 from watcher_plugins.tree_parallel.executor import TreeParallelExecutor
 from watcher_plugins.tree_parallel.libraries import FitSettings
 from watcher_plugins.tree_parallel.trial import run_trial
-from watcher_plugins.tree_parallel.worker import FAULT_INJECTION_ENV, FAULT_PARAM
 
 DATA = DataRef(embedded="survivors", rows=1500)
 FAST = {"tree_rounds": 30, "tree_early_stopping_rounds": 10}
@@ -26,16 +26,27 @@ LGB = {"num_leaves": 15, "learning_rate": 0.1}
 
 
 @pytest.fixture(autouse=True)
-def faults_on(monkeypatch):
+def no_faults_but_the_tests(monkeypatch):
     pytest.importorskip("lightgbm")
-    monkeypatch.setenv(FAULT_INJECTION_ENV, "1")  # workers inherit it
+    monkeypatch.delenv(faults.ENV, raising=False)
 
 
-def _job(trial: int, fault: str | None = None, model_type: str = "lightgbm", params=None) -> TrialJob:
-    params = dict(LGB if params is None else params)
-    if fault:
-        params[FAULT_PARAM] = fault
-    return TrialJob(model_type, trial, params, DATA, 3, seed=5)
+@pytest.fixture
+def inject(monkeypatch):
+    """``inject(job, fault)``: the job, with its fault put in WATCHER_FAULTS (watcher_plugins/faults.py,
+    tree_trials). The workers inherit it and read it as they start: inject before the pool starts them."""
+    chosen: dict[str, str | dict] = {}
+
+    def inject(job: TrialJob, fault: str | dict) -> TrialJob:
+        chosen[faults.trial_key(job.model_type, job.trial_number)] = fault
+        monkeypatch.setenv(faults.ENV, faults.encode(tree_trials=chosen))
+        return job
+
+    return inject
+
+
+def _job(trial: int, model_type: str = "lightgbm", params=None) -> TrialJob:
+    return TrialJob(model_type, trial, dict(LGB if params is None else params), DATA, 3, seed=5)
 
 
 def _executor(tmp_path: Path, devices=(), retries=2, lease_timeout_s=600.0, **params) -> TreeParallelExecutor:
@@ -44,9 +55,9 @@ def _executor(tmp_path: Path, devices=(), retries=2, lease_timeout_s=600.0, **pa
     return TreeParallelExecutor({**FAST, "tree_parallel_workers": 2, **params}, context)
 
 
-def test_a_worker_that_keeps_aborting_fails_its_trial_after_the_retries_and_frees_the_gpu_lease(tmp_path):
+def test_a_worker_that_keeps_aborting_fails_its_trial_after_the_retries_and_frees_the_gpu_lease(tmp_path, inject):
     # A GPU-pinned worker takes GPU 0's lease, then dies of SIGABRT inside the trial, three times.
-    jobs = [_job(0, "abort", model_type="catboost", params={"depth": 4}), _job(1), _job(2)]
+    jobs = [inject(_job(0, model_type="catboost", params={"depth": 4}), "abort"), _job(1), _job(2)]
     with _executor(tmp_path, devices=[0], retries=2, tree_device="gpu") as ex:
         results = ex.run_batch(jobs)
         restarts = ex.pool.restarts
@@ -60,12 +71,12 @@ def test_a_worker_that_keeps_aborting_fails_its_trial_after_the_retries_and_free
         pass
 
 
-def test_crashes_on_a_cpu_trials_several_folds_count_against_the_trial_not_each_fold(tmp_path):
+def test_crashes_on_a_cpu_trials_several_folds_count_against_the_trial_not_each_fold(tmp_path, inject):
     # Its folds go out one at a time, to both workers at once; every one aborts. The bound is per trial
     # and per try: retries=1 allows two tries in all, not two per fold, and a try whose two folds both
     # die is one try.
     with _executor(tmp_path, retries=1) as ex:
-        results = ex.run_batch([_job(0, "abort"), _job(1)])
+        results = ex.run_batch([inject(_job(0), "abort"), _job(1)])
         restarts = ex.pool.restarts
         assert len(ex.pool.worker_pids()) == 2
     assert [r.status for r in results[:3]] == ["fail"] * 3
@@ -76,11 +87,11 @@ def test_crashes_on_a_cpu_trials_several_folds_count_against_the_trial_not_each_
     assert restarts in (3, 4)
 
 
-def test_folds_of_one_try_that_crash_together_cost_the_trial_one_retry(tmp_path, caplog):
+def test_folds_of_one_try_that_crash_together_cost_the_trial_one_retry(tmp_path, caplog, inject):
     # The two workers take the trial's two folds at once; each dies on its first try of its fold (as
     # when the OOM killer takes several workers). retries=1: that is one crashed try, and the retry
     # trains the trial, with the result it has when nothing crashes.
-    crashing = TrialJob("lightgbm", 0, {**LGB, FAULT_PARAM: f"abort_once_per_fold:{tmp_path}"}, DATA, 2, seed=5)
+    crashing = inject(TrialJob("lightgbm", 0, LGB, DATA, 2, seed=5), f"abort_once_per_fold:{tmp_path}")
     with _executor(tmp_path, retries=1) as ex:
         results = ex.run_batch([crashing])
         assert ex.pool.restarts == 2
@@ -93,38 +104,38 @@ def test_folds_of_one_try_that_crash_together_cost_the_trial_one_retry(tmp_path,
     assert [r.r2 for r in results] == [r.r2 for r in reference]
 
 
-def test_a_worker_that_aborts_once_is_replaced_and_the_retry_gives_the_same_result(tmp_path):
+def test_a_worker_that_aborts_once_is_replaced_and_the_retry_gives_the_same_result(tmp_path, inject):
     marker = tmp_path / "aborted-once"
     with _executor(tmp_path, retries=1) as ex:
-        results = ex.run_batch([_job(0, f"abort_once:{marker}"), _job(1)])
+        results = ex.run_batch([inject(_job(0), f"abort_once:{marker}"), _job(1)])
     assert marker.exists()  # it did abort
     assert all(r.status == "ok" for r in results)
     reference = run_trial(_job(0), FitSettings(FAST["tree_rounds"], FAST["tree_early_stopping_rounds"], threads=1))
     assert [r.r2 for r in results[:3]] == [r.r2 for r in reference]
 
 
-def test_a_catboost_gpu_trial_that_outgrows_the_auto_reserve_is_retried_with_catboosts_default(tmp_path):
+def test_a_catboost_gpu_trial_that_outgrows_the_auto_reserve_is_retried_with_catboosts_default(tmp_path, inject):
     """CatBoost aborts its process when a GPU fit outgrows its memory reserve. Under "auto" the pool
     retries that trial once with CatBoost's default reserve (not counted against trial_retries), and
     later CatBoost trials on that data get it at once. There is no GPU here: the retried trial then
     fails fast for want of CUDA, with CatBoost's own error instead of the crash."""
     pytest.importorskip("catboost")
-    oom = _job(0, "catboost_gpu_oom", model_type="catboost", params={"depth": 4})
+    oom, later = (inject(_job(t, model_type="catboost", params={"depth": 4}), "catboost_gpu_oom") for t in (0, 2))
     with _executor(tmp_path, devices=[0], retries=0, tree_device="gpu") as ex:
         first = ex.run_batch([oom, _job(1)])
         assert ex.pool.restarts == 1 and ex.pool.catboost_full_reserve == {DATA.key}
-        second = ex.run_batch([_job(2, "catboost_gpu_oom", model_type="catboost", params={"depth": 4})])
+        second = ex.run_batch([later])
         assert ex.pool.restarts == 1  # no second crash
     for r in first[:3] + second:  # ok where there is a GPU
         assert r.status == "ok" or ("SIGABRT" not in r.error and "CatBoostError" in r.error), r.error
     assert all(r.status == "ok" for r in first[3:])
 
 
-def test_two_catboost_trials_that_outgrow_the_auto_reserve_at_once_both_get_the_free_retry(tmp_path):
+def test_two_catboost_trials_that_outgrow_the_auto_reserve_at_once_both_get_the_free_retry(tmp_path, inject):
     """On two GPUs both trials are sent with the auto reserve before either dies: the second death must
     not count as an ordinary crash because the first one already switched the data to 0.95."""
     pytest.importorskip("catboost")
-    jobs = [_job(t, "catboost_gpu_oom", model_type="catboost", params={"depth": 4}) for t in (0, 1)]
+    jobs = [inject(_job(t, model_type="catboost", params={"depth": 4}), "catboost_gpu_oom") for t in (0, 1)]
     with _executor(tmp_path, devices=[0, 1], retries=0, tree_device="gpu") as ex:
         results = ex.run_batch(jobs)
         assert ex.pool.restarts == 2
@@ -132,20 +143,21 @@ def test_two_catboost_trials_that_outgrow_the_auto_reserve_at_once_both_get_the_
         assert r.status == "ok" or ("SIGABRT" not in r.error and "CatBoostError" in r.error), r.error
 
 
-def test_an_earlier_trials_out_of_memory_line_does_not_make_a_later_crash_a_free_retry(tmp_path):
+def test_an_earlier_trials_out_of_memory_line_does_not_make_a_later_crash_a_free_retry(tmp_path, inject):
     pytest.importorskip("catboost")
-    said_oom = _job(0, "stderr:Error: Out of memory. Requested 13 MB", model_type="catboost", params={"depth": 4})
+    said_oom = inject(_job(0, model_type="catboost", params={"depth": 4}), "stderr:Error: Out of memory. Requested 13 MB")
+    aborts = inject(_job(1, model_type="catboost", params={"depth": 4}), "abort")
     with _executor(tmp_path, devices=[0], retries=0, tree_device="gpu", tree_parallel_workers=1) as ex:
         ex.run_batch([said_oom])
         assert ex.pool.restarts == 0  # that worker lives on, its stderr tail holding the line
-        crashed = ex.run_batch([_job(1, "abort", model_type="catboost", params={"depth": 4})])
+        crashed = ex.run_batch([aborts])
         assert ex.pool.catboost_full_reserve == set()
     assert all(r.status == "fail" and "gave up after 1 attempt(s)" in r.error for r in crashed)
 
 
-def test_an_explicit_catboost_reserve_that_is_outgrown_fails_like_any_crash(tmp_path):
+def test_an_explicit_catboost_reserve_that_is_outgrown_fails_like_any_crash(tmp_path, inject):
     pytest.importorskip("catboost")
-    oom = _job(0, "catboost_gpu_oom", model_type="catboost", params={"depth": 4})
+    oom = inject(_job(0, model_type="catboost", params={"depth": 4}), "catboost_gpu_oom")
     with _executor(tmp_path, devices=[0], retries=0, tree_device="gpu", catboost_gpu_ram_part=0.3) as ex:
         results = ex.run_batch([oom])
         assert ex.pool.catboost_full_reserve == set()
@@ -154,7 +166,8 @@ def test_an_explicit_catboost_reserve_that_is_outgrown_fails_like_any_crash(tmp_
     assert "TOutOfMemoryError" in results[0].error  # the worker's last stderr line
 
 
-def test_a_worker_killed_mid_trial_fails_that_trial_and_the_others_finish(tmp_path):
+def test_a_worker_killed_mid_trial_fails_that_trial_and_the_others_finish(tmp_path, inject):
+    sleeper = inject(_job(0), "sleep:120")
     with _executor(tmp_path, retries=0) as ex:
         killed = []
 
@@ -173,7 +186,7 @@ def test_a_worker_killed_mid_trial_fails_that_trial_and_the_others_finish(tmp_pa
         killer = threading.Thread(target=kill_the_sleeper)
         killer.start()
         started = time.monotonic()
-        results = ex.run_batch([_job(0, "sleep:120"), _job(1), _job(2)])
+        results = ex.run_batch([sleeper, _job(1), _job(2)])
         killer.join()
         assert time.monotonic() - started < 60  # no wait for the 120 s trial
         assert killed and killed[0] not in ex.pool.worker_pids()
@@ -184,14 +197,14 @@ def test_a_worker_killed_mid_trial_fails_that_trial_and_the_others_finish(tmp_pa
     assert all(r.status == "ok" for r in results[3:])
 
 
-def test_a_worker_that_dies_while_a_child_it_forked_holds_its_pipes_is_still_seen_dead(tmp_path):
+def test_a_worker_that_dies_while_a_child_it_forked_holds_its_pipes_is_still_seen_dead(tmp_path, inject):
     # The pool learns of a death from the end of the worker's stdout; a forked child that outlives the
     # worker keeps that pipe open. The pool must notice the exit itself rather than wait for the child.
     gate = tmp_path / "children-may-exit"
     started = time.monotonic()
     try:
         with _executor(tmp_path, retries=0) as ex:
-            results = ex.run_batch([_job(0, f"orphan_pipes:{gate}"), _job(1)])
+            results = ex.run_batch([inject(_job(0), f"orphan_pipes:{gate}"), _job(1)])
             assert ex.pool.restarts >= 1
             assert [r.status for r in ex.run_batch([_job(2)])] == ["ok"] * 3  # the replacements serve
         assert time.monotonic() - started < 60  # the children hold the pipes for up to 120 s
@@ -228,10 +241,11 @@ def test_a_worker_that_died_idle_between_batches_costs_no_trial_a_retry(tmp_path
     assert [r.status for r in results] == ["ok"] * 6, [r.error for r in results]
 
 
-def test_bytes_on_stderr_that_are_not_utf8_do_not_stall_the_worker(tmp_path):
-    # Caf\xe9 as Latin-1, then more than a pipe holds: were the thread that drains stderr to die on the
-    # byte, the worker would block on its next write and the trial would hang until its timeout.
-    noisy = _job(0, "stderr_latin1:caf\u00e9 " + "x" * 200_000)
+def test_bytes_on_stderr_that_are_not_utf8_do_not_stall_the_worker(tmp_path, inject):
+    # Caf\xe9 as Latin-1, then more than a pipe holds (64 KiB): were the thread that drains stderr to die
+    # on the byte, the worker would block on its next write and the trial would hang until its timeout.
+    # (100 kB: Linux allows one environment variable at most 128 KiB.)
+    noisy = inject(_job(0), "stderr_latin1:caf\u00e9 " + "x" * 100_000)
     with _executor(tmp_path, retries=0, tree_parallel_workers=1, tree_trial_timeout_s=120) as ex:
         results = ex.run_batch([noisy])
         tail = list(ex.pool.slots.workers[0].stderr_tail)
@@ -239,10 +253,10 @@ def test_bytes_on_stderr_that_are_not_utf8_do_not_stall_the_worker(tmp_path):
     assert any(line.startswith("caf\\xe9 xxx") for line in tail), tail[:3]
 
 
-def test_a_trial_that_hangs_is_killed_after_the_timeout_retried_then_failed(tmp_path):
+def test_a_trial_that_hangs_is_killed_after_the_timeout_retried_then_failed(tmp_path, inject):
     started = time.monotonic()
     with _executor(tmp_path, retries=1, tree_trial_timeout_s=3) as ex:
-        results = ex.run_batch([_job(0, "sleep:120"), _job(1), _job(2)])
+        results = ex.run_batch([inject(_job(0), "sleep:120"), _job(1), _job(2)])
         assert len(ex.pool.worker_pids()) == 2  # the killed worker was replaced
     assert time.monotonic() - started < 60  # no wait for the 120 s trial
     assert [r.status for r in results[:3]] == ["fail"] * 3
@@ -291,10 +305,13 @@ def test_after_a_lease_timeout_the_gpu_is_out_for_the_batch_and_its_queued_trial
     assert all(r.status == "ok" for r in results[12:])
 
 
-def test_fault_params_are_ignored_unless_injection_is_switched_on(tmp_path, monkeypatch):
-    monkeypatch.delenv(FAULT_INJECTION_ENV)
+def test_a_fault_is_injected_into_its_own_trial_alone(tmp_path, inject):
+    # Trial 1 of another model type, and no trial 0: faults are chosen by model type and trial number.
+    inject(_job(1, model_type="xgboost", params={"max_depth": 3}), "abort")
+    inject(_job(0, model_type="catboost", params={"depth": 4}), "abort")
     with _executor(tmp_path) as ex:
-        results = ex.run_batch([_job(0, "abort")])
+        results = ex.run_batch([_job(1)])
+        assert ex.pool.restarts == 0
     assert all(r.status == "ok" for r in results)
 
 
@@ -311,14 +328,14 @@ sys.stdin.read()  # until killed
 """
 
 
-def test_a_worker_whose_pool_process_dies_mid_trial_exits_instead_of_training_on(tmp_path):
+def test_a_worker_whose_pool_process_dies_mid_trial_exits_instead_of_training_on(tmp_path, inject):
     """The pool holds the GPU lease for its workers, and the OS frees it when the pool's process dies:
     a worker in the middle of a (here 120 s) trial must not go on using the GPU after that."""
     import json
     import subprocess
     import sys
 
-    job = _job(0, "sleep:120")
+    job = inject(_job(0), "sleep:120")  # the parent, then its worker, inherit the faults
     parent = subprocess.Popen([sys.executable, "-c", PARENT_THAT_STARTS_A_BUSY_WORKER, json.dumps(job.to_json())],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     worker_pid = int(parent.stdout.readline())
@@ -338,11 +355,11 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_a_reply_the_protocol_does_not_allow_kills_the_worker_and_fails_its_trial_naming_the_field(tmp_path):
+def test_a_reply_the_protocol_does_not_allow_kills_the_worker_and_fails_its_trial_naming_the_field(tmp_path, inject):
     # The worker sends a fold reply whose fold_idx is no integer: the pool cannot use it, and a worker
     # whose protocol stream is corrupt is replaced. retries=0: the trial fails with what was wrong.
     with _executor(tmp_path, retries=0, tree_parallel_workers=1) as ex:
-        results = ex.run_batch([_job(0, "bad_reply"), _job(1)])
+        results = ex.run_batch([inject(_job(0), "bad_reply"), _job(1)])
         assert ex.pool.restarts == 1
     assert [r.status for r in results[:3]] == ["fail"] * 3
     assert all("was killed: it wrote a line that its protocol does not allow: $.result.fold_idx: 'first' is not "

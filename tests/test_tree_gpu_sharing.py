@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from watcher_plugins import faults
 from watcher_plugins.devices import available_cores
 from watcher_plugins.errors import ExecutorError, ManifestError
 from watcher_plugins.executor import RunContext
@@ -29,7 +30,6 @@ from watcher_plugins.tree_parallel.executor import TreeParallelExecutor
 from watcher_plugins.tree_parallel.placement import WorkerPlacement
 from watcher_plugins.tree_parallel.pool import PoolSettings, TreeTrialPool
 from watcher_plugins.tree_parallel.trial import sample_params
-from watcher_plugins.tree_parallel.worker import FAULT_INJECTION_ENV, FAULT_PARAM
 
 DATA = DataRef(embedded="survivors", rows=1500)
 FAST = {"tree_rounds": 20, "tree_early_stopping_rounds": 5}
@@ -47,17 +47,28 @@ print("took GPU 0")
 
 
 @pytest.fixture
-def faults_on(monkeypatch):
+def tree_libraries(monkeypatch):
     for lib in ("catboost", "lightgbm", "xgboost", "optuna"):
         pytest.importorskip(lib)
-    monkeypatch.setenv(FAULT_INJECTION_ENV, "1")  # workers inherit it
+    monkeypatch.delenv(faults.ENV, raising=False)
 
 
-def _job(model_type: str, trial: int, fault=None) -> TrialJob:
-    params = sample_params(model_type, trial, 5)
-    if fault is not None:
-        params[FAULT_PARAM] = fault
-    return TrialJob(model_type, trial, params, DATA, 2, seed=5)
+@pytest.fixture
+def inject(tree_libraries, monkeypatch):
+    """``inject(job, fault)``: the job, with its fault put in WATCHER_FAULTS (watcher_plugins/faults.py,
+    tree_trials). The workers inherit it and read it as they start: inject before the pool starts them."""
+    chosen: dict[str, str | dict] = {}
+
+    def inject(job: TrialJob, fault: str | dict) -> TrialJob:
+        chosen[faults.trial_key(job.model_type, job.trial_number)] = fault
+        monkeypatch.setenv(faults.ENV, faults.encode(tree_trials=chosen))
+        return job
+
+    return inject
+
+
+def _job(model_type: str, trial: int) -> TrialJob:
+    return TrialJob(model_type, trial, sample_params(model_type, trial, 5), DATA, 2, seed=5)
 
 
 def _executor(tmp_path: Path, lease_timeout_s: float = 600.0, lease_dir=None, **params) -> TreeParallelExecutor:
@@ -100,7 +111,7 @@ def _replay(ledger: Path) -> tuple[dict, list[str]]:
     return most, broken
 
 
-def test_catboost_has_its_gpu_alone_and_at_most_k_xgboost_trials_share_it(tmp_path, faults_on):
+def test_catboost_has_its_gpu_alone_and_at_most_k_xgboost_trials_share_it(tmp_path, inject):
     # Four workers on GPU 0 and k=3: the pool itself must keep the fourth from a fourth XGBoost trial
     # and keep all of them off the GPU while a CatBoost trial is on it.
     ledger = str(tmp_path / "ledger.jsonl")
@@ -109,10 +120,10 @@ def test_catboost_has_its_gpu_alone_and_at_most_k_xgboost_trials_share_it(tmp_pa
     jobs = []
     for t in range(6):  # interleaved, as compare_models sends a mixed batch
         if t < 3:
-            jobs.append(_job("catboost", t, cat))
+            jobs.append(inject(_job("catboost", t), cat))
         if t < 2:
             jobs.append(_job("lightgbm", t))
-        jobs.append(_job("xgboost", t, xgb))
+        jobs.append(inject(_job("xgboost", t), xgb))
     cores = available_cores()
     placements = [WorkerPlacement(i, 0 if i < 4 else None, (cores[i % len(cores)],)) for i in range(5)]
     pool = TreeTrialPool(placements, PoolSettings(rounds=20, early_stopping_rounds=5, xgboost_per_gpu=3))
@@ -131,10 +142,11 @@ def test_catboost_has_its_gpu_alone_and_at_most_k_xgboost_trials_share_it(tmp_pa
     assert all(r.status == "ok" for r in results if r.model_type == "lightgbm")
 
 
-def test_a_gpu_the_pool_shares_is_leased_to_no_other_executor_or_process(tmp_path, faults_on):
+def test_a_gpu_the_pool_shares_is_leased_to_no_other_executor_or_process(tmp_path, inject):
     _two_gpu_workers_fit()
     ledger, gate = tmp_path / "ledger.jsonl", tmp_path / "gate"
     fault = {"ledger": str(ledger), "gate": str(gate)}  # both trials stay on GPU 0 until the gate opens
+    sharing = [inject(_job("xgboost", t), fault) for t in range(2)]
     seen: dict = {}
     with _executor(tmp_path, tree_parallel_workers=2, xgboost_per_gpu=2) as ex:
         assert [p.gpu for p in ex.placements] == [0, 0]
@@ -152,7 +164,7 @@ def test_a_gpu_the_pool_shares_is_leased_to_no_other_executor_or_process(tmp_pat
 
         prober = threading.Thread(target=meanwhile)
         prober.start()
-        results = ex.run_batch([_job("xgboost", t, fault) for t in range(2)])
+        results = ex.run_batch(sharing)
         prober.join()
         assert ex.pool.leases_held() == []
         with GpuLease(0, timeout=0.5):  # free again once the batch is done, the pool still open
@@ -168,7 +180,7 @@ def test_a_gpu_the_pool_shares_is_leased_to_no_other_executor_or_process(tmp_pat
     assert most[0]["xgboost"] == 2 and broken == []  # while the two XGBoost trials shared GPU 0
 
 
-def test_sharing_trials_that_cannot_have_the_lease_fail_naming_the_holder(tmp_path, faults_on):
+def test_sharing_trials_that_cannot_have_the_lease_fail_naming_the_holder(tmp_path, tree_libraries):
     _two_gpu_workers_fit()
     jobs = [_job("xgboost", 0), _job("xgboost", 1), _job("lightgbm", 2)]
     with GpuLease(0, timeout=1, purpose="a test holding GPU 0"):
@@ -183,7 +195,7 @@ def test_sharing_trials_that_cannot_have_the_lease_fail_naming_the_holder(tmp_pa
     assert all(r.status == "ok" for r in lightgbm), [r.error for r in lightgbm]
 
 
-def test_a_lease_directory_that_cannot_be_made_fails_the_gpu_trials_not_the_batch(tmp_path, faults_on):
+def test_a_lease_directory_that_cannot_be_made_fails_the_gpu_trials_not_the_batch(tmp_path, tree_libraries):
     (tmp_path / "a-file").write_text("")
     with _executor(tmp_path, lease_dir=tmp_path / "a-file" / "leases", tree_parallel_workers=2) as ex:
         results = ex.run_batch([_job("xgboost", 0), _job("lightgbm", 1)])
@@ -191,10 +203,11 @@ def test_a_lease_directory_that_cannot_be_made_fails_the_gpu_trials_not_the_batc
     assert all("cannot create the lease directory" in r.error for r in results[:2])
 
 
-def test_a_worker_that_dies_while_sharing_its_gpu_is_replaced_and_its_trial_retried(tmp_path, faults_on):
+def test_a_worker_that_dies_while_sharing_its_gpu_is_replaced_and_its_trial_retried(tmp_path, inject):
     _two_gpu_workers_fit()
     marker = tmp_path / "aborted-once"
-    jobs = [_job("xgboost", 0, f"abort_once:{marker}"), _job("xgboost", 1), _job("xgboost", 2), _job("lightgbm", 3)]
+    jobs = [inject(_job("xgboost", 0), f"abort_once:{marker}"), _job("xgboost", 1), _job("xgboost", 2),
+            _job("lightgbm", 3)]
     with _executor(tmp_path, tree_parallel_workers=2, xgboost_per_gpu=2) as ex:
         results = ex.run_batch(jobs)
         assert ex.pool.restarts == 1 and len(ex.pool.worker_pids()) == 2
@@ -208,10 +221,10 @@ def test_a_worker_that_dies_while_sharing_its_gpu_is_replaced_and_its_trial_retr
         pass
 
 
-def test_an_interrupted_batch_frees_the_gpu_lease_at_once(tmp_path, faults_on):
+def test_an_interrupted_batch_frees_the_gpu_lease_at_once(tmp_path, inject):
     _two_gpu_workers_fit()
     gate = tmp_path / "never"  # the XGBoost trial stays on the GPU until it is killed
-    fault = {"ledger": str(tmp_path / "ledger.jsonl"), "gate": str(gate)}
+    on_the_gpu = inject(_job("xgboost", 0), {"ledger": str(tmp_path / "ledger.jsonl"), "gate": str(gate)})
     held_when_interrupted = []
 
     class Interrupt(Exception):
@@ -223,7 +236,7 @@ def test_an_interrupted_batch_frees_the_gpu_lease_at_once(tmp_path, faults_on):
 
     with _executor(tmp_path, tree_parallel_workers=2, xgboost_per_gpu=2) as ex:
         with pytest.raises(Interrupt):
-            ex.run_batch([_job("xgboost", 0, fault), _job("lightgbm", 1)], on_result=on_result)
+            ex.run_batch([on_the_gpu, _job("lightgbm", 1)], on_result=on_result)
         assert held_when_interrupted == [[0]]
         assert ex.pool.leases_held() == []
         with GpuLease(0, timeout=0.5):
@@ -259,7 +272,7 @@ def test_the_schema_default_is_one_gpu_worker_per_gpu(plugin_manager):
     assert load_manifest(None, None, plugin_manager).params["xgboost_per_gpu"] == 1
 
 
-def test_results_are_the_same_with_xgboost_per_gpu_1_or_2(tmp_path, faults_on):
+def test_results_are_the_same_with_xgboost_per_gpu_1_or_2(tmp_path, tree_libraries):
     # No GPU here, so the GPU trials' results are their errors (CatBoost's text depends on whether its
     # process failed to start CUDA before, so only its status is compared); LightGBM's are R^2 from
     # GPU and CPU workers alike.

@@ -74,7 +74,7 @@ def test_the_pools_requests_are_what_the_schema_allows():
     from watcher_plugins.records import DataRef, TrialJob
 
     validator = jsonschema.Draft202012Validator({**SCHEMA, "oneOf": [{"$ref": "#/$defs/request"}]})
-    job = TrialJob("catboost", 4, {"depth": 4, "_fault": {"ledger": "/tmp/x"}}, DataRef(path="d.csv", target="y"), 5, 3)
+    job = TrialJob("catboost", 4, {"depth": 4}, DataRef(path="d.csv", target="y"), 5, 3)
     for request in ({"command": "ping"}, {"command": "shutdown"},
                     {"command": "train", "job": job.to_json(), "folds": [0, 1, 2, 3, 4], "catboost_gpu_ram_part": None},
                     {"command": "train", "job": job.to_json(), "folds": [2], "catboost_gpu_ram_part": 0.95}):

@@ -47,6 +47,7 @@ Tree worker (``tree_parallel/worker.py``), as a worker begins a trial's folds (`
     GPU-sharing tests see overlaps without a clock. After entering, wait until N trials of its model
     type have entered on its GPU and until the gate file exists (at most 60 s), then sleep S seconds.
 
+The value travels in the environment, so it is small: Linux allows one variable at most 128 KiB.
 An unknown key, tree fault or argument is an error when the variable is read: a worker started with
 one fails to start, and ``encode`` fails in the test.
 """
@@ -251,7 +252,7 @@ def _tree_fault(fault: TreeFault, folds: Sequence[int], catboost_gpu_ram_part: f
         time.sleep(float(arg))
     elif kind == "bad_reply":
         send({"event": "fold", "result": {"trial_number": 0, "fold_idx": "first", "model_type": "lightgbm",
-                                          "r2": None, "seconds": 0.0, "status": "fail", "error": "bad_reply"}})
+                                          "score": None, "seconds": 0.0, "status": "fail", "error": "bad_reply"}})
 
 
 def _catboost_default_reserve() -> float:
