@@ -37,7 +37,7 @@ from watcher_plugins.executor import Executor, RunContext
 from watcher_plugins.gpu_monitor import GpuMonitor
 from watcher_plugins.interrupts import interrupts_held
 from watcher_plugins.manifest import sources, where
-from watcher_plugins.progress import ProgressBoard
+from watcher_plugins.progress import HEARTBEAT_S, ProgressBoard
 from watcher_plugins.records import STATUS_OK, DataRef, FoldResult, RefitResult, TrialJob
 from watcher_plugins.refit import BestTrial, RefitOutcome, refit_best, write_oof
 from watcher_plugins.report import write_report
@@ -383,7 +383,8 @@ def run_compare_models(params: dict, pm, out: TextIO | None = None) -> dict:
     log = TrialLog(output_dir / TRIALS_FILE, metric.name)
     board = ProgressBoard(list(runnable), params["trials"], enabled=params["progress"],
                           metric=metric.display.replace("²", "2"),  # ASCII, for any log file
-                          greater_is_better=metric.greater_is_better, folds=params["folds"])
+                          greater_is_better=metric.greater_is_better, folds=params["folds"],
+                          heartbeat_s=params.get("progress_interval_s", HEARTBEAT_S))
     names = list(groups.values())
     for i, model_types in enumerate(names[1:], start=1):  # the groups run one after another
         for model_type in model_types:

@@ -23,7 +23,7 @@ from typing import TextIO
 
 from tqdm import tqdm
 
-#: A log gets a line at least this often while a model type trains (issue #21: every 30 s at most).
+#: A log gets a line at least this often while a model type trains (the progress_interval_s default).
 HEARTBEAT_S = 25.0
 
 
