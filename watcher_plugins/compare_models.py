@@ -335,9 +335,6 @@ def run_compare_models(params: dict, pm, out: TextIO | None = None) -> dict:
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our progress bars and leaderboard speak instead
     data = _data_ref(params)
     dataset = load_dataset(data)  # a bad dataset must fail before anything is trained or written
-    for name, value in (("task", REGRESSION), ("target", "y"), ("classes", ())):  # SHIM until data.py has them
-        if not hasattr(dataset, name):
-            object.__setattr__(dataset, name, value)
     metric = _metric(params, dataset)
     splits = _check_folds(data.path or dataset.name, dataset, params, metric)  # a file as it was named, as the loader's errors name it
     fingerprint = dataset.sha256() if data.path else None  # the embedded data is fixed by its version
