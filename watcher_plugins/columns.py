@@ -93,6 +93,11 @@ def classify(raw: RawColumn, rows: np.ndarray | None = None) -> Cells:
         kinds = np.where(np.isnan(numbers), MISSING, NUMBER).astype(np.int8)
         return Cells(kinds, numbers, _LazyLabels(numbers, raw.integer), numbers)
     values = raw.values if rows is None else [raw.values[i] for i in rows]
+    if raw.kind == TEXT:
+        fast = _all_numbers(values)
+        if fast is not None:
+            kinds = np.where(np.isnan(fast), MISSING, NUMBER).astype(np.int8)
+            return Cells(kinds, fast, _TextLabels(values, kinds), values)
     n = len(values)
     kinds = np.empty(n, dtype=np.int8)
     numbers = np.full(n, np.nan)
@@ -119,6 +124,32 @@ class _LazyLabels(Sequence):
     def __getitem__(self, i):
         value = float(self.numbers[i])
         return None if math.isnan(value) else number_label(value, self.integer)
+
+
+def _all_numbers(cells: Sequence[str]) -> np.ndarray | None:
+    """The cells as float64 where every one is a number (numpy calls Python's float() on each, in C), else
+    None: the cell-by-cell path then sorts them out. "_" and non-ASCII text are left to that path, which
+    refuses them as numbers; a NaN spelling is missing either way."""
+    joined = "".join(cells)
+    if "_" in joined or not joined.isascii():
+        return None
+    try:
+        return np.array(cells, dtype=np.float64)
+    except (ValueError, TypeError, OverflowError):
+        return None
+
+
+class _TextLabels(Sequence):
+    """The labels of CSV cells that are all numbers (stripped, as written), spelled only when asked for."""
+
+    def __init__(self, cells: Sequence[str], kinds: np.ndarray):
+        self.cells, self.kinds = cells, kinds
+
+    def __len__(self) -> int:
+        return len(self.cells)
+
+    def __getitem__(self, i):
+        return None if self.kinds[i] == MISSING else self.cells[i].strip()
 
 
 def _classify_text(cell: str) -> tuple[int, float, str | None]:

@@ -68,6 +68,7 @@ from watcher_plugins.readers import (
     _ROW_NAMES,
     DATA_FORMATS,
     NUMBERS,
+    TEXT,
     VALUES,
     RawColumn,
     Table,
@@ -116,6 +117,10 @@ class FeatureSchema:
         object.__setattr__(self, "feature_names", tuple(self.feature_names))
         object.__setattr__(self, "categories", _frozen_categories(self.categories))
         object.__setattr__(self, "classes", tuple(self.classes))
+
+    def __hash__(self) -> int:  # the vocabularies' dict is not hashable; their items are
+        return hash((self.feature_names, tuple(sorted(self.categories.items())), self.task, self.classes,
+                     self.target))
 
     @property
     def categorical_columns(self) -> tuple[int, ...]:
@@ -358,7 +363,7 @@ def encode_rows(schema: FeatureSchema | Dataset, table: Mapping[str, Any], *, te
             columns[name] = RawColumn(NUMBERS, array.astype(np.float64), integer=array.dtype.kind in "iu")
         else:
             cells = list(values.tolist() if isinstance(values, np.ndarray) else values)
-            columns[name] = RawColumn("text" if text else VALUES, [str(c) for c in cells] if text else cells)
+            columns[name] = RawColumn(TEXT if text else VALUES, [str(c) for c in cells] if text else cells)
         lengths.add(len(columns[name]))
     if len(lengths) > 1:
         raise DataError(f"{where}: columns of different lengths ({', '.join(map(str, sorted(lengths)))})")
