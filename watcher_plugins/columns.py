@@ -15,7 +15,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -94,10 +94,11 @@ def classify(raw: RawColumn, rows: np.ndarray | None = None) -> Cells:
         return Cells(kinds, numbers, _LazyLabels(numbers, raw.integer), numbers)
     values = raw.values if rows is None else [raw.values[i] for i in rows]
     if raw.kind == TEXT:
-        fast = _all_numbers(values)
+        texts = cast(list[str], values)
+        fast = _all_numbers(texts)
         if fast is not None:
             kinds = np.where(np.isnan(fast), MISSING, NUMBER).astype(np.int8)
-            return Cells(kinds, fast, _TextLabels(values, kinds), values)
+            return Cells(kinds, fast, _TextLabels(texts, kinds), texts)
     n = len(values)
     kinds = np.empty(n, dtype=np.int8)
     numbers = np.full(n, np.nan)
