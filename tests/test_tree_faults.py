@@ -101,7 +101,7 @@ def test_folds_of_one_try_that_crash_together_cost_the_trial_one_retry(tmp_path,
     assert all(r.status == "ok" for r in results), [r.error for r in results]
     reference = run_trial(TrialJob("lightgbm", 0, LGB, DATA, 2, seed=5),
                           FitSettings(FAST["tree_rounds"], FAST["tree_early_stopping_rounds"], threads=1))
-    assert [r.r2 for r in results] == [r.r2 for r in reference]
+    assert [r.score for r in results] == [r.score for r in reference]
 
 
 def test_a_worker_that_aborts_once_is_replaced_and_the_retry_gives_the_same_result(tmp_path, inject):
@@ -111,7 +111,7 @@ def test_a_worker_that_aborts_once_is_replaced_and_the_retry_gives_the_same_resu
     assert marker.exists()  # it did abort
     assert all(r.status == "ok" for r in results)
     reference = run_trial(_job(0), FitSettings(FAST["tree_rounds"], FAST["tree_early_stopping_rounds"], threads=1))
-    assert [r.r2 for r in results[:3]] == [r.r2 for r in reference]
+    assert [r.score for r in results[:3]] == [r.score for r in reference]
 
 
 def test_a_catboost_gpu_trial_that_outgrows_the_auto_reserve_is_retried_with_catboosts_default(tmp_path, inject):
@@ -273,7 +273,7 @@ def test_a_trial_that_raises_fails_with_the_error_text_and_the_others_are_unaffe
         assert ex.pool.restarts == 0 and len(pids) == 2  # a raising trial never costs a worker
     bad = results[3:6]
     assert [r.status for r in bad] == ["fail"] * 3
-    assert all(r.r2 is None and "num_leaves" in r.error for r in bad)
+    assert all(r.score is None and "num_leaves" in r.error for r in bad)
     assert all(r.status == "ok" for r in results[:3] + results[6:])
 
 

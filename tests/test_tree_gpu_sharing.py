@@ -282,7 +282,7 @@ def test_results_are_the_same_with_xgboost_per_gpu_1_or_2(tmp_path, tree_librari
     for k in (1, 2):
         with _executor(tmp_path, tree_parallel_workers=2, xgboost_per_gpu=k) as ex:
             assert sum(p.gpu == 0 for p in ex.placements) == k
-            by_k[k] = [(r.model_type, r.trial_number, r.fold_idx, r.status, r.r2,
+            by_k[k] = [(r.model_type, r.trial_number, r.fold_idx, r.status, r.score,
                         r.error if r.model_type != "catboost" else None) for r in ex.run_batch(jobs)]
     assert by_k[2] == by_k[1]
     assert {s for m, _, _, s, _, _ in by_k[1] if m == "lightgbm"} == {"ok"}
