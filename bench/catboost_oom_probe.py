@@ -24,7 +24,7 @@ settings = FitSettings(rounds=300, early_stopping_rounds=300, threads=2, use_gpu
 fitter = CatBoostFitter()
 fold = fitter.prepare_fold(ds.X[train], ds.y[train], ds.X[val], ds.y[val], settings)
 try:
-    print("ok", fitter.fit(fold, {"depth": 8, "learning_rate": 0.1}, 1, settings).r2)
+    print("ok", fitter.fit(fold, {"depth": 8, "learning_rate": 0.1}, 1, settings).score)
 except Exception as exc:
     print("raised", type(exc).__name__, str(exc)[:300])
 """

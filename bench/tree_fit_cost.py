@@ -36,7 +36,7 @@ def time_fits(model_type: str, params: dict, rounds: int, repeats: int, threads:
         started = time.perf_counter()
         fit = fitter.fit(fold, dict(params), seed=7, settings=settings)
         seconds.append(time.perf_counter() - started)
-        r2.add(fit.r2)
+        r2.add(fit.score)
     return {"model": model_type, "params": params, "rounds": rounds, "median_s": statistics.median(seconds),
             "seconds": seconds, "r2": sorted(r2)}
 

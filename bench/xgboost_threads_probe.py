@@ -48,7 +48,7 @@ def run_arm(folds, params_list, settings, threads: int, barrier: bool = True,
         result = fitter.fit(folds[fold], dict(params_list[trial]), seed=1000 + trial, settings=settings)
         if settings.use_gpu and result.info["xgboost_async_pool"] is not async_pool:
             raise RuntimeError(f"asked for the pool {async_pool}, XGBoost used it: {result.info}")
-        return result.r2
+        return result.score
 
     tasks = [[(t, f) for f in range(len(folds))] for t in range(len(params_list))]
     started = time.perf_counter()

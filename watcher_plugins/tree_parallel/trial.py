@@ -1,6 +1,7 @@
-"""One tree trial: k-fold CV of one job (early stopping on each held-out fold, R^2 at the best
-iteration), the per-process cache of fold datasets, and a command that runs one trial pinned to one
-GPU or to the CPU and prints its result as JSON:
+"""One tree trial: k-fold CV of one job (early stopping on each held-out fold, the job's metric of the
+held-out predictions at the best iteration), the per-process cache of fold datasets, a refit (run_refit:
+the trial's folds again for their held-out predictions, then one fit on every row, saved), and a command
+that runs one trial pinned to one GPU or to the CPU and prints its result as JSON:
 
     python -m watcher_plugins.tree_parallel.trial --gpu 0 --model catboost --trial 0
     python -m watcher_plugins.tree_parallel.trial --cpu --model lightgbm --trial 3 --rows 20000
@@ -21,13 +22,27 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
 from typing import cast
+
+import numpy as np
 
 from watcher_plugins.data import Dataset, kfold_splits, load_dataset
 from watcher_plugins.devices import available_cores, pin_environment
 from watcher_plugins.errors import WatcherPluginError
-from watcher_plugins.records import STATUS_FAIL, STATUS_OK, DataRef, FoldResult, TrialJob, fold_seed
+from watcher_plugins.records import (
+    STATUS_FAIL,
+    STATUS_OK,
+    DataRef,
+    FoldResult,
+    RefitJob,
+    RefitResult,
+    TrialJob,
+    fold_seed,
+)
 from watcher_plugins.stdio import claim_stdout
+from watcher_plugins.tasks import MULTICLASS, score
+from watcher_plugins.tree_parallel.encoding import TreeEncoding
 from watcher_plugins.tree_parallel.libraries import (
     FOLD_THREADS_GPU_MODEL_TYPES,
     TREE_MODEL_TYPES,
@@ -51,6 +66,7 @@ class FoldDataCache:
         self.max_splits = max_splits
         self._lock = threading.Lock()
         self._datasets: dict[str, Dataset] = {}
+        self._encodings: dict[str, TreeEncoding] = {}
         self._splits: OrderedDict[tuple, list] = OrderedDict()
         self._folds: dict[tuple, FoldData] = {}
         self.builds = 0  # per-fold dataset builds, for tests and logs
@@ -60,11 +76,18 @@ class FoldDataCache:
             self._datasets[ref.key] = load_dataset(ref)
         return self._datasets[ref.key]
 
-    def fold(self, job: TrialJob, fold_idx: int, settings: FitSettings) -> FoldData:
-        with self._lock:
-            return self._fold(job, fold_idx, settings)
+    def encoding(self, ref: DataRef) -> TreeEncoding:
+        """How the dataset's rows reach the libraries (encoding.py), from all its rows, once."""
+        if ref.key not in self._encodings:
+            self._encodings[ref.key] = TreeEncoding.of(self.dataset(ref))
+        return self._encodings[ref.key]
 
-    def _fold(self, job: TrialJob, fold_idx: int, settings: FitSettings) -> FoldData:
+    def splits(self, job: TrialJob) -> list:
+        """The job's k-fold split of its dataset, (train, held-out) row indices per fold."""
+        with self._lock:
+            return self._split(job)
+
+    def _split(self, job: TrialJob) -> list:
         split_key = (job.data.key, job.folds, job.seed)
         if split_key not in self._splits:
             ds = self.dataset(job.data)
@@ -73,21 +96,31 @@ class FoldDataCache:
                 old, _ = self._splits.popitem(last=False)
                 self._folds = {k: v for k, v in self._folds.items() if k[0] != old}
         self._splits.move_to_end(split_key)
-        key = (split_key, fold_idx, job.model_type, settings.use_gpu)
+        return self._splits[split_key]
+
+    def fold(self, job: TrialJob, fold_idx: int, settings: FitSettings) -> FoldData:
+        with self._lock:
+            return self._fold(job, fold_idx, settings)
+
+    def _fold(self, job: TrialJob, fold_idx: int, settings: FitSettings) -> FoldData:
+        split = self._split(job)
+        key = ((job.data.key, job.folds, job.seed), fold_idx, job.model_type, settings.use_gpu)
         if key not in self._folds:
             ds = self.dataset(job.data)
-            train, val = self._splits[split_key][fold_idx]
+            train, val = split[fold_idx]
             self._folds[key] = fitter_for(job.model_type).prepare_fold(
-                ds.X[train], ds.y[train], ds.X[val], ds.y[val], settings)
+                ds.X[train], ds.y[train], ds.X[val], ds.y[val], settings, self.encoding(job.data))
             self.builds += 1
         return self._folds[key]
 
 
 def run_trial(job: TrialJob, settings: FitSettings, cache: FoldDataCache | None = None,
               fold_indices: Iterable[int] | None = None,
-              on_fold: Callable[[FoldResult], None] | None = None, fold_threads: int = 1) -> list[FoldResult]:
+              on_fold: Callable[[FoldResult], None] | None = None, fold_threads: int = 1,
+              held_out: dict[int, np.ndarray] | None = None) -> list[FoldResult]:
     """Train ``job`` on each fold (all, or ``fold_indices``); one FoldResult per fold, failures included,
-    in fold order.
+    in fold order. ``held_out``, where given, gets each fold's held-out predictions (those it was scored
+    on) by fold index.
 
     A fold that raises ends as status "fail" with the error text; the other folds still run. With
     ``fold_threads`` > 1 up to that many folds train at once, in threads of this process, sharing
@@ -101,8 +134,11 @@ def run_trial(job: TrialJob, settings: FitSettings, cache: FoldDataCache | None 
     threads = max(1, min(fold_threads, len(indices)))
     done: dict[int, FoldResult] = {}
 
-    def finish(result: FoldResult) -> None:
+    def finish(outcome: tuple[FoldResult, np.ndarray | None]) -> None:
+        result, predictions = outcome
         done[result.fold_idx] = result
+        if held_out is not None and predictions is not None:
+            held_out[result.fold_idx] = predictions
         if on_fold is not None:
             on_fold(result)
 
@@ -116,43 +152,153 @@ def run_trial(job: TrialJob, settings: FitSettings, cache: FoldDataCache | None 
         futures = [pool.submit(_run_fold, job, fold_idx, shared, cache, threads, settings) for fold_idx in indices]
         try:
             for future in as_completed(futures):
-                result = future.result()
+                outcome = future.result()
+                result = outcome[0]
                 if settings.use_gpu and result.status == STATUS_FAIL and is_out_of_gpu_memory(result.error):
                     alone.append(result.fold_idx)
                 else:
-                    finish(result)
+                    finish(outcome)
         except BaseException:
             # Ctrl-C, or on_fold failed (the parent is gone): start no more folds. Those training
             # finish first; a library call cannot be stopped from outside.
             pool.shutdown(wait=False, cancel_futures=True)
             raise
     for fold_idx in sorted(alone, key=indices.index):
-        result = _run_fold(job, fold_idx, settings, cache, concurrent_folds=1)
-        result.info["retried_alone_after"] = "out of GPU memory with other folds at once"
-        finish(result)
+        outcome = _run_fold(job, fold_idx, settings, cache, concurrent_folds=1)
+        outcome[0].info["retried_alone_after"] = "out of GPU memory with other folds at once"
+        finish(outcome)
     return [done[fold_idx] for fold_idx in indices]
 
 
 def _run_fold(job: TrialJob, fold_idx: int, settings: FitSettings, cache: FoldDataCache,
-              concurrent_folds: int, build_settings: FitSettings | None = None) -> FoldResult:
-    """One fold's fit with ``settings``; its datasets, when not cached yet, are built with
-    ``build_settings`` (every thread of the trial: building holds the cache's lock anyway)."""
+              concurrent_folds: int, build_settings: FitSettings | None = None
+              ) -> tuple[FoldResult, np.ndarray | None]:
+    """One fold's fit with ``settings`` (scored by the job's metric), and its held-out predictions (None
+    where it failed); its datasets, when not cached yet, are built with ``build_settings`` (every thread
+    of the trial: building holds the cache's lock anyway)."""
     device = "gpu" if settings.use_gpu else "cpu"
     info = {"device": device, "threads": settings.threads, "concurrent_folds": concurrent_folds}
     started = time.perf_counter()
     try:
         fold = cache.fold(job, fold_idx, build_settings or settings)
         fit = fitter_for(job.model_type).fit(fold, dict(job.params), fold_seed(job.seed, job.trial_number, fold_idx),
-                                             settings)
-        return FoldResult(job.trial_number, fold_idx, job.model_type, fit.r2, time.perf_counter() - started,
-                          STATUS_OK, info={"best_iteration": fit.best_iteration, **fit.info, **info})
+                                             dataclasses.replace(settings, metric=job.metric))
+        return (FoldResult(job.trial_number, fold_idx, job.model_type, fit.score, time.perf_counter() - started,
+                           STATUS_OK, info={"best_iteration": fit.best_iteration, **fit.info, **info}),
+                fit.predictions)
     except Exception as exc:  # noqa: BLE001 - a failing fold is a result, never a crash of the worker
-        return FoldResult(job.trial_number, fold_idx, job.model_type, None, time.perf_counter() - started,
-                          STATUS_FAIL, error=f"{type(exc).__name__}: {exc}".strip(), info=info)
+        return (FoldResult(job.trial_number, fold_idx, job.model_type, None, time.perf_counter() - started,
+                           STATUS_FAIL, error=f"{type(exc).__name__}: {exc}".strip(), info=info), None)
+
+
+#: Where a refit in a worker leaves its out-of-fold and every-row predictions for the pool (an npz file in
+#: the job's model_dir, which the pool reads and removes): a JSON line of them could be very long.
+REFIT_ARRAYS = ".refit-predictions.npz"
+
+
+@dataclasses.dataclass
+class RefitOutput:
+    """What run_refit gives: the result (its oof and predictions still empty) and those two as arrays."""
+
+    result: RefitResult
+    oof: np.ndarray | None = None
+    predictions: np.ndarray | None = None
+
+    def complete(self) -> RefitResult:
+        """The result with its oof and predictions as lists (records.RefitResult)."""
+        if self.oof is not None:
+            self.result.oof = self.oof.tolist()
+        if self.predictions is not None:
+            self.result.predictions = self.predictions.tolist()
+        return self.result
+
+    def save_arrays(self, model_dir: str) -> str | None:
+        """Write the arrays for the pool; the file, or None without them (a failed refit)."""
+        if self.oof is None or self.predictions is None:
+            return None
+        path = os.path.join(model_dir, REFIT_ARRAYS)
+        np.savez(path, oof=self.oof, predictions=self.predictions)
+        return path
+
+
+def load_refit_arrays(result: RefitResult, path: str) -> RefitResult:
+    """``result`` with the oof and predictions a worker wrote to ``path`` (removed once read)."""
+    with np.load(path) as arrays:
+        result.oof, result.predictions = arrays["oof"].tolist(), arrays["predictions"].tolist()
+    os.remove(path)
+    return result
+
+
+def refit_rounds(fold_info: list[dict], results: list[FoldResult]) -> tuple[int, list[int]]:
+    """The fit on every row's rounds: the mean of the folds' best iterations, rounded (Python's round,
+    at least 1), from the study's fold infos, or where they lack one from the refit's folds (the same fits)."""
+    best = [info.get("best_iteration") for info in fold_info]
+    if len(best) != len(results) or not all(isinstance(b, int) and b >= 1 for b in best):
+        best = [r.info.get("best_iteration") for r in results]
+    iterations = [int(cast(int, b)) for b in best]
+    return max(1, round(sum(iterations) / len(iterations))), iterations
+
+
+def run_refit(job: RefitJob, settings: FitSettings, cache: FoldDataCache | None = None,
+              fold_threads: int = 1) -> RefitOutput:
+    """Refit ``job``'s trial (records.RefitJob, RefitResult): its folds again through run_trial, the study's
+    very computation, for their held-out predictions (``oof``, in row order, and each fold's score of its
+    part, which is the study's fold score); then one fit on every row for refit_rounds' rounds without
+    early stopping, seeded with fold_seed(seed, trial, folds) (the fold index after the last), saved in
+    ``job.model_dir`` (saved.py); ``predictions`` are the saved model's, loaded back in this process, of
+    every row on the CPU (what saved.predict gives for them). A failure is a result with status "fail"."""
+    from watcher_plugins.tree_parallel import saved
+
+    trial = job.trial
+    started = time.perf_counter()
+
+    def failed(error: str, **info) -> RefitOutput:
+        return RefitOutput(RefitResult(trial.model_type, trial.trial_number, STATUS_FAIL,
+                                       seconds=time.perf_counter() - started, error=error, info=info))
+
+    cache = cache or FoldDataCache()
+    device = "gpu" if settings.use_gpu else "cpu"
+    try:
+        ds, encoding = cache.dataset(trial.data), cache.encoding(trial.data)
+        held_out: dict[int, np.ndarray] = {}
+        results = run_trial(trial, settings, cache, fold_threads=fold_threads, held_out=held_out)
+        bad = next((r for r in results if r.status != STATUS_OK), None)
+        if bad is not None:
+            return failed(f"fold {bad.fold_idx}: {bad.error}", device=device)
+        shape = (ds.n_rows, encoding.n_classes) if encoding.task == MULTICLASS else (ds.n_rows,)
+        oof = np.full(shape, np.nan, dtype=np.float64)
+        splits = cache.splits(trial)
+        for k, (_, val) in enumerate(splits):
+            oof[val] = held_out[k]
+        fold_scores: list[float | None] = [score(trial.metric, encoding.task, ds.y[val], oof[val]) for _, val in splits]
+        rounds, best_iterations = refit_rounds(job.fold_info, results)
+        fitter = fitter_for(trial.model_type)
+        X = encoding.features(ds.X)
+        fit_started = time.perf_counter()
+        model = fitter.fit_all(X, encoding.target(ds.y), encoding, dict(trial.params),
+                               fold_seed(trial.seed, trial.trial_number, trial.folds), rounds,
+                               dataclasses.replace(settings, metric=trial.metric))
+        fit_seconds = time.perf_counter() - fit_started
+        trained = encoding.predictions(fitter.predict(model, X, encoding, settings.threads))
+        files = saved.save(Path(job.model_dir), fitter, model, encoding, trial, rounds)
+        predictions = saved.predict(Path(job.model_dir), ds.X, threads=settings.threads)
+    except Exception as exc:  # noqa: BLE001 - a failing refit is a result, never a crash of the worker
+        return failed(f"{type(exc).__name__}: {exc}".strip(), device=device)
+    info = {"rounds": rounds, "fold_best_iterations": best_iterations, "seed": fold_seed(trial.seed, trial.trial_number,
+                                                                                          trial.folds),
+            "device": device, "threads": settings.threads, "fit_seconds": round(fit_seconds, 4),
+            "fold_scores_match_trial": fold_scores == [r.score for r in results]}
+    if not np.array_equal(trained, predictions, equal_nan=True):
+        # The saved model is what predict applies: its predictions are the result's. A difference from the
+        # model in memory would be the library's format losing bits: say so.
+        info["trained_model_max_abs_difference"] = float(np.nanmax(np.abs(trained - predictions)))
+    return RefitOutput(RefitResult(trial.model_type, trial.trial_number, STATUS_OK, fold_scores=fold_scores,
+                                   files=files, seconds=time.perf_counter() - started, info=info),
+                       oof, predictions)
 
 
 def trial_summary(job: TrialJob, results: list[FoldResult]) -> dict:
-    """The JSON the CLI prints: mean R^2 over the folds when every fold is ok, else the first error."""
+    """The JSON the CLI prints: the mean score over the folds when every fold is ok, else the first error."""
     ok = all(r.status == STATUS_OK for r in results)
     failed = [r for r in results if r.status != STATUS_OK]
     return {
