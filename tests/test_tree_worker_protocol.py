@@ -51,7 +51,7 @@ JOB = {"model_type": "lightgbm", "trial_number": 0, "params": {}, "data": {"embe
     ("{not json", "malformed_json", "not a request: not JSON: '{not json'"),
     ('["ping"]', "invalid_request", "not a request the protocol allows: $: ['ping'] is not of type 'object'"),
     ('{"command": "fit"}', "invalid_request",
-     "not a request the protocol allows: $.command: 'fit' is not one of ['ping', 'train', 'shutdown']"),
+     "not a request the protocol allows: $.command: 'fit' is not one of ['ping', 'train', 'shutdown', 'refit']"),
     (json.dumps({"command": "train", "job": JOB}), "invalid_request",
      "not a request the protocol allows: $: 'folds' is a required property"),
     (json.dumps({"command": "train", "job": {**JOB, "folds": "two", "extra": 1}, "folds": [0]}), "invalid_request",
@@ -71,11 +71,13 @@ def test_a_request_the_schema_refuses_gets_an_error_naming_the_path_and_the_work
 
 
 def test_the_pools_requests_are_what_the_schema_allows():
-    from watcher_plugins.records import DataRef, TrialJob
+    from watcher_plugins.records import DataRef, RefitJob, TrialJob
 
     validator = jsonschema.Draft202012Validator({**SCHEMA, "oneOf": [{"$ref": "#/$defs/request"}]})
     job = TrialJob("catboost", 4, {"depth": 4}, DataRef(path="d.csv", target="y"), 5, 3)
+    refit = RefitJob(job, "/out/models/.catboost.partial-1", [{"best_iteration": 12, "device": "cpu"}] * 5)
     for request in ({"command": "ping"}, {"command": "shutdown"},
                     {"command": "train", "job": job.to_json(), "folds": [0, 1, 2, 3, 4], "catboost_gpu_ram_part": None},
-                    {"command": "train", "job": job.to_json(), "folds": [2], "catboost_gpu_ram_part": 0.95}):
+                    {"command": "train", "job": job.to_json(), "folds": [2], "catboost_gpu_ram_part": 0.95},
+                    {"command": "refit", "job": refit.to_json(), "catboost_gpu_ram_part": None}):
         validator.validate(request)

@@ -12,7 +12,7 @@ from watcher_plugins.data import EMBEDDED_DEFAULT_ROWS, embedded_survivors
 from watcher_plugins.devices import affinity_cores, available_cores, available_memory
 from watcher_plugins.errors import DataError, ExecutorError
 from watcher_plugins.executor import Executor, ResultCallback, RunContext
-from watcher_plugins.records import STATUS_FAIL, FoldResult, TrialJob
+from watcher_plugins.records import STATUS_FAIL, FoldResult, RefitJob, RefitResult, TrialJob
 from watcher_plugins.settings import ExecutorSettings
 from watcher_plugins.tree_parallel.libraries import TREE_MODEL_TYPES
 from watcher_plugins.tree_parallel.placement import (
@@ -207,18 +207,40 @@ class TreeParallelExecutor(Executor):
                 if on_result is not None:
                     for r in results[i]:
                         on_result(r)
-        # Generate the embedded data once here, not in every worker at the same moment.
-        for rows in sorted({job.data.rows or EMBEDDED_DEFAULT_ROWS for job in known if job.data.embedded}):
-            try:
-                embedded_survivors(rows)
-            except DataError:
-                pass  # each of its folds fails in the worker with this message
+        self._generate_embedded(known)
         trained = iter(self.pool.run(known, on_result) if known else [])
         out: list[FoldResult] = []
         for i, job in enumerate(jobs):
             out.extend(results[i] if i in results else [next(trained) for _ in range(job.folds)])
         self._warn_if_pool_refused(out)
         return out
+
+    @staticmethod
+    def _generate_embedded(jobs: Sequence[TrialJob]) -> None:
+        """Generate the embedded data once here, not in every worker at the same moment."""
+        for rows in sorted({job.data.rows or EMBEDDED_DEFAULT_ROWS for job in jobs if job.data.embedded}):
+            try:
+                embedded_survivors(rows)
+            except DataError:
+                pass  # each of its folds fails in the worker with this message
+
+    def refit(self, jobs: Sequence[RefitJob]) -> list[RefitResult]:
+        """Refit each job's trial in the pool's workers, as its trials ran (refits.py): a GPU model type on
+        a GPU worker while the pool holds that GPU's lease, so the refit's folds are the study's very fits
+        and no GPU is used without its lease; LightGBM on a CPU worker. Each refit trains the trial's folds
+        again (their held-out predictions are the result's ``oof``, their scores the study's fold scores),
+        then one model on every row for the rounded mean of the folds' best iterations, without early
+        stopping, saved in the job's model_dir in the library's own format with tree_model.json (saved.py);
+        the result's ``predictions`` are that saved model's, of every row on the CPU, which
+        saved.predict(model_dir, X) gives again."""
+        known = [job for job in jobs if job.trial.model_type in TREE_MODEL_TYPES]
+        self._generate_embedded([job.trial for job in known])
+        refit = iter(self.pool.refit(known) if known else [])
+        return [next(refit) if job.trial.model_type in TREE_MODEL_TYPES else
+                RefitResult(job.trial.model_type, job.trial.trial_number, STATUS_FAIL,
+                            error=f"tree_parallel cannot refit model type {job.trial.model_type!r}: "
+                                  f"expected one of {', '.join(TREE_MODEL_TYPES)}")
+                for job in jobs]
 
     def _warn_if_pool_refused(self, results: list[FoldResult]) -> None:
         """Once per executor: CUDA refused XGBoost its stream-ordered pool, so the fits used cudaMalloc."""

@@ -22,7 +22,7 @@ from typing import cast
 
 from watcher_plugins.child_process import BadLine
 from watcher_plugins.errors import ExecutorError
-from watcher_plugins.records import STATUS_FAIL, FoldResult, TrialJob
+from watcher_plugins.records import STATUS_FAIL, FoldResult, RefitJob, RefitResult, TrialJob
 from watcher_plugins.tree_parallel.leases import LEASE_POLL_S, PoolLeases
 from watcher_plugins.tree_parallel.placement import WorkerPlacement
 from watcher_plugins.tree_parallel.retry import Outcome, RetryPolicy
@@ -167,6 +167,15 @@ class TreeTrialPool:
             raise
         self.leases.release(keep=self.leases.stuck)
         return [self._results[(t.index, f)] for t in tasks for f in range(t.job.folds)]
+
+    def refit(self, jobs: Sequence[RefitJob]) -> list[RefitResult]:
+        """Refit every job in the workers (refits.py: where each runs, its lease, its failures); one
+        result per job, in job order."""
+        from watcher_plugins.tree_parallel.refits import RefitRun
+
+        if self.closed:
+            raise ExecutorError("the tree pool is closed")
+        return RefitRun(self, jobs).run() if jobs else []
 
     def _dispatch(self) -> None:
         for w in self.slots:

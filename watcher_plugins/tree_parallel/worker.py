@@ -1,4 +1,4 @@
-"""The tree worker process: pinned to one GPU or to CPU cores, it trains trials on request.
+"""The tree worker process: pinned to one GPU or to CPU cores, it trains trials (and refits) on request.
 
 TreeTrialPool starts it as a fresh interpreter (never a fork of the parent), with
 CUDA_VISIBLE_DEVICES already narrowed in its environment to its one GPU (or emptied for a CPU
@@ -13,12 +13,17 @@ side checks what it receives against it.
     parent -> worker  {"command": "ping"}
                       {"command": "train", "job": {TrialJob}, "folds": [0, 1, ...],
                        "catboost_gpu_ram_part": null (auto) | share}
+                      {"command": "refit", "job": {RefitJob}, "catboost_gpu_ram_part": null | share}
                       {"command": "shutdown"}
     worker -> parent  {"event": "ready" | "pong", "pid": ..., "gpu": ..., "threads": ..., ...}
                       {"event": "fold", "result": {FoldResult}}     one per fold, as each finishes
                       {"event": "done", "trial_number": n, "retiring": bool}
                                                     after the trial's last fold; retiring: a fold failed
                                                     on the GPU, and the worker exits now
+                      {"event": "refit", "result": {RefitResult}, "arrays": path | null, "retiring": bool}
+                                                    the refit's outcome; its oof and predictions are in
+                                                    the npz file ``arrays`` (trial.REFIT_ARRAYS in the
+                                                    job's model_dir), for the pool to read and remove
                       {"event": "error", "code": ..., "message": ...}
                                                     a request it refused (not JSON, or not one the
                                                     schema allows: the message names the JSON path)
@@ -38,7 +43,7 @@ from typing import TextIO
 from watcher_plugins import faults
 from watcher_plugins.child_process import protocol_schema
 from watcher_plugins.orphans import exit_with_parent
-from watcher_plugins.records import STATUS_OK, FoldResult, TrialJob
+from watcher_plugins.records import STATUS_FAIL, STATUS_OK, FoldResult, RefitJob, TrialJob
 from watcher_plugins.stdio import claim_stdout
 from watcher_plugins.tree_parallel.libraries import (
     FOLD_THREADS_GPU_MODEL_TYPES,
@@ -46,7 +51,7 @@ from watcher_plugins.tree_parallel.libraries import (
     runs_on_gpu,
 )
 from watcher_plugins.tree_parallel.placement import WorkerPlacement
-from watcher_plugins.tree_parallel.trial import FoldDataCache, run_trial
+from watcher_plugins.tree_parallel.trial import FoldDataCache, run_refit, run_trial
 
 # Written to stderr as a trial begins, so the pool can tell this trial's stderr from earlier trials'.
 TASK_STDERR_MARKER = "tree worker: trial begins:"
@@ -106,9 +111,12 @@ class TreeWorker:
                 return
             if command == "ping":
                 self.send(self.describe("pong"))
-            elif command == "train":
-                failed_on_gpu = self.train(TrialJob.from_json(request["job"]), list(request["folds"]),
-                                           request.get("catboost_gpu_ram_part"))
+            elif command in ("train", "refit"):
+                if command == "train":
+                    failed_on_gpu = self.train(TrialJob.from_json(request["job"]), list(request["folds"]),
+                                               request.get("catboost_gpu_ram_part"))
+                else:
+                    failed_on_gpu = self.refit(RefitJob.from_json(request["job"]), request.get("catboost_gpu_ram_part"))
                 if failed_on_gpu:
                     # A failed GPU fit can leave the process's CUDA state broken (CatBoost's CUDA manager
                     # stays set: "State == nullptr" on every later fit; a sticky CUDA error likewise).
@@ -134,6 +142,27 @@ class TreeWorker:
             results = run_trial(job, settings, self.cache, folds, on_fold=report, fold_threads=fold_threads)
         failed_on_gpu = use_gpu and any(r.status != STATUS_OK for r in results)
         self.send({"event": "done", "trial_number": job.trial_number, "retiring": failed_on_gpu})
+        return failed_on_gpu
+
+    def refit(self, job: RefitJob, catboost_gpu_ram_part: float | None = None) -> bool:
+        """Refit the job's trial (trial.run_refit) and report it; True if it failed on the GPU."""
+        trial = job.trial
+        use_gpu = runs_on_gpu(trial.model_type, self.placement.gpu is not None)
+        settings = FitSettings(self.rounds, self.early_stopping_rounds, self.placement.threads, use_gpu,
+                               catboost_gpu_ram_part, self.xgboost_gpu_async_pool)
+        fold_threads = (self.xgboost_gpu_fold_threads
+                        if use_gpu and trial.model_type in FOLD_THREADS_GPU_MODEL_TYPES else 1)
+        sys.stderr.write(f"{TASK_STDERR_MARKER} {trial.model_type} {trial.trial_number} (refit)\n")
+        sys.stderr.flush()
+        output = run_refit(job, settings, self.cache, fold_threads=fold_threads)
+        arrays = None
+        try:
+            arrays = output.save_arrays(job.model_dir) if output.result.status == STATUS_OK else None
+        except OSError as exc:
+            output.result.status, output.result.error = STATUS_FAIL, f"cannot write the refit's predictions: {exc}"
+        output.result.info.update(pid=os.getpid(), worker_gpu=self.placement.gpu, slot=self.placement.slot)
+        failed_on_gpu = use_gpu and output.result.status != STATUS_OK
+        self.send({"event": "refit", "result": output.result.to_json(), "arrays": arrays, "retiring": failed_on_gpu})
         return failed_on_gpu
 
 
