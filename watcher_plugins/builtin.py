@@ -9,11 +9,27 @@ from watcher_plugins.types import ModelType, WatcherExecutor, WatcherPipelineSte
 
 PLUGIN_NAME = "watcher_plugins"
 TREE_MODEL_TYPES = ("catboost", "lightgbm", "xgboost")
+
+
+def _tree_predict(model_dir, X):
+    """A saved tree model's predictions of encoded rows (tree_parallel/saved.py), imported when used."""
+    from watcher_plugins.tree_parallel.saved import predict
+
+    return predict(model_dir, X)
+
+
+# The tree libraries learn every task (each has the task's objective) and report every metric (a fold's
+# score is the run's metric of its held-out predictions): tree_parallel/libraries.py.
+TREE_TASKS = ("regression", "binary", "multiclass")
+TREE_METRICS = ("r2", "rmse", "mae", "logloss", "auc", "accuracy")
 # The seed offsets are those the studies were made with: changing one changes every study of that type.
 NN = ModelType("nn", search_spaces.suggest_nn, seed_offset=0)
-TREES = (ModelType("catboost", search_spaces.suggest_catboost, seed_offset=1),
-         ModelType("lightgbm", search_spaces.suggest_lightgbm, seed_offset=2),
-         ModelType("xgboost", search_spaces.suggest_xgboost, seed_offset=3))
+TREES = (ModelType("catboost", search_spaces.suggest_catboost, seed_offset=1, metrics=TREE_METRICS,
+                   tasks=TREE_TASKS, predict=_tree_predict),
+         ModelType("lightgbm", search_spaces.suggest_lightgbm, seed_offset=2, metrics=TREE_METRICS,
+                   tasks=TREE_TASKS, predict=_tree_predict),
+         ModelType("xgboost", search_spaces.suggest_xgboost, seed_offset=3, metrics=TREE_METRICS,
+                   tasks=TREE_TASKS, predict=_tree_predict))
 
 
 def _nn_batch_executor() -> type:
