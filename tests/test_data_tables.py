@@ -38,7 +38,7 @@ def _load(path, **options):
 
 def _quiet_load(path, **options):
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # nothing to warn about in these files
+        warnings.simplefilter("error", DataWarning)  # nothing to warn about in these files
         return _load(path, **options)
 
 
@@ -225,7 +225,7 @@ def test_a_high_cardinality_column_is_capped_with_a_warning(tmp_path):
     path, labels = _cardinal_csv(tmp_path, 300)
     with pytest.warns(DataWarning) as caught:
         dataset = _load(path)
-    assert [str(w.message) for w in caught] == [
+    assert [str(w.message) for w in caught if issubclass(w.category, DataWarning)] == [
         f"{path}: column 'code' has 300 distinct values, more than the cap of 256: the 255 most frequent are kept "
         "and the rest read as one category '(other)'; set the data param's max_categories to raise the cap"]
     vocabulary = dataset.categories["code"]
@@ -356,7 +356,7 @@ def test_drop_missing_target_drops_those_rows_with_a_warning(tmp_path):
     path = _gappy_target(tmp_path)
     with pytest.warns(DataWarning) as caught:
         dataset = _load(path, drop_missing_target=True)
-    assert [str(w.message) for w in caught] == [
+    assert [str(w.message) for w in caught if issubclass(w.category, DataWarning)] == [
         f"{path}: 8 row(s) without a target value dropped (data rows 3, 7, 12, 13, 15 and 3 more), as "
         "drop_missing_target asks"]
     kept = [i for i in range(1, 21) if i not in (3, 7, 12, 13, 15, 18, 19, 20)]
