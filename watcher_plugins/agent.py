@@ -5,6 +5,10 @@ hooks only: load the plugins, validate the manifest and --params, and run the re
 steps in the requested range.
 
     watcher-agent --run-pipeline --start-step 5 --end-step 5 [--manifest PATH] [--params JSON]
+    watcher-agent predict --model OUTPUT_DIR/models/MODEL_TYPE --data FILE [--out FILE] [--format FMT]
+
+``predict`` is a subcommand (the first argument), handled by watcher_plugins/predict.py; everything else
+is the pipeline's flags, as before.
 """
 
 from __future__ import annotations
@@ -21,13 +25,16 @@ from watcher_plugins.manager import get_plugin_manager
 from watcher_plugins.manifest import load_manifest
 
 PROG = "watcher-agent"
+PREDICT = "predict"  # the subcommand
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Run watcher pipeline steps registered by plugins, driven by a JSON manifest.",
-        epilog="Exit codes: 0 done, 1 a step failed, 2 bad input (manifest, --params, data, step range), "
+        epilog="Predicting with a saved model: watcher-agent predict --model OUTPUT_DIR/models/MODEL_TYPE "
+               "--data FILE [--out FILE] [--format FMT] (watcher-agent predict --help says more). "
+               "Exit codes: 0 done, 1 a step failed, 2 bad input (manifest, --params, data, step range), "
                "130 interrupted.",
     )
     parser.add_argument("--run-pipeline", action="store_true", help="run the pipeline steps in the range")
@@ -72,7 +79,12 @@ def _terminate_as_interrupt(signum, frame):  # SIGTERM takes the same clean-up p
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format=f"{PROG}: %(levelname)s: %(message)s")
-    args = build_parser().parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    if words[:1] == [PREDICT]:
+        from watcher_plugins import predict
+
+        return predict.main(words[1:])
+    args = build_parser().parse_args(words)
     try:
         pm = get_plugin_manager()
         if args.list_steps:
