@@ -445,7 +445,7 @@ def test_the_cli_prints_every_problem_on_its_own_line_and_exits_2(tmp_path):
         "without one, set the data param's drop_missing_target: true",
     ]
     assert len(lines) == len(expected) and all(line.endswith(problem) for line, problem in zip(lines, expected))
-    assert lines[0] == f"watcher-agent: error: {expected[0]}"
+    assert lines == [f"watcher-agent: error: {problem}" for problem in expected]  # each line says what it is
     assert "Traceback" not in result.stderr and not out_dir.exists()
 
 

@@ -17,6 +17,7 @@ import argparse
 import logging
 import signal
 import sys
+import warnings
 from collections.abc import Sequence
 
 from watcher_plugins import __version__
@@ -77,8 +78,15 @@ def _terminate_as_interrupt(signum, frame):  # SIGTERM takes the same clean-up p
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning (a data file's high-cardinality column, say) as one line, as errors are, without the
+    source file and line Python would print."""
+    print(f"{PROG}: warning: {message}", file=file or sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format=f"{PROG}: %(levelname)s: %(message)s")
+    warnings.showwarning = _show_warning
     words = list(sys.argv[1:] if argv is None else argv)
     if words[:1] == [PREDICT]:
         from watcher_plugins import predict
@@ -106,7 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{PROG}: error: {problem}", file=sys.stderr)
         return exc.exit_code
     except WatcherPluginError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        for line in str(exc).splitlines() or [type(exc).__name__]:  # a data file's problems: one line each
+            print(f"{PROG}: error: {line}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         # True however early the interrupt came: finished trials are kept, unfinished ones asked again.
