@@ -475,3 +475,9 @@ def test_the_fingerprint_covers_categories_classes_and_task(tmp_path):
     assert _quiet_load(a, task="regression").sha256() != first.sha256()
     renamed = _csv(tmp_path, "c,y\nrouge,1\nblue,0\nrouge,1\n", name="c.csv")
     assert _quiet_load(renamed).sha256() != first.sha256()  # same codes, other vocabulary
+
+
+def test_a_row_of_empty_cells_is_a_row_and_a_blank_line_is_not(tmp_path):
+    path = _csv(tmp_path, "a,b,y\n1,x,1.5\n,,2.0\n\n3,y,2.5\n4,x,3.5\n")
+    dataset = load_dataset(DataRef(path=path, target="y"))
+    assert dataset.n_rows == 4 and np.isnan(dataset.X[1]).all()

@@ -168,8 +168,9 @@ def _read_csv(path: Path) -> dict[str, RawColumn]:
 
 
 def _csv_rows(path: Path, reader) -> tuple[list[str], list[list[str]]]:
-    # Blank lines (a trailing one is common) carry no data; skip them wherever they are.
-    lines = (row for row in reader if any(field.strip() for field in row))
+    # Blank lines (a trailing one is common) carry no data; skip them wherever they are. A line of
+    # separators only (",,") is a row whose every cell is missing: kept, so that predict's rows line up.
+    lines = (row for row in reader if len(row) > 1 or any(field.strip() for field in row))
     header = next(lines, None)
     if not header:
         raise DataError(f"{path}: empty CSV file: expected a header row and data rows")
