@@ -283,3 +283,18 @@ def test_a_refit_of_a_model_type_it_does_not_train_fails_without_starting_worker
                                        str(tmp_path))])
         assert ex._pool is None
     assert result.status == "fail" and "cannot refit model type 'nn'" in result.error
+
+
+def test_a_refit_whose_folds_fail_is_a_failed_result_and_the_worker_serves_on(tmp_path):
+    ref = _write_table(tmp_path / "t.csv", "regression", rows=300)
+    bad = TrialJob("lightgbm", 3, {"num_leaves": -3}, ref, 3, seed=5)
+    good = _job("lightgbm", ref, "r2")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "good").mkdir()
+    with TreeParallelExecutor({**FAST, "tree_parallel_workers": 1}, RunContext(output_dir=tmp_path, devices=[])) as ex:
+        failed, ok = ex.refit([RefitJob(bad, str(tmp_path / "bad")), RefitJob(good, str(tmp_path / "good"))])
+        assert ex.pool.restarts == 0
+    assert failed.status == "fail" and failed.error.startswith("fold 0: ") and "num_leaves" in failed.error
+    assert (failed.oof, failed.predictions, list((tmp_path / "bad").iterdir())) == ([], [], [])
+    # Without the study's fold infos, the rounds come from the refit's own folds (the same fits).
+    assert ok.status == "ok" and ok.info["rounds"] >= 1 and len(ok.predictions) == 300

@@ -235,7 +235,11 @@ class TreeParallelExecutor(Executor):
         saved.predict(model_dir, X) gives again."""
         known = [job for job in jobs if job.trial.model_type in TREE_MODEL_TYPES]
         self._generate_embedded([job.trial for job in known])
-        refit = iter(self.pool.refit(known) if known else [])
+        try:
+            refit = iter(self.pool.refit(known) if known else [])
+        except ExecutorError as exc:  # no worker could start: every refit fails, with the reason
+            refit = iter([RefitResult(job.trial.model_type, job.trial.trial_number, STATUS_FAIL, error=str(exc))
+                          for job in known])
         return [next(refit) if job.trial.model_type in TREE_MODEL_TYPES else
                 RefitResult(job.trial.model_type, job.trial.trial_number, STATUS_FAIL,
                             error=f"tree_parallel cannot refit model type {job.trial.model_type!r}: "
