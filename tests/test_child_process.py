@@ -60,10 +60,10 @@ def test_an_nn_reply_the_schema_refuses_names_the_field_of_its_own_kind():
     # The NN reply schema is a oneOf over kinds of reply: the problem is the "result" branch's, not a
     # list of every branch the line is not.
     child, received = _child(r"""
-        print('{"event": "result", "status": "ok", "trial_number": 1, "fold_idx": 0, "r2": null}')
+        print('{"event": "result", "status": "ok", "trial_number": 1, "fold_idx": 0, "score": null}')
     """, replies=NN_REPLIES)
     [bad] = _until_end(received)
-    assert bad.problem == "its protocol does not allow: $.r2: None is not of type 'number'"
+    assert bad.problem == "its protocol does not allow: $.score: None is not of type 'number'"
 
 
 def test_a_bad_reply_ends_the_nn_worker_with_the_problem():

@@ -71,7 +71,7 @@ def test_auto_packs_follow_the_budget_and_results_do_not_change():
         results[name] = (trainer.pack_sizes, got)
     assert results["roomy"][0] == [6] and results["tight"][0] == [2, 2, 2]
     for key, outcome in results["roomy"][1].items():
-        assert outcome.status == STATUS_OK and abs(outcome.r2 - results["tight"][1][key].r2) < 1e-4
+        assert outcome.status == STATUS_OK and abs(outcome.score - results["tight"][1][key].score) < 1e-4
 
 
 def test_a_pack_abandoned_at_calibration_is_not_counted():

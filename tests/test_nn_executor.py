@@ -44,7 +44,7 @@ def test_every_fold_gets_one_result_in_order_and_callbacks(tmp_path):
         results = executor.run_batch(trials(3), on_result=seen.append)
         assert executor.last_batch_summaries[0]["strategy"] == "fused"
     assert [(r.trial_number, r.fold_idx) for r in results] == [(t, f) for t in range(3) for f in range(2)]
-    assert all(r.status == STATUS_OK and r.model_type == "nn" and isinstance(r.r2, float) for r in results)
+    assert all(r.status == STATUS_OK and r.model_type == "nn" and isinstance(r.score, float) for r in results)
     assert sorted((r.trial_number, r.fold_idx) for r in seen) == [(t, f) for t in range(3) for f in range(2)]
     assert (tmp_path / "logs" / "nn_worker-cpu.log").exists()
 
@@ -85,7 +85,7 @@ def test_fit_that_always_kills_its_worker_fails_with_the_reason_and_others_compl
     with NNBatchExecutor(PARAMS, context(tmp_path, trial_retries=1)) as executor:
         results = executor.run_batch(trials(3))
     assert_only_trial_1_failed(results, "exited with code 17", "tried 2 times")
-    assert all(r.r2 is None for r in results if r.trial_number == 1)
+    assert all(r.score is None for r in results if r.trial_number == 1)
 
 
 def test_a_worker_that_stops_answering_is_killed_and_its_fits_fail_after_retries(tmp_path, monkeypatch):

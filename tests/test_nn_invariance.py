@@ -43,7 +43,7 @@ def settings_for(precision: str) -> TrainSettings:
 def bits(outcome) -> tuple:
     """What a fit's outcome is made of, compared exactly: status, R² (a float64 of its best epoch's
     predictions), best epoch and epochs run."""
-    return outcome.status, outcome.r2, outcome.best_epoch, outcome.epochs
+    return outcome.status, outcome.score, outcome.best_epoch, outcome.epochs
 
 
 def train_pack(tasks, settings, device) -> dict:

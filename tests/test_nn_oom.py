@@ -47,15 +47,15 @@ def test_oom_at_k_retries_at_half_with_one_outcome_per_fit(trainer_cls):
     assert report.oom_retries == 2 and report.n_concurrent_used == 2 and report.oom_failed == 0
     assert sorted(o.key for o in got) == sorted(t.key for t in tasks)  # exactly one outcome per fit
     _, reference = run(SerialTrainer(SETTINGS, CPU), make_tasks(8), 1)
-    expected = {o.key: o.r2 for o in reference}
-    assert all(o.status == STATUS_OK and abs(o.r2 - expected[o.key]) < 1e-4 for o in got)
+    expected = {o.key: o.score for o in reference}
+    assert all(o.status == STATUS_OK and abs(o.score - expected[o.key]) < 1e-4 for o in got)
 
 
 def test_oom_at_concurrency_one_ends_each_fit_as_oom():
     tasks = make_tasks(3)
     report, got = run(FusedTrainer(SETTINGS, CPU, Faults(nn_oom_at_concurrency=1).before_pack), tasks, 4)
     assert sorted(o.key for o in got) == sorted(t.key for t in tasks)
-    assert all(o.status == STATUS_OOM and o.r2 is None and "out of memory" in o.error for o in got)
+    assert all(o.status == STATUS_OOM and o.score is None and "out of memory" in o.error for o in got)
     assert report.oom_failed == 3 and report.n_concurrent_used == 1
 
 

@@ -18,6 +18,11 @@ JOB = {"trial_number": 3, "fold_idx": 1, "folds": 5, "seed": 42, "data": {"embed
        "params": {"hidden_layers": [256, 128, 64], "lr": 1e-3, "weight_decay": 1e-5, "dropout": 0.1}}
 
 
+TRIAL = {"model_type": "nn", "trial_number": 3, "params": JOB["params"], "data": JOB["data"], "folds": 2, "seed": 42,
+         "metric": "r2"}
+REFIT = {"trial": TRIAL, "model_dir": "/out/models/.nn.partial-1", "fold_info": []}
+
+
 def with_params(**changes):
     return {**JOB, "params": {**JOB["params"], **changes}}
 
@@ -30,6 +35,13 @@ VALID = [
     {"command": "train_batch", "jobs": [JOB], "n_concurrent": "auto", "strategy": "fused", "precision": "bf16",
      "max_epochs": 50, "patience": 5, "vram_budget_fraction": 0.5},
     {"command": "train", "job": {**JOB, "data": {"path": "/data/x.csv", "target": "y", "format": "csv"}}},
+    # #20: the job's metric, the data options, a refit
+    {"command": "train", "job": {**JOB, "metric": "logloss"}},
+    {"command": "train", "job": {**JOB, "data": {"path": "/data/x.csv", "target": "y", "categorical": ["a", "b"],
+                                                 "drop_missing_target": True, "task": "binary", "max_categories": 8}}},
+    {"command": "train", "job": {**JOB, "data": {"embedded": "survivors", "rows": 1000, "task": "regression"}}},
+    {"command": "refit", "job": REFIT},
+    {"command": "refit", "job": {**REFIT, "fold_info": [{"best_epoch": 3}, {"best_epoch": 5}]}, "strategy": "serial"},
     # JSON Schema's "integer" takes a number with a zero fraction; so does the worker.
     {"command": "train_batch", "jobs": [{**JOB, "fold_idx": 1.0, "trial_number": 3.0,
                                          "params": {**JOB["params"], "hidden_layers": [64.0, 32]},
@@ -74,6 +86,23 @@ INVALID = [
     ({"command": "train", "job": {**JOB, "fold_idx": 1.5}}, "invalid_job", "$.job.fold_idx"),
     ({"command": "train", "job": with_params(hidden_layers=[64, 32.5])}, "invalid_job", "$.job.params.hidden_layers"),
     ({"command": "train_batch", "jobs": [JOB], "n_concurrent": 2.5}, "invalid_request", "$.n_concurrent"),
+    ({"command": "train", "job": {**JOB, "metric": "f1"}}, "invalid_job", "$.job.metric"),
+    ({"command": "train", "job": {**JOB, "data": {"path": "/x.csv", "categorical": "a"}}}, "invalid_job",
+     "$.job.data.categorical"),
+    ({"command": "train", "job": {**JOB, "data": {"path": "/x.csv", "max_categories": 1}}}, "invalid_job", "$.job.data"),
+    ({"command": "train", "job": {**JOB, "data": {"path": "/x.csv", "task": "ranking"}}}, "invalid_job",
+     "$.job.data.task"),
+    ({"command": "train", "job": {**JOB, "data": {"path": "/x.csv", "drop_missing_target": "yes"}}}, "invalid_job",
+     "$.job.data.drop_missing_target"),
+    ({"command": "train", "job": {**JOB, "data": {"embedded": "survivors", "categorical": ["a"]}}}, "invalid_job",
+     "$.job.data"),
+    ({"command": "refit"}, "invalid_job", "$.job"),
+    ({"command": "refit", "job": {**REFIT, "model_dir": ""}}, "invalid_job", "$.job.model_dir"),
+    ({"command": "refit", "job": {**REFIT, "trial": {**TRIAL, "model_type": "catboost"}}}, "invalid_job",
+     "$.job.trial.model_type"),
+    ({"command": "refit", "job": {**REFIT, "trial": {**TRIAL, "params": {"lr": 1e-3}}}}, "invalid_job",
+     "$.job.trial.params.hidden_layers"),
+    ({"command": "refit", "job": {**REFIT, "fold_info": {"best_epoch": 3}}}, "invalid_job", "$.job.fold_info"),
 ]
 
 

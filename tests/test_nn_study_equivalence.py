@@ -29,7 +29,7 @@ def run_study(n_concurrent: int, tmp_path) -> optuna.Study:
             for trial in sorted(asked, key=lambda t: t.number):
                 folds = [r for r in results if r.trial_number == trial.number]
                 assert all(r.status == STATUS_OK for r in folds)
-                study.tell(trial, sum(r.r2 for r in folds) / len(folds))
+                study.tell(trial, sum(r.score for r in folds) / len(folds))
     return study
 
 

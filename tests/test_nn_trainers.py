@@ -42,7 +42,7 @@ def test_packs_compute_what_a_plain_sequential_and_adam_computes(cache, device):
         reordered, _ = plain_fit(task, SETTINGS, row_order_seed=1)
         assert abs(reordered - r2) < 1e-4 / 4, task.key
         assert got[task.key].status == STATUS_OK
-        assert abs(got[task.key].r2 - r2) < 1e-4, (task.key, got[task.key].r2, r2)
+        assert abs(got[task.key].score - r2) < 1e-4, (task.key, got[task.key].score, r2)
         assert got[task.key].best_epoch == best_epoch, task.key
 
 
@@ -56,8 +56,8 @@ def test_packs_are_as_close_to_the_plain_reference_as_it_is_to_itself_over_seeds
         got = outcomes(SerialTrainer(SETTINGS, device), tasks, 1)
         for task in tasks:
             r2, _ = plain_fit(task, SETTINGS)
-            to_plain.append(abs(got[task.key].r2 - r2))
-            signs.append(np.sign(got[task.key].r2 - r2))
+            to_plain.append(abs(got[task.key].score - r2))
+            signs.append(np.sign(got[task.key].score - r2))
             floor.append(abs(plain_fit(task, SETTINGS, row_order_seed=seed)[0] - r2))
     assert max(to_plain) < 1e-4
     assert np.median(to_plain) <= 4 * np.median(floor), (np.median(to_plain), np.median(floor))
@@ -71,7 +71,7 @@ def test_a_longer_fit_stays_with_the_plain_reference(cache, device, hidden, lr, 
     got = outcomes(SerialTrainer(settings, device), task, 1)[(0, 1)]
     r2, best_epoch = plain_fit(task[0], settings)
     assert got.best_epoch == best_epoch
-    assert abs(got.r2 - r2) < 1e-6
+    assert abs(got.score - r2) < 1e-6
 
 
 def test_early_stopped_fits_leave_the_pack_and_it_is_compacted(cache, device):
@@ -84,7 +84,7 @@ def test_early_stopped_fits_leave_the_pack_and_it_is_compacted(cache, device):
     assert fused.compactions >= 1
     assert len({o.epochs for o in got.values()}) > 1  # fits really stopped at different epochs
     for key in ref:
-        assert (got[key].r2, got[key].epochs) == (ref[key].r2, ref[key].epochs)
+        assert (got[key].score, got[key].epochs) == (ref[key].score, ref[key].epochs)
 
 
 def test_streams_buckets_by_architecture_signature(cache):
@@ -105,7 +105,7 @@ def test_bf16_moves_r2_little(cache):
     fp32 = outcomes(FusedTrainer(SETTINGS, CPU), fit_tasks(cache, DATA, specs), 8)
     bf16 = outcomes(FusedTrainer(TrainSettings(40, 6, "bf16"), CPU), fit_tasks(cache, DATA, specs), 8)
     for key in fp32:
-        assert bf16[key].status == STATUS_OK and abs(bf16[key].r2 - fp32[key].r2) < 0.05
+        assert bf16[key].status == STATUS_OK and abs(bf16[key].score - fp32[key].score) < 0.05
 
 
 def test_dropout_masks_are_each_fits_own_masks_on_its_training_rows(cache):
@@ -151,7 +151,7 @@ def test_fused_plans_exact_architecture_packs_and_pads_only_leftovers(cache):
     ref = outcomes(SerialTrainer(SETTINGS, CPU), fit_tasks(cache, DATA, specs), 1)
     for key in ref:
         assert got[key].status == STATUS_OK
-        assert (got[key].r2, got[key].best_epoch) == (ref[key].r2, ref[key].best_epoch), key
+        assert (got[key].score, got[key].best_epoch) == (ref[key].score, ref[key].best_epoch), key
 
 
 def test_the_nets_r2_does_not_depend_on_the_targets_units(tmp_path):
@@ -167,7 +167,7 @@ def test_the_nets_r2_does_not_depend_on_the_targets_units(tmp_path):
     for ref in (DATA, price):
         data = DeviceDatasetCache(CPU).get(ref)
         task = FitTask.build(FitJob(0, 0, 3, 11, (64, 32), 3e-3, 0.0, 0.0, ref), data)
-        (r2[ref.key],) = [o.r2 for o in outcomes(SerialTrainer(SETTINGS, CPU), [task], 1).values()]
+        (r2[ref.key],) = [o.score for o in outcomes(SerialTrainer(SETTINGS, CPU), [task], 1).values()]
     assert r2[DATA.key] > 0.3
     assert abs(r2[price.key] - r2[DATA.key]) < 1e-3
 
@@ -192,7 +192,7 @@ def test_r2_is_computed_in_the_targets_own_units(tmp_path):
     net_output = torch.linspace(-0.04, -0.02, len(val))
     outcome = outcome_from_best(task, net_output, best_epoch=3, stop_epoch=5, seconds=0.1)
     expected = r2_score(data.y_host[val], data.in_target_units(net_output.numpy()))
-    assert outcome.r2 == pytest.approx(expected) and outcome.r2 < -1.0
+    assert outcome.score == pytest.approx(expected) and outcome.score < -1.0
 
 
 def test_where_the_triton_kernels_do_not_train_packs_fall_back_to_torch_with_a_warning(monkeypatch, caplog):

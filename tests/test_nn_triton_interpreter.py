@@ -44,7 +44,7 @@ def test_a_fit_gives_the_same_bits_alone_and_in_a_padded_pack(cache, precision):
     assert pack.widths == [40, 30] and pack.n_chunks > 1  # padding in both layers; chunked gradients
     for m, task in enumerate(tasks):
         alone, alone_pack = train(TritonPack, [task], precision)
-        assert (alone[task.key].r2, alone[task.key].best_epoch) == (packed[task.key].r2, packed[task.key].best_epoch)
+        assert (alone[task.key].score, alone[task.key].best_epoch) == (packed[task.key].score, packed[task.key].best_epoch)
         assert torch.equal(alone_pack.stopping.best_pred[0], pack.stopping.best_pred[m])
 
 
@@ -55,8 +55,8 @@ def test_a_triton_pack_computes_what_a_torch_pack_computes(cache, precision):
     torch_got, _ = train(TorchPack, tasks, precision)
     assert any(ref.best_epoch > 0 for ref in torch_got.values())  # the steps moved the fits
     for key, ref in torch_got.items():
-        assert np.isfinite(ref.r2) and ref.epochs == 4
-        assert abs(triton_got[key].r2 - ref.r2) < 1e-6, key
+        assert np.isfinite(ref.score) and ref.epochs == 4
+        assert abs(triton_got[key].score - ref.score) < 1e-6, key
         assert triton_got[key].best_epoch == ref.best_epoch
 
 

@@ -140,12 +140,12 @@ def test_train_batch_gives_one_line_per_job_then_a_closing_line(worker_factory):
     lines = worker.request({"command": "train_batch", "jobs": jobs, "n_concurrent": 3, "max_epochs": 8})
     results, closing = lines[:-1], lines[-1]
     assert sorted((r["trial_number"], r["fold_idx"]) for r in results) == [(0, 0), (0, 1), (1, 0), (1, 1)]
-    assert all(r["status"] == STATUS_OK and isinstance(r["r2"], float) for r in results)
+    assert all(r["status"] == STATUS_OK and isinstance(r["score"], float) for r in results)
     assert closing["event"] == "batch_done" and closing["jobs"] == 4 and closing["ok"] == 4
     assert closing["strategy"] == "fused" and closing["n_concurrent_used"] == 3
     single = worker.request({"command": "train", "job": jobs[0], "max_epochs": 8}, until={"result", "error"})
     assert len(single) == 1 and single[0]["event"] == "result"
-    assert abs(single[0]["r2"] - next(r["r2"] for r in results if r["trial_number"] == 0 and r["fold_idx"] == 0)) < 1e-4
+    assert abs(single[0]["score"] - next(r["score"] for r in results if r["trial_number"] == 0 and r["fold_idx"] == 0)) < 1e-4
     pong = worker.request({"command": "ping"})[0]
     assert pong["datasets_cached"] == 1 and pong["tree_libraries_loaded"] == []
     assert worker.request({"command": "shutdown"})[0]["event"] == "bye"
@@ -178,7 +178,7 @@ def test_worker_reports_oom_and_keeps_serving(worker_factory):
     worker = worker_factory({"nn_oom_at_concurrency": 1})
     lines = worker.request({"command": "train_batch", "jobs": [job(0), job(1)], "n_concurrent": 2, "max_epochs": 5})
     assert [line["status"] for line in lines[:-1]] == [STATUS_OOM, STATUS_OOM]
-    assert all(line["r2"] is None and "out of memory" in line["error"] for line in lines[:-1])
+    assert all(line["score"] is None and "out of memory" in line["error"] for line in lines[:-1])
     assert lines[-1]["oom"] == 2 and lines[-1]["oom_retries"] == 1 and lines[-1]["n_concurrent_used"] == 1
     assert worker.request({"command": "ping"})[0]["event"] == "pong"
 

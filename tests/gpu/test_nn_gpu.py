@@ -94,7 +94,7 @@ def test_a_pack_replaying_its_captured_epoch_computes_what_the_eager_pack_does(c
     assert graphed_trainer.graph_captures == len(graphed_trainer.pack_sizes) + graphed_trainer.compactions
     for key, ref in eager.items():
         assert ref.status == STATUS_OK
-        assert (graphed[key].r2, graphed[key].best_epoch, graphed[key].epochs) == (ref.r2, ref.best_epoch, ref.epochs)
+        assert (graphed[key].score, graphed[key].best_epoch, graphed[key].epochs) == (ref.score, ref.best_epoch, ref.epochs)
 
 
 def _settled_memory() -> tuple[int, int]:
@@ -158,7 +158,7 @@ def test_a_pack_whose_capture_fails_trains_on_without_a_graph(cache, monkeypatch
     assert torch.cuda.current_stream(CUDA) == torch.cuda.default_stream(CUDA)
     # the log keeps no exception (with it, the failed capture's frames)
     assert not [arg for record in caplog.records for arg in record.args or () if isinstance(arg, BaseException)]
-    assert {k: (o.r2, o.best_epoch) for k, o in got.items()} == {k: (o.r2, o.best_epoch) for k, o in eager.items()}
+    assert {k: (o.score, o.best_epoch) for k, o in got.items()} == {k: (o.score, o.best_epoch) for k, o in eager.items()}
 
 
 def test_executor_worker_holds_the_lease_and_trains_on_the_gpu(tmp_path):

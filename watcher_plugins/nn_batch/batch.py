@@ -56,7 +56,7 @@ class BatchRunner:
         tasks = []
         for job in jobs:
             try:
-                tasks.append(FitTask.build(job, self.cache.get(job.data)))
+                tasks.append(FitTask.build(job, self.cache.for_fold(job.data, job.folds, job.seed, job.fold_idx)))
             except WatcherPluginError as exc:
                 emit(FitOutcome(job.key, STATUS_FAIL, None, 0.0, error=str(exc)))
         return tasks

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import queue
 import sys
 import threading
@@ -10,6 +11,7 @@ from pathlib import Path
 from watcher_plugins.child_process import BadLine, ChildProcess, protocol_schema
 from watcher_plugins.errors import WorkerCrashed
 from watcher_plugins.nn_batch import protocol
+from watcher_plugins.records import RefitJob, RefitResult
 
 #: How long a worker asked to shut down may take to finish what it is doing.
 SHUTDOWN_WAIT_S = 15.0
@@ -120,3 +122,19 @@ class WorkerProcess:
 
 def train_batch_request(jobs: list[protocol.FitJob], settings: protocol.BatchSettings) -> dict:
     return {"command": "train_batch", "jobs": [job.to_json() for job in jobs], **settings.to_json()}
+
+
+def load_refit_arrays(result: RefitResult, path: str) -> RefitResult:
+    """``result`` with the oof and predictions a worker wrote to ``path`` (protocol.REFIT_ARRAYS_FILE),
+    which is removed once read."""
+    import numpy as np
+
+    with np.load(path) as arrays:
+        result.oof, result.predictions = arrays["oof"].tolist(), arrays["predictions"].tolist()
+    os.remove(path)
+    return result
+
+
+def refit_request(job: RefitJob, settings: protocol.BatchSettings) -> dict:
+    """A refit request: the study's settings, so that its folds train as the study's did."""
+    return {"command": "refit", "job": job.to_json(), **settings.to_json()}

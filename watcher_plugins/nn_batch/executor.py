@@ -1,5 +1,6 @@
 """The nn_batch executor: sends each batch's fits to one worker process per GPU (one CPU worker where
-there is no GPU), collects one FoldResult per fold, replaces crashed workers and retries their fits.
+there is no GPU), collects one FoldResult per fold, replaces crashed workers and retries their fits;
+refits a best trial on the first device's worker (nn_batch/refit.py).
 
 The host process never imports torch: the workers do the torch work and speak JSON lines.
 """
@@ -18,9 +19,14 @@ from typing import Any, ClassVar
 from watcher_plugins.errors import ProtocolError, WorkerCrashed
 from watcher_plugins.executor import Executor, ResultCallback, RunContext
 from watcher_plugins.nn_batch import protocol
-from watcher_plugins.nn_batch.client import WorkerProcess, train_batch_request
+from watcher_plugins.nn_batch.client import (
+    WorkerProcess,
+    load_refit_arrays,
+    refit_request,
+    train_batch_request,
+)
 from watcher_plugins.nn_batch.protocol import BatchSettings, FitJob, parse_job
-from watcher_plugins.records import STATUS_FAIL, FoldResult, TrialJob
+from watcher_plugins.records import STATUS_FAIL, FoldResult, RefitJob, RefitResult, TrialJob
 from watcher_plugins.settings import ExecutorSettings
 
 Key = tuple[int, int]
@@ -44,7 +50,7 @@ class NNBatchSettings(ExecutorSettings):
 def fit_jobs(job: TrialJob) -> list[FitJob]:
     """One FitJob per fold of a trial; ProtocolError if the trial's params are not a valid NN trial."""
     return [parse_job({"trial_number": job.trial_number, "fold_idx": fold, "folds": job.folds, "seed": job.seed,
-                       "params": job.params, "data": job.data.to_json()}, path="$")
+                       "params": job.params, "data": job.data.to_json(), "metric": job.metric}, path="$")
             for fold in range(job.folds)]
 
 
@@ -276,11 +282,60 @@ class NNBatchExecutor(Executor):
                         finish(fit.key, STATUS_FAIL,
                                f"{exc} (tried {attempts[fit.key]} times, trial_retries={self.context.trial_retries})")
 
+    def refit(self, jobs: Sequence[RefitJob]) -> list[RefitResult]:
+        """Each job on the first device's worker, one after another (records.RefitJob; the worker's side is
+        nn_batch/refit.py): its folds train again with the study's settings, then one fit on every row is
+        saved in the job's model_dir. A worker that crashes, goes silent or refuses fails that refit (no
+        retries: the studies' results stand without a saved model)."""
+        results = []
+        slot = self._slots[0]
+        try:
+            for job in jobs:
+                results.append(self._refit_one(slot, job))
+        finally:
+            if not self.persistent:
+                self.close()
+        return results
+
+    def _refit_one(self, slot: _WorkerSlot, job: RefitJob) -> RefitResult:
+        trial = job.trial
+
+        def failed(error: str) -> RefitResult:
+            return RefitResult(trial.model_type, trial.trial_number, STATUS_FAIL, error=error)
+
+        if trial.model_type != "nn":
+            return failed(f"model type {trial.model_type!r}: nn_batch refits 'nn' trials only")
+        try:
+            fit_jobs(trial)
+        except ProtocolError as exc:
+            return failed(f"invalid trial: {exc}")
+        try:
+            worker = slot.ensure_started()
+            worker.send(refit_request(job, self.settings))
+            while True:
+                reply = worker.next_reply(timeout=self.silence_timeout_s)
+                event = reply.get("event")
+                if event == "result":  # a fold trained again: the refit is alive
+                    continue
+                if event == "error":
+                    return failed(f"the NN worker refused or broke the refit: {reply.get('code')}: {reply.get('message')}")
+                if event == "refit_done":
+                    result = RefitResult.from_json(reply["result"])
+                    if reply.get("arrays"):
+                        result = load_refit_arrays(result, reply["arrays"])
+                    result.info.setdefault("device", worker.info.get("device"))
+                    return result
+        except WorkerCrashed as exc:
+            slot.discard()
+            return failed(str(exc))
+        except (OSError, ValueError, KeyError) as exc:  # the arrays' file unreadable, a result not a RefitResult
+            return failed(f"the NN worker's refit could not be read: {type(exc).__name__}: {exc}")
+
     @staticmethod
     def _fold_result(reply: dict, worker: WorkerProcess) -> FoldResult:
         info = {"epochs": reply.get("epochs"), "best_epoch": reply.get("best_epoch"), "device": worker.info.get("device"),
                 **reply.get("info", {})}
-        return FoldResult(reply["trial_number"], reply["fold_idx"], "nn", reply.get("r2"), float(reply.get("seconds", 0.0)),
+        return FoldResult(reply["trial_number"], reply["fold_idx"], "nn", reply.get("score"), float(reply.get("seconds", 0.0)),
                           reply["status"], reply.get("error"), info)
 
     def close(self) -> None:

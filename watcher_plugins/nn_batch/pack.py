@@ -13,6 +13,11 @@ The computation of one fit, epoch ``t`` (training.py has the semantics), on all 
   float32, rounded once to the activation type (bf16 under bf16, else float32);
 - output: ``pred = a[L] @ W[L] + b[L]`` in float32; held-out loss: the mean of (pred - y)^2 over the
   fit's held-out rows; loss gradient ``g = (pred - y) * 2/n_train`` on its training rows, 0 elsewhere;
+  classification (TorchFit only): ``pred`` is one logit (binary) or one per class (multiclass); the
+  held-out loss is the mean binary cross-entropy of ``sigmoid(pred)`` (torch's
+  ``binary_cross_entropy_with_logits``), or the mean softmax cross-entropy (``cross_entropy``), and the
+  loss gradient ``g = (sigmoid(pred) - y) / n_train``, or ``(softmax(pred) - onehot(y)) / n_train``, on
+  the training rows;
 - backward, layer l from the top: ``dW[l] = a[l]^T @ gz[l]``, ``db[l] = sum over rows of gz[l]``
   (float32), and for l > 0 ``gz[l-1] = act(where(a[l] <= 0, 0, dropout_{l-1}(gz[l] @ W[l]^T)))``;
 - Adam (torch.optim.Adam's update with L2 weight decay), in float32.
@@ -21,7 +26,8 @@ Two implementations keep that promise, each by its own means:
 
 - ``TritonPack`` (CUDA): the fits' parameters stacked (and zero-padded) along a model axis, every step
   one launch of pack_kernels.py's batch-invariant kernels for the whole pack; each epoch captured once
-  as a CUDA graph and replayed.
+  as a CUDA graph and replayed. Regression only: classification packs are not Triton-fused yet, and
+  are TorchPacks on CUDA too (slower; the same promise of pack invariance).
 - ``TorchPack`` (the CPU, or CUDA without Triton): each fit computed alone with torch ops on tensors
   of its own shapes, freshly allocated. Torch's CPU kernels round by the tensor's size and memory
   alignment (a vectorised body and a scalar tail, MKL's blocking), so stacking fits there would make
@@ -43,6 +49,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from watcher_plugins.nn_batch import dropout as hashing
 from watcher_plugins.nn_batch import pack_kernels as kernels
@@ -59,6 +66,7 @@ from watcher_plugins.nn_batch.training import (
     outcome_from_best,
 )
 from watcher_plugins.records import DataRef
+from watcher_plugins.tasks import BINARY, MULTICLASS, REGRESSION
 
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
@@ -76,10 +84,39 @@ def step_sizes(lr: float, step: int) -> tuple[float, float]:
     return float(np.float32(lr / (1 - beta1**step))), float(np.float32(math.sqrt(1 - beta2**step)))
 
 
-def loss_scales(train_rows: torch.Tensor) -> tuple[float, float]:
-    """(2 / training rows, 1 / held-out rows) of a fold, as float32 values."""
+def loss_scales(train_rows: torch.Tensor, task: str = REGRESSION) -> tuple[float, float]:
+    """(2 / training rows (regression; 1 / training rows for a cross-entropy), 1 / held-out rows) of a
+    fold, as float32 values. A fit with no held-out row (one on every row) has no held-out loss: 0."""
     n_train = int(train_rows.sum())
-    return float(np.float32(2.0 / n_train)), float(np.float32(1.0 / (train_rows.numel() - n_train)))
+    n_val = train_rows.numel() - n_train
+    val_scale = float(np.float32(1.0 / n_val)) if n_val else 0.0
+    return float(np.float32((2.0 if task == REGRESSION else 1.0) / n_train)), val_scale
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor, bf16: bool) -> torch.Tensor:
+    """a @ b with the precision's operands, products summed in float32 (a bf16 product is exact there)."""
+    if bf16:
+        return a.to(torch.bfloat16).float() @ b.to(torch.bfloat16).float()
+    return a.float() @ b.float()
+
+
+def forward(X: torch.Tensor, params: Sequence[torch.Tensor], precision: str,
+            masks: Sequence[torch.Tensor | None] | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The net on rows ``X``: (the activations [X, a[1], ..., a[L]], the outputs [R, n_outputs] in
+    float32). ``params``: weight [in, out] and bias [out] per layer; ``masks``: each hidden layer's
+    dropout factors, or None (none). TorchFit trains with it, saved.predict predicts with it."""
+    bf16, act = precision == "bf16", activation_dtype(precision)
+    depth = len(params) // 2 - 1
+    masks = masks if masks is not None else [None] * depth
+    acts = [X]
+    for layer in range(depth):
+        z = matmul(acts[-1], params[2 * layer], bf16) + params[2 * layer + 1]
+        h = torch.relu(z)
+        mask = masks[layer]
+        if mask is not None:
+            h = h * mask
+        acts.append(h.to(act))
+    return acts, matmul(acts[-1], params[-2], bf16) + params[-1]
 
 
 class FitPack(ABC):
@@ -94,7 +131,7 @@ class FitPack(ABC):
         if any(len(t.job.hidden_layers) != self.depth or t.data is not self.data for t in self.tasks):
             raise ValueError("a pack holds fits of one depth on one dataset (FusedTrainer.plan_groups plans them)")
         self.started = clock()
-        self.stopping = EarlyStopping(len(self.tasks), settings.patience, (self.data.n_rows,), device)
+        self.stopping = EarlyStopping(len(self.tasks), settings.patience, self.pred_shape, device)
         self.left = [False] * len(self.tasks)
         self.epoch = 0
         #: Set by the trainer once the pack's memory is measured: capture the epoch and replay it (CUDA).
@@ -104,6 +141,12 @@ class FitPack(ABC):
     @property
     def size(self) -> int:
         return len(self.tasks)
+
+    @property
+    def pred_shape(self) -> tuple[int, ...]:
+        """One fit's outputs on every row: [R], or [R, classes] (multiclass)."""
+        n_outputs = self.data.n_outputs
+        return (self.data.n_rows,) if n_outputs == 1 else (self.data.n_rows, n_outputs)
 
     @property
     def dropout(self) -> list[float]:
@@ -170,25 +213,28 @@ class TorchFit:
     def __init__(self, task: FitTask, settings: TrainSettings, device: torch.device):
         data, job = task.data, task.job
         self.X, self.y = data.X, data.y
+        self.task = data.task
+        self.precision = settings.precision
         self.bf16 = settings.precision == "bf16"
         self.act = activation_dtype(settings.precision)
-        init = initial_parameters(data.n_features, job.hidden_layers, task.init_seed)
+        init = initial_parameters(data.n_features, job.hidden_layers, task.init_seed, data.n_outputs)
         self.params = [t.to(device) for weight, bias in init for t in (weight.T.contiguous(), bias.clone())]
         self.exp_avg = [torch.zeros_like(p) for p in self.params]
         self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
         self.lr, self.weight_decay = job.lr, job.weight_decay
         self.train = task.rows.train_rows
-        self.loss_scale, self.val_scale = loss_scales(self.train)
+        self.loss_scale, self.val_scale = loss_scales(self.train, data.task)
         self.widths = list(job.hidden_layers)
         self.p = job.dropout
         self.key = hashing.fit_key(task.init_seed)
         self.steps = 0
+        if data.task == MULTICLASS:
+            assert data.y_codes is not None  # DeviceDataset.from_dataset keeps a multiclass target's codes
+            self.codes = data.y_codes
+            self.onehot = F.one_hot(data.y_codes, data.n_outputs).float()
 
     def _mm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """a @ b with the precision's operands, products summed in float32 (a bf16 product is exact there)."""
-        if self.bf16:
-            return a.to(torch.bfloat16).float() @ b.to(torch.bfloat16).float()
-        return a.float() @ b.float()
+        return matmul(a, b, self.bf16)
 
     def _masks(self, epoch: int) -> list[torch.Tensor | None]:
         """Each hidden layer's dropout factors on every row [R, width] (1 on held-out rows), or None."""
@@ -199,26 +245,35 @@ class TorchFit:
                 for layer, width in enumerate(self.widths)]
 
     def epoch(self, epoch: int, stepping: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """One epoch; returns (held-out loss [], predictions on every row [R])."""
+        """One epoch; returns (held-out loss [], the net's outputs on every row [R], or [R, classes])."""
         masks = self._masks(epoch)
-        acts = [self.X]
-        for layer in range(len(self.widths)):
-            z = self._mm(acts[-1], self.params[2 * layer]) + self.params[2 * layer + 1]
-            h = torch.relu(z)
-            mask = masks[layer]
-            if mask is not None:
-                h = h * mask
-            acts.append(h.to(self.act))
-        pred = (self._mm(acts[-1], self.params[-2]) + self.params[-1]).squeeze(1)
-        diff = pred - self.y
-        val_loss = torch.where(self.train, 0.0, diff * diff).sum() * self.val_scale
+        acts, out = forward(self.X, self.params, self.precision, masks)
+        if self.task == REGRESSION:
+            pred = out.squeeze(1)
+            diff = pred - self.y
+            val_loss = torch.where(self.train, 0.0, diff * diff).sum() * self.val_scale
+            if stepping:
+                self._step(acts, masks, torch.where(self.train, diff * self.loss_scale, 0.0))
+            return val_loss, pred
+        if self.task == BINARY:
+            pred = out.squeeze(1)
+            losses = F.binary_cross_entropy_with_logits(pred, self.y, reduction="none")
+            grad = torch.where(self.train, (torch.sigmoid(pred) - self.y) * self.loss_scale, 0.0)
+        else:
+            pred = out
+            losses = F.cross_entropy(pred, self.codes, reduction="none")
+            grad = torch.where(self.train[:, None], (torch.softmax(pred, dim=1) - self.onehot) * self.loss_scale, 0.0)
+        val_loss = torch.where(self.train, 0.0, losses).sum() * self.val_scale
         if stepping:
-            self._step(acts, masks, torch.where(self.train, diff * self.loss_scale, 0.0))
+            self._step(acts, masks, grad)
         return val_loss, pred
 
     @torch.no_grad()
     def _step(self, acts: list[torch.Tensor], masks: list[torch.Tensor | None], grad: torch.Tensor) -> None:
-        gz = grad.to(self.act).unsqueeze(1)
+        """One Adam step from the loss gradient of the outputs ([R], or [R, classes])."""
+        gz = grad.to(self.act)
+        if gz.dim() == 1:
+            gz = gz.unsqueeze(1)
         grads: list[torch.Tensor] = [torch.empty(0)] * len(self.params)
         for layer in reversed(range(len(self.widths) + 1)):
             grads[2 * layer] = self._mm(acts[layer].T, gz)
@@ -246,7 +301,7 @@ class TorchPack(FitPack):
     def __init__(self, tasks: Sequence[FitTask], settings: TrainSettings, device: torch.device):
         super().__init__(tasks, settings, device)
         self.fits = [TorchFit(task, settings, device) for task in self.tasks]
-        self._idle_pred = torch.zeros(self.data.n_rows, device=device)
+        self._idle_pred = torch.zeros(self.pred_shape, device=device)
         self._idle_loss = torch.tensor(math.inf, device=device)
 
     def _run_epoch(self, stepping: bool) -> None:
@@ -276,6 +331,8 @@ class TritonPack(FitPack):
 
     def __init__(self, tasks: Sequence[FitTask], settings: TrainSettings, device: torch.device):
         super().__init__(tasks, settings, device)
+        if self.data.task != REGRESSION:
+            raise ValueError("TritonPack trains regression fits only (new_pack gives classification TorchPacks)")
         self.tiles = kernels.TILES[settings.precision]
         self.act = activation_dtype(settings.precision)
         n, n_features = self.size, self.data.n_features
@@ -462,8 +519,10 @@ class TritonPack(FitPack):
 
 def new_pack(tasks: Sequence[FitTask], settings: TrainSettings, device: torch.device) -> FitPack:
     """The pack for these fits on this device: TritonPack on CUDA where its kernels build and train,
-    else TorchPack."""
-    if device.type == "cuda" and kernels.available() and triton_trains(device, settings.precision):
+    for regression; else TorchPack. Classification packs are not Triton-fused yet: TorchPacks on CUDA
+    too, slower, with the same promise (a fit's numbers do not depend on its pack mates)."""
+    if tasks[0].data.task == REGRESSION and device.type == "cuda" and kernels.available() \
+            and triton_trains(device, settings.precision):
         return TritonPack(tasks, settings, device)
     return TorchPack(tasks, settings, device)
 

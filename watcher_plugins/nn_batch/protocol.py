@@ -13,10 +13,11 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from watcher_plugins.data import DATA_FORMATS
+from watcher_plugins.data import DATA_FORMATS, TASK_CHOICES
 from watcher_plugins.errors import ProtocolError
-from watcher_plugins.records import DataRef
+from watcher_plugins.records import DataRef, RefitJob, TrialJob
 from watcher_plugins.schema_files import read_schema
+from watcher_plugins.tasks import METRICS
 
 #: The deepest network a job may ask for (the dropout hash keys a layer in 4 bits: dropout.py).
 MAX_LAYERS = 16
@@ -24,7 +25,10 @@ MAX_LAYERS = 16
 #: Longest request line accepted, in bytes (a train_batch of thousands of jobs fits many times over).
 MAX_LINE_BYTES = 4 * 1024 * 1024
 
-COMMANDS = ("ping", "train", "train_batch", "shutdown")
+COMMANDS = ("ping", "train", "train_batch", "refit", "shutdown")
+#: A refit's out-of-fold predictions and predictions (npz: oof, predictions), left in its model_dir by the
+#: worker for the host, which reads and removes it: arrays of every row are too long for a reply line.
+REFIT_ARRAYS_FILE = ".nn-refit-arrays.npz"
 STRATEGIES = ("auto", "serial", "streams", "fused")
 PRECISIONS = ("fp32", "tf32", "bf16")
 
@@ -54,6 +58,7 @@ class FitJob:
     weight_decay: float
     dropout: float
     data: DataRef
+    metric: str = "r2"  # what the fold is scored by (tasks.METRICS)
 
     @property
     def key(self) -> tuple[int, int]:
@@ -64,7 +69,7 @@ class FitJob:
             "trial_number": self.trial_number, "fold_idx": self.fold_idx, "folds": self.folds, "seed": self.seed,
             "params": {"hidden_layers": list(self.hidden_layers), "lr": self.lr,
                        "weight_decay": self.weight_decay, "dropout": self.dropout},
-            "data": self.data.to_json(),
+            "data": self.data.to_json(), "metric": self.metric,
         }
 
 
@@ -96,6 +101,7 @@ class Request:
     command: str
     jobs: list[FitJob] = field(default_factory=list)
     settings: BatchSettings = field(default_factory=lambda: BatchSettings.defaults())
+    refit: RefitJob | None = None  # a refit request's job; ``jobs`` are then its trial's folds
 
 
 def _is_int(value: Any) -> bool:
@@ -174,10 +180,14 @@ def parse_job(obj: Any, path: str = "$.job") -> FitJob:
     dropout = params.get("dropout", 0.0)
     if not _is_number(dropout) or not 0 <= dropout < 1:
         raise _fail(code, f"{path}.params.dropout", "a number in [0, 1)", dropout)
+    metric = obj.get("metric", "r2")
+    if metric not in METRICS:
+        raise _fail(code, f"{path}.metric", f"one of {', '.join(METRICS)}", metric)
     return FitJob(
         trial_number=_int(obj, "trial_number", path, code), fold_idx=fold_idx, folds=folds,
         seed=_int(obj, "seed", path, code), hidden_layers=tuple(w for w in widths if w is not None), lr=float(lr),
         weight_decay=float(weight_decay), dropout=float(dropout), data=_parse_data(obj, f"{path}.data"),
+        metric=metric,
     )
 
 
@@ -192,9 +202,10 @@ def _parse_data(job: dict, path: str) -> DataRef:
         raise _fail(code, path, '{"embedded": "survivors", ...} or {"path": FILE, ...}, one of the two', data)
     if "embedded" in data:
         allowed: tuple[str, ...]
-        allowed, form = ("embedded", "rows"), '{"embedded": "survivors", "rows": N}'
+        allowed, form = ("embedded", "rows", "task"), '{"embedded": "survivors", "rows": N}'
     else:
-        allowed, form = ("path", "target", "format"), '{"path": FILE, "target": COLUMN, "format": F}'
+        allowed = ("path", "target", "format", "categorical", "drop_missing_target", "task", "max_categories")
+        form = '{"path": FILE, "target": COLUMN, "format": F} and the data options'
     unknown = [key for key in data if key not in allowed]
     if unknown:
         raise _fail(code, path, f"only the keys of {form}", data)
@@ -206,6 +217,17 @@ def _parse_data(job: dict, path: str) -> DataRef:
         raise _fail(code, f"{path}.target", "a column name", data["target"])
     if "format" in data and data["format"] not in DATA_FORMATS:
         raise _fail(code, f"{path}.format", f"one of {', '.join(DATA_FORMATS)}", data["format"])
+    if "categorical" in data:
+        columns = data["categorical"]
+        if not isinstance(columns, list) or not all(isinstance(c, str) and c for c in columns) \
+                or len(set(columns)) != len(columns):
+            raise _fail(code, f"{path}.categorical", "a list of distinct column names", columns)
+    if "drop_missing_target" in data and not isinstance(data["drop_missing_target"], bool):
+        raise _fail(code, f"{path}.drop_missing_target", "true or false", data["drop_missing_target"])
+    if "task" in data and data["task"] not in TASK_CHOICES:
+        raise _fail(code, f"{path}.task", f"one of {', '.join(TASK_CHOICES)}", data["task"])
+    if "max_categories" in data:
+        data = {**data, "max_categories": _int(data, "max_categories", path, code, minimum=2)}
     rows = None
     if "rows" in data:
         rows = _int(data, "rows", path, code, minimum=2)
@@ -273,7 +295,38 @@ def parse_request(raw: bytes) -> Request:
             dup = next(k for k in keys if keys.count(k) > 1)
             raise ProtocolError(E_INVALID_JOB, f"$.jobs: trial {dup[0]} fold {dup[1]} appears more than once")
         return Request(command, parsed, _parse_settings(obj))
+    if command == "refit":
+        refit, fits = parse_refit(obj.get("job", _MISSING))
+        return Request(command, fits, _parse_settings(obj), refit)
     return Request(command)
+
+
+def parse_refit(obj: Any, path: str = "$.job") -> tuple[RefitJob, list[FitJob]]:
+    """Check a refit job (records.RefitJob: {"trial": TrialJob, "model_dir", "fold_info"}); return it
+    with its trial's folds as FitJobs. ProtocolError("invalid_job") names the first bad field."""
+    code = E_INVALID_JOB
+    if not isinstance(obj, dict):
+        raise _fail(code, path, 'a refit job: {"trial": {...}, "model_dir": DIR, "fold_info": [...]}', obj)
+    trial = obj.get("trial", _MISSING)
+    if not isinstance(trial, dict):
+        raise _fail(code, f"{path}.trial", "a trial job object", trial)
+    if trial.get("model_type") != "nn":
+        raise _fail(code, f"{path}.trial.model_type", '"nn"', trial.get("model_type", _MISSING))
+    folds = _int(trial, "folds", f"{path}.trial", code, minimum=2)
+    fits = [parse_job({"trial_number": trial.get("trial_number", _MISSING), "fold_idx": fold, "folds": folds,
+                       "seed": trial.get("seed", _MISSING), "params": trial.get("params", _MISSING),
+                       "data": trial.get("data", _MISSING), "metric": trial.get("metric", "r2")}, f"{path}.trial")
+            for fold in range(folds)]
+    model_dir = obj.get("model_dir", _MISSING)
+    if not isinstance(model_dir, str) or not model_dir:
+        raise _fail(code, f"{path}.model_dir", "a directory's path", model_dir)
+    fold_info = obj.get("fold_info", [])
+    if not isinstance(fold_info, list) or not all(isinstance(info, dict) for info in fold_info):
+        raise _fail(code, f"{path}.fold_info", "a list of objects (the study's fold infos)", fold_info)
+    first = fits[0]
+    job = TrialJob(model_type="nn", trial_number=first.trial_number, params=dict(trial["params"]), data=first.data,
+                   folds=folds, seed=first.seed, metric=first.metric)
+    return RefitJob(job, model_dir, list(fold_info)), fits
 
 
 # ---- reply lines -----------------------------------------------------------------------------------
@@ -287,5 +340,5 @@ def fatal_line(code: str, message: str) -> dict:
 
 
 def encode(reply: dict) -> bytes:
-    # allow_nan=False: a NaN must never reach the host as invalid JSON; results carry r2 None instead.
+    # allow_nan=False: a NaN must never reach the host as invalid JSON; results carry score None instead.
     return (json.dumps(reply, allow_nan=False, separators=(",", ":")) + "\n").encode("utf-8")

@@ -1,17 +1,21 @@
 """What one model fit means, defined once for every trainer.
 
 A fit trains SurvivorQualityNet full-batch on one fold's training rows with Adam (lr, L2 weight decay
-as torch.optim.Adam applies it), MSE loss. Epoch ``t`` (0-based, at most ``max_epochs``):
+as torch.optim.Adam applies it) on the task's loss (heads.py has the heads): regression the MSE of the
+standardised target; binary the binary cross-entropy of one logit (sigmoid); multiclass the softmax
+cross-entropy of one logit per class. Epoch ``t`` (0-based, at most ``max_epochs``):
 
 1. one forward pass with the parameters after ``t`` Adam steps: training rows with that epoch's
    dropout masks, held-out rows without dropout;
-2. the held-out MSE goes to early stopping: it improves when strictly lower than the best so far;
-   the fit stops once ``patience`` epochs have passed without an improvement;
-3. unless stopped or at the last epoch, one Adam step on the training MSE.
+2. the held-out loss (the mean over the held-out rows) goes to early stopping: it improves when
+   strictly lower than the best so far; the fit stops once ``patience`` epochs have passed without an
+   improvement;
+3. unless stopped or at the last epoch, one Adam step on the training loss (the mean over the
+   training rows).
 
-The result is the R^2 (data.r2_score) of the held-out predictions of the best epoch. A fit whose
-held-out loss is never finite fails. How each of those numbers is computed, the same whatever trains
-the fit beside it, is pack.py's.
+The result is the job's metric (tasks.score: R² by default) of the held-out predictions of the best
+epoch, in the target's units or as probabilities. A fit whose held-out loss is never finite fails. How
+each of those numbers is computed, the same whatever trains the fit beside it, is pack.py's.
 
 Trainers keep early stopping on the device (``EarlyStopping``) and look at it from the host every
 ``HOST_CHECK_EVERY`` epochs, so that no epoch waits on a host sync. A fit that stopped on the device
@@ -28,9 +32,11 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
-from watcher_plugins.data import r2_score
+from watcher_plugins import tasks as metrics
+from watcher_plugins.errors import WatcherPluginError
 from watcher_plugins.nn_batch.device_data import DeviceDataset, FoldRows
 from watcher_plugins.nn_batch.protocol import FitJob
 from watcher_plugins.records import STATUS_FAIL, STATUS_OK, fold_seed
@@ -65,19 +71,31 @@ class FitTask:
 
     @classmethod
     def build(cls, job: FitJob, data: DeviceDataset) -> FitTask:
+        """The job's fit on ``data`` (DeviceDatasetCache.for_fold: its fold's dataset); a
+        WatcherPluginError where the job's metric does not score the dataset's task."""
+        try:
+            metrics.metric_for(data.task, job.metric)
+        except (KeyError, ValueError) as exc:
+            raise WatcherPluginError(f"trial {job.trial_number} fold {job.fold_idx}: {exc}") from None
         return cls(job=job, data=data, rows=data.fold(job.folds, job.seed, job.fold_idx))
 
 
 @dataclass
 class FitOutcome:
+    """A finished fit: ``score`` is its job's metric of the best epoch's held-out predictions (None
+    unless status is ok); ``predictions`` those predictions (heads.py: the target's units or
+    probabilities), in held-out row order (FoldRows.val_idx_host), kept in the worker (a refit's
+    out-of-fold predictions), never sent."""
+
     key: tuple[int, int]
     status: str
-    r2: float | None
+    score: float | None
     seconds: float
     epochs: int = 0
     best_epoch: int = -1
     error: str | None = None
     info: dict = field(default_factory=dict)
+    predictions: np.ndarray | None = field(default=None, repr=False)
 
 
 OutcomeCallback = Callable[[FitOutcome], None]
@@ -87,16 +105,18 @@ PackHook = Callable[[Sequence["FitTask"]], None]
 
 def outcome_from_best(task: FitTask, best_val_pred: torch.Tensor, best_epoch: int, stop_epoch: int,
                       seconds: float) -> FitOutcome:
-    """The result of a finished fit from its best epoch's held-out predictions (in held-out row order)."""
+    """The result of a finished fit from its best epoch's held-out outputs of the net (in held-out row
+    order; [n_val] or, multiclass, [n_val, classes])."""
     if best_epoch < 0:
         return FitOutcome(task.key, STATUS_FAIL, None, seconds, stop_epoch + 1, best_epoch,
                           error="the held-out loss was never finite (the fit diverged)")
     y_val = task.data.y_host[task.rows.val_idx_host]
-    r2 = r2_score(y_val, task.data.in_target_units(best_val_pred.detach().float().cpu().numpy()))
-    if not math.isfinite(r2):
+    predictions = task.data.predictions(best_val_pred.detach().float().cpu().numpy())
+    score = metrics.score(task.job.metric, task.data.task, y_val, predictions)
+    if not math.isfinite(score):
         return FitOutcome(task.key, STATUS_FAIL, None, seconds, stop_epoch + 1, best_epoch,
-                          error=f"R^2 is not finite ({r2})")
-    return FitOutcome(task.key, STATUS_OK, r2, seconds, stop_epoch + 1, best_epoch)
+                          error=f"the held-out {metrics.METRICS[task.job.metric].display} is not finite ({score})")
+    return FitOutcome(task.key, STATUS_OK, score, seconds, stop_epoch + 1, best_epoch, predictions=predictions)
 
 
 class EarlyStopping:

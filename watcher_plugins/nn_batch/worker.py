@@ -51,7 +51,7 @@ class Worker:
 
     def _result(self, outcome) -> dict:
         line = {"event": "result", "trial_number": outcome.key[0], "fold_idx": outcome.key[1],
-                "status": outcome.status, "r2": outcome.r2, "seconds": round(outcome.seconds, 4),
+                "status": outcome.status, "score": outcome.score, "seconds": round(outcome.seconds, 4),
                 "epochs": outcome.epochs, "best_epoch": outcome.best_epoch}
         if outcome.error:
             line["error"] = outcome.error
@@ -75,6 +75,26 @@ class Worker:
             return None
         if request.command == "train_batch":
             self.send({"event": "batch_done", "status": "ok", **summary})
+        return None
+
+    def _refit(self, request: Request) -> dict | None:
+        """Run a refit request (nn_batch/refit.py): a result line per fold, then a refit_done line; return
+        a fatal line if the device broke."""
+        from watcher_plugins.nn_batch.batch import is_fatal_device_error
+        from watcher_plugins.nn_batch.refit import run_refit
+
+        assert request.refit is not None  # protocol.parse_request gives a refit request its job
+        try:
+            output = run_refit(self.runner, request.refit, request.jobs, request.settings,
+                               lambda outcome: self.send(self._result(outcome)))
+            arrays = output.write_arrays()
+        except Exception as exc:
+            if is_fatal_device_error(exc):
+                return protocol.fatal_line(protocol.FATAL_CUDA, f"{type(exc).__name__}: {exc}")
+            self.send(protocol.error_line(protocol.E_INTERNAL, f"{type(exc).__name__}: {exc}"))
+            return None
+        self.send({"event": "refit_done", "status": output.result.status, "result": output.result.to_json(),
+                   "arrays": arrays})
         return None
 
     def serve(self, stdin: BinaryIO) -> int:
@@ -103,7 +123,7 @@ class Worker:
             if request.command == "ping":
                 self.send(self._pong())
                 continue
-            fatal = self._train(request)
+            fatal = self._refit(request) if request.command == "refit" else self._train(request)
             if fatal is not None:
                 self.send(fatal)
                 return EXIT_FATAL
