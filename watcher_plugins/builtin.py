@@ -22,8 +22,22 @@ def _tree_predict(model_dir, X):
 # score is the run's metric of its held-out predictions): tree_parallel/libraries.py.
 TREE_TASKS = ("regression", "binary", "multiclass")
 TREE_METRICS = ("r2", "rmse", "mae", "logloss", "auc", "accuracy")
+# The NN learns every task (nn_batch/heads.py: a regression output, a logit, or one per class) and
+# reports every metric (a fold's score is the run's metric of its held-out predictions).
+NN_TASKS = ("regression", "binary", "multiclass")
+NN_METRICS = ("r2", "rmse", "mae", "logloss", "auc", "accuracy")
+
+
+def _nn_predict(model_dir, X):
+    """A saved NN's predictions of encoded rows (nn_batch/saved.py, on the CPU), imported when used."""
+    from watcher_plugins.nn_batch.saved import predict
+
+    return predict(model_dir, X)
+
+
 # The seed offsets are those the studies were made with: changing one changes every study of that type.
-NN = ModelType("nn", search_spaces.suggest_nn, seed_offset=0)
+NN = ModelType("nn", search_spaces.suggest_nn, seed_offset=0, metrics=NN_METRICS, tasks=NN_TASKS,
+               predict=_nn_predict)
 TREES = (ModelType("catboost", search_spaces.suggest_catboost, seed_offset=1, metrics=TREE_METRICS,
                    tasks=TREE_TASKS, predict=_tree_predict),
          ModelType("lightgbm", search_spaces.suggest_lightgbm, seed_offset=2, metrics=TREE_METRICS,
