@@ -130,7 +130,7 @@ def run_config(strategy: str, precision: str, jobs: list[FitJob], cache: DeviceD
         "model_epochs_per_s": round(needed / wall, 1),
         "peak_mem_gib": round((torch.cuda.max_memory_allocated() - base) / 2**30, 3) if cuda else None,
         "gpu_util": sampler.summary(), "oom_retries": report.oom_retries, "ok": sum(o.status == STATUS_OK for o in outcomes.values()),
-        "r2": {f"{k[0]}/{k[1]}": o.r2 for k, o in sorted(outcomes.items())},
+        "r2": {f"{k[0]}/{k[1]}": o.score for k, o in sorted(outcomes.items())},
     }
     if isinstance(trainer, FusedTrainer):
         row["pack_sizes"], row["compactions"] = trainer.pack_sizes, trainer.compactions

@@ -110,7 +110,7 @@ def run_arm(arm: dict, jobs: list[TrialJob], args, workdir: Path) -> dict:
     per_model_seconds: dict[str, float] = {}
     failures = []
     for r in results:
-        by_trial.setdefault(f"{r.model_type}/{r.trial_number}", []).append(r.r2)
+        by_trial.setdefault(f"{r.model_type}/{r.trial_number}", []).append(r.score)
         per_model_seconds[r.model_type] = per_model_seconds.get(r.model_type, 0.0) + r.seconds
         if r.status != "ok":
             failures.append(f"{r.model_type} trial {r.trial_number} fold {r.fold_idx}: {r.error}")

@@ -95,7 +95,7 @@ def main() -> None:
     if device.type == "cuda":
         trained["fused_eager"] = run(FusedTrainer(settings, device, cuda_graphs=False), 8)
     for name, got in trained.items():
-        arms[name] = {key: {"r2": o.r2, "best_epoch": o.best_epoch} for key, o in got.items()}
+        arms[name] = {key: {"r2": o.score, "best_epoch": o.best_epoch} for key, o in got.items()}
 
     rows, worst = [], {name: 0.0 for name in arms if name != "plain"}
     for spec in MIXED:
