@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from watcher_plugins.model_files import read_versioned_json
 from watcher_plugins.nn_batch import heads
 from watcher_plugins.nn_batch.preprocess import Preprocessing
 from watcher_plugins.tasks import TASKS
@@ -71,15 +72,7 @@ def save(model_dir: Path, params: Sequence[Any], meta: dict[str, Any]) -> list[s
 def read_meta(model_dir: Path) -> dict[str, Any]:
     """nn_model.json of ``model_dir``; a ValueError says what is wrong with a missing or foreign one."""
     path = Path(model_dir) / META_FILE
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ValueError(f"{path}: cannot read the NN model's description: {exc.strerror or exc}") from None
-    except ValueError as exc:
-        raise ValueError(f"{path}: not JSON: {exc}") from None
-    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
-        version = meta.get("format_version") if isinstance(meta, dict) else None
-        raise ValueError(f"{path}: format_version {version!r}: expected {FORMAT_VERSION}")
+    meta = read_versioned_json(path, "the NN model's description", FORMAT_VERSION)
     missing = [key for key in ("task", "n_inputs", "hidden_layers", "n_outputs", "precision", "target_mean",
                                "target_std", "preprocessing") if key not in meta]
     if missing:

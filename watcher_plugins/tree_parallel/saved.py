@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from watcher_plugins.model_files import read_versioned_json
 from watcher_plugins.records import TrialJob
 from watcher_plugins.tree_parallel.encoding import TreeEncoding
 from watcher_plugins.tree_parallel.libraries import TreeFitter, fitter_for
@@ -64,15 +65,7 @@ def save(model_dir: Path, fitter: TreeFitter, model: Any, encoding: TreeEncoding
 def read_meta(model_dir: Path) -> dict[str, Any]:
     """tree_model.json of ``model_dir``; a ValueError says what is wrong with a missing or foreign one."""
     path = Path(model_dir) / META_FILE
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ValueError(f"{path}: cannot read the tree model's description: {exc.strerror or exc}") from None
-    except ValueError as exc:
-        raise ValueError(f"{path}: not JSON: {exc}") from None
-    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: format_version {meta.get('format_version') if isinstance(meta, dict) else None!r}: "
-                         f"expected {FORMAT_VERSION}")
+    meta = read_versioned_json(path, "the tree model's description", FORMAT_VERSION)
     return meta
 
 
