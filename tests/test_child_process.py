@@ -82,7 +82,7 @@ def test_requests_the_tree_schema_refuses_are_named_by_json_path():
     assert TREE_REQUESTS.problem({"command": "ping"}) is None
     assert TREE_REQUESTS.problem({"command": "train"}) == ("$: 'folds' is a required property; "
                                                          "$: 'job' is a required property")
-    assert TREE_REQUESTS.problem({"command": "fit"}) == "$.command: 'fit' is not one of ['ping', 'train', 'shutdown']"
+    assert TREE_REQUESTS.problem({"command": "fit"}) == "$.command: 'fit' is not one of ['ping', 'train', 'shutdown', 'refit']"
     job = {"model_type": "lightgbm", "trial_number": 0, "params": {}, "data": {"embedded": "survivors"},
            "folds": 3, "seed": -1}
     assert TREE_REQUESTS.problem({"command": "train", "job": job, "folds": [0, "1"]}) == (
