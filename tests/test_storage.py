@@ -254,7 +254,8 @@ def test_two_agents_share_one_study_and_never_run_the_same_trial(tmp_path, postg
     assert sorted(numbers_a + numbers_b) == list(range(12))
     study = optuna.load_study(study_name="compare_models-nn", storage=url)
     assert [t.state.name for t in study.trials].count("RUNNING") == 0
-    params_seen = [json.dumps(t.params, sort_keys=True) for t in study.trials]
+    # Surplus trials (both agents asked for the last ones at once) are pruned before they sample: no params.
+    params_seen = [json.dumps(t.params, sort_keys=True) for t in study.trials if t.state.name != "PRUNED"]
     assert len(set(params_seen)) == len(params_seen)  # the agents' samplers did not draw the same params
 
 
