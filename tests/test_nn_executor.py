@@ -49,6 +49,18 @@ def test_every_fold_gets_one_result_in_order_and_callbacks(tmp_path):
     assert (tmp_path / "logs" / "nn_worker-cpu.log").exists()
 
 
+def test_a_long_batch_reports_increasing_progress_from_the_workers_model_epochs(tmp_path):
+    fractions: list[float] = []
+    params = {**PARAMS, "nn_max_epochs": 1500, "nn_patience": 1500}
+    with NNBatchExecutor(params, context(tmp_path)) as executor:
+        executor.progress_callback = fractions.append
+        results = executor.run_batch(trials(2))
+    assert all(r.status == STATUS_OK for r in results)
+    assert len(fractions) >= 2, fractions
+    assert fractions == sorted(fractions) and fractions[-1] > fractions[0]
+    assert all(0 < f <= 1 for f in fractions)
+
+
 def test_persistent_worker_serves_every_batch_and_per_batch_workers_do_not(tmp_path):
     with NNBatchExecutor(PARAMS, context(tmp_path)) as executor:
         executor.run_batch(trials(1))

@@ -20,7 +20,7 @@ import pytest
 from watcher_plugins.errors import LeaseTimeout
 from watcher_plugins.faults import ENV, encode
 from watcher_plugins.lease import GpuLease
-from watcher_plugins.nn_batch.protocol import MAX_LINE_BYTES, FitJob
+from watcher_plugins.nn_batch.protocol import MAX_LINE_BYTES, PROGRESS_INTERVAL_S, FitJob
 from watcher_plugins.records import STATUS_OK, STATUS_OOM, DataRef
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -138,7 +138,7 @@ def test_train_batch_gives_one_line_per_job_then_a_closing_line(worker_factory):
     worker = worker_factory()
     jobs = [job(t, fold) for t in range(2) for fold in range(2)]
     lines = worker.request({"command": "train_batch", "jobs": jobs, "n_concurrent": 3, "max_epochs": 8})
-    results, closing = lines[:-1], lines[-1]
+    results, closing = [line for line in lines[:-1] if line["event"] != "progress"], lines[-1]
     assert sorted((r["trial_number"], r["fold_idx"]) for r in results) == [(0, 0), (0, 1), (1, 0), (1, 1)]
     assert all(r["status"] == STATUS_OK and isinstance(r["score"], float) for r in results)
     assert closing["event"] == "batch_done" and closing["jobs"] == 4 and closing["ok"] == 4
@@ -150,6 +150,24 @@ def test_train_batch_gives_one_line_per_job_then_a_closing_line(worker_factory):
     assert pong["datasets_cached"] == 1 and pong["tree_libraries_loaded"] == []
     assert worker.request({"command": "shutdown"})[0]["event"] == "bye"
     assert worker.process.wait(timeout=30) == 0
+
+
+def test_a_long_batch_reports_its_model_epochs_at_most_once_a_second(worker_factory):
+    worker = worker_factory()
+    jobs = [job(t, fold, hidden=(64, 64)) for t in range(2) for fold in range(2)]
+    cap = 1500
+    started = time.monotonic()
+    lines = worker.request({"command": "train_batch", "jobs": jobs, "n_concurrent": 4, "max_epochs": cap,
+                            "patience": cap})  # read() checked every line against the schema
+    seconds = time.monotonic() - started
+    progress = [line for line in lines if line["event"] == "progress"]
+    assert lines[-1]["event"] == "batch_done" and lines[-1]["ok"] == 4
+    assert seconds > 3 and len(progress) >= 2, (seconds, progress)
+    assert len(progress) <= seconds / PROGRESS_INTERVAL_S + 1
+    epochs = [line["model_epochs"] for line in progress]
+    assert epochs == sorted(epochs) and epochs[0] > 0
+    assert all(line["planned_model_epochs"] == 4 * cap and line["fits"] == 4 for line in progress)
+    assert all(line["model_epochs"] <= line["planned_model_epochs"] for line in progress)
 
 
 def test_closed_stdin_is_a_clean_exit_that_frees_the_lease(worker_factory, tmp_path):

@@ -11,6 +11,7 @@ import torch
 
 from watcher_plugins.errors import WatcherPluginError
 from watcher_plugins.faults import Faults
+from watcher_plugins.nn_batch import protocol
 from watcher_plugins.nn_batch.budget import VramBudget, free_device_bytes
 from watcher_plugins.nn_batch.device_data import DeviceDatasetCache
 from watcher_plugins.nn_batch.fused import FusedTrainer
@@ -40,6 +41,42 @@ def resolve_strategy(strategy: str, n_concurrent: int | str) -> str:
     if strategy != "auto":
         return strategy
     return "serial" if n_concurrent == 1 else "fused"
+
+
+class ProgressMeter:
+    """Counts a batch's model-epochs on the host and sends a progress line (protocol.progress_line) at
+    most once per ``interval_s``: done are the epochs run plus, for each finished fit, the epochs of its
+    cap it did not need, never above the planned (every fit's cap)."""
+
+    def __init__(self, n_fits: int, max_epochs: int, send: Callable[[dict], None],
+                 interval_s: float = protocol.PROGRESS_INTERVAL_S):
+        self.n_fits = n_fits
+        self.max_epochs = max_epochs
+        self.planned = n_fits * max_epochs
+        self.send = send
+        self.interval_s = interval_s
+        self.fits_done = 0
+        self.skipped = 0  # epochs of their cap finished fits did not run
+        self.trainer: Trainer | None = None
+        self._last = time.monotonic()  # a batch shorter than interval_s sends none
+        self._sent = -1
+
+    def fit_done(self, outcome: FitOutcome) -> None:
+        self.fits_done += 1
+        self.skipped += self.max_epochs - min(self.max_epochs, max(0, outcome.epochs))
+        self.tick()
+
+    def done_epochs(self) -> int:
+        run = self.trainer.model_epochs if self.trainer is not None else 0
+        return min(self.planned, run + self.skipped)
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        if now - self._last < self.interval_s:
+            return
+        done = max(self._sent, self.done_epochs())  # never goes back (an OOM retry runs epochs again)
+        self._last, self._sent = now, done
+        self.send(protocol.progress_line(self.fits_done, self.n_fits, done, self.planned))
 
 
 class BatchRunner:
@@ -73,17 +110,22 @@ class BatchRunner:
         return min(len(tasks), self.budget.max_concurrent([t.job.hidden_layers for t in tasks], data.n_rows, data.n_features,
                                           settings.precision, any(t.job.dropout > 0 for t in tasks)))
 
-    def run(self, jobs: Sequence[FitJob], batch: BatchSettings, emit: Callable[[FitOutcome], None]) -> dict:
-        """Train every job, calling ``emit`` once per job; return the batch summary. A fatal device
-        error propagates; any other error fails the jobs not yet done."""
+    def run(self, jobs: Sequence[FitJob], batch: BatchSettings, emit: Callable[[FitOutcome], None],
+            progress: Callable[[dict], None] | None = None) -> dict:
+        """Train every job, calling ``emit`` once per job; return the batch summary. ``progress``, if
+        given, gets a progress line (ProgressMeter) at most once per protocol.PROGRESS_INTERVAL_S. A
+        fatal device error propagates; any other error fails the jobs not yet done."""
         started = time.perf_counter()
         counts = {STATUS_OK: 0, STATUS_FAIL: 0, STATUS_OOM: 0}
         done: set[tuple[int, int]] = set()
+        meter = ProgressMeter(len(jobs), batch.max_epochs, progress) if progress is not None else None
 
         def on_done(outcome: FitOutcome) -> None:
             counts[outcome.status] += 1
             done.add(outcome.key)
             emit(outcome)
+            if meter is not None:
+                meter.fit_done(outcome)
 
         settings = TrainSettings(batch.max_epochs, batch.patience, batch.precision)
         strategy = resolve_strategy(batch.strategy, batch.n_concurrent)
@@ -96,6 +138,9 @@ class BatchRunner:
             hook = self.faults.before_pack if self.faults.active else None
             trainer = (FusedTrainer(settings, self.device, hook, budget) if strategy == "fused"
                        else TRAINERS[strategy](settings, self.device, hook))
+            if meter is not None:
+                meter.trainer = trainer
+                trainer.on_epoch = meter.tick
             n_concurrent = self._concurrency(strategy, batch.n_concurrent, tasks, settings)
             try:
                 with precision_context(settings.precision, self.device):

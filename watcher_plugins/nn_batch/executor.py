@@ -68,6 +68,15 @@ def within_line_limit(fits: list[FitJob], settings: BatchSettings) -> list[FitJo
     return taken
 
 
+@dataclass(frozen=True)
+class _Progress:
+    """A slot's model-epochs done of its share of the running batch (its earlier requests' finished fits
+    at their cap, plus its current request's progress line)."""
+
+    slot: int
+    model_epochs: int
+
+
 class _WorkerSlot:
     """One GPU's (or the CPU's) worker, started when first needed and replaced when it crashes."""
 
@@ -172,14 +181,22 @@ class NNBatchExecutor(Executor):
 
         replies: queue.Queue = queue.Queue()
         self.last_batch_summaries = []
-        threads = [threading.Thread(target=self._serve_slot_safely, args=(slot, share, replies), daemon=True)
-                   for slot, share in zip(self._slots, shares) if share]
+        threads = [threading.Thread(target=self._serve_slot_safely, args=(slot, share, replies, n), daemon=True)
+                   for n, (slot, share) in enumerate(zip(self._slots, shares)) if share]
         self._threads = threads
         for thread in threads:
             thread.start()
         expected = sum(len(share) for share in shares)
+        planned = expected * self.settings.max_epochs  # every slot's fits at their epoch cap
+        done_epochs: dict[int, int] = {}
         while expected:
             result = replies.get()
+            if isinstance(result, _Progress):
+                # Summed over the slots, from this thread alone; never back (a crashed request's retry).
+                done_epochs[result.slot] = max(done_epochs.get(result.slot, 0), result.model_epochs)
+                if planned > 0:
+                    self.report_progress(min(1.0, sum(done_epochs.values()) / planned))
+                continue
             if isinstance(result, dict):
                 self.last_batch_summaries.append(result)
                 continue
@@ -196,7 +213,7 @@ class NNBatchExecutor(Executor):
         return [refused.get((i, fold)) or results[(job.trial_number, fold)]
                 for i, job in enumerate(jobs) for fold in range(job.folds)]
 
-    def _serve_slot_safely(self, slot: _WorkerSlot, fits: list[FitJob], replies: queue.Queue) -> None:
+    def _serve_slot_safely(self, slot: _WorkerSlot, fits: list[FitJob], replies: queue.Queue, index: int = 0) -> None:
         """_serve_slot, and if it breaks (a bug), every fit it had not reported fails rather than hangs the batch."""
         reported: set[Key] = set()
 
@@ -207,7 +224,7 @@ class NNBatchExecutor(Executor):
                 replies.put(item)
 
         try:
-            self._serve_slot(slot, fits, _Tracking())
+            self._serve_slot(slot, fits, _Tracking(), index)
         except Exception as exc:  # noqa: BLE001 - turned into results, never lost
             slot.discard()
             for fit in fits:
@@ -215,8 +232,9 @@ class NNBatchExecutor(Executor):
                     replies.put(FoldResult(fit.trial_number, fit.fold_idx, "nn", None, 0.0, STATUS_FAIL,
                                            f"nn_batch executor error: {type(exc).__name__}: {exc}"))
 
-    def _serve_slot(self, slot: _WorkerSlot, fits: list[FitJob], replies: queue.Queue) -> None:
-        """Run ``fits`` on one slot's worker until each has a result; put results on ``replies``."""
+    def _serve_slot(self, slot: _WorkerSlot, fits: list[FitJob], replies: queue.Queue, index: int = 0) -> None:
+        """Run ``fits`` on one slot's worker until each has a result; put results on ``replies``, and the
+        worker's progress lines as _Progress of slot ``index``."""
         pending: dict[Key, FitJob] = {fit.key: fit for fit in fits}
         attempts: dict[Key, int] = dict.fromkeys(pending, 0)
         # The trials of a request whose worker crashed: any of them may have caused it, so each then runs
@@ -243,10 +261,14 @@ class NNBatchExecutor(Executor):
             try:
                 worker.send(train_batch_request(batch, self.settings))
                 reported = 0
+                # This slot's fits done before this request (its results) count their cap.
+                before = (len(fits) - len(pending)) * self.settings.max_epochs
                 while True:
                     reply = worker.next_reply(timeout=self.silence_timeout_s)
                     event = reply.get("event")
-                    if event == "result":
+                    if event == "progress":
+                        replies.put(_Progress(index, before + int(reply["model_epochs"])))
+                    elif event == "result":
                         reported += 1
                         key = (reply["trial_number"], reply["fold_idx"])
                         if key in pending:

@@ -29,6 +29,8 @@ COMMANDS = ("ping", "train", "train_batch", "refit", "shutdown")
 #: A refit's out-of-fold predictions and predictions (npz: oof, predictions), left in its model_dir by the
 #: worker for the host, which reads and removes it: arrays of every row are too long for a reply line.
 REFIT_ARRAYS_FILE = ".nn-refit-arrays.npz"
+#: A train_batch sends at most one progress line per this many seconds.
+PROGRESS_INTERVAL_S = 1.0
 STRATEGIES = ("auto", "serial", "streams", "fused")
 PRECISIONS = ("fp32", "tf32", "bf16")
 
@@ -333,6 +335,13 @@ def parse_refit(obj: Any, path: str = "$.job") -> tuple[RefitJob, list[FitJob]]:
 
 def error_line(code: str, message: str) -> dict:
     return {"event": "error", "status": "error", "code": code, "message": message}
+
+
+def progress_line(fits_done: int, fits: int, model_epochs: int, planned_model_epochs: int) -> dict:
+    """How far a train_batch has come: fits finished of the batch's, model-epochs done of the planned
+    (each fit's epoch cap; a finished fit counts its cap). At most one per PROGRESS_INTERVAL_S."""
+    return {"event": "progress", "status": "ok", "fits_done": fits_done, "fits": fits,
+            "model_epochs": model_epochs, "planned_model_epochs": planned_model_epochs}
 
 
 def fatal_line(code: str, message: str) -> dict:

@@ -62,6 +62,8 @@ class StreamsTrainer(Trainer):
                                 with self._stream_context(stream):
                                     pack.run_epoch()
                                 self.model_epochs += 1
+                                if self.on_epoch is not None:
+                                    self.on_epoch()
                     synchronize(self.device)
                     still = []
                     for pack, stream in active:

@@ -196,6 +196,8 @@ class Trainer(ABC):
         self.cuda_graphs = cuda_graphs  # on a CUDA device, packs replay a captured epoch
         self.running: list[tuple[int, int]] = []
         self.model_epochs = 0  # epochs run, stopped fits' extra epochs included
+        #: Called on the host after model_epochs grows (progress reports); counts only, no device sync.
+        self.on_epoch: Callable[[], None] | None = None
         self.compactions = 0
         self.graph_captures = 0
         self.pack_kinds: set[str] = set()  # TritonPack / TorchPack: which implementation trained
@@ -218,6 +220,8 @@ class Trainer(ABC):
             while pack.epoch < self.settings.max_epochs:
                 pack.run_epoch()
                 self.model_epochs += pack.size
+                if self.on_epoch is not None:
+                    self.on_epoch()
                 if pack.epoch % HOST_CHECK_EVERY == 0 and pack.epoch < self.settings.max_epochs:
                     left = pack.leave_stopped(on_done)
                     if left == pack.size:

@@ -67,7 +67,9 @@ class Worker:
         if request.command == "train":  # the single-trial path: one fit, the reference trainer
             settings = dataclasses.replace(settings, n_concurrent=1, strategy="serial")
         try:
-            summary = self.runner.run(request.jobs, settings, lambda outcome: self.send(self._result(outcome)))
+            progress = self.send if request.command == "train_batch" else None
+            summary = self.runner.run(request.jobs, settings, lambda outcome: self.send(self._result(outcome)),
+                                      progress)
         except Exception as exc:
             if is_fatal_device_error(exc):
                 return protocol.fatal_line(protocol.FATAL_CUDA, f"{type(exc).__name__}: {exc}")
