@@ -275,3 +275,27 @@ def test_model_json_round_trips(tmp_path):
     assert (saved.model_type, saved.trial_number, saved.classes, saved.files, saved.info, saved.plugin) == (
         "ridge", 3, ("n", "p"), ["weights.bin"], {"rounds": 7}, None)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.json", "weights.bin"]  # no temporary left
+
+
+def test_the_out_of_fold_predictions_reproduce_the_fold_scores_in_the_summary(tmp_path):
+    from watcher_plugins.tasks import score
+
+    data = write_table(tmp_path / "train.csv", "multiclass", seed=7)
+    params = {"model_types": ["ridge"], "trials": 3, "folds": 3, "output_dir": "out", "progress": False,
+              "devices": "cpu", "metric": "logloss", "data": {"path": str(data), "target": "target"}}
+    run = agent("--run-pipeline", "--start-step", "5", "--end-step", "5", "--params", json.dumps(params), cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    (row,) = summary["leaderboard"]
+    classes = summary["dataset"]["classes"]
+    header, rows = read_csv((tmp_path / "out" / "oof_predictions.csv").read_text())
+    assert header == ["row", "fold", "target", *(f"ridge_probability_{c}" for c in classes)]
+    assert [int(r[0]) for r in rows] == list(range(1, len(rows) + 1))
+    scores = []
+    for k in range(3):
+        part = [r for r in rows if r[1] == str(k)]
+        y = np.array([classes.index(r[2]) for r in part])
+        p = np.array([[float(v) for v in r[3:]] for r in part])
+        scores.append(score("logloss", "multiclass", y, p))
+    assert scores == row["best_fold_scores"] and summary["models"]["ridge"]["oof_fold_scores"] == scores
+    assert row["best_score"] == pytest.approx(sum(scores) / 3, abs=1e-12)
