@@ -141,3 +141,20 @@ def test_a_terminal_without_a_size_gets_lines_not_bars():
     finally:
         os.close(leader)
         os.close(follower)
+
+
+def test_a_run_message_goes_above_the_bars_and_each_type_shows_its_own_batch():
+    terminal, out = _Terminal(), io.StringIO()
+    board = ProgressBoard(["catboost", "xgboost"], trials=8, stream=terminal)
+    board.batch_started(["catboost", "xgboost"], {"catboost": 4, "xgboost": 3})
+    assert "training a batch of 4 trials" in str(board.bars["catboost"])
+    assert "training a batch of 3 trials" in str(board.bars["xgboost"])
+    board.note("compare_models: refitting catboost's best trial (2) on all 100 rows", out)
+    board.close()
+    assert out.getvalue() == ""  # not beside the bars on the terminal
+    assert "compare_models: refitting catboost's best trial (2)" in terminal.getvalue()
+    plain = io.StringIO()
+    board = ProgressBoard(["nn"], trials=2, stream=io.StringIO())
+    board.note("a message", plain)
+    board.close()
+    assert plain.getvalue() == "a message\n"

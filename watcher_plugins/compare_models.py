@@ -264,7 +264,7 @@ class StudyRunner:
         trials = [trial for batch in asked.values() for trial, _ in batch]
         told: set[tuple[str, int]] = set()
         model_types = list(asked)
-        self.board.batch_started(model_types, len(jobs))
+        self.board.batch_started(model_types, {mt: len(batch) for mt, batch in asked.items()})
         executor.progress_callback = functools.partial(self.board.batch_progress, model_types,
                                                        folds_in_batch=sum(job.folds for job in jobs))
         try:
@@ -405,7 +405,8 @@ def run_compare_models(params: dict, pm, out: TextIO | None = None) -> dict:
                     if params.get("refit_best", True):  # while the executor's workers are warm
                         best = _best_trials(store, studies, executor_name)
                         if best:
-                            models, saved = refit_best(executor, best, dataset, data, params, metric, output_dir, out)
+                            models, saved = refit_best(executor, best, dataset, data, params, metric, output_dir,
+                                                       functools.partial(board.note, out=out))
                             run.models.update(models)
                             run.saved.update(saved)
             except KeyboardInterrupt:

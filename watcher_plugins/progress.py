@@ -128,16 +128,29 @@ class ProgressBoard:
             elif self.enabled and not done:
                 self._write(f"{model_type.ljust(self.width)}  0/{self.total} trials, started")
 
-    def batch_started(self, model_types: list[str], trials: int) -> None:
-        """A batch of ``trials`` trials went to the executor."""
+    def batch_started(self, model_types: list[str], trials: int | dict[str, int]) -> None:
+        """A batch went to the executor: ``trials`` trials of each model type (a count per type, or one
+        count for all)."""
+        counts = trials if isinstance(trials, dict) else dict.fromkeys(model_types, trials)
         with self._lock:
             for model_type in model_types:
-                self.state[model_type] = f"training a batch of {trials} trials"
+                self.state[model_type] = f"training a batch of {counts[model_type]} trials"
                 self.partial[model_type] = 0.0
                 if model_type in self.bars:
                     self._show_bar(model_type)
             if not self.bars and self.enabled:
-                self._write(f"{', '.join(model_types)}: training a batch of {trials} trials", plain=True)
+                for count in sorted(set(counts.values())):
+                    names = [m for m in model_types if counts[m] == count]
+                    self._write(f"{', '.join(names)}: training a batch of {count} trials", plain=True)
+
+    def note(self, text: str, out: TextIO) -> None:
+        """A message of the run's (a refit, say) for ``out``; while bars are drawn it goes above them on
+        their stream instead, since text written to the terminal beside them would break them."""
+        with self._lock:
+            if self.bars:
+                self._write(text)
+            else:
+                print(text, file=out, flush=True)
 
     def batch_progress(self, model_types: list[str], fraction: float, folds_in_batch: int) -> None:
         """The executor's running batch is ``fraction`` done (0..1), of ``folds_in_batch`` folds in all."""

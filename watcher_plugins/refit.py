@@ -15,10 +15,10 @@ import csv
 import logging
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import numpy as np
 
@@ -56,8 +56,10 @@ class BestTrial:
 
 
 def refit_best(executor: Executor, best: list[BestTrial], dataset, data: DataRef, params: Mapping[str, Any],
-               metric: Metric, output_dir: Path, out: TextIO) -> tuple[dict[str, RefitOutcome], dict[str, RefitResult]]:
-    """Refit the best trials of one executor's model types; returns the outcomes and the results that saved."""
+               metric: Metric, output_dir: Path,
+               say: Callable[[str], None]) -> tuple[dict[str, RefitOutcome], dict[str, RefitResult]]:
+    """Refit the best trials of one executor's model types; returns the outcomes and the results that saved.
+    ``say`` writes a line for the operator (ProgressBoard.note: above the bars while they are drawn)."""
     models = output_dir / MODELS_DIR
     models.mkdir(exist_ok=True)
     jobs, staging = [], {}
@@ -68,8 +70,7 @@ def refit_best(executor: Executor, best: list[BestTrial], dataset, data: DataRef
         job = TrialJob(model_type=trial.model_type, trial_number=trial.number, params=trial.params, data=data,
                        folds=params["folds"], seed=params["seed"], metric=metric.name)
         jobs.append(RefitJob(job, str(staging[trial.model_type]), trial.fold_info))
-        print(f"compare_models: refitting {trial.model_type}'s best trial ({trial.number}) on all "
-              f"{dataset.n_rows} rows", file=out, flush=True)
+        say(f"compare_models: refitting {trial.model_type}'s best trial ({trial.number}) on all {dataset.n_rows} rows")
     outcomes: dict[str, RefitOutcome] = {}
     saved: dict[str, RefitResult] = {}
     try:
@@ -79,7 +80,7 @@ def refit_best(executor: Executor, best: list[BestTrial], dataset, data: DataRef
             if result is None or result.status != STATUS_OK:
                 error = result.error if result is not None else "the executor returned no refit result"
                 outcomes[trial.model_type] = RefitOutcome("failed", trial_number=trial.number, error=error)
-                print(f"compare_models: {trial.model_type}: no model saved: {error}", file=out)
+                say(f"compare_models: {trial.model_type}: no model saved: {error}")
                 continue
             outcomes[trial.model_type] = _install(trial, result, staging[trial.model_type], models, dataset, metric)
             saved[trial.model_type] = result
