@@ -112,7 +112,9 @@ def test_params_override_with_a_users_csv(tmp_path):
     assert sorted((line["model_type"], line["trial_number"], line["fold_idx"]) for line in lines) == sorted(
         (m, t, f) for m in ("nn", "lightgbm") for t in range(2) for f in range(2))
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert summary["dataset"] == {"name": "mine.csv", "rows": 400, "features": 5}
+    assert summary["dataset"] == {"name": "mine.csv", "rows": 400, "features": 5, "target": "quality",
+                                  "task": "regression", "classes": []}
+    assert summary["metric"] == "r2" and set(summary["models"]) == {"nn", "lightgbm"}
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=lambda signum: signum.name)
