@@ -12,7 +12,9 @@ import pytest
 from sigint_default import MARKER as SENDS_SIGINT
 from sigint_default import default_sigint
 
+from watcher_plugins import faults
 from watcher_plugins.manager import WatcherPluginManager
+from watcher_plugins.records import TrialJob
 
 collect_ignore = []
 if importlib.util.find_spec("triton") is None or os.environ.get("TRITON_INTERPRET") != "1":
@@ -73,3 +75,17 @@ def postgres_server():
     server = PostgresServer(pg_bin).start()
     yield server
     server.remove()
+
+
+@pytest.fixture
+def inject(monkeypatch):
+    """``inject(job, fault)``: the job, with its fault put in WATCHER_FAULTS (watcher_plugins/faults.py,
+    tree_trials). The workers inherit it and read it as they start: inject before the pool starts them."""
+    chosen: dict[str, str | dict] = {}
+
+    def inject(job: TrialJob, fault: str | dict) -> TrialJob:
+        chosen[faults.trial_key(job.model_type, job.trial_number)] = fault
+        monkeypatch.setenv(faults.ENV, faults.encode(tree_trials=chosen))
+        return job
+
+    return inject

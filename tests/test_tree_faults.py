@@ -31,19 +31,6 @@ def no_faults_but_the_tests(monkeypatch):
     monkeypatch.delenv(faults.ENV, raising=False)
 
 
-@pytest.fixture
-def inject(monkeypatch):
-    """``inject(job, fault)``: the job, with its fault put in WATCHER_FAULTS (watcher_plugins/faults.py,
-    tree_trials). The workers inherit it and read it as they start: inject before the pool starts them."""
-    chosen: dict[str, str | dict] = {}
-
-    def inject(job: TrialJob, fault: str | dict) -> TrialJob:
-        chosen[faults.trial_key(job.model_type, job.trial_number)] = fault
-        monkeypatch.setenv(faults.ENV, faults.encode(tree_trials=chosen))
-        return job
-
-    return inject
-
 
 def _job(trial: int, model_type: str = "lightgbm", params=None) -> TrialJob:
     return TrialJob(model_type, trial, dict(LGB if params is None else params), DATA, 3, seed=5)

@@ -54,16 +54,8 @@ def tree_libraries(monkeypatch):
 
 
 @pytest.fixture
-def inject(tree_libraries, monkeypatch):
-    """``inject(job, fault)``: the job, with its fault put in WATCHER_FAULTS (watcher_plugins/faults.py,
-    tree_trials). The workers inherit it and read it as they start: inject before the pool starts them."""
-    chosen: dict[str, str | dict] = {}
-
-    def inject(job: TrialJob, fault: str | dict) -> TrialJob:
-        chosen[faults.trial_key(job.model_type, job.trial_number)] = fault
-        monkeypatch.setenv(faults.ENV, faults.encode(tree_trials=chosen))
-        return job
-
+def inject(tree_libraries, inject):
+    """conftest's ``inject``, once the tree libraries are there."""
     return inject
 
 
