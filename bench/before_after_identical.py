@@ -7,7 +7,7 @@ on PYTHONPATH, every model type given by --model-types, on --devices. Lines are 
 out each line's "seconds" and sorting them (they are written as folds finish). Writes comparison.json
 under --out: the command, the GPU, each tree's seconds and verdict, the first tree's lines.
 
-    PYTHONPATH=/tmp/site python bench/before_after_identical.py --tree .legacy/before --tree . --out $OUT
+    PYTHONPATH=.:/tmp/site python bench/before_after_identical.py --tree .legacy/before --tree . --out $OUT
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench.nn_e2e_identical import timings_out
+
 # Run inside each tree's process: imports resolve to that tree's package.
 _RUN = """
 import json, sys
@@ -31,15 +33,6 @@ print("package:", watcher_plugins.__file__, flush=True)
 pm = get_plugin_manager()
 run_compare_models(load_manifest(None, sys.argv[1], pm).params, pm)
 """
-
-
-def timings_out(path: Path) -> list[str]:
-    lines = []
-    for line in path.read_text().splitlines():
-        record = json.loads(line)
-        record.pop("seconds")
-        lines.append(json.dumps(record, sort_keys=True))
-    return sorted(lines)
 
 
 def main() -> int:
