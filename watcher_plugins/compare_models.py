@@ -269,8 +269,10 @@ class StudyRunner:
                                                        folds_in_batch=sum(job.folds for job in jobs))
         try:
             with self.store.heartbeat(trials, self.params["heartbeat_interval_s"]):
-                returned = executor.run_batch(jobs, on_result=on_result)
-            executor.progress_callback = None
+                try:
+                    returned = executor.run_batch(jobs, on_result=on_result)
+                finally:
+                    executor.progress_callback = None
             self.board.batch_done(model_types)
             # Results the executor returned without calling back still count, once.
             for result in returned:
@@ -279,7 +281,6 @@ class StudyRunner:
                     on_result(result)
             self._tell_batch(asked, by_trial, told)
         except BaseException:
-            executor.progress_callback = None
             # Stopped (Ctrl-C while training or while telling, a lost worker pool): the trials whose every
             # fold finished are results like any other. Tell them; only the rest are failed and asked
             # again (run()).
