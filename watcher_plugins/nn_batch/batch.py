@@ -43,40 +43,78 @@ def resolve_strategy(strategy: str, n_concurrent: int | str) -> str:
     return "serial" if n_concurrent == 1 else "fused"
 
 
-class ProgressMeter:
-    """Counts a batch's model-epochs on the host and sends a progress line (protocol.progress_line) at
-    most once per ``interval_s``: done are the epochs run plus, for each finished fit, the epochs of its
-    cap it did not need, never above the planned (every fit's cap)."""
+def epoch_cost(task: FitTask) -> float:
+    """A fit's work per epoch: its layers' weights times its dataset's rows (every epoch passes every
+    row). Fits of one batch differ in width and depth, so epochs alone would weigh them alike."""
+    widths = (task.data.n_features, *task.job.hidden_layers, task.data.n_outputs)
+    return float(task.data.n_rows) * sum(a * b for a, b in zip(widths, widths[1:]))
 
-    def __init__(self, n_fits: int, max_epochs: int, send: Callable[[dict], None],
+
+def expected_epochs(epoch: int, best_epoch: int, patience: int, cap: int) -> int:
+    """How many epochs a running fit will take in all, from its best epoch so far: at least until its
+    patience runs out, and a fit still improving at epoch b is expected to run about b more (learning
+    curves flatten: the longer it has improved, the longer it goes on), never past the cap."""
+    return min(cap, max(epoch, best_epoch + 1 + patience, 2 * (best_epoch + 1)))
+
+
+class ProgressMeter:
+    """Estimates how much of a batch's work is done and sends a progress line (protocol.progress_line)
+    at most once per ``interval_s``. Work is epochs weighted by epoch_cost; a finished fit counts the
+    epochs it ran, a running one its epochs so far of expected_epochs (its best epoch is read from the
+    device once per line, not per epoch), and one not yet started the finished fits' mean (the cap
+    before any has finished)."""
+
+    def __init__(self, n_fits: int, settings: TrainSettings, send: Callable[[dict], None],
                  interval_s: float = protocol.PROGRESS_INTERVAL_S):
         self.n_fits = n_fits
-        self.max_epochs = max_epochs
-        self.planned = n_fits * max_epochs
+        self.settings = settings
         self.send = send
         self.interval_s = interval_s
-        self.fits_done = 0
-        self.skipped = 0  # epochs of their cap finished fits did not run
+        self.costs: dict[tuple[int, int], float] = {}
+        self.finished: dict[tuple[int, int], int] = {}  # key: epochs it ran
         self.trainer: Trainer | None = None
         self._last = time.monotonic()  # a batch shorter than interval_s sends none
-        self._sent = -1
+        self._sent = 0.0
+
+    def start(self, tasks: Sequence[FitTask], trainer: Trainer) -> None:
+        self.costs = {task.key: epoch_cost(task) for task in tasks}
+        self.trainer = trainer
+        trainer.on_epoch = self.tick
 
     def fit_done(self, outcome: FitOutcome) -> None:
-        self.fits_done += 1
-        self.skipped += self.max_epochs - min(self.max_epochs, max(0, outcome.epochs))
+        self.finished[outcome.key] = max(0, outcome.epochs)
         self.tick()
 
-    def done_epochs(self) -> int:
-        run = self.trainer.model_epochs if self.trainer is not None else 0
-        return min(self.planned, run + self.skipped)
+    def fraction_done(self) -> float:
+        """Work done over work expected, in [0, 1]."""
+        cap, patience = self.settings.max_epochs, self.settings.patience
+        done = expected = 0.0
+        for key, epochs in self.finished.items():
+            cost = self.costs.get(key, 0.0)
+            done, expected = done + cost * epochs, expected + cost * epochs
+        running = set()
+        for pack in self.trainer.active_packs if self.trainer is not None else []:
+            best = pack.stopping.best_epoch.tolist()
+            for m, task in enumerate(pack.tasks):
+                if pack.left[m] or task.key in self.finished:
+                    continue
+                running.add(task.key)
+                cost = self.costs.get(task.key, 0.0)
+                done += cost * pack.epoch
+                expected += cost * expected_epochs(pack.epoch, best[m], patience, cap)
+        typical = (sum(self.finished.values()) / len(self.finished)) if self.finished else cap
+        expected += sum(cost * max(1.0, typical) for key, cost in self.costs.items()
+                        if key not in self.finished and key not in running)
+        return min(1.0, done / expected) if expected > 0 else 1.0
 
     def tick(self) -> None:
         now = time.monotonic()
         if now - self._last < self.interval_s:
             return
-        done = max(self._sent, self.done_epochs())  # never goes back (an OOM retry runs epochs again)
-        self._last, self._sent = now, done
-        self.send(protocol.progress_line(self.fits_done, self.n_fits, done, self.planned))
+        fraction = max(self._sent, self.fraction_done())  # never goes back (an OOM retry runs epochs again)
+        self._last, self._sent = now, fraction
+        model_epochs = self.trainer.model_epochs if self.trainer is not None else 0
+        self.send(protocol.progress_line(len(self.finished), self.n_fits, model_epochs, round(fraction, 4)))
 
 
 class BatchRunner:
@@ -118,7 +156,8 @@ class BatchRunner:
         started = time.perf_counter()
         counts = {STATUS_OK: 0, STATUS_FAIL: 0, STATUS_OOM: 0}
         done: set[tuple[int, int]] = set()
-        meter = ProgressMeter(len(jobs), batch.max_epochs, progress) if progress is not None else None
+        settings = TrainSettings(batch.max_epochs, batch.patience, batch.precision)
+        meter = ProgressMeter(len(jobs), settings, progress) if progress is not None else None
 
         def on_done(outcome: FitOutcome) -> None:
             counts[outcome.status] += 1
@@ -127,7 +166,6 @@ class BatchRunner:
             if meter is not None:
                 meter.fit_done(outcome)
 
-        settings = TrainSettings(batch.max_epochs, batch.patience, batch.precision)
         strategy = resolve_strategy(batch.strategy, batch.n_concurrent)
         summary: dict[str, Any] = {"strategy": strategy, "precision": batch.precision, "n_concurrent_requested": batch.n_concurrent,
                    "n_concurrent_used": 0, "oom_retries": 0, "model_epochs": 0}
@@ -139,8 +177,7 @@ class BatchRunner:
             trainer = (FusedTrainer(settings, self.device, hook, budget) if strategy == "fused"
                        else TRAINERS[strategy](settings, self.device, hook))
             if meter is not None:
-                meter.trainer = trainer
-                trainer.on_epoch = meter.tick
+                meter.start(tasks, trainer)
             n_concurrent = self._concurrency(strategy, batch.n_concurrent, tasks, settings)
             try:
                 with precision_context(settings.precision, self.device):

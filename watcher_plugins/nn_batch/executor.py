@@ -70,11 +70,11 @@ def within_line_limit(fits: list[FitJob], settings: BatchSettings) -> list[FitJo
 
 @dataclass(frozen=True)
 class _Progress:
-    """A slot's model-epochs done of its share of the running batch (its earlier requests' finished fits
-    at their cap, plus its current request's progress line)."""
+    """A slot's fits done of its share of the running batch, in fits: its earlier requests' finished
+    fits, plus its current request's share done (its progress line's fraction_done) times its fits."""
 
     slot: int
-    model_epochs: int
+    fits_done: float
 
 
 class _WorkerSlot:
@@ -187,15 +187,14 @@ class NNBatchExecutor(Executor):
         for thread in threads:
             thread.start()
         expected = sum(len(share) for share in shares)
-        planned = expected * self.settings.max_epochs  # every slot's fits at their epoch cap
-        done_epochs: dict[int, int] = {}
+        planned = expected
+        fits_done: dict[int, float] = {}
         while expected:
             result = replies.get()
             if isinstance(result, _Progress):
                 # Summed over the slots, from this thread alone; never back (a crashed request's retry).
-                done_epochs[result.slot] = max(done_epochs.get(result.slot, 0), result.model_epochs)
-                if planned > 0:
-                    self.report_progress(min(1.0, sum(done_epochs.values()) / planned))
+                fits_done[result.slot] = max(fits_done.get(result.slot, 0.0), result.fits_done)
+                self.report_progress(min(1.0, sum(fits_done.values()) / planned))
                 continue
             if isinstance(result, dict):
                 self.last_batch_summaries.append(result)
@@ -261,13 +260,12 @@ class NNBatchExecutor(Executor):
             try:
                 worker.send(train_batch_request(batch, self.settings))
                 reported = 0
-                # This slot's fits done before this request (its results) count their cap.
-                before = (len(fits) - len(pending)) * self.settings.max_epochs
+                before = len(fits) - len(pending)  # this slot's fits done before this request
                 while True:
                     reply = worker.next_reply(timeout=self.silence_timeout_s)
                     event = reply.get("event")
                     if event == "progress":
-                        replies.put(_Progress(index, before + int(reply["model_epochs"])))
+                        replies.put(_Progress(index, before + float(reply["fraction_done"]) * len(batch)))
                     elif event == "result":
                         reported += 1
                         key = (reply["trial_number"], reply["fold_idx"])

@@ -337,11 +337,11 @@ def error_line(code: str, message: str) -> dict:
     return {"event": "error", "status": "error", "code": code, "message": message}
 
 
-def progress_line(fits_done: int, fits: int, model_epochs: int, planned_model_epochs: int) -> dict:
-    """How far a train_batch has come: fits finished of the batch's, model-epochs done of the planned
-    (each fit's epoch cap; a finished fit counts its cap). At most one per PROGRESS_INTERVAL_S."""
+def progress_line(fits_done: int, fits: int, model_epochs: int, fraction_done: float) -> dict:
+    """How far a train_batch has come: fits finished of the batch's, model-epochs run, and the estimated
+    share of the batch's work done (batch.ProgressMeter). At most one per PROGRESS_INTERVAL_S."""
     return {"event": "progress", "status": "ok", "fits_done": fits_done, "fits": fits,
-            "model_epochs": model_epochs, "planned_model_epochs": planned_model_epochs}
+            "model_epochs": model_epochs, "fraction_done": fraction_done}
 
 
 def fatal_line(code: str, message: str) -> dict:

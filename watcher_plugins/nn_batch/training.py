@@ -198,6 +198,7 @@ class Trainer(ABC):
         self.model_epochs = 0  # epochs run, stopped fits' extra epochs included
         #: Called on the host after model_epochs grows (progress reports); counts only, no device sync.
         self.on_epoch: Callable[[], None] | None = None
+        self.active_packs: list = []  # the packs training now (pack.FitPack): progress reads their early stopping
         self.compactions = 0
         self.graph_captures = 0
         self.pack_kinds: set[str] = set()  # TritonPack / TorchPack: which implementation trained
@@ -238,11 +239,14 @@ class Trainer(ABC):
         """A pack starts training: on a CUDA device it replays a captured epoch (cuda_graphs)."""
         pack.capture_graph = self.cuda_graphs and pack.device.type == "cuda"
         self.pack_kinds.add(type(pack).__name__)
+        self.active_packs.append(pack)
 
     def _end(self, pack) -> None:
         """A pack is done: count its captures and give back its graph's memory."""
         self.graph_captures += pack.captures
         pack.release()
+        if pack in self.active_packs:
+            self.active_packs.remove(pack)
 
 
 def clock() -> float:
