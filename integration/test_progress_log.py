@@ -1,4 +1,5 @@
-"""What an operator sees in a log: a real step 5 run (CPU) with stderr going to a file, read while it runs.
+"""What an operator sees in a log: the quickstart's step 5 (CPU; its NN as the shipped manifest sets it,
+with one tree library to queue behind it) with stderr going to a file, read while it runs.
 
 A line must come within ``progress_interval_s`` of a batch's start and then at least that often while the
 batch trains; model types waiting for their group say so; time left is there before half-way, goes
@@ -22,10 +23,9 @@ _LEFT = re.compile(r"^nn .*~(\d+)s left")
 
 def _run(tmp_path: Path, trials: int, name: str) -> tuple[list[tuple[float, str]], float, int]:
     """Run step 5; returns the stderr lines with the second each was first seen, the run's seconds, exit code."""
-    params = {"model_types": ["nn", "lightgbm"], "trials": trials, "ask_batch_size": 4, "folds": 3,
-              "data": {"embedded": "survivors", "rows": 3000}, "output_dir": str(tmp_path / "out"),
-              "devices": "cpu", "nn_max_epochs": 80, "nn_patience": 10, "tree_rounds": 40,
-              "progress": True, "progress_interval_s": INTERVAL_S, "refit_best": False}
+    params = {"model_types": ["nn", "lightgbm"], "trials": trials, "output_dir": str(tmp_path / "out"),
+              "devices": "cpu", "tree_rounds": 40, "progress": True, "progress_interval_s": INTERVAL_S,
+              "refit_best": False}  # --params replaces these keys of the shipped manifest's; the NN's stay
     env = dict(os.environ, WATCHER_CACHE_DIR=str(tmp_path / "cache"), WATCHER_LEASE_DIR=str(tmp_path / "leases"))
     log = tmp_path / f"{name}.log"
     seen: list[tuple[float, str]] = []
@@ -45,6 +45,8 @@ def _run(tmp_path: Path, trials: int, name: str) -> tuple[list[tuple[float, str]
 
 
 def test_a_log_gets_lines_while_work_goes_on_queued_types_say_so_and_a_resume_says_what_it_resumes(tmp_path):
+    shipped = json.loads((Path(__file__).parents[1] / "agent_manifests" / "reinforcement.json").read_text())["params"]
+    assert (shipped["trials"], shipped["ask_batch_size"]) == (4, 4), "the quickstart's one NN batch of 4 trials"
     seen, _, code = _run(tmp_path, 4, "first")
     assert code == 0, seen
     lines = [line for _, line in seen]
