@@ -63,7 +63,32 @@ def test_bar_clock_starts_when_its_group_starts():
 def test_bar_postfix_follows_the_trial_count():
     board = ProgressBoard(["nn"], trials=20, stream=_Terminal())
     board.resume("nn", done=3, best=0.5)
-    assert "3/20 trials, best R2 0.5000  [" in str(board.bars["nn"])
+    assert "3/20 trials [00:00<?], best R2 0.5000" in str(board.bars["nn"])
+    board.close()
+
+
+def test_a_bar_fills_while_its_batch_trains_and_counts_failures():
+    board = ProgressBoard(["nn"], trials=4, folds=2, stream=_Terminal())
+    board.resume("nn", done=0, best=None)
+    board.batch_started(["nn"], trials=4)
+    board.batch_progress(["nn"], 0.5, folds_in_batch=8)  # half the batch: two trials' worth of work
+    bar = board.bars["nn"]
+    assert bar.format_dict["n"] == 2.0 and str(bar).count("#") == 10  # half of the 20-cell bar (ASCII here)
+    assert "0/4 trials [" in str(bar)  # the count stays finished trials
+    board.trial_done("nn", None)
+    board.trial_done("nn", 0.3)
+    assert "2/4 trials [" in str(bar) and "best R2 0.3000, 1 failed" in str(bar)
+    board.close()
+
+
+def test_time_left_fits_an_80_column_terminal():
+    board = ProgressBoard(["lightgbm", "nn"], trials=20, folds=5, stream=_Terminal())
+    board.resume("nn", done=0, best=None)
+    board.started["nn"] -= 65.0
+    board.batch_started(["nn"], trials=8)
+    board.batch_progress(["nn"], 0.5, folds_in_batch=40)
+    line = str(board.bars["nn"])
+    assert "<04:20]" in line[:80], line  # 20 of 100 folds in 65 s: 80 more take 260 s
     board.close()
 
 
@@ -77,8 +102,8 @@ def test_a_finished_bar_stops_its_clock():
     board.bars["nn"].refresh()  # as the other bars' updates and the final close redraw it
     shown = {m: str(bar) for m, bar in board.bars.items()}
     board.close()
-    assert "2/2 trials, best R2 0.6000  [00:00<" in shown["nn"], shown
-    assert "2/2 trials, best R2 0.4000  [00:00<" in shown["xgboost"], shown
+    assert "2/2 trials [00:00<00:00], best R2 0.6000" in shown["nn"], shown
+    assert "2/2 trials [00:00<00:00], best R2 0.4000" in shown["xgboost"], shown
 
 
 def test_time_left_comes_from_folds_and_the_batch_share_done():

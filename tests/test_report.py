@@ -254,7 +254,9 @@ def test_trial_number_axes_have_whole_number_ticks_only(run, figures):
         xaxis = figures[f"{model_type}: optimisation history"].layout.xaxis
         assert xaxis.title.text == "trial number"
         assert (xaxis.tickmode, xaxis.tick0, xaxis.dtick, xaxis.tickformat) == ("linear", 0, 1, "d")
-        assert xaxis.rangemode == "nonnegative"  # a study of one trial shows no trial -1
+        # half a trial of room at each end: trial 0's marker is drawn whole, and no trial -1 is ticked
+        last = max(t.number for t in studies[model_type].get_trials(deepcopy=False))
+        assert tuple(xaxis.range) == (-0.5, last + 0.5)
 
 
 @pytest.mark.parametrize("last, step", [(0, 1), (5, 1), (10, 1), (11, 2), (20, 2), (21, 5), (50, 5),
@@ -334,3 +336,13 @@ def test_another_metric_is_named_where_the_page_names_the_values(run, figures, g
     assert f"<th>best mean {shown}</th>" in section(page, "Leaderboard")
     assert figures["nn: optimisation history"].layout.yaxis.title.text == f"mean {shown}"
     assert "R²" not in page
+
+
+def test_params_read_to_4_significant_digits_in_the_leaderboards():
+    from watcher_plugins.report import params_text
+
+    params = {"depth": 6, "learning_rate": 0.12597917800794736, "hidden_layers": [64, 32], "lr": 2.5824694e-05,
+              "bootstrap": "Bayesian", "on": True}
+    assert params_text(params) == ('{"depth": 6, "learning_rate": 0.126, "hidden_layers": [64, 32], '
+                                   '"lr": 2.582e-05, "bootstrap": "Bayesian", "on": true}')
+    assert params_text({"x": 1.0}, separators=(",", ":")) == '{"x":1.0}'

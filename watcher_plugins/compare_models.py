@@ -40,7 +40,7 @@ from watcher_plugins.manifest import sources, where
 from watcher_plugins.progress import HEARTBEAT_S, ProgressBoard
 from watcher_plugins.records import STATUS_OK, DataRef, FoldResult, RefitResult, TrialJob
 from watcher_plugins.refit import BestTrial, RefitOutcome, refit_best, write_oof
-from watcher_plugins.report import write_report
+from watcher_plugins.report import params_text, write_report
 from watcher_plugins.storage import DEFAULT_DB, StudyStore
 from watcher_plugins.tasks import METRICS, REGRESSION, Metric, metric_for
 from watcher_plugins.types import DEFAULT_METRIC, ModelType, WatcherExecutor
@@ -590,7 +590,7 @@ def format_leaderboard(summary: dict) -> str:
     rows = [("model", f"best {metric}", "trials", "failed", "seconds", "study s", "best params")]
     for row in summary["leaderboard"]:
         r2 = "-" if row["best_score"] is None else f"{row['best_score']:.4f}"
-        params = json.dumps(row["best_params"], separators=(",", ":"), default=str)
+        params = params_text(row["best_params"], separators=(",", ":"))
         rows.append((row["model_type"], r2, str(row["trials_complete"]), str(row["trials_failed"]),
                      f"{row['seconds']:.1f}", f"{row.get('study_seconds', row['seconds']):.1f}", params))
     widths = [max(len(r[i]) for r in rows) for i in range(6)]

@@ -34,6 +34,9 @@ class _Bar(tqdm):
 
     _stopped_at: float | None = None
     left_text: str = "?"
+    #: The fill, in trials' worth of work done (finished folds and the running batch's share): it moves
+    #: while a batch trains, where the count of finished trials moves a whole batch at a time.
+    work_n: float | None = None
 
     def stop_clock(self) -> None:
         self._stopped_at = self.format_dict["elapsed"]
@@ -45,6 +48,9 @@ class _Bar(tqdm):
         if self._stopped_at is not None:
             d["elapsed"] = self._stopped_at
         d["left"] = self.left_text
+        d["trials"] = self.n  # the text counts finished trials
+        if self.work_n is not None:
+            d["n"] = max(self.n, min(self.total or self.n, self.work_n))
         return d
 
 
@@ -71,6 +77,7 @@ class ProgressBoard:
         self.sign = 1.0 if greater_is_better else -1.0
         self.best: dict[str, float | None] = dict.fromkeys(model_types)
         self.done: dict[str, int] = dict.fromkeys(model_types, 0)
+        self.failed: dict[str, int] = dict.fromkeys(model_types, 0)  # in this run
         self.resumed: dict[str, int] = dict.fromkeys(model_types, 0)  # done by an earlier run of the study
         self.started: dict[str, float] = {}
         self.finished: dict[str, float] = {}
@@ -88,8 +95,8 @@ class ProgressBoard:
                 self.bars[model_type] = _Bar(
                     total=trials, desc=model_type.ljust(self.width), unit="trial", position=position,
                     file=self.stream, dynamic_ncols=True, leave=True, mininterval=0.5,
-                    # tqdm puts ", " before the postfix itself
-                    bar_format="{desc} {bar:20} {n_fmt}/{total_fmt} trials{postfix}  [{elapsed}<{left}]",
+                    # time left before the postfix, which a narrow terminal cuts; tqdm puts ", " before it
+                    bar_format="{desc} {bar:20} {trials}/{total_fmt} trials [{elapsed}<{left}]{postfix}",
                 )
                 self._show_bar(model_type)
         if enabled:
@@ -168,7 +175,10 @@ class ProgressBoard:
                 self._show_bar(model_type)
 
     def trial_done(self, model_type: str, value: float | None) -> None:
+        """A trial finished: ``value`` its score, None where it failed."""
         with self._lock:
+            if value is None:
+                self.failed[model_type] += 1
             best = self.best[model_type]
             if value is not None and (best is None or self.sign * value > self.sign * best):
                 self.best[model_type] = value
@@ -213,10 +223,12 @@ class ProgressBoard:
 
     def _best_text(self, model_type: str) -> str:
         best = self.best[model_type]
-        return f"best {self.metric} " + ("-" if best is None else f"{best:.4f}")
+        failed = self.failed[model_type]
+        return f"best {self.metric} " + ("-" if best is None else f"{best:.4f}") + (f", {failed} failed" if failed else "")
 
     def _show_bar(self, model_type: str) -> None:
         bar = self.bars[model_type]
+        bar.work_n = self.resumed[model_type] + (self.units_done[model_type] + self.partial[model_type]) / self.folds
         left = self.seconds_left(model_type)
         bar.left_text = "?" if left is None else tqdm.format_interval(left)
         if self.done[model_type] >= self.total:

@@ -135,7 +135,7 @@ class _ReportPage:
                      _fmt_optional(row.get("best_trial")), row.get("trials_complete"),
                      row.get("trials_failed"), row.get("reason") if row.get("trials_failed") else "",
                      _fmt_seconds(row.get("seconds")),
-                     json.dumps(row.get("best_params") or {}, separators=(", ", ": "), default=str))
+                     params_text(row.get("best_params") or {}))
             rows.append("<tr>" + "".join(f"<td>{_esc(cell)}</td>" for cell in cells) + "</tr>")
         if rows:
             body = ('<table class="leaderboard">\n<tr>' + "".join(f"<th>{_esc(h)}</th>" for h in head)
@@ -268,7 +268,21 @@ def _trial_number_ticks(last: int) -> dict:
     step = 1
     while last / step > _MAX_TRIAL_TICKS:
         step = step * 5 // 2 if str(step)[0] == "2" else step * 2  # 1, 2, 5, 10, 20, 50, ...
-    return {"tickmode": "linear", "tick0": 0, "dtick": step, "tickformat": "d", "rangemode": "nonnegative"}
+    # half a trial of room at each end: a marker on trial 0 (or the last) is drawn whole, not cut by the axis
+    return {"tickmode": "linear", "tick0": 0, "dtick": step, "tickformat": "d", "range": [-0.5, last + 0.5]}
+
+
+def params_text(params: dict, separators: tuple[str, str] = (", ", ": ")) -> str:
+    """A trial's params as JSON for people to read: floats to 4 significant digits (0.1259791780079
+    reads 0.126); summary.json keeps them whole."""
+    def short(value):
+        if isinstance(value, float) and math.isfinite(value):
+            return float(f"{value:.4g}")
+        if isinstance(value, list):
+            return [short(v) for v in value]
+        return value
+
+    return json.dumps({name: short(value) for name, value in params.items()}, separators=separators, default=str)
 
 
 def leaderboard_params_study(study: optuna.Study) -> optuna.Study:
