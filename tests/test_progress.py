@@ -183,3 +183,33 @@ def test_a_run_message_goes_above_the_bars_and_each_type_shows_its_own_batch():
     board.note("a message", plain)
     board.close()
     assert plain.getvalue() == "a message\n"
+
+
+def test_a_batchs_finished_folds_count_once_beside_its_reported_share():
+    # The executor's share of its batch counts the folds already finished in it: not added twice.
+    board = ProgressBoard(["nn"], trials=8, folds=3, stream=_Terminal())
+    board.resume("nn", done=0, best=None)
+    for _ in range(3):
+        board.fold_done("nn")  # a first batch's folds, before this batch
+    board.batch_started(["nn"], trials=4)
+    for _ in range(6):
+        board.fold_done("nn")
+    board.batch_progress(["nn"], 0.5, folds_in_batch=12)  # the 6 finished folds are that half
+    assert board.work_done("nn") == 9
+    board.batch_progress(["nn"], 0.75, folds_in_batch=12)  # running fits' epochs on top: 9 of the 12
+    assert board.work_done("nn") == 12
+    assert board.bars["nn"].format_dict["n"] == 4.0  # 12 folds: four trials' worth, of 8
+    board.close()
+
+
+def test_a_queued_bar_shows_no_time_passing_until_its_group_starts():
+    board = ProgressBoard(["nn", "xgboost"], trials=2, stream=_Terminal())
+    board.resume("nn", done=0, best=None)
+    board.queue("xgboost", "queued after nn")
+    time.sleep(1.1)
+    board.bars["xgboost"].refresh()
+    assert "[00:00<?]" in str(board.bars["xgboost"]) and "queued after nn" in str(board.bars["xgboost"])
+    board.resume("xgboost", done=0, best=None)
+    time.sleep(1.1)
+    assert "[00:01<" in str(board.bars["xgboost"]), str(board.bars["xgboost"])
+    board.close()

@@ -42,6 +42,14 @@ class _Bar(tqdm):
         self._stopped_at = self.format_dict["elapsed"]
         self.refresh()
 
+    def hold_clock(self) -> None:
+        """Show no time passing (a bar whose group has not started); reset() starts it."""
+        self._stopped_at = 0.0
+
+    def reset(self, total=None):
+        self._stopped_at = None
+        super().reset(total)
+
     @property
     def format_dict(self):
         d = super().format_dict
@@ -83,6 +91,7 @@ class ProgressBoard:
         self.finished: dict[str, float] = {}
         self.units_done: dict[str, float] = dict.fromkeys(model_types, 0.0)  # folds finished in this run
         self.partial: dict[str, float] = dict.fromkeys(model_types, 0.0)  # the running batch's share
+        self.batch_from: dict[str, float] = dict.fromkeys(model_types, 0.0)  # units_done when it started
         self.state: dict[str, str] = dict.fromkeys(model_types, "")  # "queued after nn", "training ..."
         self.width = max((len(m) for m in model_types), default=0)
         self.bars: dict[str, _Bar] = {}
@@ -110,6 +119,8 @@ class ProgressBoard:
         with self._lock:
             self.state[model_type] = reason
             if model_type in self.bars:
+                if model_type not in self.started:
+                    self.bars[model_type].hold_clock()
                 self._show_bar(model_type)
             elif self.enabled:
                 self._write(f"{model_type.ljust(self.width)}  {reason}")
@@ -143,6 +154,7 @@ class ProgressBoard:
             for model_type in model_types:
                 self.state[model_type] = f"training a batch of {counts[model_type]} trials"
                 self.partial[model_type] = 0.0
+                self.batch_from[model_type] = self.units_done[model_type]
                 if model_type in self.bars:
                     self._show_bar(model_type)
             if not self.bars and self.enabled:
@@ -212,11 +224,17 @@ class ProgressBoard:
 
     # -- estimates and drawing ----------------------------------------------------------------------
 
+    def work_done(self, model_type: str) -> float:
+        """Folds' worth of work done in this run: the folds finished before the running batch, plus the
+        batch's share, which counts its own finished folds (so the larger of the two, not their sum)."""
+        before = self.batch_from[model_type]
+        return before + max(self.units_done[model_type] - before, self.partial[model_type])
+
     def seconds_left(self, model_type: str) -> float | None:
         """Elapsed time over work done, times work left; None before any work is done or when all is."""
         started = self.started.get(model_type)
         work = max(0, self.total - self.resumed[model_type]) * self.folds
-        done = min(work, self.units_done[model_type] + self.partial[model_type])
+        done = min(work, self.work_done(model_type))
         if started is None or done <= 0 or self.done[model_type] >= self.total:
             return None
         return (time.monotonic() - started) / done * max(0.0, work - done)
@@ -228,7 +246,7 @@ class ProgressBoard:
 
     def _show_bar(self, model_type: str) -> None:
         bar = self.bars[model_type]
-        bar.work_n = self.resumed[model_type] + (self.units_done[model_type] + self.partial[model_type]) / self.folds
+        bar.work_n = self.resumed[model_type] + self.work_done(model_type) / self.folds
         left = self.seconds_left(model_type)
         bar.left_text = "?" if left is None else tqdm.format_interval(left)
         if self.done[model_type] >= self.total:
