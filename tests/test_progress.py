@@ -213,3 +213,22 @@ def test_a_queued_bar_shows_no_time_passing_until_its_group_starts():
     time.sleep(1.1)
     assert "[00:01<" in str(board.bars["xgboost"]), str(board.bars["xgboost"])
     board.close()
+
+
+def test_a_type_whose_folds_of_a_shared_batch_are_done_says_it_waits_for_the_others():
+    board = ProgressBoard(["catboost", "lightgbm", "xgboost"], trials=4, folds=2, stream=_Terminal())
+    for model_type in ("catboost", "lightgbm", "xgboost"):
+        board.resume(model_type, done=0, best=None)
+    board.batch_started(["catboost", "lightgbm", "xgboost"], trials=2)
+    for _ in range(4):
+        board.fold_done("lightgbm")
+    assert board.state["lightgbm"] == "its folds done, waiting for catboost, xgboost"
+    assert "waiting for catboost, xgboost" in str(board.bars["lightgbm"])
+    assert board.state["catboost"] == "training a batch of 2 trials"
+    for _ in range(4):
+        board.fold_done("xgboost")
+    assert board.state["xgboost"] == "its folds done, waiting for catboost"
+    for _ in range(4):
+        board.fold_done("catboost")
+    assert board.state["lightgbm"] == board.state["xgboost"] == "its folds done"
+    board.close()

@@ -92,6 +92,8 @@ class ProgressBoard:
         self.units_done: dict[str, float] = dict.fromkeys(model_types, 0.0)  # folds finished in this run
         self.partial: dict[str, float] = dict.fromkeys(model_types, 0.0)  # the running batch's share
         self.batch_from: dict[str, float] = dict.fromkeys(model_types, 0.0)  # units_done when it started
+        self.batch_folds: dict[str, int] = dict.fromkeys(model_types, 0)  # the running batch's folds of each type
+        self.batch_members: dict[str, list[str]] = {}  # the model types of each type's running batch
         self.state: dict[str, str] = dict.fromkeys(model_types, "")  # "queued after nn", "training ..."
         self.width = max((len(m) for m in model_types), default=0)
         self.bars: dict[str, _Bar] = {}
@@ -155,6 +157,8 @@ class ProgressBoard:
                 self.state[model_type] = f"training a batch of {counts[model_type]} trials"
                 self.partial[model_type] = 0.0
                 self.batch_from[model_type] = self.units_done[model_type]
+                self.batch_folds[model_type] = counts[model_type] * self.folds
+                self.batch_members[model_type] = list(model_types)
                 if model_type in self.bars:
                     self._show_bar(model_type)
             if not self.bars and self.enabled:
@@ -183,8 +187,24 @@ class ProgressBoard:
     def fold_done(self, model_type: str) -> None:
         with self._lock:
             self.units_done[model_type] += 1
+            # A type whose folds of a shared batch are all done waits for the others' (its trials are
+            # told when the batch ends): say so, rather than "training" beside a bar that stands still.
+            members = self.batch_members.get(model_type, [])
+            if self._batch_folds_done(model_type) and len(members) > 1:
+                waiting_for = [m for m in members if m != model_type and not self._batch_folds_done(m)]
+                if waiting_for:
+                    self.state[model_type] = f"its folds done, waiting for {', '.join(waiting_for)}"
+                for other in members:  # a type finishing may end another's wait
+                    if other != model_type and self.state[other].startswith("its folds done") and \
+                            all(self._batch_folds_done(m) for m in members if m != other):
+                        self.state[other] = "its folds done"
+                        if other in self.bars:
+                            self._show_bar(other)
             if model_type in self.bars:
                 self._show_bar(model_type)
+
+    def _batch_folds_done(self, model_type: str) -> bool:
+        return self.units_done[model_type] - self.batch_from[model_type] >= self.batch_folds[model_type] > 0
 
     def trial_done(self, model_type: str, value: float | None) -> None:
         """A trial finished: ``value`` its score, None where it failed."""
