@@ -60,7 +60,7 @@ def test_a_log_gets_lines_while_work_goes_on_queued_types_say_so_and_a_resume_sa
     heartbeats = [line for _, line in during if line.startswith("nn        0/4 trials")]
     assert len(heartbeats) >= 2 and all("(training a batch of 4 trials)" in line for line in heartbeats)
 
-    # Time left while the batch trains (the NN worker reports its model-epochs): there is an estimate
+    # Time left while the batch trains (the NN worker reports its share of the batch done): there is an estimate
     # before half-way, it goes down, and at half-way it is within a factor 2 of what was really left.
     batch_start, batch_end = seen[start][0], seen[end][0]
     estimates = [(t, int(m.group(1))) for t, line in during

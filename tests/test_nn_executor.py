@@ -49,7 +49,7 @@ def test_every_fold_gets_one_result_in_order_and_callbacks(tmp_path):
     assert (tmp_path / "logs" / "nn_worker-cpu.log").exists()
 
 
-def test_a_long_batch_reports_increasing_progress_from_the_workers_model_epochs(tmp_path):
+def test_a_long_batch_reports_increasing_progress_from_the_workers_share_done(tmp_path):
     fractions: list[float] = []
     params = {**PARAMS, "nn_max_epochs": 1500, "nn_patience": 1500}
     with NNBatchExecutor(params, context(tmp_path)) as executor:

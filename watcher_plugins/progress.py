@@ -6,8 +6,8 @@ lines there; a line per finished trial, and while work goes on at least one ever
 
 Time left comes from work done and work left, not from trials completed: a model type's work is its
 folds to run in this run (trials left x folds), each finished fold one unit, and an executor that
-reports how far its running batch has come (Executor.report_progress: the NN worker's model-epochs)
-adds that share of the batch's folds. A model type whose group has not started says so: "queued after
+reports how far its running batch has come (Executor.report_progress: the NN worker's estimate of
+its batch's work done) adds that share of the batch's folds. A model type whose group has not started says so: "queued after
 nn". A resumed study says what it resumes ("resuming study compare_models-nn: 12 of 20 trials complete,
 8 to run").
 """

@@ -187,14 +187,14 @@ class NNBatchExecutor(Executor):
         for thread in threads:
             thread.start()
         expected = sum(len(share) for share in shares)
-        planned = expected
+        batch_fits = expected  # expected counts down
         fits_done: dict[int, float] = {}
         while expected:
             result = replies.get()
             if isinstance(result, _Progress):
                 # Summed over the slots, from this thread alone; never back (a crashed request's retry).
                 fits_done[result.slot] = max(fits_done.get(result.slot, 0.0), result.fits_done)
-                self.report_progress(min(1.0, sum(fits_done.values()) / planned))
+                self.report_progress(min(1.0, sum(fits_done.values()) / batch_fits))
                 continue
             if isinstance(result, dict):
                 self.last_batch_summaries.append(result)

@@ -196,7 +196,8 @@ class Trainer(ABC):
         self.cuda_graphs = cuda_graphs  # on a CUDA device, packs replay a captured epoch
         self.running: list[tuple[int, int]] = []
         self.model_epochs = 0  # epochs run, stopped fits' extra epochs included
-        #: Called on the host after model_epochs grows (progress reports); counts only, no device sync.
+        #: Called on the host after each epoch (progress reports). It may read the device rarely
+        #: (ProgressMeter: at most once a second), never every epoch: a read waits for queued work.
         self.on_epoch: Callable[[], None] | None = None
         self.active_packs: list = []  # the packs training now (pack.FitPack): progress reads their early stopping
         self.compactions = 0
