@@ -271,7 +271,8 @@ if triton is not None:
                             mask=in_rows[:, None] & in_j[None, :], other=0.0)
                 g = _operand(g, BF16)
                 acc = tl.dot(_operand(a_t, BF16), g, acc, input_precision=DOT)
-                bacc = tl.dot(_operand(ones, BF16), g, bacc, input_precision="ieee")
+                if ti == 0:  # the column sums are the first row of tiles' to store: the others skip them
+                    bacc = tl.dot(_operand(ones, BF16), g, bacc, input_precision="ieee")
             tl.store(part_ptr + m * p_sm + s * p_ss + icols[:, None] * p_si + jcols[None, :], acc,
                      mask=in_i[:, None] & in_j[None, :])
             if ti == 0:  # every row of bacc holds the column sums: store the first
