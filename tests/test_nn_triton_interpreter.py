@@ -68,3 +68,27 @@ def test_padded_parameters_stay_exactly_zero(cache):
     assert torch.count_nonzero(pack.params[0][0, :, 20:]) == 0 and torch.count_nonzero(pack.params[1][2, 8:]) == 0
     assert torch.count_nonzero(pack.params[4][0, 10:]) == 0  # the output layer's weights of fit 0
     assert torch.count_nonzero(w1[1, :, :24]) == 40 * 24  # and the real ones did train
+
+
+def test_a_fit_that_stopped_is_not_computed_and_its_mates_keep_their_bits(cache):
+    # fit 0's learning rate overshoots at once: early stopping ends it at epoch 1, long before the host
+    # would see it (every HOST_CHECK_EVERY epochs); it stays in the pack, and must cost nothing there
+    specs = [(0, 0, [20, 10], 3.0, 0.0, 0.0), SPECS[1]]
+    settings = TrainSettings(max_epochs=5, patience=1, precision="fp32")
+    tasks = fit_tasks(cache, DATA, specs)
+    pack = TritonPack(tasks, settings, CPU)
+    frozen = None
+    while pack.epoch < settings.max_epochs:
+        pack.run_epoch()
+        if frozen is None and bool(pack.stopping.stopped[0]):
+            frozen = [p[0].clone() for p in pack.params]
+    assert frozen is not None and not bool(pack.stopping.stopped[1])
+    assert all(torch.equal(p[0], f) for p, f in zip(pack.params, frozen))  # no step after its stop
+    assert [int(r[0]) for r in pack.real] == [pack.data.n_features, 0, 0, 0]
+    for m, task in enumerate(tasks):
+        alone = TritonPack([task], settings, CPU)
+        while alone.epoch < settings.max_epochs:
+            alone.run_epoch()
+        for name in ("best_epoch", "stop_epoch", "best_loss"):
+            assert torch.equal(getattr(alone.stopping, name)[0], getattr(pack.stopping, name)[m]), (m, name)
+        assert torch.equal(alone.stopping.best_pred[0], pack.stopping.best_pred[m]), m

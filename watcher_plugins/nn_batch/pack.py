@@ -369,7 +369,8 @@ class TritonPack(FitPack):
         self._graph: torch.cuda.CUDAGraph | None = None
 
     def _set_fits_state(self) -> None:
-        """The per-fit tensors the kernels read: real widths per layer, dropout keys and row flags."""
+        """The per-fit tensors the kernels read: real widths per layer (a stopped fit's are set to 0 past
+        the input, on the device: _epoch_work), dropout keys and row flags."""
         device = self.device
         real = [[self.data.n_features] * self.size]
         real += [[t.job.hidden_layers[i] for t in self.tasks] for i in range(self.depth)]
@@ -413,6 +414,12 @@ class TritonPack(FitPack):
         self.forward()
         kernels.held_out_loss(self.pred, self.data.y, self.fits_dropout.train, self.val_scale, self.val_loss)
         self.stopping.update(self.epoch_on_device, self.val_loss, self.pred)
+        # A fit that early stopping ended is not computed any more, though it stays in the pack until the
+        # host sees it and compaction drops it: its widths past the input go to 0, so every program of
+        # its layers returns at once and Adam leaves its parameters as they are; its predictions become
+        # its output bias (its best ones are kept apart). The other fits' numbers do not change.
+        for real in self.real[1:]:
+            real.masked_fill_(self.stopping.stopped, 0)
         if stepping:
             self._backward_and_step()
         self.epoch_on_device.add_(1)
