@@ -375,7 +375,9 @@ class TritonPack(FitPack):
         real = [[self.data.n_features] * self.size]
         real += [[t.job.hidden_layers[i] for t in self.tasks] for i in range(self.depth)]
         real += [[1] * self.size]
-        self.real = [torch.tensor(r, dtype=torch.int32, device=device) for r in real]
+        widths = torch.tensor(real, dtype=torch.int32, device=device)  # [layers + 2, N]
+        self.real = list(widths)  # a view per layer, as the kernels take them
+        self._real_past_input = widths[1:]  # what a stopped fit's widths set to 0 in one launch
         train_rows = torch.stack([t.rows.train_rows for t in self.tasks])
         self.ones = torch.ones(self.size, dtype=torch.int32, device=device)  # a bias's one row
         self.fits_dropout = kernels.PackDropout([hashing.fit_key(t.init_seed) for t in self.tasks], self.dropout,
@@ -418,8 +420,7 @@ class TritonPack(FitPack):
         # host sees it and compaction drops it: its widths past the input go to 0, so every program of
         # its layers returns at once and Adam leaves its parameters as they are; its predictions become
         # its output bias (its best ones are kept apart). The other fits' numbers do not change.
-        for real in self.real[1:]:
-            real.masked_fill_(self.stopping.stopped, 0)
+        self._real_past_input.masked_fill_(self.stopping.stopped, 0)
         if stepping:
             self._backward_and_step()
         self.epoch_on_device.add_(1)
@@ -501,7 +502,7 @@ class TritonPack(FitPack):
             torch.cuda.empty_cache()
 
     def _freeze(self, models: list[int]) -> None:
-        self.lr.index_fill_(0, torch.tensor(models, device=self.device), 0.0)
+        pass  # a fit leaves once stopped, and a stopped fit's widths are already 0 (_epoch_work)
 
     def _keep(self, keep: list[int], index: torch.Tensor) -> None:
         """Re-pad to the widest fit that stays; the next epoch captures again (the shapes changed)."""
