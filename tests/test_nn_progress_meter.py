@@ -10,7 +10,7 @@ from watcher_plugins.nn_batch.batch import ProgressMeter, epoch_cost, expected_e
 from watcher_plugins.nn_batch.device_data import DeviceDatasetCache
 from watcher_plugins.nn_batch.fused import FusedTrainer
 from watcher_plugins.nn_batch.serial import SerialTrainer
-from watcher_plugins.nn_batch.training import FitOutcome
+from watcher_plugins.nn_batch.training import FitOutcome, TrainSettings
 from watcher_plugins.records import STATUS_OK
 
 CPU = torch.device("cpu")
@@ -29,12 +29,12 @@ def test_a_wider_or_deeper_fit_weighs_more_per_epoch():
     assert epoch_cost(tasks[(256, 128, 64, 32)]) > epoch_cost(tasks[(256, 128, 64)])
 
 
-def _run(trainer_cls, n_concurrent: int) -> tuple[list[dict], list[FitOutcome]]:
+def _run(trainer_cls, n_concurrent: int, settings: TrainSettings = SETTINGS) -> tuple[list[dict], list[FitOutcome]]:
     tasks = fit_tasks(DeviceDatasetCache(CPU))
     lines: list[dict] = []
     outcomes: list[FitOutcome] = []
-    meter = ProgressMeter(len(tasks), SETTINGS, lines.append, interval_s=0.0)
-    trainer = trainer_cls(SETTINGS, CPU)
+    meter = ProgressMeter(len(tasks), settings, lines.append, interval_s=0.0)
+    trainer = trainer_cls(settings, CPU)
     meter.start(tasks, trainer)
 
     def done(outcome: FitOutcome) -> None:
@@ -56,6 +56,17 @@ def test_a_batchs_share_done_only_grows_and_ends_when_its_last_fit_does():
         assert before_last[-1] < 1.0 and before_last[0] < 0.5, before_last
         epochs = [line["model_epochs"] for line in lines]
         assert epochs == sorted(epochs) and lines[-1]["fits"] == len(MIXED)
+
+
+def test_fits_that_ran_to_the_cap_but_are_not_yet_sent_leave_the_batch_short_of_done():
+    # Patience as long as the cap: every fit runs every epoch, so the last epoch's line comes while all
+    # of them have run all their work and none has been scored and sent yet (CI saw 1.0 there).
+    settings = TrainSettings(max_epochs=6, patience=6)
+    lines, outcomes = _run(FusedTrainer, len(MIXED), settings)
+    assert len(outcomes) == len(MIXED) and all(o.epochs == settings.max_epochs for o in outcomes)
+    unfinished = [line["fraction_done"] for line in lines if line["fits_done"] < len(MIXED)]
+    assert unfinished and max(unfinished) < 1.0, unfinished
+    assert lines[-1]["fits_done"] == len(MIXED) and lines[-1]["fraction_done"] == 1.0
 
 
 def test_fits_not_yet_started_count_the_finished_fits_mean_epochs():

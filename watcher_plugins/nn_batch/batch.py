@@ -57,6 +57,9 @@ def expected_epochs(epoch: int, best_epoch: int, patience: int, cap: int) -> int
     return min(cap, max(epoch, best_epoch + 1 + patience, 2 * (best_epoch + 1)))
 
 
+UNFINISHED_CEILING = 0.999  # the most a batch with a fit still to finish reports done (0.999 still rounds below 1)
+
+
 class ProgressMeter:
     """Estimates how much of a batch's work is done and sends a progress line (protocol.progress_line)
     at most once per ``interval_s``. Work is epochs weighted by epoch_cost; a finished fit counts the
@@ -105,7 +108,9 @@ class ProgressMeter:
         typical = (sum(self.finished.values()) / len(self.finished)) if self.finished else cap
         expected += sum(cost * max(1.0, typical) for key, cost in self.costs.items()
                         if key not in self.finished and key not in running)
-        return min(1.0, done / expected) if expected > 0 else 1.0
+        # A fit past its last epoch still has to be scored and sent: 1.0 only once every fit has finished.
+        ceiling = 1.0 if len(self.finished) >= self.n_fits else UNFINISHED_CEILING
+        return min(ceiling, done / expected) if expected > 0 else ceiling
 
     def tick(self) -> None:
         now = time.monotonic()
