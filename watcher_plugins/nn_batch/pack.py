@@ -165,17 +165,13 @@ class FitPack(ABC):
         """Give back what the pack holds beyond its state (a captured graph's memory)."""
 
     def leave_stopped(self, on_done: OutcomeCallback) -> int:
-        """Report fits that early stopping ended; freeze them. Returns how many have left in all."""
+        """Report fits that early stopping ended (they change no more: TorchPack skips a fit that left,
+        TritonPack zeroed its widths when it stopped). Returns how many have left in all."""
         stopped = self.stopping.stopped.tolist()
         newly = [m for m in range(self.size) if stopped[m] and not self.left[m]]
         if newly:
             self._report(newly, on_done)
-            self._freeze(newly)
         return sum(self.left)
-
-    @abstractmethod
-    def _freeze(self, models: list[int]) -> None:
-        """Stop changing these fits (they left: their results are reported)."""
 
     def finish(self, on_done: OutcomeCallback) -> None:
         self.stopping.finish(self.settings.max_epochs - 1)
@@ -311,9 +307,6 @@ class TorchPack(FitPack):
             losses.append(loss)
             preds.append(pred)
         self.stopping.update(self.epoch, torch.stack(losses), torch.stack(preds))
-
-    def _freeze(self, models: list[int]) -> None:
-        pass  # a fit that left is not computed any more (``self.left``)
 
     def _keep(self, keep: list[int], index: torch.Tensor) -> None:
         self.fits = [self.fits[m] for m in keep]
@@ -500,9 +493,6 @@ class TritonPack(FitPack):
         if self._graph is not None:
             self._graph = None
             torch.cuda.empty_cache()
-
-    def _freeze(self, models: list[int]) -> None:
-        pass  # a fit leaves once stopped, and a stopped fit's widths are already 0 (_epoch_work)
 
     def _keep(self, keep: list[int], index: torch.Tensor) -> None:
         """Re-pad to the widest fit that stays; the next epoch captures again (the shapes changed)."""
